@@ -1,0 +1,140 @@
+"""Common agent skeleton: an actor that generates flattened action chunks plus a chunked critic ensemble.
+
+Subclasses implement ``generate(obs, generator)`` (one action chunk per row) and ``actor_loss(batch)``; this base
+owns the critic, its target copy, ``critic_loss``, ``soft_update`` and best-of-N ``sample_actions``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
+from manip.algos.networks import CriticEnsemble
+
+__all__ = ["ActorCriticAgent", "flatten_chunk", "masked_mean"]
+
+Batch = dict[str, torch.Tensor]
+
+
+def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flatten action chunks and expand the per-step validity flags to per-element weights.
+
+    Args:
+        actions: (B, h, A) chunks, or already flat (B, h * A).
+        valid: (B, h) step flags (1 = inside the episode), or None.
+    Returns:
+        actions (B, h * A) and the weight mask (B, h * A) (None when ``valid`` is None).
+    """
+    batch = actions.shape[0]
+    flat = actions.reshape(batch, -1)
+    if valid is None:
+        return flat, None
+    per_step = flat.shape[1] // valid.shape[1]
+    mask = valid.to(flat.dtype).unsqueeze(-1).expand(batch, valid.shape[1], per_step).reshape(batch, -1)
+    return flat, mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the elements where ``mask`` (same shape, 0/1 weights) is set; plain mean if None."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class ActorCriticAgent(nn.Module):
+    """Actor + critic ensemble over flattened chunks of ``horizon`` actions.
+
+    The target critic is a frozen copy (``requires_grad=False``) that only :meth:`soft_update` changes; it is
+    part of the state dict but not of :meth:`critic_parameters` or :meth:`actor_parameters`.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        horizon: int,
+        hidden_dims: Sequence[int] = (512,) * 4,
+        num_critics: int = 2,
+        num_samples: int = 32,
+        discount: float = 0.99,
+    ):
+        super().__init__()
+        self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
+        self.act_dim_flat = horizon * action_dim
+        self.num_samples = num_samples
+        self.discount = discount
+        self.critic = CriticEnsemble(obs_dim, self.act_dim_flat, num_critics, hidden_dims, layer_norm=True)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+
+    # -- parameters -------------------------------------------------------------------------------------
+    def actor_parameters(self) -> Iterator[nn.Parameter]:
+        """Every trainable parameter outside the critic and its target."""
+        for name, param in self.named_parameters():
+            if not name.startswith(("critic.", "target_critic.")):
+                yield param
+
+    def critic_parameters(self) -> Iterator[nn.Parameter]:
+        return self.critic.parameters()
+
+    # -- acting ---------------------------------------------------------------------------------------------
+    def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One policy sample per row: obs (M, O) -> actions (M, D) in [-1, 1]."""
+        raise NotImplementedError
+
+    def select(
+        self, obs: torch.Tensor, num_samples: int, critic: nn.Module, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Best-of-N under ``critic``'s ensemble mean: obs (B, O) -> actions (B, D); N = 1 skips the critic."""
+        if num_samples == 1:
+            return self.generate(obs, generator)
+        batch, obs_dim = obs.shape
+        obs_rep = obs.unsqueeze(1).expand(batch, num_samples, obs_dim).reshape(batch * num_samples, obs_dim)
+        candidates = self.generate(obs_rep, generator)
+        scores = critic(obs_rep, candidates).mean(0).view(batch, num_samples)
+        return best_of_n(candidates.view(batch, num_samples, -1), scores)[0]
+
+    def sample_actions(
+        self, obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic's mean.
+
+        obs (B, O) -> actions (B, horizon * action_dim) in [-1, 1].
+        """
+        return self.select(obs, self.num_samples if num_samples is None else num_samples, self.critic, generator)
+
+    def target_actions(self, next_obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Actions a' for the TD target: best-of-N at s' scored by the target critic. (B, O) -> (B, D)."""
+        return self.select(next_obs, self.num_samples, self.target_critic, generator)
+
+    # -- critic ---------------------------------------------------------------------------------------------
+    def critic_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Chunked TD loss ``weight * (Q(s, a) - y)^2``, weight = ``valid[:, -1]`` (QC).
+
+        ``y = rewards + discount^h * masks * mean_e Q_target_e(s', a')`` with a' from :meth:`target_actions`.
+        """
+        obs, next_obs = batch["observations"], batch["next_observations"]
+        with torch.no_grad():
+            next_q = self.target_critic(next_obs, self.target_actions(next_obs, generator)).mean(0)
+            target = chunk_td_target(batch["rewards"], batch["masks"], next_q, self.discount**self.horizon)
+        q = self.critic(obs, batch["actions"].reshape(obs.shape[0], -1))
+        valid = batch.get("valid")
+        loss = critic_loss(q, target, None if valid is None else valid[:, -1].to(q.dtype))
+        info = {
+            "critic/loss": loss.detach(),
+            "critic/q_mean": q.detach().mean(),
+            "critic/q_max": q.detach().max(),
+            "critic/q_min": q.detach().min(),
+            "critic/target_mean": target.mean(),
+        }
+        return loss, info
+
+    def soft_update(self, tau: float = 0.005) -> None:
+        """Polyak-average the critic into the target critic."""
+        soft_update(self.target_critic, self.critic, tau)
+
+    def actor_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

@@ -1,0 +1,262 @@
+"""MVP: one-step mean velocity policy trained with the MeanFlow identity plus the instantaneous velocity constraint.
+
+Time convention: see :mod:`manip.algos`. The network ``u(x_t, t, r | s)`` is trained with
+
+* ``L_MF  = E || u(x_t, t, r) - sg(v + (r - t) * du/dt) ||^2`` on pairs with r > t, where
+  ``du/dt = d_x u . v + d_t u`` is one forward-mode JVP with tangents (v, 1, 0) over (x, t, r);
+* ``L_IVC = E || u(x_t, t, t) - v ||^2`` on pairs with r = t (plain flow matching at the boundary);
+
+``L = L_MF + lambda_ivc * L_IVC``. A ``boundary_fraction`` of each batch is given r = t; those samples skip the
+JVP because their ``(r - t)`` factor vanishes. ``lambda_ivc = 0`` removes the r = t samples entirely.
+
+Acting (generate-and-select): N one-step candidates ``a_i = clip(eps_i + u(eps_i, 0, 1 | s), -1, 1)``, the
+critic-ensemble mean picks the best. No Q gradient reaches ``u``; the critic target uses the same best-of-N at
+``s'`` scored by the target critic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from manip.algos.base import ActorCriticAgent, Batch, flatten_chunk, masked_mean
+from manip.algos.networks import MeanVelocityNet
+
+__all__ = [
+    "sample_time_pair",
+    "num_boundary_samples",
+    "mean_velocity_and_derivative",
+    "mean_flow_loss",
+    "ivc_loss",
+    "mvp_policy_loss",
+    "sample_one_step",
+    "MVPAgent",
+]
+
+MeanVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TargetVelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def num_boundary_samples(batch: int, boundary_fraction: float) -> int:
+    """Number of r = t samples in a batch: ``round(boundary_fraction * batch)``."""
+    if not 0.0 <= boundary_fraction <= 1.0:
+        raise ValueError(f"boundary_fraction must be in [0, 1], got {boundary_fraction}")
+    return int(round(boundary_fraction * batch))
+
+
+def sample_time_pair(
+    batch: int,
+    generator: torch.Generator | None = None,
+    mean: float = -0.4,
+    std: float = 1.0,
+    boundary_fraction: float = 0.5,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw interval endpoints 0 < t <= r < 1 from two logit-normal samples ``sigmoid(N(mean, std^2))``.
+
+    t = min, r = max of the two draws; the first ``num_boundary_samples(batch, boundary_fraction)`` entries get
+    r = t (the IVC samples), the rest keep r >= t (the MeanFlow samples).
+
+    Returns:
+        t (B,), r (B,) and the boundary flags (B,) bool.
+    """
+    draws = torch.sigmoid(torch.randn(2, batch, generator=generator, device=device, dtype=dtype) * std + mean)
+    t, r = torch.minimum(draws[0], draws[1]), torch.maximum(draws[0], draws[1])
+    boundary = torch.arange(batch, device=draws.device) < num_boundary_samples(batch, boundary_fraction)
+    return t, torch.where(boundary, t, r), boundary
+
+
+def mean_velocity_and_derivative(
+    u_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = u_fn(x, t, r)`` and its total derivative ``du/dt = d_x u . v + d_t u`` (r fixed) in one JVP.
+
+    Uses ``torch.func.jvp`` with tangents (v, 1, 0). Autocast is disabled inside, so the computation runs in the
+    inputs' dtype (fp32 under mixed-precision training). ``u`` keeps its autograd graph to the parameters that
+    ``u_fn`` closes over; ``dudt`` is meant for the stop-gradient target.
+
+    Args:
+        u_fn: (x (B, D), t (B,), r (B,)) -> (B, D), conditioning closed over.
+        x: (B, D) points on the path, t, r: (B,) times, v: (B, D) velocity tangent.
+    Returns:
+        u (B, D), dudt (B, D).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.func.jvp(u_fn, (x, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+
+
+def _regression(
+    pred: torch.Tensor, target: torch.Tensor, weight_mask: torch.Tensor | None, adaptive_p: float | None
+) -> torch.Tensor:
+    """Masked mean of the squared error; with ``adaptive_p`` each element is scaled by ``sg(1/(e^2 + 1e-3)^p)``."""
+    err = (pred - target.detach()).square()
+    if adaptive_p is not None:
+        err = err / (err.detach() + 1e-3).pow(adaptive_p)
+    return masked_mean(err, weight_mask)
+
+
+def mean_flow_loss(
+    u: torch.Tensor,
+    dudt: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    weight_mask: torch.Tensor | None = None,
+    adaptive_p: float | None = None,
+) -> torch.Tensor:
+    """MeanFlow identity loss: regress u (B, D) on ``sg(v + (r - t) * dudt)``.
+
+    Args:
+        u, dudt, v: (B, D); t, r: (B,); weight_mask: (B, D) element weights (valid chunk steps) or None;
+        adaptive_p: exponent of the element-wise adaptive weight, None for plain MSE.
+    Returns:
+        scalar masked mean squared residual.
+    """
+    target = v + (r - t).unsqueeze(-1) * dudt
+    return _regression(u, target, weight_mask, adaptive_p)
+
+
+def ivc_loss(
+    u_boundary: torch.Tensor,
+    v: torch.Tensor,
+    weight_mask: torch.Tensor | None = None,
+    adaptive_p: float | None = None,
+) -> torch.Tensor:
+    """Instantaneous velocity constraint: regress ``u(x_t, t, t)`` (B, D) on the velocity v (B, D)."""
+    return _regression(u_boundary, v, weight_mask, adaptive_p)
+
+
+def mvp_policy_loss(
+    net: MeanVelocityFn,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    lambda_ivc: float = 1.0,
+    boundary_fraction: float = 0.5,
+    adaptive_p: float | None = None,
+    target_velocity_fn: TargetVelocityFn | None = None,
+    generator: torch.Generator | None = None,
+    time_mean: float = -0.4,
+    time_std: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_MF + lambda_ivc * L_IVC`` on a batch of target actions.
+
+    ``x_t = (1 - t) x0 + t a`` with ``x0 ~ N(0, I)``; the velocity is ``v = a - x0`` or, when
+    ``target_velocity_fn`` is given, ``v_hat = target_velocity_fn(x_t, t)`` (detached), used in both terms and as
+    the JVP tangent.
+
+    Args:
+        net: mean velocity ``net(obs, x, t, r) -> (B, D)``.
+        obs: (B, O); actions: (B, D) flattened target chunks; valid: (B, D) element weights or None.
+        lambda_ivc: IVC weight; 0 also sets ``boundary_fraction`` to 0 (no r = t samples).
+        target_velocity_fn: optional ``(x_t (B, D), t (B,)) -> v_hat (B, D)``.
+    Returns:
+        loss (scalar) and detached info {"actor/loss", "actor/mf_loss", "actor/ivc_loss"}.
+    """
+    if lambda_ivc == 0:
+        boundary_fraction = 0.0
+    batch = actions.shape[0]
+    x0 = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=actions.dtype)
+    t, r, _ = sample_time_pair(
+        batch, generator, time_mean, time_std, boundary_fraction, device=actions.device, dtype=actions.dtype
+    )
+    x_t = torch.lerp(x0, actions, t.unsqueeze(-1))
+    v = actions - x0 if target_velocity_fn is None else target_velocity_fn(x_t, t).detach()
+
+    k = num_boundary_samples(batch, boundary_fraction)  # samples [:k] have r = t, [k:] have r >= t
+    mf = ivc = actions.new_zeros(())
+    if k < batch:
+        obs_mf = obs[k:]
+        u, dudt = mean_velocity_and_derivative(
+            lambda x, t_, r_: net(obs_mf, x, t_, r_), x_t[k:], t[k:], r[k:], v[k:]
+        )
+        mf = mean_flow_loss(u, dudt, v[k:], t[k:], r[k:], None if valid is None else valid[k:], adaptive_p)
+    if k > 0:
+        u_boundary = net(obs[:k], x_t[:k], t[:k], t[:k])
+        ivc = ivc_loss(u_boundary, v[:k], None if valid is None else valid[:k], adaptive_p)
+    loss = mf + lambda_ivc * ivc
+    info = {"actor/loss": loss.detach(), "actor/mf_loss": mf.detach(), "actor/ivc_loss": ivc.detach()}
+    return loss, info
+
+
+def sample_one_step(net: MeanVelocityFn, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One-step generation ``a = clip(x0 + u(x0, 0, 1 | s), -1, 1)``: obs (B, O), noise (B, D) -> (B, D)."""
+    t = noise.new_zeros(noise.shape[0])
+    return (noise + net(obs, noise, t, t + 1.0)).clamp(-1.0, 1.0)
+
+
+class MVPAgent(ActorCriticAgent):
+    """Mean velocity policy with best-of-N selection over one-step candidates.
+
+    critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N one-step candidates at
+    ``s'`` under the target critic. actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
+    sample_actions: N one-step candidates, argmax of the critic mean. ``lambda_ivc = 0`` is the no-IVC ablation.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        horizon: int,
+        hidden_dims: Sequence[int] = (512,) * 4,
+        num_critics: int = 2,
+        num_samples: int = 32,
+        discount: float = 0.99,
+        lambda_ivc: float = 1.0,
+        boundary_fraction: float = 0.5,
+        time_mean: float = -0.4,
+        time_std: float = 1.0,
+        adaptive_p: float | None = None,
+        time_dim: int = 64,
+    ):
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount)
+        self.lambda_ivc = lambda_ivc
+        self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction
+        self.time_mean, self.time_std = time_mean, time_std
+        self.adaptive_p = adaptive_p
+        self.actor = MeanVelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
+
+    def actor_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """:meth:`policy_loss` on the batch's observations, action chunks and validity flags."""
+        return self.policy_loss(batch["observations"], batch["actions"], batch.get("valid"), generator=generator)
+
+    def policy_loss(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        target_velocity_fn: TargetVelocityFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """MVP loss towards ``actions``.
+
+        Args:
+            obs: (B, O); actions: (B, h, A) or (B, h * A); valid: (B, h) step flags or None.
+            target_velocity_fn: optional ``(x_t (B, D), t (B,)) -> v_hat (B, D)`` replacing ``a - x0``.
+        """
+        flat, mask = flatten_chunk(actions, valid)
+        return mvp_policy_loss(
+            self.actor,
+            obs,
+            flat,
+            mask,
+            lambda_ivc=self.lambda_ivc,
+            boundary_fraction=self.boundary_fraction,
+            adaptive_p=self.adaptive_p,
+            target_velocity_fn=target_velocity_fn,
+            generator=generator,
+            time_mean=self.time_mean,
+            time_std=self.time_std,
+        )
+
+    def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One one-step sample per row: obs (M, O) -> (M, D)."""
+        noise = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
+        return sample_one_step(self.actor, obs, noise)

@@ -1,0 +1,215 @@
+"""Networks shared by the agents: MLPs, time features, velocity nets and a vectorised critic ensemble.
+
+All action inputs and outputs are flattened chunks of size ``D = horizon * action_dim``; the constructors'
+``action_dim`` argument is that flattened size. Times follow the convention of :mod:`manip.algos`.
+
+Time features: a scalar ``t`` in [0, 1] is embedded as ``[sin(w_k t), cos(w_k t)]`` with ``dim / 2`` angular
+frequencies ``w_k`` spaced geometrically in [1, 100] (the lowest is nearly linear over [0, 1], the highest
+resolves differences of ~0.01). The embedding is smooth, so forward-mode derivatives in ``t`` are exact and
+cheap, and it costs one small elementwise op per call. :class:`MeanVelocityNet` embeds ``t`` and the interval
+length ``r - t``, each with ``time_dim / 2`` features.
+
+Initialisation follows FQL/QC: Xavier-uniform weights, zero biases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MLP",
+    "time_embedding",
+    "TimeEmbedding",
+    "MeanVelocityNet",
+    "VelocityNet",
+    "OneStepNet",
+    "EnsembleLinear",
+    "CriticEnsemble",
+]
+
+MAX_TIME_FREQUENCY = 100.0
+
+
+def _time_frequencies(dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Angular frequencies (dim // 2,) spaced geometrically in [1, MAX_TIME_FREQUENCY]."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"time embedding dim must be an even number >= 2, got {dim}")
+    return torch.exp(torch.linspace(0.0, math.log(MAX_TIME_FREQUENCY), dim // 2, device=device, dtype=dtype))
+
+
+def _embed(t: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    angles = t.unsqueeze(-1) * frequencies
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of a scalar time.
+
+    Args:
+        t: (B,) times, nominally in [0, 1].
+        dim: even output size.
+    Returns:
+        (B, dim) ``[sin(w t), cos(w t)]`` with ``dim / 2`` frequencies ``w`` in [1, 100].
+    """
+    return _embed(t, _time_frequencies(dim, device=t.device, dtype=t.dtype))
+
+
+class TimeEmbedding(nn.Module):
+    """:func:`time_embedding` with the frequencies kept as a (non-persistent) buffer."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("frequencies", _time_frequencies(dim), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, dim)."""
+        return _embed(t, self.frequencies.to(t.dtype))
+
+
+def _init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    nn.init.xavier_uniform_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
+class MLP(nn.Module):
+    """``Linear -> [LayerNorm] -> activation`` per hidden layer, then a linear output layer.
+
+    forward: (..., in_dim) -> (..., out_dim).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dims: Sequence[int] = (512,) * 4,
+        activation: type[nn.Module] = nn.GELU,
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [in_dim, *hidden_dims]
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers.append(nn.Linear(d_in, d_out))
+            if layer_norm:
+                layers.append(nn.LayerNorm(d_out))
+            layers.append(activation())
+        layers.append(nn.Linear(dims[-1], out_dim))
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                _init_linear_(layer.weight, layer.bias)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MeanVelocityNet(nn.Module):
+    """Mean velocity ``u(x, t, r | s)`` over the interval [t, r] (r >= t).
+
+    Input features: ``[obs, x, emb(t), emb(r - t)]``. With ``r = t`` it is an instantaneous velocity field.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (512,) * 4, time_dim: int = 64):
+        super().__init__()
+        if time_dim % 4:
+            raise ValueError(f"time_dim must be a multiple of 4, got {time_dim}")
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.time_embed = TimeEmbedding(time_dim // 2)
+        self.mlp = MLP(obs_dim + action_dim + time_dim, action_dim, hidden_dims)
+
+    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), x (B, D), t (B,), r (B,) -> u (B, D)."""
+        return self.mlp(torch.cat([obs, x, self.time_embed(t), self.time_embed(r - t)], dim=-1))
+
+
+class VelocityNet(nn.Module):
+    """Instantaneous velocity ``v(x, t | s)`` for flow behaviour cloning. Input ``[obs, x, emb(t)]``."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (512,) * 4, time_dim: int = 32):
+        super().__init__()
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.time_embed = TimeEmbedding(time_dim)
+        self.mlp = MLP(obs_dim + action_dim + time_dim, action_dim, hidden_dims)
+
+    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), x (B, D), t (B,) -> v (B, D)."""
+        return self.mlp(torch.cat([obs, x, self.time_embed(t)], dim=-1))
+
+
+class OneStepNet(nn.Module):
+    """One-step noise-to-action map ``mu(s, z)`` (FQL student). Input ``[obs, z]``, output unclipped."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (512,) * 4):
+        super().__init__()
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.mlp = MLP(obs_dim + action_dim, action_dim, hidden_dims)
+
+    def forward(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), z (B, D) -> (B, D)."""
+        return self.mlp(torch.cat([obs, z], dim=-1))
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul.
+
+    Weights (E, in, out), biases (E, 1, out). forward: (E, B, in) -> (E, B, out), or a shared (B, in) input
+    broadcast to every member.
+    """
+
+    def __init__(self, num_members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(num_members, 1, out_dim))
+        for w in self.weight:
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return torch.matmul(x, self.weight) + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """Ensemble of E Q-functions ``Q_e(s, a)`` on flattened action chunks, evaluated in one batched pass.
+
+    Each member: MLP ``[obs, actions] -> 1`` with ``Linear -> LayerNorm -> GELU`` hidden layers (LayerNorm
+    with per-member affine parameters when ``layer_norm``).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_critics: int = 2,
+        hidden_dims: Sequence[int] = (512,) * 4,
+        layer_norm: bool = True,
+    ):
+        super().__init__()
+        self.obs_dim, self.action_dim, self.num_critics = obs_dim, action_dim, num_critics
+        dims = [obs_dim + action_dim, *hidden_dims]
+        self.hidden = nn.ModuleList(EnsembleLinear(num_critics, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.norm_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(num_critics, 1, d)) for d in (hidden_dims if layer_norm else ())
+        )
+        self.norm_shifts = nn.ParameterList(
+            nn.Parameter(torch.zeros(num_critics, 1, d)) for d in (hidden_dims if layer_norm else ())
+        )
+        self.out = EnsembleLinear(num_critics, dims[-1], 1)
+        self.layer_norm = layer_norm
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), actions (B, D) -> Q values (E, B)."""
+        h = torch.cat([obs, actions], dim=-1)
+        for i, layer in enumerate(self.hidden):
+            h = layer(h)
+            if self.layer_norm:
+                h = torch.addcmul(self.norm_shifts[i], F.layer_norm(h, h.shape[-1:]), self.norm_scales[i])
+            h = F.gelu(h)
+        return self.out(h).squeeze(-1)

@@ -1,0 +1,323 @@
+"""Critic-driven policy targets for online fine-tuning: best-of-N, SOM and reverse flow matching.
+
+Time convention: the project's linear path (see :mod:`manip.algos`), noise at t = 0 and action at
+t = 1, ``x_t = (1 - t) * x0 + t * a``, ``x0 ~ N(0, I)``, conditional velocity ``v = a - x0``.
+
+Boltzmann target
+----------------
+For a state s the target policy is ``p(a | s) ∝ exp(l(a))`` with log-density ``l(a) = alpha * Q(s, a)``
+(extended outside the action box as described under *Action box*). Since ``x_t | a ~ N(t a, (1 - t)^2 I)``
+and ``a = (x_t - (1 - t) x0) / t``, the marginal velocity of the path is::
+
+    v(x, t) = E[a - x0 | x_t = x] = (x - mu0(x, t)) / t,        mu0(x, t) = E[x0 | x_t = x]
+
+and Tweedie's formula ``grad log p_t(x) = -mu0(x, t) / (1 - t)`` gives the score form
+``v = (x + (1 - t) * grad log p_t(x)) / t``. Every estimator here estimates mu0 (or the score) at one
+point (x, t) and returns ``v_hat = (x - mu0_hat) / t``; these are the targets that replace
+``v = a - x0`` in the MVP loss (``target_velocity_fn`` of :func:`manip.algos.mvp.mvp_policy_loss`).
+
+Posterior proposals
+-------------------
+As a function of a, the likelihood ``N(x; t a, (1 - t)^2 I)`` is proportional to
+``N(a; x / t, sigma_t^2 I)`` with ``sigma_t = (1 - t) / t``, so
+``p(a | x_t = x) ∝ N(a; x / t, sigma_t^2 I) * exp(l(a))``. Drawing ``delta_k ~ N(0, I)`` and
+``a_k = x / t + sigma_t * delta_k`` (k = 1..K) gives proposals whose implied noise is
+``x0_k = (x - t a_k) / (1 - t) = -delta_k``, with self-normalised importance weights
+``w_k = softmax_k l(a_k)``. ``sum_k w_k g(x0_k)`` estimates ``E[g(x0) | x_t = x]`` for any g, consistently
+as K grows (self-normalised importance sampling, bias O(1/K)).
+
+Estimators of mu0
+-----------------
+* Value-only (RFM, eta = 0): ``mu0_hat = sum_k w_k x0_k``.
+* Gradient (RFM, eta = 1): the noise posterior ``q*(x0 | x) ∝ N(x0; 0, I) exp(l((x - (1 - t) x0) / t))``
+  has score ``s*(x0) = -x0 - sigma_t * grad_a l(a)``. Stein's identity ``E_q*[s*] = 0`` gives
+  ``mu0 = E_q*[x0 + s*] = -sigma_t * E[grad_a l(a) | x_t = x]``, estimated by
+  ``-sigma_t * sum_k w_k grad_a l(a_k)``.
+* SOM (iDEM-style score): ``log p_t(x) = log E_delta[exp l(x / t + sigma_t delta)] + const``; the
+  gradient in x of the K-sample ``logsumexp_k l(a_k(x))`` is ``(1 / t) sum_k w_k grad_a l(a_k)``, so
+  ``-(1 - t) * score_hat`` is exactly the eta = 1 estimate: on the same draws SOM and RFM(eta = 1) agree.
+* Blend (RFM, per dimension j): ``mu0_hat_j = sum_k w_k (x0_kj + eta_j s*_kj)``. Because ``E_q*[s*] = 0``
+  every eta is a consistent estimator (s* is a control variate); the variance of the per-sample terms is
+  minimised by ``eta*_j = -Cov(x0_j, s*_j) / Var(s*_j)``. Stein's identity gives ``Cov(x0_j, s*_j) = -1``,
+  so ``eta*_j = 1 / E[s*_j^2] > 0``, and by Cramér–Rao ``eta*_j <= Var(x0_j | x)``; for a concave Q the
+  noise posterior is at least as concentrated as its N(0, I) prior (Brascamp–Lieb), so ``eta*_j`` lies in
+  (0, 1]. ``eta = "optimal"`` estimates eta* with the same weighted samples and clamps it to [0, 1] (a
+  convex blend of the two estimators; near-degenerate weights give ``Var_w(s*) ≈ 0`` and the clamp keeps
+  the coefficient finite). For a Gaussian target s* is affine in x0, and with a diagonal posterior
+  covariance the optimal blend makes every per-sample term equal to mu0: zero variance.
+
+Small t
+-------
+The proposal scale ``sigma_t = (1 - t) / t`` grows like 1 / t: the proposals spread far beyond the region
+where the target lives and the effective sample size falls roughly like ``(t * target_scale)^D``. The
+estimators therefore evaluate at ``t_eff = max(t, t_min)`` (``t_min = T_MIN = 0.05`` by default); for
+``t < t_min`` the returned target is the marginal velocity at ``(x, t_min)``, a bounded surrogate. MVP's
+logit-normal time sampler puts about 1 % of its draws below 0.05.
+
+Action box
+----------
+Executed actions are ``clip(a, -1, 1)``. Proposals ``a_k`` outside the box are scored with
+``l(a) = alpha * Q(s, clip(a)) - ||a - clip(a)||^2 / (2 * bound_std^2)``: the critic is only queried on
+executable actions and the target continues outside the box with a Gaussian tail of scale ``bound_std``.
+Scoring ``Q(s, clip(a))`` alone would make the target flat, hence improper, outside the box: for every t
+whose proposal scale exceeds the box size most of the posterior mass would then lie outside it and the
+velocity would drive actions into saturation. The tail keeps the target proper and l continuous, so the
+Stein identity above still holds. ``bound_std=None`` scores the raw, unclipped actions (for critics that
+are defined everywhere, e.g. analytic test functions).
+
+Best-of-N
+---------
+``bon`` needs no velocity estimator: the policy is trained with the MVP loss on ``a* = argmax_n Q(s, a_n)``
+as the action (``v = a* - x0``), where ``a_n`` are the current policy's candidates (:func:`bon_target`).
+It imitates the greedy improvement step of generate-and-select rather than the Boltzmann target.
+
+``q_fn(obs (M, O), actions (M, D)) -> (M,)`` must be differentiable in ``actions`` for SOM and for RFM with
+``eta != 0``; for a :class:`~manip.algos.networks.CriticEnsemble` pass e.g.
+``lambda o, a: critic(o, a).mean(0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+QFunction = Callable[[Tensor, Tensor], Tensor]
+TargetVelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+T_MIN = 0.05
+BOUND_STD = 0.1
+TARGET_KINDS = ("bon", "som", "rfm")
+
+
+def boltzmann_log_density(
+    q_fn: QFunction, obs: Tensor, actions: Tensor, alpha: float, bound_std: float | None = BOUND_STD
+) -> Tensor:
+    """Unnormalised log-density ``l(a)`` of the Boltzmann target (module docstring, *Action box*).
+
+    Args:
+        q_fn: ``q_fn(obs (M, O), actions (M, D)) -> (M,)``.
+        obs: (M, O) states.
+        actions: (M, D) pre-clip actions.
+        alpha: inverse temperature.
+        bound_std: scale of the Gaussian tail outside [-1, 1]^D; None scores the raw actions.
+
+    Returns:
+        (M,) ``alpha * Q(s, clip(a)) - ||a - clip(a)||^2 / (2 * bound_std^2)``.
+    """
+    if bound_std is None:
+        return alpha * q_fn(obs, actions)
+    clipped = actions.clamp(-1.0, 1.0)
+    outside = (actions - clipped).square().sum(-1)
+    return alpha * q_fn(obs, clipped) - outside / (2.0 * bound_std**2)
+
+
+def _posterior_proposals(
+    x_t: Tensor, t: Tensor, num_samples: int, t_min: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw ``delta ~ N(0, I)`` (B, K, D) and return ``(t_eff (B, 1), delta, sigma_t (B, 1))``."""
+    batch, dim = x_t.shape
+    t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
+    delta = torch.randn(batch, num_samples, dim, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return t_eff, delta, (1.0 - t_eff) / t_eff
+
+
+def _repeat_obs(obs: Tensor, num_samples: int) -> Tensor:
+    """(B, O) -> (B * K, O), each row repeated K times consecutively."""
+    return obs.repeat_interleave(num_samples, dim=0)
+
+
+def som_target_velocity(
+    q_fn: QFunction,
+    obs: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    alpha: float,
+    num_samples: int = 100,
+    generator: torch.Generator | None = None,
+    normalize_score: bool = False,
+    bound_std: float | None = BOUND_STD,
+    t_min: float = T_MIN,
+) -> Tensor:
+    """SOM target velocity from the Monte-Carlo score of the Boltzmann target.
+
+    ``score_hat = grad_x logsumexp_k l(s, a_k(x))`` with ``a_k(x) = x / t + ((1 - t) / t) delta_k``
+    (gradient through the proposals, K = ``num_samples``), then ``v_hat = (x + (1 - t) score_hat) / t``.
+    All B * K proposals are scored in one ``q_fn`` call. Equal to :func:`rfm_target_velocity` with
+    ``eta=1`` on the same draws (module docstring).
+
+    Args:
+        q_fn: ``q_fn(obs (M, O), actions (M, D)) -> (M,)``, differentiable in actions.
+        obs: (B, O) states.
+        x_t: (B, D) points on the path.
+        t: (B,) times in [0, 1]; evaluated at ``max(t, t_min)``.
+        alpha: inverse temperature of the target ``∝ exp(alpha Q)``.
+        num_samples: proposals K per row.
+        generator: torch generator for the proposals.
+        normalize_score: replace the score by its unit vector ``score / ||score||`` (SOM's normalised
+            variant: a greediness knob that no longer equals the marginal velocity).
+        bound_std: see :func:`boltzmann_log_density`.
+        t_min: lower clamp of t.
+
+    Returns:
+        (B, D) detached target velocity.
+    """
+    batch, dim = x_t.shape
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, t_min, generator)
+    x = x_t.detach()
+    with torch.enable_grad():
+        x_leaf = x.clone().requires_grad_(True)
+        actions = x_leaf[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta
+        log_p = boltzmann_log_density(
+            q_fn, _repeat_obs(obs.detach(), num_samples), actions.reshape(-1, dim), alpha, bound_std
+        ).view(batch, num_samples)
+        (score,) = torch.autograd.grad(torch.logsumexp(log_p, dim=1).sum(), x_leaf)
+    if normalize_score:
+        score = score / score.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return ((x + (1.0 - t_eff) * score) / t_eff).detach()
+
+
+def rfm_noise_posterior_mean(
+    q_fn: QFunction,
+    obs: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    alpha: float,
+    num_samples: int = 100,
+    eta: float | str = "optimal",
+    generator: torch.Generator | None = None,
+    bound_std: float | None = BOUND_STD,
+    t_min: float = T_MIN,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Posterior mean of the noise ``E[x0 | x_t]`` under the Boltzmann target by SNIS with a Stein blend.
+
+    ``mu0_hat = sum_k w_k f_k`` with per-sample terms ``f_k = x0_k + eta * s*_k``, ``x0_k = -delta_k``,
+    ``s*_k = -x0_k - ((1 - t) / t) grad_a l(a_k)`` and ``w = softmax_k l(a_k)`` (module docstring).
+
+    Args:
+        q_fn: ``q_fn(obs (M, O), actions (M, D)) -> (M,)``; differentiable in actions unless ``eta == 0``.
+        obs: (B, O) states.
+        x_t: (B, D) points on the path.
+        t: (B,) times in [0, 1]; evaluated at ``max(t, t_min)``.
+        alpha: inverse temperature of the target ``∝ exp(alpha Q)``.
+        num_samples: proposals K per row.
+        eta: Stein blend; 0 value-only, 1 gradient-only, any float, or ``"optimal"`` for the per-dimension
+            variance-optimal coefficient estimated from the weighted samples and clamped to [0, 1].
+        generator: torch generator for the proposals.
+        bound_std: see :func:`boltzmann_log_density`.
+        t_min: lower clamp of t.
+
+    Returns:
+        ``(mu0 (B, D), info)``, detached; info holds ``weights`` (B, K), ``per_sample`` f (B, K, D),
+        ``eta`` (B, D) and ``ess`` (B,) the effective sample size ``1 / sum_k w_k^2``.
+    """
+    if isinstance(eta, str) and eta != "optimal":
+        raise ValueError(f"eta must be a float or 'optimal', got {eta!r}")
+    batch, dim = x_t.shape
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, t_min, generator)
+    x = x_t.detach()
+    actions = (x[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta).reshape(-1, dim)
+    obs_rep = _repeat_obs(obs.detach(), num_samples)
+    noise = -delta
+    if eta == 0:
+        with torch.no_grad():
+            log_p = boltzmann_log_density(q_fn, obs_rep, actions, alpha, bound_std).view(batch, num_samples)
+        s_star = torch.zeros_like(noise)
+    else:
+        with torch.enable_grad():
+            actions = actions.requires_grad_(True)
+            log_p = boltzmann_log_density(q_fn, obs_rep, actions, alpha, bound_std)
+            (grad_l,) = torch.autograd.grad(log_p.sum(), actions)
+        log_p = log_p.detach().view(batch, num_samples)
+        s_star = -noise - sigma[:, :, None] * grad_l.view(batch, num_samples, dim)
+    weights = torch.softmax(log_p, dim=1)
+    w = weights[:, :, None]
+    if eta == "optimal":
+        centred_noise = noise - (w * noise).sum(1, keepdim=True)
+        centred_s = s_star - (w * s_star).sum(1, keepdim=True)
+        cov = (w * centred_noise * centred_s).sum(1)
+        var = (w * centred_s.square()).sum(1)
+        eta_t = (-cov / var.clamp_min(1e-12)).clamp(0.0, 1.0)
+    else:
+        eta_t = torch.full((batch, dim), float(eta), dtype=x.dtype, device=x.device)
+    per_sample = noise + eta_t[:, None, :] * s_star
+    mu0 = (w * per_sample).sum(1)
+    info = {
+        "weights": weights.detach(),
+        "per_sample": per_sample.detach(),
+        "eta": eta_t.detach(),
+        "ess": 1.0 / weights.square().sum(1).detach(),
+    }
+    return mu0.detach(), info
+
+
+def rfm_target_velocity(
+    q_fn: QFunction,
+    obs: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    alpha: float,
+    num_samples: int = 100,
+    eta: float | str = "optimal",
+    generator: torch.Generator | None = None,
+    bound_std: float | None = BOUND_STD,
+    t_min: float = T_MIN,
+) -> Tensor:
+    """Reverse-flow-matching target velocity ``v_hat = (x_t - mu0_hat) / t``.
+
+    ``mu0_hat`` from :func:`rfm_noise_posterior_mean` (same arguments), t evaluated at ``max(t, t_min)``.
+
+    Returns:
+        (B, D) detached target velocity.
+    """
+    mu0, _ = rfm_noise_posterior_mean(
+        q_fn, obs, x_t, t, alpha, num_samples, eta=eta, generator=generator, bound_std=bound_std, t_min=t_min
+    )
+    t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
+    return ((x_t.detach() - mu0) / t_eff).detach()
+
+
+def bon_target(candidates: Tensor, q: Tensor) -> Tensor:
+    """Best-of-N action target ``a* = candidates[argmax_n q]`` per row.
+
+    The ``bon`` target trains the policy with the MVP loss on ``a*`` as the action (no velocity hook).
+
+    Args:
+        candidates: (B, N, D) candidate actions, e.g. one-step samples of the current policy.
+        q: (B, N) their critic values.
+
+    Returns:
+        (B, D) detached best candidates.
+    """
+    index = q.argmax(dim=1)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), index].detach()
+
+
+def make_target_fn(kind: str, q_fn: QFunction, obs: Tensor, alpha: float, **kwargs) -> TargetVelocityFn | None:
+    """Target velocity closure ``fn(x_t (B, D), t (B,)) -> v_hat (B, D)`` for ``mvp_policy_loss``.
+
+    Args:
+        kind: ``"som"`` (:func:`som_target_velocity`), ``"rfm"`` (:func:`rfm_target_velocity`) or ``"bon"``
+            (returns None: train on :func:`bon_target` actions instead).
+        q_fn: ``q_fn(obs (M, O), actions (M, D)) -> (M,)``.
+        obs: (B, O) states matching the rows of ``x_t``.
+        alpha: inverse temperature.
+        **kwargs: further keyword arguments of the chosen estimator (num_samples, eta, generator, ...).
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind == "som":
+        estimator = som_target_velocity
+    elif kind == "rfm":
+        estimator = rfm_target_velocity
+    elif kind == "bon":
+        return None
+    else:
+        raise ValueError(f"unknown target kind {kind!r}; valid kinds: {', '.join(TARGET_KINDS)}")
+
+    def target_velocity_fn(x_t: Tensor, t: Tensor) -> Tensor:
+        return estimator(q_fn, obs, x_t, t, alpha, **kwargs)
+
+    return target_velocity_fn

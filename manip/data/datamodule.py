@@ -1,0 +1,214 @@
+"""Lightning DataModules: offline data in a chunk replay, sampled as an endless stream of batches.
+
+Both modules hold one ``ChunkReplay`` that ``fit`` samples from and ``finetune`` appends online
+episodes to, dataset statistics that checkpoints carry, and the ``EnvSpec`` of the matching
+simulator. When the default dataset file is absent a small one is generated there once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from manip.data.errors import DatasetError
+from manip.data.replay import ChunkReplay, Transitions
+from manip.envs import EnvSpec
+
+# Evaluation horizons QC uses with the MH datasets (data-and-sims: robomimic_utils).
+ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
+ROBOMIMIC_TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+
+
+@dataclass
+class DatasetStats:
+    """Per-dimension statistics of the offline data (lists of floats, JSON- and checkpoint-friendly)."""
+
+    obs_mean: list[float]
+    obs_std: list[float]
+    obs_min: list[float]
+    obs_max: list[float]
+    action_mean: list[float]
+    action_std: list[float]
+    action_min: list[float]
+    action_max: list[float]
+
+    @classmethod
+    def from_transitions(cls, t: Transitions) -> "DatasetStats":
+        def f(x: np.ndarray) -> list[float]:
+            return [float(v) for v in x]
+
+        obs, act = t.observations.astype(np.float64), t.actions.astype(np.float64)
+        return cls(f(obs.mean(0)), f(obs.std(0)), f(obs.min(0)), f(obs.max(0)),
+                   f(act.mean(0)), f(act.std(0)), f(act.min(0)), f(act.max(0)))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+class _ReplayStream(IterableDataset):
+    """Endless batches from a replay (num_workers=0, so online appends are seen at once)."""
+
+    def __init__(self, dm: "ReplayDataModule") -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dm = self.dm
+        while True:
+            yield dm.replay.sample(dm.batch_size, dm.generator, dm.offline_fraction)
+
+
+class ReplayDataModule(L.LightningDataModule):
+    """Offline transitions in a ``ChunkReplay`` plus the simulator they came from.
+
+    Subclasses implement ``_load() -> (Transitions, EnvSpec, info dict)``.
+    """
+
+    def __init__(self, batch_size: int = 256, horizon: int = 5, discount: float = 0.99,
+                 offline_fraction: float | None = None, seed: int = 0,
+                 max_transitions: int | None = None) -> None:
+        super().__init__()
+        self.batch_size, self.horizon, self.discount = batch_size, horizon, discount
+        self.offline_fraction, self.seed = offline_fraction, seed
+        self.max_transitions = max_transitions
+        self.generator = torch.Generator().manual_seed(seed)
+        self.replay: ChunkReplay | None = None
+        self.stats: DatasetStats | None = None
+        self.env_spec: EnvSpec | None = None
+        self.info: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.replay is not None:
+            return
+        transitions, self.env_spec, self.info = self._load()
+        if self.max_transitions is not None and len(transitions) > self.max_transitions:
+            transitions = _first_episodes(transitions, self.max_transitions)
+        self.stats = DatasetStats.from_transitions(transitions)
+        self.replay = ChunkReplay.from_transitions(transitions, self.horizon, self.discount)
+
+    def _load(self) -> tuple[Transitions, EnvSpec, dict]:
+        raise NotImplementedError
+
+    @property
+    def obs_dim(self) -> int:
+        return self.replay.obs_dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.replay.action_dim
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_ReplayStream(self), batch_size=None, num_workers=0)
+
+    # The sampler's RNG travels with checkpoints so a resumed run draws the same batches.
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def _first_episodes(t: Transitions, max_transitions: int) -> Transitions:
+    ends = np.flatnonzero(t.terminals)
+    keep = ends[ends < max_transitions]
+    if len(keep) == 0:
+        raise DatasetError(f"max_transitions={max_transitions} is shorter than the first episode ({ends[0] + 1})")
+    n = int(keep[-1]) + 1
+    return Transitions(**{k: getattr(t, k)[:n] for k in t.__dataclass_fields__})
+
+
+class RobomimicDataModule(ReplayDataModule):
+    """Robomimic low-dim HDF5 (``data/robomimic/<task>/mh/low_dim_v15.hdf5`` by default).
+
+    obs_keys: keys concatenated in this order; filter_key: ``mask/<filter_key>`` demo subset.
+    generate_demos: when ``path`` is absent and named like a robomimic low-dim file, a scripted
+    dataset of this many demos of ``task`` is generated there first (0 disables it).
+    env_horizon: rollout length in the simulator (None: QC's per-task value).
+    """
+
+    def __init__(self, path: str, task: str = "lift",
+                 obs_keys: Sequence[str] = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"),
+                 filter_key: str | None = None, reward_mode: str = "r-1", generate_demos: int = 100,
+                 env_horizon: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.path, self.task = Path(path).expanduser(), task
+        self.obs_keys, self.filter_key, self.reward_mode = tuple(obs_keys), filter_key, reward_mode
+        self.generate_demos, self.env_horizon = generate_demos, env_horizon
+
+    def prepare_data(self) -> None:
+        if self.path.exists() or not self.generate_demos:
+            return
+        if not self.path.name.startswith("low_dim"):
+            return  # a custom path that does not exist: _load reports it
+        from manip.data.generate.robomimic_scripted import generate
+
+        print(f"[manip] {self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
+              f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=False)
+
+    def _load(self) -> tuple[Transitions, EnvSpec, dict]:
+        from manip.data.robomimic import load_robomimic
+
+        data = load_robomimic(self.path, self.obs_keys, self.filter_key, self.reward_mode)
+        env_name = data.env_name
+        horizon = self.env_horizon or ROBOMIMIC_HORIZONS.get(env_name, 400)
+        spec = EnvSpec("robosuite", {"env_args": data.env_args, "obs_keys": list(data.obs_keys),
+                                     "horizon": horizon, "reward_mode": self.reward_mode})
+        info = {"source": "robomimic", "path": str(self.path), "env_name": env_name,
+                "obs_keys": list(data.obs_keys), "obs_key_dims": data.obs_key_dims,
+                "num_demos": len(data.demos), "num_transitions": len(data.transitions)}
+        return data.transitions, spec, info
+
+
+class OGBenchDataModule(ReplayDataModule):
+    """OGBench singletask data (``data/ogbench/<dataset>.npz`` + ``-val.npz``) relabelled by ogbench.
+
+    dataset_name: e.g. ``cube-double-play-singletask-task2-v0``; path defaults to
+    ``data/ogbench/cube-double-play-v0.npz``. generate_episodes: episodes generated with the
+    shipped oracles when the default file is absent (0 disables it).
+    """
+
+    def __init__(self, dataset_name: str, path: str | None = None, data_dir: str = "data/ogbench",
+                 generate_episodes: int = 100, generate_episode_length: int = 501,
+                 env_horizon: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        from manip.data.ogbench import split_singletask_name
+
+        self.dataset_name = dataset_name
+        self.env_name, stem, self.task_id = split_singletask_name(dataset_name)
+        self.path = Path(path).expanduser() if path else Path(data_dir) / f"{stem}.npz"
+        self.stem = stem
+        self.generate_episodes, self.generate_episode_length = generate_episodes, generate_episode_length
+        self.env_horizon = env_horizon
+        self.val: Transitions | None = None
+
+    def prepare_data(self) -> None:
+        if self.path.exists() or not self.generate_episodes or self.path.name != f"{self.stem}.npz":
+            return
+        from manip.data.generate.ogbench_play import generate
+
+        print(f"[manip] {self.path} not found: generating {self.generate_episodes} oracle play episodes "
+              f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,
+                 seed=self.seed, verbose=False)
+
+    def _load(self) -> tuple[Transitions, EnvSpec, dict]:
+        from manip.data.ogbench import load_ogbench
+
+        data = load_ogbench(self.dataset_name, self.path)
+        self.val = data.val
+        spec = EnvSpec("ogbench", {"env_name": data.env_name, "horizon": self.env_horizon})
+        info = {"source": "ogbench", "path": str(self.path), "env_name": data.env_name,
+                "dataset_name": self.dataset_name, "num_transitions": len(data.train)}
+        return data.train, spec, info

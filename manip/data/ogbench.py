@@ -1,0 +1,223 @@
+"""OGBench single-task datasets (local ``.npz`` files) as ``Transitions``.
+
+A singletask dataset name such as ``cube-double-play-singletask-task2-v0`` names the env
+(``cube-double-singletask-task2-v0``), the data file (``cube-double-play-v0.npz`` plus its
+``cube-double-play-v0-val.npz`` validation split) and the task whose rewards are used. Loading uses
+OGBench's own pieces: ``ogbench.utils.load_dataset`` (drops each episode's last state and builds
+``next_observations``) and ``ogbench.relabel_utils.relabel_dataset`` (rewards and masks of the
+fixed task from the stored ``qpos``/``button_states``), exactly what
+``ogbench.make_env_and_datasets`` does for singletask names. Rewards are
+``#solved subtasks - #subtasks`` (cube-single: {-1, 0}); masks are 0 only where every subtask is
+solved; ``terminals`` mark trajectory ends, not successes. Dataset actions are clipped to
+``+-(1 - 1e-5)`` as FQL and QC do.
+
+Unlike ``make_env_and_datasets``, which requires the ``-val.npz`` sibling, a missing validation
+file gives ``val=None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from manip.data.errors import DatasetError
+from manip.data.replay import Transitions
+
+log = logging.getLogger(__name__)
+
+ENV_FAMILIES = (
+    "cube-single",
+    "cube-double",
+    "cube-triple",
+    "cube-quadruple",
+    "scene",
+    "puzzle-3x3",
+    "puzzle-4x4",
+    "puzzle-4x5",
+    "puzzle-4x6",
+)
+DATASET_TYPES = ("play", "noisy")
+# Task used by a singletask name without ``-taskN`` (OGBench README; set in each env's ``set_tasks``).
+DEFAULT_TASKS = {
+    "cube-single": 2,
+    "cube-double": 2,
+    "cube-triple": 2,
+    "cube-quadruple": 2,
+    "scene": 2,
+    "puzzle-3x3": 4,
+    "puzzle-4x4": 4,
+    "puzzle-4x5": 2,
+    "puzzle-4x6": 2,
+}
+ACTION_CLIP = 1.0 - 1e-5
+
+_NAME = re.compile(
+    rf"^(?P<env>{'|'.join(ENV_FAMILIES)})-(?P<type>{'|'.join(DATASET_TYPES)})"
+    r"-singletask(?P<task>-task(?P<id>[1-5]))?-v0$"
+)
+
+
+@dataclass
+class OGBenchData:
+    """Training and validation transitions of one OGBench singletask dataset.
+
+    ``val`` is None when the ``-val.npz`` sibling does not exist. ``env_name`` is the singletask
+    env (``cube-double-singletask-task2-v0``), ``dataset_name`` the singletask dataset name that
+    was loaded (``cube-double-play-singletask-task2-v0``).
+    """
+
+    train: Transitions
+    val: Transitions | None
+    env_name: str
+    dataset_name: str
+    obs_dim: int
+    action_dim: int
+
+
+def _valid_names_message() -> str:
+    return (
+        f"expected '<env>-<type>-singletask[-task<1..5>]-v0' with env in {', '.join(ENV_FAMILIES)} "
+        f"and type in {', '.join(DATASET_TYPES)}, e.g. 'cube-double-play-singletask-task2-v0'"
+    )
+
+
+def split_singletask_name(name: str) -> tuple[str, str, int]:
+    """Split a singletask dataset name into (env name, dataset file stem, task id).
+
+    ``"cube-double-play-singletask-task2-v0"`` -> ``("cube-double-singletask-task2-v0",
+    "cube-double-play-v0", 2)``. Without ``-taskN`` the env's default task id is returned
+    (cube and scene 2, puzzle-3x3/4x4 4, puzzle-4x5/4x6 2).
+    """
+    match = _NAME.match(name)
+    if match is None:
+        raise DatasetError(f"unknown OGBench singletask dataset {name!r}: {_valid_names_message()}")
+    env, dataset_type, task = match["env"], match["type"], match["task"] or ""
+    task_id = int(match["id"]) if match["id"] else DEFAULT_TASKS[env]
+    return f"{env}-singletask{task}-v0", f"{env}-{dataset_type}-v0", task_id
+
+
+def val_path_for(path: str | Path) -> Path:
+    """Validation-split sibling of a dataset file: ``x/name.npz`` -> ``x/name-val.npz``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-val.npz")
+
+
+def _missing_file_message(path: Path, stem: str) -> str:
+    return (
+        f"OGBench dataset file not found: {path}. Put the official '{stem}.npz' and '{stem}-val.npz' "
+        "(https://rail.eecs.berkeley.edu/datasets/ogbench, by default kept in ~/.ogbench/data) at that path, "
+        "or generate a local play dataset with manip.data.generate.ogbench_play.generate(...) "
+        "(`python -m manip.data.generate ogbench ...`)."
+    )
+
+
+def _check_keys(path: Path, env_name: str) -> None:
+    """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs."""
+    required = ["observations", "actions", "terminals", "qpos"]
+    if env_name.startswith(("scene", "puzzle")):
+        required.append("button_states")
+    try:
+        with np.load(path) as file:
+            keys = set(file.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
+    for key in required:
+        if key not in keys:
+            raise DatasetError(
+                f"{path} has no key {key!r} (keys: {', '.join(sorted(keys))}); "
+                f"OGBench singletask relabelling of {env_name} needs {', '.join(required)}"
+            )
+
+
+def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
+    """Raise DatasetError naming the key and the first episode with NaN/inf observations or actions."""
+    terminals = data["terminals"]
+    episode_of_row = np.cumsum(terminals) - terminals
+    for key, arrays in (("observations", ("observations", "next_observations")), ("actions", ("actions",))):
+        bad = np.zeros(len(terminals), dtype=bool)
+        for name in arrays:
+            bad |= ~np.isfinite(data[name]).all(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DatasetError(
+                f"{path}: key {key!r} contains NaN/inf, first in episode {int(episode_of_row[row])} "
+                f"(transition {row})"
+            )
+
+
+def _load_split(path: Path, env_name: str, env) -> Transitions:
+    """One npz file -> relabelled Transitions; ``env`` is the singletask env used for relabelling."""
+    from ogbench.relabel_utils import relabel_dataset
+    from ogbench.utils import load_dataset
+
+    _check_keys(path, env_name)
+    data = load_dataset(str(path), compact_dataset=False, add_info=True)
+    obs_dim = env.observation_space.shape[0]
+    if data["observations"].ndim != 2 or data["observations"].shape[1] != obs_dim:
+        raise DatasetError(
+            f"{path}: key 'observations' has shape {data['observations'].shape}, "
+            f"but {env_name} observations have {obs_dim} dims (is this the right dataset file?)"
+        )
+    _check_finite(path, data)
+    relabel_dataset(env_name, env, data)
+    return Transitions(
+        observations=data["observations"],
+        actions=np.clip(data["actions"], -ACTION_CLIP, ACTION_CLIP),
+        rewards=data["rewards"],
+        masks=data["masks"],
+        terminals=data["terminals"].astype(bool),
+        next_observations=data["next_observations"],
+    )
+
+
+def load_ogbench(dataset_name: str, path: str | Path) -> OGBenchData:
+    """Load an OGBench singletask dataset from a local file.
+
+    Args:
+        dataset_name: singletask dataset name, e.g. ``"cube-double-play-singletask-task2-v0"``.
+        path: the training ``.npz`` (e.g. ``.../cube-double-play-v0.npz``); its ``<stem>-val.npz``
+            sibling, if present, is the validation split.
+
+    Returns:
+        OGBenchData whose ``train``/``val`` Transitions have observations (N, obs_dim) float32,
+        actions (N, 5) float32 clipped to +-(1 - 1e-5), rewards (N,) float32 from OGBench's
+        singletask relabelling, masks (N,) float32, terminals (N,) bool (episode ends),
+        next_observations (N, obs_dim) float32; N = episodes * (steps per episode - 1).
+
+    Raises:
+        DatasetError: unknown dataset name, missing file or key, wrong observation size, or
+            NaN/inf in observations or actions.
+    """
+    import ogbench
+
+    env_name, stem, _ = split_singletask_name(dataset_name)
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise DatasetError(f"OGBench dataset path must be a .npz file, got {path}")
+    if not path.is_file():
+        raise DatasetError(_missing_file_message(path, stem))
+    val_path = val_path_for(path)
+
+    env = ogbench.make_env_and_datasets(dataset_name, env_only=True)
+    try:
+        train = _load_split(path, env_name, env)
+        if val_path.is_file():
+            val = _load_split(val_path, env_name, env)
+        else:
+            log.warning("no validation split %s next to %s; loading %s without validation data", val_path, path, stem)
+            val = None
+    finally:
+        env.close()
+    return OGBenchData(
+        train=train,
+        val=val,
+        env_name=env_name,
+        dataset_name=dataset_name,
+        obs_dim=train.obs_dim,
+        action_dim=train.action_dim,
+    )

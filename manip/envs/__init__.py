@@ -1,0 +1,58 @@
+"""Simulator adapters with one Gymnasium interface, built from what the dataset says.
+
+Every adapter returns float32 observations in the dataset's key order, takes actions in [-1, 1],
+terminates on success, truncates at the task horizon and reports ``info["success"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+
+ENV_KINDS = ("robosuite", "ogbench")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """A picklable recipe for one environment (so vector-env workers can build it).
+
+    kind: "robosuite" (kwargs of ``RobosuiteEnv``) or "ogbench" (kwargs of ``OGBenchEnv``).
+    """
+
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def make(self, **overrides: Any) -> gym.Env:
+        kwargs = {**self.kwargs, **overrides}
+        if self.kind == "robosuite":
+            from manip.envs.robosuite_env import RobosuiteEnv
+
+            return RobosuiteEnv(**kwargs)
+        if self.kind == "ogbench":
+            from manip.envs.ogbench_env import OGBenchEnv
+
+            return OGBenchEnv(**kwargs)
+        raise ValueError(f"unknown env kind {self.kind!r}; expected one of {ENV_KINDS}")
+
+    @property
+    def horizon(self) -> int | None:
+        return self.kwargs.get("horizon")
+
+
+def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
+                    **overrides: Any) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``spec`` in one vector env (a process per env when asynchronous).
+
+    Uses same-step autoreset: an episode's last observation is in ``info["final_obs"]`` and the
+    returned observation is already the next episode's first one.
+    """
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    fns = [lambda: spec.make(**overrides) for _ in range(num_envs)]
+    asynchronous = num_envs > 1 if asynchronous is None else asynchronous
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if asynchronous:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)

@@ -1,0 +1,210 @@
+"""One rollout loop for evaluation and online collection, the chunked policy queue, success metrics.
+
+``VectorRollout`` steps a Gymnasium vector env with a ``ChunkPolicy``; evaluation runs it until
+enough episodes finished, online fine-tuning calls ``step`` between updates and takes the finished
+episodes as ``Transitions``. ``SuccessRate`` is a torchmetrics metric with a Wilson interval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torchmetrics
+
+from manip.data.replay import Transitions
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class SuccessRate(torchmetrics.Metric):
+    """Episode success rate with its Wilson 95% interval.
+
+    ``update(successes)`` takes a (E,) bool/0-1 tensor of finished episodes; ``compute`` returns
+    {"success_rate", "ci_low", "ci_high", "episodes"} as float tensors.
+    """
+
+    full_state_update = False
+
+    def __init__(self, z: float = 1.959964, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.z = z
+        self.add_state("successes", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("episodes", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, successes: torch.Tensor) -> None:
+        successes = torch.as_tensor(successes, dtype=torch.float64).reshape(-1)
+        self.successes += successes.sum()
+        self.episodes += successes.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        k, n = float(self.successes), float(self.episodes)
+        low, high = wilson_interval(k, n, self.z)
+        rate = k / n if n else float("nan")
+        return {"success_rate": torch.tensor(rate), "ci_low": torch.tensor(low),
+                "ci_high": torch.tensor(high), "episodes": torch.tensor(n)}
+
+
+class ChunkPolicy:
+    """Per-env action queues over a chunk predictor (LeRobot's ``select_action``).
+
+    predict_chunks(obs (B, O) float32 np) -> (B, h, A) np. A queue is refilled only when empty, so
+    chunks run open-loop; ``reset(mask)`` clears the queues of envs whose episode ended.
+    """
+
+    def __init__(self, predict_chunks: Callable[[np.ndarray], np.ndarray], num_envs: int,
+                 execute_steps: int | None = None) -> None:
+        self.predict_chunks, self.num_envs = predict_chunks, num_envs
+        self.execute_steps = execute_steps
+        self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        self.latencies: list[float] = []
+
+    def reset(self, mask: np.ndarray | None = None) -> None:
+        for i in range(self.num_envs):
+            if mask is None or mask[i]:
+                self.queues[i] = []
+
+    def select_action(self, obs: np.ndarray) -> np.ndarray:
+        """obs (E, O) -> actions (E, A); refills the empty queues with one batched call."""
+        empty = [i for i, q in enumerate(self.queues) if not q]
+        if empty:
+            start = time.perf_counter()
+            chunks = self.predict_chunks(obs[empty])
+            self.latencies.append((time.perf_counter() - start) / len(empty))
+            steps = chunks.shape[1] if self.execute_steps is None else self.execute_steps
+            for i, chunk in zip(empty, chunks):
+                self.queues[i] = list(chunk[:steps])
+        return np.stack([q.pop(0) for q in self.queues])
+
+
+@dataclass
+class _Episode:
+    obs: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    rewards: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    next_obs: list = field(default_factory=list)
+
+
+@dataclass
+class EpisodeEnd:
+    """A finished episode: which env, success, length, and its transitions when recorded."""
+
+    env_index: int
+    success: bool
+    length: int
+    transitions: Transitions | None = None
+
+
+class VectorRollout:
+    """Steps a same-step-autoreset vector env with a ``ChunkPolicy``.
+
+    record=True keeps every env's current episode so finished episodes come back as
+    ``Transitions`` (reward as the env returns it, mask = 1 - terminated, terminal at the end).
+    """
+
+    def __init__(self, env, policy: ChunkPolicy, seed: int = 0, record: bool = False) -> None:
+        self.env, self.policy, self.record = env, policy, record
+        self.num_envs = env.num_envs
+        self.obs, _ = env.reset(seed=seed)
+        self.lengths = np.zeros(self.num_envs, dtype=int)
+        self.successes = np.zeros(self.num_envs, dtype=bool)
+        self.episodes = [_Episode() for _ in range(self.num_envs)]
+        self.env_steps = 0
+
+    def step(self) -> list[EpisodeEnd]:
+        """One vector step; returns the episodes that ended in it."""
+        actions = self.policy.select_action(self.obs)
+        next_obs, rewards, terminated, truncated, info = self.env.step(actions)
+        done = np.logical_or(terminated, truncated)
+        success = np.asarray(info.get("success", np.zeros(self.num_envs)), dtype=bool)
+        if done.any() and "final_info" in info:
+            final_success = info["final_info"].get("success")
+            if final_success is not None:
+                success = np.where(done, np.asarray(final_success, dtype=bool), success)
+        real_next = next_obs.copy()
+        if done.any():
+            real_next[done] = np.stack(info["final_obs"][done])
+        self.lengths += 1
+        self.successes |= success
+        self.env_steps += self.num_envs
+        ended = []
+        for i in range(self.num_envs):
+            if self.record:
+                ep = self.episodes[i]
+                ep.obs.append(self.obs[i]); ep.actions.append(actions[i]); ep.rewards.append(rewards[i])
+                ep.masks.append(0.0 if terminated[i] else 1.0); ep.next_obs.append(real_next[i])
+            if done[i]:
+                transitions = self._finish(i) if self.record else None
+                ended.append(EpisodeEnd(i, bool(self.successes[i]), int(self.lengths[i]), transitions))
+                self.lengths[i], self.successes[i] = 0, False
+        self.policy.reset(done)
+        self.obs = next_obs
+        return ended
+
+    def _finish(self, i: int) -> Transitions:
+        ep, self.episodes[i] = self.episodes[i], _Episode()
+        n = len(ep.obs)
+        terminals = np.zeros(n, dtype=bool)
+        terminals[-1] = True
+        return Transitions(np.asarray(ep.obs, np.float32), np.asarray(ep.actions, np.float32),
+                           np.asarray(ep.rewards, np.float32), np.asarray(ep.masks, np.float32),
+                           terminals, np.asarray(ep.next_obs, np.float32))
+
+
+@dataclass
+class EvalResult:
+    success_rate: float
+    ci_low: float
+    ci_high: float
+    episodes: int
+    mean_length: float
+    outcomes: list[bool]
+    lengths: list[int]
+    action_latency_ms: float
+    env_steps: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num_episodes: int,
+                    seed: int = 0) -> EvalResult:
+    """Success rate of ``predict_chunks`` over ``num_episodes`` episodes of a vector env.
+
+    Episode quotas are fixed per env up front (env i runs episodes i, i + E, ...), so short
+    episodes are not over-counted when envs finish at different speeds.
+    """
+    start = time.perf_counter()
+    policy = ChunkPolicy(predict_chunks, env.num_envs)
+    rollout = VectorRollout(env, policy, seed=seed)
+    quota = [len(range(i, num_episodes, env.num_envs)) for i in range(env.num_envs)]
+    counts = [0] * env.num_envs
+    metric = SuccessRate()
+    outcomes, lengths = [], []
+    while sum(counts) < num_episodes:
+        for end in rollout.step():
+            if counts[end.env_index] < quota[end.env_index]:
+                counts[end.env_index] += 1
+                outcomes.append(end.success)
+                lengths.append(end.length)
+                metric.update(torch.tensor([end.success]))
+    stats = {k: float(v) for k, v in metric.compute().items()}
+    latency = float(np.median(policy.latencies)) * 1e3 if policy.latencies else float("nan")
+    return EvalResult(stats["success_rate"], stats["ci_low"], stats["ci_high"], num_episodes,
+                      float(np.mean(lengths)), outcomes, lengths, latency, rollout.env_steps,
+                      time.perf_counter() - start)

@@ -1,0 +1,79 @@
+"""Online fine-tuning: ``python -m manip.finetune ckpt=PATH [finetune.target=som env.num_envs=2 ...]``.
+
+Restores config, dataset statistics, actor, critics, target critics and optimizer from an offline
+(``fit``) checkpoint, refills the replay with the offline data and continues in the simulator with
+the same module and evaluation loop as ``fit``. Re-running the same command after a crash resumes
+from ``<run_dir>/checkpoints/last.ckpt`` (online replay, env-step count and RNG included).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from manip.run import build_datamodule, build_trainer, plain, run_info, seed_everything
+
+# Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
+_OWN = ("finetune", "eval", "checkpoint", "trainer", "env")
+
+
+def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, str | None]:
+    """(final config, checkpoint to start from, checkpoint to resume from or None)."""
+    ckpt = load_checkpoint(cfg.ckpt)
+    base = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    target = cfg.finetune.target
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.ckpt).resolve().parent.parent / f"finetune_{target}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if (cfg.resume == "auto" or cfg.resume is True) and last.exists() else None
+    if cfg.resume is True and resume is None:
+        raise CheckpointError(f"resume=true but {last} does not exist")
+    if resume is not None:  # the interrupted run's own config, then today's overrides again
+        base = OmegaConf.create(load_checkpoint(resume)["hyper_parameters"]["cfg"])
+        start_step = int(base.finetune_start_step)
+    else:
+        start_step = int(ckpt.get("global_step", 0))
+    final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
+    for item in user_overrides:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key in ("ckpt", "run_dir", "resume") or key.split(".")[0] in _OWN:
+            continue
+        if "." not in key:
+            raise CheckpointError(f"override {item!r} changes a config group; fine-tuning keeps the "
+                                  f"checkpoint's data/algo (override individual keys instead)")
+        OmegaConf.update(final, key, OmegaConf.from_dotlist([f"x={value}"]).x, force_add=True)
+    final.run_dir = str(run_dir)
+    final.finetune_start_step = start_step
+    final.offline_ckpt = str(Path(cfg.ckpt).resolve())
+    return final, str(cfg.ckpt), resume
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    final, offline_ckpt, resume = compose(cfg, list(HydraConfig.get().overrides.task))
+    seed_everything(final.seed + 1)
+    run_dir = Path(final.run_dir)
+    dm = build_datamodule(final)
+    dm.offline_fraction = final.finetune.offline_fraction
+    ckpt = load_checkpoint(offline_ckpt)
+    check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
+                     final.algo.horizon, where=f"dataset {dm.info['path']}")
+    online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
+    module = hydra.utils.instantiate(final.module)(
+        agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
+        horizon=final.algo.horizon, stats=ckpt["hyper_parameters"]["stats"],
+        cfg=plain(final) | run_info(dm), online=online)
+    trainer = build_trainer(final, run_dir, phase="online",
+                            max_steps=final.finetune_start_step + final.trainer.max_steps)
+    if resume:
+        print(f"[manip] resuming fine-tuning from {resume}")
+    trainer.fit(module, datamodule=dm, ckpt_path=resume or offline_ckpt)
+    print(f"[manip] checkpoints in {run_dir / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    main()

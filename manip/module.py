@@ -1,0 +1,234 @@
+"""The Lightning module shared by ``fit`` (offline) and ``finetune`` (online).
+
+One training step = one update: the critic loss and the actor loss are summed into one backward
+pass over one optimizer with two parameter groups (the critic is frozen while the actor loss is
+built, so Q terms in actor losses never train the critic). ``trainer.global_step`` therefore
+counts updates, and the single backward keeps DDP's gradient averaging intact.
+
+When ``online`` is set, each step first advances the simulator (vector env, best-of-N actions,
+chunks executed open-loop) so that env steps ~= updates / utd, appends finished episodes to the
+datamodule's replay, and then updates with the configured critic-driven policy target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from manip.evaluation import ChunkPolicy, VectorRollout
+
+TARGETS = ("bon", "som", "rfm")
+
+
+@dataclass
+class OnlineConfig:
+    """Online fine-tuning settings.
+
+    target: "bon" (imitate best-of-N a* at batch states), "som" or "rfm" (critic-driven target
+    velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
+    temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule);
+    utd: updates per env step; start_training: env steps collected before updates start;
+    num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon).
+    """
+
+    target: str = "bon"
+    bc_weight: float = 1.0
+    alpha: float = 10.0
+    alpha_final: float | None = None
+    alpha_steps: int = 100_000
+    rfm_eta: float | str = "optimal"
+    target_samples: int = 32
+    utd: float = 1.0
+    start_training: int = 5000
+    num_envs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Temporarily stop gradients into ``module``'s parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class ManipModule(L.LightningModule):
+    """Actor-critic agent + observation normalisation + (optionally) online collection.
+
+    agent: a ``functools.partial`` of an agent class (``manip.algos``) that takes
+    ``obs_dim, action_dim, horizon``; stats: ``DatasetStats.to_dict()`` of the offline data;
+    cfg: the full run config (plain dict) kept in the checkpoint.
+    """
+
+    def __init__(self, agent: Callable[..., nn.Module], obs_dim: int, action_dim: int, horizon: int,
+                 stats: dict[str, list[float]], cfg: dict | None = None, lr: float = 3e-4,
+                 tau: float = 0.005, obs_norm: str = "standard", grad_clip: float | None = None,
+                 online: dict | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.save_hyperparameters({"cfg": cfg, "obs_dim": obs_dim, "action_dim": action_dim,
+                                   "horizon": horizon, "stats": stats})
+        self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
+        self.lr, self.tau, self.grad_clip = lr, tau, grad_clip
+        self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon)
+        if obs_norm not in ("standard", "none"):
+            raise ValueError(f"unknown obs_norm {obs_norm!r}; expected 'standard' or 'none'")
+        mean = torch.tensor(stats["obs_mean"], dtype=torch.float32)
+        std = torch.tensor(stats["obs_std"], dtype=torch.float32)
+        if obs_norm == "none":
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
+        if len(mean) != obs_dim:
+            raise ValueError(f"stats have obs dim {len(mean)}, module has obs_dim={obs_dim}")
+        self.register_buffer("obs_mean", mean)
+        # Constant dimensions (std ~ 0) pass through centred instead of blowing up.
+        self.register_buffer("obs_scale", torch.where(std > 1e-6, std, torch.ones_like(std)))
+        self.online = OnlineConfig(**online) if online else None
+        self.env_steps = 0
+        self.rollout: VectorRollout | None = None
+
+    # ---------------------------------------------------------------------------------- acting
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_scale
+
+    @torch.inference_mode()
+    def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None) -> np.ndarray:
+        """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N)."""
+        obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
+        actions = self.agent.sample_actions(self.normalize(obs_t), num_samples=num_samples)
+        return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
+
+    # -------------------------------------------------------------------------------- training
+    def configure_optimizers(self):
+        return torch.optim.Adam([
+            {"params": list(self.agent.actor_parameters()), "name": "actor"},
+            {"params": list(self.agent.critic_parameters()), "name": "critic"}], lr=self.lr)
+
+    def _normalized_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**batch, "observations": self.normalize(batch["observations"]),
+                "next_observations": self.normalize(batch["next_observations"])}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        if self.online is not None:
+            self._collect()
+            if self.env_steps < self.online.start_training:
+                return None
+        batch = self._normalized_batch(batch)
+        with frozen(self.agent.critic):
+            actor_loss, actor_info = self.actor_loss(batch)
+        critic_loss, critic_info = self.agent.critic_loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(actor_loss + critic_loss)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.agent.soft_update(self.tau)
+        logs = {"train/actor_loss": actor_loss.detach(), "train/critic_loss": critic_loss.detach(),
+                **{f"train/{k}": v for k, v in {**actor_info, **critic_info}.items()}}
+        if self.online is not None:
+            logs["online/env_steps"] = float(self.env_steps)
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["actions"]))
+        self.log("loss", (actor_loss + critic_loss).detach(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=len(batch["actions"]))
+        return None
+
+    def actor_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Offline: the agent's own actor loss. Online: the configured critic-driven target."""
+        if self.online is None:
+            return self.agent.actor_loss(batch)
+        from manip.algos import targets
+
+        cfg, obs = self.online, batch["observations"]
+        with torch.no_grad():
+            if cfg.target == "bon":
+                target_actions = self.agent.sample_actions(obs, num_samples=cfg.target_samples)
+            else:
+                target_actions = self.agent.sample_actions(obs, num_samples=1)
+        target_fn = None
+        if cfg.target != "bon":
+            extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {}
+            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, self.alpha,
+                                               num_samples=cfg.target_samples, **extra)
+        loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn)
+        info = {f"target_{k}": v for k, v in info.items()}
+        if cfg.bc_weight:
+            bc_loss, _ = self.agent.actor_loss(batch)
+            loss = loss + cfg.bc_weight * bc_loss
+            info["bc_loss"] = bc_loss.detach()
+        return loss, info
+
+    def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Critic-ensemble mean: obs (M, O) normalised, actions (M, D) -> (M,)."""
+        return self.agent.critic(obs, actions).mean(0)
+
+    @property
+    def alpha(self) -> float:
+        cfg = self.online
+        if cfg.alpha_final is None:
+            return cfg.alpha
+        frac = min(1.0, self.env_steps / max(1, cfg.alpha_steps))
+        return cfg.alpha + frac * (cfg.alpha_final - cfg.alpha)
+
+    # ---------------------------------------------------------------------------------- online
+    def _collect(self) -> None:
+        """Advance the simulator until env_steps catches up with updates / utd."""
+        if self.rollout is None:
+            self._start_rollout()
+        target = max(self.online.start_training, (self.global_step + 1) / self.online.utd)
+        dm = self.trainer.datamodule
+        while self.env_steps < target:
+            for end in self.rollout.step():
+                dm.replay.add(end.transitions)
+                self.log_dict({"online/episode_success": float(end.success),
+                               "online/episode_length": float(end.length)}, on_step=True, batch_size=1)
+            self.env_steps += self.rollout.num_envs
+
+    def _start_rollout(self) -> None:
+        from manip.envs import make_vector_env
+
+        spec = self.trainer.datamodule.env_spec
+        env = make_vector_env(spec, self.online.num_envs)
+        policy = ChunkPolicy(self.predict_chunks, env.num_envs)
+        self.rollout = VectorRollout(env, policy, seed=self.online.seed + self.env_steps, record=True)
+
+    def on_train_end(self) -> None:
+        if self.rollout is not None:
+            self.rollout.env.close()
+            self.rollout = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["manip"] = {"env_steps": self.env_steps, "torch_rng": torch.get_rng_state()}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.online is not None and dm is not None and dm.replay is not None:
+            checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("manip", {})
+        self.env_steps = int(state.get("env_steps", 0))
+        self._pending_online_replay = state.get("online_replay")
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+
+    def on_train_start(self) -> None:
+        pending = getattr(self, "_pending_online_replay", None)
+        if pending is not None and self.online is not None:
+            self.trainer.datamodule.replay.load_online_state_dict(pending)
+            self._pending_online_replay = None
+

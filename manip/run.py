@@ -1,0 +1,106 @@
+"""Building blocks shared by the ``fit`` and ``finetune`` entry points: Hydra config to trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from manip.data.datamodule import ReplayDataModule
+from manip.evaluation import evaluate_policy
+from manip.module import ManipModule
+
+
+class PeriodicEvaluation(Callback):
+    """Success rate in the simulator every ``every_n_steps`` updates (and at the end of training).
+
+    Logs eval/success_rate, eval/ci_low, eval/ci_high, eval/mean_length (x = global step) and
+    appends each result with its env-step count to ``<run_dir>/eval.jsonl``.
+    """
+
+    def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
+                 seed: int = 1000, final_episodes: int = 0, phase: str = "offline") -> None:
+        self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
+        self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
+        self.env = None
+        self.last_step = -1
+
+    def _evaluate(self, trainer: L.Trainer, module: ManipModule, episodes: int) -> None:
+        from manip.envs import make_vector_env
+
+        if trainer.global_rank != 0 or episodes <= 0 or trainer.global_step == self.last_step:
+            return
+        self.last_step = trainer.global_step
+        if self.env is None:
+            self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs)
+        was_training = module.training
+        module.eval()
+        result = evaluate_policy(self.env, module.predict_chunks, episodes, seed=self.seed)
+        module.train(was_training)
+        metrics = {"eval/success_rate": result.success_rate, "eval/ci_low": result.ci_low,
+                   "eval/ci_high": result.ci_high, "eval/mean_length": result.mean_length}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        record = {"step": trainer.global_step, "env_steps": module.env_steps, "phase": self.phase,
+                  **{k.split("/")[1]: v for k, v in metrics.items()}, "episodes": episodes,
+                  "action_latency_ms": result.action_latency_ms, "seconds": result.seconds}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[manip] step {trainer.global_step}: success {result.success_rate:.2f} "
+              f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
+              f"({result.seconds:.0f}s)")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._evaluate(trainer, module, self.episodes)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._evaluate(trainer, module, self.final_episodes)
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
+        PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
+                           cfg.eval.seed, cfg.eval.final_episodes, phase),
+    ]
+    loggers = [CSVLogger(run_dir, name="", version=phase), TensorBoardLogger(run_dir, name="tb", version=phase)]
+    overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers}
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    return hydra.utils.instantiate(cfg.trainer, **overrides)
+
+
+def plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (checkpoint-safe)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_info(dm: ReplayDataModule) -> dict:
+    """What a checkpoint must know about its data: where it came from and how to rebuild the env."""
+    return {"data_info": dm.info, "env_spec": {"kind": dm.env_spec.kind, "kwargs": dict(dm.env_spec.kwargs)}}
+
+
+def seed_everything(seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
