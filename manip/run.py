@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from manip.data.datamodule import ReplayDataModule
 from manip.evaluation import evaluate_policy
 from manip.module import ManipModule
+
+
+# Manual optimisation checkpoints the state after the update; that is what we want.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
 class PeriodicEvaluation(Callback):

@@ -27,6 +27,7 @@ import numpy as np
 
 from manip.data.errors import DatasetError
 from manip.data.replay import Transitions
+from manip.envs.ogbench_env import quiet_space_casts
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,16 @@ def val_path_for(path: str | Path) -> Path:
 
 
 def _missing_file_message(path: Path, stem: str) -> str:
-    return (
+    from manip.data.generate.ogbench_play import DATASETS
+
+    message = (
         f"OGBench dataset file not found: {path}. Put the official '{stem}.npz' and '{stem}-val.npz' "
-        "(https://rail.eecs.berkeley.edu/datasets/ogbench, by default kept in ~/.ogbench/data) at that path, "
-        "or generate a local play dataset with manip.data.generate.ogbench_play.generate(...) "
-        "(`python -m manip.data.generate ogbench ...`)."
+        "(https://rail.eecs.berkeley.edu/datasets/ogbench, by default kept in ~/.ogbench/data) at that path"
     )
+    if stem in DATASETS:
+        command = f"python -m manip.data.generate ogbench --dataset {stem} --out {path}"
+        return f"{message}, or generate a local one: {command}"
+    return f"{message}; only {', '.join(DATASETS)} can be generated locally."
 
 
 def _check_keys(path: Path, env_name: str) -> None:
@@ -203,16 +208,17 @@ def load_ogbench(dataset_name: str, path: str | Path) -> OGBenchData:
         raise DatasetError(_missing_file_message(path, stem))
     val_path = val_path_for(path)
 
-    env = ogbench.make_env_and_datasets(dataset_name, env_only=True)
-    try:
-        train = _load_split(path, env_name, env)
-        if val_path.is_file():
-            val = _load_split(val_path, env_name, env)
-        else:
-            log.warning("no validation split %s next to %s; loading %s without validation data", val_path, path, stem)
-            val = None
-    finally:
-        env.close()
+    with quiet_space_casts():
+        env = ogbench.make_env_and_datasets(dataset_name, env_only=True)
+        try:
+            train = _load_split(path, env_name, env)
+            if val_path.is_file():
+                val = _load_split(val_path, env_name, env)
+            else:
+                log.warning("no validation split %s; loading %s without validation data", val_path, path)
+                val = None
+        finally:
+            env.close()
     return OGBenchData(
         train=train,
         val=val,

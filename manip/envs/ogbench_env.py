@@ -39,8 +39,8 @@ MAX_EPISODE_STEPS = {
 
 
 @contextlib.contextmanager
-def _quiet_space_casts() -> Iterator[None]:
-    """Silence gymnasium's float64 -> float32 Box warnings, raised whenever OGBench builds a space."""
+def quiet_space_casts() -> Iterator[None]:
+    """Silence gymnasium's harmless float64 -> float32 Box warnings, raised when OGBench builds spaces."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
         yield
@@ -54,14 +54,15 @@ def singletask_env_name(name: str) -> str:
     """
     splits = name.split("-")
     if "singletask" not in splits:
-        raise ValueError(f"{name!r} is not an OGBench singletask name (e.g. 'cube-single-singletask-task1-v0')")
+        raise ValueError(f"{name!r} is not an OGBench singletask name, e.g. cube-single-singletask-task1-v0")
     pos = splits.index("singletask")
     family = "-".join(splits[:pos])
     if family not in MAX_EPISODE_STEPS:
         family = "-".join(splits[: pos - 1])
         splits = splits[: pos - 1] + splits[pos:]
     if family not in MAX_EPISODE_STEPS:
-        raise ValueError(f"unknown OGBench singletask env {name!r}; env families: {', '.join(MAX_EPISODE_STEPS)}")
+        families = ", ".join(MAX_EPISODE_STEPS)
+        raise ValueError(f"unknown OGBench singletask env {name!r}; env families: {families}")
     return "-".join(splits)
 
 
@@ -96,9 +97,9 @@ class OGBenchEnv(gymnasium.Env):
         kwargs: dict[str, Any] = {"max_episode_steps": self.horizon}
         if self.render_size is not None:
             kwargs["height"], kwargs["width"] = self.render_size
-        # make_env_and_datasets expects a dataset-style singletask name; the dataset type is irrelevant here.
+        # make_env_and_datasets expects a dataset-style singletask name; the dataset type does not matter.
         dataset_style = self.env_name.replace("-singletask", "-play-singletask", 1)
-        with _quiet_space_casts():
+        with quiet_space_casts():
             self._env = ogbench.make_env_and_datasets(dataset_style, env_only=True, **kwargs)
             obs_dim = self._env.observation_space.shape[0]
             action_dim = self._env.action_space.shape[0]
@@ -111,14 +112,22 @@ class OGBenchEnv(gymnasium.Env):
         return self._env.unwrapped
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        """Start an episode; the same ``seed`` gives the same initial state. Returns (obs (O,), info)."""
+        """Start an episode; returns (obs (O,) float32, info).
+
+        The same ``seed`` gives the same episode. OGBench's reset also takes a few unseeded random
+        actions to record a goal observation, but restores the state afterwards, so they do not
+        change the observations (seeded rollouts are bit-identical).
+        """
         super().reset(seed=seed)
-        with _quiet_space_casts():
+        with quiet_space_casts():
             ob, _ = self._env.reset(seed=seed, options=options)
         return np.asarray(ob, dtype=np.float32), {"success": False}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Apply an action (5,) in [-1, 1]; returns (obs (O,) float32, reward, terminated, truncated, info)."""
+        """Apply an action (5,) in [-1, 1]; returns (obs (O,) float32, reward, terminated, truncated, info).
+
+        ``info`` is ``{"success": bool}``; the reward follows the dataset convention (module docstring).
+        """
         ob, reward, terminated, truncated, info = self._env.step(np.asarray(action, dtype=np.float32))
         return (
             np.asarray(ob, dtype=np.float32),
@@ -136,9 +145,9 @@ class OGBenchEnv(gymnasium.Env):
             frame = self._env.unwrapped.render()
         except Exception as err:
             raise RuntimeError(
-                f"offscreen rendering of {self.env_name} failed ({type(err).__name__}: {err}). Without a display set "
-                "MUJOCO_GL=egl (and EGL_PLATFORM=surfaceless on a machine without a GPU) or MUJOCO_GL=osmesa with "
-                "PYOPENGL_PLATFORM=osmesa before mujoco is imported."
+                f"offscreen rendering of {self.env_name} failed ({type(err).__name__}: {err}). Without a "
+                "display set MUJOCO_GL=egl (and EGL_PLATFORM=surfaceless on a machine without a GPU) or "
+                "MUJOCO_GL=osmesa with PYOPENGL_PLATFORM=osmesa before mujoco is imported."
             ) from err
         return np.asarray(frame, dtype=np.uint8)
 

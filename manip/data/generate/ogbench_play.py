@@ -45,6 +45,8 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
+from manip.envs.ogbench_env import quiet_space_casts
+
 DATASETS = (
     "cube-single-play-v0",
     "cube-double-play-v0",
@@ -132,8 +134,8 @@ def _collect_episode(
     oracle = oracles[info["privileged/target_task"]]
     oracle.reset(ob, info)
 
-    keys = ["observations", "actions", "terminals", "qpos", "qvel"] + (["button_states"] if has_buttons else [])
-    episode = {k: [] for k in keys}
+    keys = ["observations", "actions", "terminals", "qpos", "qvel"]
+    episode = {k: [] for k in keys + (["button_states"] if has_buttons else [])}
     done = False
     while not done:
         action = np.clip(np.asarray(oracle.select_action(ob, info)), -1.0, 1.0)
@@ -157,12 +159,13 @@ def _collect_episode(
     return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in episode.items()}
 
 
-def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Compress ``arrays`` into a temporary file next to ``path``; returns the temporary path."""
+def _write_npz_to_temp(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Compress ``arrays`` into a temporary file next to ``path`` (to be moved there); returns its path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates the file owner-only
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -219,33 +222,36 @@ def generate(
 
     num_val_episodes = max(1, num_episodes // 10)
     env_seed, oracle_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    env = gymnasium.make(
-        env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_length
-    )
+    with quiet_space_casts():
+        env = gymnasium.make(
+            env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_length
+        )
     has_buttons = hasattr(env.unwrapped, "_cur_button_states")
     oracles = _make_oracles(env, env_name)
 
     start = time.perf_counter()
     episodes = []
+    total = num_episodes + num_val_episodes
+    episode_seed = env_seed  # only the first reset seeds the env; later resets continue its generator
     with _seeded_global_numpy(oracle_seed):
-        total = num_episodes + num_val_episodes
-        episode_seed = env_seed  # only the first reset seeds the env; later resets continue its generator
-        while len(episodes) < total:
-            episode = _collect_episode(env, env_name, oracles, has_buttons, seed=episode_seed)
-            episode_seed = None
-            if env_name.startswith("scene") and not _scene_episode_is_healthy(episode["qpos"]):
-                continue
-            episodes.append(episode)
-            if verbose and (len(episodes) % max(1, total // 10) == 0 or len(episodes) == total):
-                rate = len(episodes) * episode_length / (time.perf_counter() - start)
-                print(f"{dataset}: {len(episodes)}/{total} episodes ({rate:.0f} env steps/s)", flush=True)
-    env.close()
+        try:
+            while len(episodes) < total:
+                episode = _collect_episode(env, env_name, oracles, has_buttons, seed=episode_seed)
+                episode_seed = None
+                if env_name.startswith("scene") and not _scene_episode_is_healthy(episode["qpos"]):
+                    continue
+                episodes.append(episode)
+                if verbose and (len(episodes) % max(1, total // 10) == 0 or len(episodes) == total):
+                    rate = len(episodes) * episode_length / (time.perf_counter() - start)
+                    print(f"{dataset}: {len(episodes)}/{total} episodes ({rate:.0f} env steps/s)", flush=True)
+        finally:
+            env.close()
 
     splits = {path: episodes[:num_episodes], val_path: episodes[num_episodes:]}
     tmp_files = {}
     try:
         for p, eps in splits.items():
-            tmp_files[p] = _write_npz_atomically(p, {k: np.concatenate([e[k] for e in eps]) for k in eps[0]})
+            tmp_files[p] = _write_npz_to_temp(p, {k: np.concatenate([e[k] for e in eps]) for k in eps[0]})
         # The validation file goes into place first, so a present training file implies a complete pair.
         for p in (val_path, path):
             os.replace(tmp_files.pop(p), p)
@@ -266,8 +272,9 @@ def generate(
     }
     if verbose:
         print(
-            f"{dataset}: wrote {path} ({result['bytes'] / 1e6:.2f} MB, {num_episodes} episodes x {episode_length} steps)"
-            f" and {val_path} ({result['val_bytes'] / 1e6:.2f} MB, {num_val_episodes} episodes) in {seconds:.1f} s",
+            f"{dataset}: wrote {path} ({result['bytes'] / 1e6:.2f} MB, {num_episodes} episodes of "
+            f"{episode_length} steps) and {val_path} ({result['val_bytes'] / 1e6:.2f} MB, "
+            f"{num_val_episodes} episodes) in {seconds:.1f} s",
             flush=True,
         )
     return result

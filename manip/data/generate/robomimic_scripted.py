@@ -1,0 +1,508 @@
+"""Scripted robosuite demonstrations written in Robomimic's v1.5 low-dim HDF5 layout.
+
+Tasks ``lift`` (Lift), ``can`` (PickPlaceCan) and ``square`` (NutAssemblySquare) with one Panda arm under
+robosuite's BASIC composite controller (OSC_POSE deltas, 20 Hz). Actions are 7-D in [-1, 1]: end-effector
+position delta (x 5 cm), axis-angle rotation delta (x 0.5 rad) in the robot base frame, and gripper (-1 open,
++1 close).
+
+Each episode is driven by a state-machine policy that reads privileged simulator state (object and site poses).
+A per-episode "operator style" varies speed, gains, correlated action noise, approach offsets, grasp choices
+and pauses, so the data is multimodal like Robomimic's multi-human (MH) sets. Only successful episodes are
+kept, and an episode ends once success has held for ``SUCCESS_HOLD_STEPS`` consecutive steps, the convention
+of robosuite's demonstration collector.
+
+File layout (see Robomimic's ``dataset_states_to_obs.py``), N = transitions of one demo:
+    data.attrs: total (int), env_args (JSON: env_name, env_version, type=1, env_kwargs)
+    data/demo_<i>.attrs: num_samples (N), model_file (MJCF XML of the episode), ep_meta (JSON)
+    data/demo_<i>/obs/<key>, next_obs/<key>: (N, k) float64, next_obs[t] == obs[t + 1]
+    data/demo_<i>/actions (N, 7) float64; rewards (N,) float64, 1.0 where the state after the step is a success;
+    data/demo_<i>/dones (N,) int64, done_mode 2 (1 at success states and at the last step);
+    data/demo_<i>/states (N, D) float64 flat MuJoCo states before each step (D = 32 / 71 / 45).
+    mask/train, mask/valid: demo names (dtype S), a 90/10 split.
+
+``obs[t]`` is exactly what ``env.step`` returned at step t - 1 (at t = 0: the observation after restoring
+``states[0]``), so training data matches what a policy sees at evaluation time. Every random draw comes from
+one ``numpy.random.Generator`` seeded by ``seed``, and each episode starts the way ``RobosuiteEnv.reset_to``
+does, so replaying ``actions`` from ``states[0]`` (with the demo's ``model_file``) reproduces the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from manip.envs.robosuite_env import make_robosuite, quiet_robosuite, restore_state, seed_placement
+
+TASKS: dict[str, dict] = {
+    "lift": {"env_name": "Lift", "horizon": 300},
+    "can": {"env_name": "PickPlaceCan", "horizon": 300},
+    "square": {"env_name": "NutAssemblySquare", "horizon": 400},
+}
+
+# Low-dim keys of the released Robomimic v1.5 files; ``object`` is robosuite's ``object-state``.
+OBS_KEYS: tuple[str, ...] = (
+    "object",
+    "robot0_eef_pos",
+    "robot0_eef_quat",
+    "robot0_eef_vel_ang",
+    "robot0_eef_vel_lin",
+    "robot0_gripper_qpos",
+    "robot0_gripper_qvel",
+    "robot0_joint_pos",
+    "robot0_joint_pos_cos",
+    "robot0_joint_pos_sin",
+    "robot0_joint_vel",
+)
+
+SUCCESS_HOLD_STEPS = 10
+VALID_FRACTION = 0.1
+
+OPEN, CLOSE = -1.0, 1.0
+_POS_SCALE = 0.05  # metres per unit translation action (OSC output_max)
+_ROT_SCALE = 0.5  # radians per unit rotation action
+
+
+def env_args(task: str) -> dict:
+    """``env_args`` stored in the file: everything ``robosuite.make`` needs to rebuild the task's env."""
+    import robosuite
+    from robosuite.controllers import load_composite_controller_config
+
+    controller = load_composite_controller_config(controller="BASIC", robot="Panda")
+    # The Panda only has a right arm; robosuite drops the other parts with a warning on every reset.
+    controller["body_parts"] = {"right": controller["body_parts"]["right"]}
+    return {
+        "env_name": TASKS[task]["env_name"],
+        "env_version": robosuite.__version__,
+        "type": 1,
+        "env_kwargs": {
+            "robots": ["Panda"],
+            "controller_configs": controller,
+            "control_freq": 20,
+            "lite_physics": True,
+            "reward_shaping": False,
+            "reward_scale": 1.0,
+            "has_renderer": False,
+            "has_offscreen_renderer": False,
+            "ignore_done": True,
+            "use_object_obs": True,
+            "use_camera_obs": False,
+            "camera_names": ["agentview", "robot0_eye_in_hand"],
+            "camera_heights": 84,
+            "camera_widths": 84,
+            "camera_depths": False,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scripted policies
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Style:
+    """Per-episode operator variation."""
+
+    speed: float  # cap on the translation action's largest component
+    gain: float  # translation action per unit of position error (in 5 cm units)
+    rot_gain: float  # rotation action per unit of orientation error (in 0.5 rad units)
+    noise: float  # std of the AR(1) noise added to the 6 arm dims in free-space moves
+    pause_prob: float  # chance of a pause at each phase boundary
+    alt_grasp_prob: float  # chance of taking the second-nearest symmetric grasp yaw
+
+    @staticmethod
+    def sample(rng: np.random.Generator) -> _Style:
+        return _Style(
+            speed=rng.uniform(0.5, 1.0),
+            gain=rng.uniform(0.8, 1.6),
+            rot_gain=rng.uniform(0.8, 1.5),
+            noise=rng.uniform(0.0, 0.08),
+            pause_prob=rng.uniform(0.0, 0.3),
+            alt_grasp_prob=rng.uniform(0.0, 0.5),
+        )
+
+
+def _wrap(angle: float, period: float = 2 * np.pi) -> float:
+    """Wrap ``angle`` into [-period / 2, period / 2)."""
+    return (angle + period / 2) % period - period / 2
+
+
+def _yaw(rot: np.ndarray) -> float:
+    """Heading of a (3, 3) rotation's x axis in the world xy plane."""
+    return float(np.arctan2(rot[1, 0], rot[0, 0]))
+
+
+def _top_down(yaw: float) -> np.ndarray:
+    """Gripper orientation pointing straight down with the finger axis (site x axis) at ``yaw``. Shape (3, 3)."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, s, 0.0], [s, -c, 0.0], [0.0, 0.0, -1.0]])
+
+
+Target = Callable[[], np.ndarray] | np.ndarray
+Yaw = Callable[[], float] | float
+
+
+class _Script:
+    """Base of the task scripts: closed-loop moves towards targets, expressed as generators of actions.
+
+    ``actions()`` yields one action (7,) per env step forever (the last phase holds still); it reads the
+    simulator state afresh after every yield, i.e. after the runner has stepped the env.
+    """
+
+    def __init__(self, env, style: _Style, rng: np.random.Generator):
+        self.env = env
+        self.style = style
+        self.rng = rng
+        self._site = env.robots[0].eef_site_id["right"]
+        self._noise = np.zeros(6)
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def eef_pos(self) -> np.ndarray:
+        return np.array(self.env.sim.data.site_xpos[self._site])
+
+    def eef_rot(self) -> np.ndarray:
+        return np.array(self.env.sim.data.site_xmat[self._site]).reshape(3, 3)
+
+    def body_pos(self, body_id: int) -> np.ndarray:
+        return np.array(self.env.sim.data.body_xpos[body_id])
+
+    def body_yaw(self, body_id: int) -> float:
+        return _yaw(np.array(self.env.sim.data.body_xmat[body_id]).reshape(3, 3))
+
+    def grasp_yaw(self, object_yaw: float, symmetry: float) -> float:
+        """Finger yaw ``object_yaw + k * symmetry`` closest to the current one (or the second closest)."""
+        current = _yaw(self.eef_rot())
+        offset = _wrap(object_yaw - current, symmetry)
+        if self.rng.random() < self.style.alt_grasp_prob and symmetry < np.pi:
+            offset -= np.sign(offset) * symmetry
+        return current + offset
+
+    # -- actions ------------------------------------------------------------------------------------------------
+    def action(self, target: np.ndarray, yaw: float, grip: float, noisy: bool, speed: float) -> np.ndarray:
+        """OSC delta action moving the gripper towards ``target`` (3,) with a top-down orientation at ``yaw``."""
+        move = self.style.gain * (target - self.eef_pos()) / _POS_SCALE
+        cap = speed * self.style.speed
+        if np.abs(move).max() > cap:
+            move *= cap / np.abs(move).max()
+        rotvec = Rotation.from_matrix(_top_down(yaw) @ self.eef_rot().T).as_rotvec()
+        turn = np.clip(self.style.rot_gain * rotvec / _ROT_SCALE, -self.style.speed, self.style.speed)
+        arm = np.concatenate([move, turn])
+        self._noise = 0.7 * self._noise + self.rng.normal(0.0, self.style.noise, 6)
+        if noisy:
+            arm = arm + self._noise
+        return np.clip(np.concatenate([arm, [grip]]), -1.0, 1.0)
+
+    def move(
+        self,
+        target: Target,
+        yaw: Yaw,
+        grip: float,
+        tol: float,
+        yaw_tol: float = 0.05,
+        noisy: bool = True,
+        speed: float = 1.0,
+        max_steps: int = 150,
+    ) -> Iterator[np.ndarray]:
+        """Yield actions until the gripper is within ``tol`` (m) of ``target`` and ``yaw_tol`` (rad) of ``yaw``."""
+        for _ in range(max_steps):
+            goal = target() if callable(target) else target
+            heading = yaw() if callable(yaw) else yaw
+            yaw_error = abs(_wrap(heading - _yaw(self.eef_rot()), np.pi))
+            if np.linalg.norm(goal - self.eef_pos()) < tol and yaw_error < yaw_tol:
+                return
+            yield self.action(goal, heading, grip, noisy, speed)
+
+    def hold(self, steps: int, yaw: float, grip: float) -> Iterator[np.ndarray]:
+        """Stay in place for ``steps`` steps while commanding ``grip``."""
+        anchor = self.eef_pos()
+        for _ in range(steps):
+            yield self.action(anchor, yaw, grip, noisy=False, speed=1.0)
+
+    def maybe_pause(self, yaw: float, grip: float) -> Iterator[np.ndarray]:
+        """With the style's probability, pause for 3-14 steps (an operator hesitating)."""
+        if self.rng.random() < self.style.pause_prob:
+            yield from self.hold(int(self.rng.integers(3, 15)), yaw, grip)
+
+    def finish(self, target: np.ndarray, yaw: float, grip: float) -> Iterator[np.ndarray]:
+        """Final phase: go to ``target`` and stay there forever."""
+        while True:
+            yield self.action(target, yaw, grip, noisy=False, speed=0.6)
+
+    def actions(self) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+class _LiftScript(_Script):
+    """Lift: hover over the cube, descend, close, lift 10-20 cm."""
+
+    def actions(self) -> Iterator[np.ndarray]:
+        env, rng = self.env, self.rng
+        cube = env.cube_body_id
+        yaw = self.grasp_yaw(self.body_yaw(cube), np.pi / 2)
+        hover = np.array([*rng.uniform(-0.03, 0.03, 2), rng.uniform(0.05, 0.12)])
+        grasp = np.array([0.0, 0.0, rng.uniform(-0.01, 0.0)])
+
+        yield from self.move(lambda: self.body_pos(cube) + hover, yaw, OPEN, tol=0.02)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.move(lambda: self.body_pos(cube) + grasp, yaw, OPEN, tol=0.006, noisy=False, speed=0.6)
+        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
+        yield from self.maybe_pause(yaw, CLOSE)
+        lift = self.eef_pos() + np.array([*rng.uniform(-0.05, 0.05, 2), rng.uniform(0.10, 0.20)])
+        yield from self.finish(lift, yaw, CLOSE)
+
+
+class _CanScript(_Script):
+    """PickPlaceCan: grasp the can from above, carry it over the bin walls, lower it into its bin quadrant."""
+
+    def actions(self) -> Iterator[np.ndarray]:
+        env, rng = self.env, self.rng
+        can = env.obj_body_id[env.obj_to_use]
+        yaw = _yaw(self.eef_rot()) + rng.uniform(-0.5, 0.5)  # a cylinder: any finger yaw works
+        hover = np.array([*rng.uniform(-0.03, 0.03, 2), rng.uniform(0.06, 0.12)])
+        grasp = np.array([0.0, 0.0, rng.uniform(0.0, 0.02)])
+        carry_z = rng.uniform(1.02, 1.08)
+        # The can's bin quadrant spans x in (0.1, 0.295), y in (0.28, 0.525) behind 10 cm walls; its far half is
+        # at the edge of the Panda's reach, so the can is dropped from just above the walls near the inner corner.
+        drop_xy = rng.uniform([0.14, 0.33], [0.19, 0.40])
+        drop_z = rng.uniform(0.98, 1.02)
+
+        yield from self.move(lambda: self.body_pos(can) + hover, yaw, OPEN, tol=0.02)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.move(lambda: self.body_pos(can) + grasp, yaw, OPEN, tol=0.006, noisy=False, speed=0.6)
+        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
+        yield from self.move(lambda: np.array([*self.eef_pos()[:2], carry_z]), yaw, CLOSE, tol=0.015)
+        yield from self.maybe_pause(yaw, CLOSE)
+        if rng.random() < 0.5:  # detour through a random via point instead of the straight line
+            via = np.array([*(self.eef_pos()[:2] + drop_xy) / 2 + rng.uniform(-0.08, 0.08, 2), carry_z])
+            yield from self.move(via, yaw, CLOSE, tol=0.04)
+        yield from self.move(np.array([*drop_xy, carry_z]), yaw, CLOSE, tol=0.02)
+        yield from self.move(np.array([*drop_xy, drop_z]), yaw, CLOSE, tol=0.015, speed=0.7)
+        yield from self.hold(int(rng.integers(5, 9)), yaw, OPEN)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.finish(np.array([*drop_xy, drop_z + rng.uniform(0.08, 0.15)]), yaw, OPEN)
+
+
+class _SquareScript(_Script):
+    """NutAssemblySquare: grasp the nut's handle, align the nut square to the peg, slide it down, release."""
+
+    def actions(self) -> Iterator[np.ndarray]:
+        env, rng = self.env, self.rng
+        nut = env.obj_body_id[env.nuts[env.nut_id].name]
+        handle = env.object_site_ids[env.nut_id]
+        peg = self.body_pos(env.peg1_body_id)
+
+        def handle_pos() -> np.ndarray:
+            return np.array(env.sim.data.site_xpos[handle])
+
+        def along_handle() -> np.ndarray:
+            yaw = self.body_yaw(nut)
+            return np.array([np.cos(yaw), np.sin(yaw), 0.0])
+
+        # Fingers close across the handle: the finger axis is perpendicular to the handle direction.
+        yaw = self.grasp_yaw(self.body_yaw(nut) + np.pi / 2, np.pi)
+        slide = rng.uniform(-0.008, 0.008)
+        hover = np.array([*rng.uniform(-0.02, 0.02, 2), rng.uniform(0.05, 0.10)])
+        grasp_dz = rng.uniform(-0.004, 0.004)
+        carry_z = rng.uniform(1.03, 1.08)  # the nut must clear the 0.95 m peg top
+
+        def grasp_point() -> np.ndarray:
+            return handle_pos() + slide * along_handle() + np.array([0.0, 0.0, grasp_dz])
+
+        yield from self.move(lambda: grasp_point() + hover, yaw, OPEN, tol=0.02)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.move(grasp_point, yaw, OPEN, tol=0.004, noisy=False, speed=0.5)
+        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
+        yield from self.move(lambda: np.array([*self.eef_pos()[:2], carry_z]), yaw, CLOSE, tol=0.015)
+        yield from self.maybe_pause(yaw, CLOSE)
+
+        def aligned_yaw() -> float:
+            """Gripper yaw that turns the nut's sides parallel to the square peg's."""
+            nut_yaw = self.body_yaw(nut)
+            return _yaw(self.eef_rot()) + _wrap(-nut_yaw, np.pi / 2)
+
+        def over_peg(z: float) -> Callable[[], np.ndarray]:
+            """Gripper target that puts the nut centre above the peg with the gripper at height ``z``."""
+            return lambda: np.array([*(self.eef_pos()[:2] + peg[:2] - self.body_pos(nut)[:2]), z])
+
+        yield from self.move(over_peg(carry_z), aligned_yaw, CLOSE, tol=0.02)
+        yield from self.move(over_peg(carry_z), aligned_yaw, CLOSE, tol=0.003, yaw_tol=0.03, noisy=False, speed=0.4)
+        drop_z = self.eef_pos()[2] - (self.body_pos(nut)[2] - (env.table_offset[2] + 0.015))
+        yield from self.move(over_peg(drop_z), aligned_yaw, CLOSE, tol=0.01, noisy=False, speed=0.5)
+        yield from self.hold(int(rng.integers(5, 9)), _yaw(self.eef_rot()), OPEN)
+        yield from self.maybe_pause(_yaw(self.eef_rot()), OPEN)
+        yield from self.finish(self.eef_pos() + np.array([0.0, 0.0, rng.uniform(0.08, 0.15)]), _yaw(self.eef_rot()), OPEN)
+
+
+_SCRIPTS: dict[str, type[_Script]] = {"lift": _LiftScript, "can": _CanScript, "square": _SquareScript}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Episodes and file writing
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Demo:
+    """One successful episode of N transitions."""
+
+    obs: dict[str, np.ndarray]  # key -> (N, k)
+    next_obs: dict[str, np.ndarray]  # key -> (N, k)
+    actions: np.ndarray  # (N, 7)
+    rewards: np.ndarray  # (N,)
+    dones: np.ndarray  # (N,)
+    states: np.ndarray  # (N, D)
+    model_file: str
+    ep_meta: str
+
+
+def _select(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: np.array(obs["object-state" if key == "object" else key], dtype=np.float64) for key in OBS_KEYS}
+
+
+def _run_episode(env, task: str, horizon: int, rng: np.random.Generator) -> _Demo | None:
+    """Roll out one scripted episode; returns the demo if success held for ``SUCCESS_HOLD_STEPS`` steps."""
+    seed_placement(env, int(rng.integers(2**63)))
+    with quiet_robosuite():
+        env.reset()
+        model_file = env.sim.model.get_xml()
+        start = np.array(env.sim.get_state().flatten())
+        obs = _select(restore_state(env, start))
+    script = _SCRIPTS[task](env, _Style.sample(rng), rng).actions()
+
+    rows: dict[str, list] = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "states": []}
+    streak = 0
+    for _ in range(horizon):
+        state = np.array(env.sim.get_state().flatten())
+        action = next(script)
+        next_obs = _select(env.step(action)[0])
+        success = bool(env._check_success())
+        for name, value in zip(rows, (obs, next_obs, action, float(success), state)):
+            rows[name].append(value)
+        obs = next_obs
+        streak = streak + 1 if success else 0
+        if streak == SUCCESS_HOLD_STEPS:
+            rewards = np.array(rows["rewards"], dtype=np.float64)
+            dones = rewards.astype(np.int64)
+            dones[-1] = 1
+            return _Demo(
+                obs={key: np.stack([o[key] for o in rows["obs"]]) for key in OBS_KEYS},
+                next_obs={key: np.stack([o[key] for o in rows["next_obs"]]) for key in OBS_KEYS},
+                actions=np.array(rows["actions"], dtype=np.float64),
+                rewards=rewards,
+                dones=dones,
+                states=np.array(rows["states"], dtype=np.float64),
+                model_file=model_file,
+                ep_meta=json.dumps(env.get_ep_meta()),
+            )
+    return None
+
+
+def _write(path: Path, demos: list[_Demo], args: dict, rng: np.random.Generator) -> None:
+    """Write ``demos`` to ``path`` in Robomimic's layout (see module docstring)."""
+    names = [f"demo_{i}" for i in range(len(demos))]
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for name, demo in zip(names, demos):
+            group = data.create_group(name)
+            group.attrs["num_samples"] = len(demo.actions)
+            group.attrs["model_file"] = demo.model_file
+            group.attrs["ep_meta"] = demo.ep_meta
+            for key in OBS_KEYS:
+                group.create_dataset(f"obs/{key}", data=demo.obs[key])
+                group.create_dataset(f"next_obs/{key}", data=demo.next_obs[key])
+            group.create_dataset("actions", data=demo.actions)
+            group.create_dataset("rewards", data=demo.rewards)
+            group.create_dataset("dones", data=demo.dones)
+            group.create_dataset("states", data=demo.states)
+        data.attrs["total"] = sum(len(demo.actions) for demo in demos)
+        data.attrs["env_args"] = json.dumps(args)
+
+        num_valid = max(1, round(VALID_FRACTION * len(names))) if len(names) > 1 else 0
+        valid = set(rng.choice(len(names), size=num_valid, replace=False).tolist())
+        f.create_dataset("mask/train", data=np.array([n for i, n in enumerate(names) if i not in valid], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array([n for i, n in enumerate(names) if i in valid], dtype="S"))
+
+
+def generate(
+    task: str,
+    path: str | Path,
+    num_demos: int,
+    seed: int = 0,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Generate ``num_demos`` successful scripted demos of ``task`` into the HDF5 file ``path``.
+
+    The file is written to a temporary file next to ``path`` and moved into place at the end, so an interrupted
+    run leaves no partial file. Raises FileExistsError if ``path`` exists and ``overwrite`` is False, and
+    RuntimeError if the scripted policy fails too often to collect ``num_demos`` demos.
+
+    Returns {"task", "path", "num_demos", "num_attempts", "success_rate" (successes / attempts),
+    "num_transitions", "seconds", "bytes"}.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    if num_demos < 1:
+        raise ValueError(f"num_demos must be >= 1, got {num_demos}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    args = env_args(task)
+    env = make_robosuite(args)
+    max_attempts = 2 * num_demos + 20
+    demos: list[_Demo] = []
+    attempts = 0
+    try:
+        while len(demos) < num_demos:
+            if attempts == max_attempts:
+                raise RuntimeError(
+                    f"{task}: only {len(demos)} of {attempts} scripted episodes succeeded; "
+                    f"could not collect {num_demos} demos"
+                )
+            attempts += 1
+            demo = _run_episode(env, task, TASKS[task]["horizon"], rng)
+            if demo is not None:
+                demos.append(demo)
+    finally:
+        env.close()
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        _write(Path(tmp_name), demos, args, rng)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+    info = {
+        "task": task,
+        "path": str(path),
+        "num_demos": len(demos),
+        "num_attempts": attempts,
+        "success_rate": len(demos) / attempts,
+        "num_transitions": int(sum(len(demo.actions) for demo in demos)),
+        "seconds": time.perf_counter() - start,
+        "bytes": path.stat().st_size,
+    }
+    if verbose:
+        print(
+            f"{task}: scripted success {len(demos)}/{attempts} = {info['success_rate']:.0%}, "
+            f"{info['num_transitions']} transitions, {info['seconds']:.1f} s, {info['bytes'] / 1e6:.2f} MB -> {path}"
+        )
+    return info

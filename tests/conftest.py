@@ -1,0 +1,32 @@
+"""Shared fixtures: small datasets generated once per test session in the real formats."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session")
+def lift_hdf5(tmp_path_factory):
+    """A Robomimic-format lift file of 6 scripted demos."""
+    from manip.data.generate.robomimic_scripted import generate
+
+    path = tmp_path_factory.mktemp("robomimic") / "lift" / "mh" / "low_dim_v15.hdf5"
+    path.parent.mkdir(parents=True)
+    generate("lift", path, 6, seed=0, verbose=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cube_single_npz(tmp_path_factory):
+    """An OGBench-format cube-single play file (8 x 101 steps) with its -val.npz sibling."""
+    from manip.data.generate.ogbench_play import generate
+
+    path = tmp_path_factory.mktemp("ogbench") / "cube-single-play-v0.npz"
+    generate("cube-single-play-v0", path, 8, episode_length=101, seed=0, verbose=False)
+    return path

@@ -1,0 +1,317 @@
+"""OGBench play-data generation, the singletask reader and the env adapter, against real ogbench."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import ogbench
+import pytest
+
+from manip.data.errors import DatasetError
+from manip.data.generate.ogbench_play import DATASETS, generate
+from manip.data.ogbench import load_ogbench, split_singletask_name
+from manip.data.replay import Transitions
+from manip.envs.ogbench_env import OGBenchEnv
+
+# ogbench builds float32 Boxes from float64 bounds; gymnasium warns about the harmless cast.
+pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")
+
+EPISODES, LENGTH = 4, 101  # tiny datasets: 4 train + 1 val episodes of 101 steps
+OBS_DIMS = {"cube-single": 28, "cube-double": 37, "cube-triple": 46, "scene": 40, "puzzle-3x3": 55}
+
+
+@pytest.fixture(scope="module")
+def play_files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny cube-single and cube-double play datasets."""
+    root = tmp_path_factory.mktemp("ogbench")
+    paths = {}
+    for family in ("cube-single", "cube-double"):
+        result = generate(f"{family}-play-v0", root / f"{family}-play-v0.npz", EPISODES, LENGTH, verbose=False)
+        paths[family] = Path(result["path"])
+    return paths
+
+
+def _cube_single_oracle_rollout(task: int, seed: int, steps: int):
+    """Run OGBench's CubePlanOracle (noise 0) on the singletask env for ``steps`` steps, past success.
+
+    Returns the recorded rows (pre-step observation, action, qpos, qvel), the env rewards and success flags.
+    """
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+
+    env = OGBenchEnv(f"cube-single-singletask-task{task}-v0", horizon=steps)
+    sim = env.ogbench_env
+
+    def oracle_info() -> dict:
+        # The singletask env has no data-collection target info; the target is the task's goal mocap.
+        info = sim.compute_ob_info()
+        info["privileged/target_block"] = 0
+        info["privileged/target_block_pos"] = sim._data.mocap_pos[sim._cube_target_mocap_ids[0]].copy()
+        info["privileged/target_block_yaw"] = np.zeros(1)
+        return info
+
+    np.random.seed(seed)  # the oracle draws from NumPy's global generator
+    ob, _ = env.reset(seed=seed)
+    oracle = CubePlanOracle(env=sim, noise=0.0)
+    oracle.reset(ob, oracle_info())
+    rows = {"observations": [], "actions": [], "qpos": [], "qvel": []}
+    rewards, successes, terminated_at = [], [], None
+    for t in range(steps):
+        action = oracle.select_action(ob, oracle_info())
+        rows["qpos"].append(sim._data.qpos.copy())
+        rows["qvel"].append(sim._data.qvel.copy())
+        rows["observations"].append(ob)
+        rows["actions"].append(action)
+        ob, reward, terminated, truncated, info = env.step(action)
+        rewards.append(reward)
+        successes.append(info["success"])
+        if terminated and terminated_at is None:
+            terminated_at = t
+    env.close()
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in rows.items()}
+    arrays["terminals"] = np.zeros(steps, dtype=bool)
+    arrays["terminals"][-1] = True
+    return arrays, np.asarray(rewards), np.asarray(successes), terminated_at
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generated_file_layout(play_files):
+    with np.load(play_files["cube-single"]) as f:
+        data = {k: f[k] for k in f.files}
+    assert set(data) == {"observations", "actions", "terminals", "qpos", "qvel"}
+    n = EPISODES * LENGTH
+    assert data["observations"].shape == (n, 28) and data["observations"].dtype == np.float32
+    assert data["actions"].shape == (n, 5) and data["actions"].dtype == np.float32
+    assert np.abs(data["actions"]).max() <= 1.0
+    assert data["terminals"].dtype == bool
+    np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), np.arange(1, EPISODES + 1) * LENGTH - 1)
+    assert data["qpos"].dtype == np.float32 and data["qpos"].shape[0] == n
+    # qpos is the pre-step state aligned with the observation: cube xyz in both.
+    cube_xyz = (data["qpos"][:, 14:17] - [0.425, 0.0, 0.0]) * 10.0
+    np.testing.assert_allclose(cube_xyz, data["observations"][:, 19:22], atol=1e-4)
+    with np.load(str(play_files["cube-single"]).replace(".npz", "-val.npz")) as f:
+        assert f["observations"].shape == (LENGTH, 28)  # max(1, 4 // 10) = 1 episode
+
+
+def test_generate_is_seeded_and_refuses_overwrite(tmp_path):
+    a = generate("cube-single-play-v0", tmp_path / "a.npz", 1, 41, seed=3, verbose=False)
+    b = generate("cube-single-play-v0", tmp_path / "b.npz", 1, 41, seed=3, verbose=False)
+    c = generate("cube-single-play-v0", tmp_path / "c.npz", 1, 41, seed=4, verbose=False)
+    assert a["num_transitions"] == 40 and a["bytes"] > 0 and a["val_bytes"] > 0
+    with np.load(a["path"]) as fa, np.load(b["path"]) as fb, np.load(c["path"]) as fc:
+        for key in fa.files:
+            np.testing.assert_array_equal(fa[key], fb[key])
+        assert not np.array_equal(fa["actions"], fc["actions"])
+    with pytest.raises(FileExistsError, match="a.npz"):
+        generate("cube-single-play-v0", tmp_path / "a.npz", 1, 41, verbose=False)
+    with pytest.raises(ValueError, match="supported"):
+        generate("cube-single-noisy-v0", tmp_path / "d.npz", 1, 41, verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{s}{suffix}" for s in "abc" for suffix in (".npz", "-val.npz")
+    )  # no temporary files left behind
+
+
+@pytest.mark.parametrize(("family", "task"), [("cube-single", 1), ("cube-single", 5), ("cube-double", 2)])
+def test_ogbench_loads_generated_files(play_files, family, task):
+    env, train, val = ogbench.make_env_and_datasets(
+        f"{family}-play-singletask-task{task}-v0", dataset_path=str(play_files[family])
+    )
+    env.close()
+    n = EPISODES * (LENGTH - 1)
+    assert set(train) == {"observations", "actions", "terminals", "next_observations", "rewards", "masks"}
+    assert train["observations"].shape == (n, OBS_DIMS[family])
+    assert train["next_observations"].shape == (n, OBS_DIMS[family])
+    assert train["actions"].shape == (n, 5)
+    assert val["observations"].shape == (LENGTH - 1, OBS_DIMS[family])
+
+
+@pytest.mark.parametrize("family", ["cube-triple", "scene", "puzzle-3x3"])
+def test_smoke_generate_other_datasets(tmp_path, family):
+    assert f"{family}-play-v0" in DATASETS
+    result = generate(f"{family}-play-v0", tmp_path / f"{family}-play-v0.npz", 1, 51, verbose=False)
+    with np.load(result["path"]) as f:
+        assert f["observations"].shape == (51, OBS_DIMS[family])
+        if family != "cube-triple":
+            assert f["button_states"].dtype == np.int64
+    env, train, val = ogbench.make_env_and_datasets(
+        f"{family}-play-singletask-task1-v0", dataset_path=result["path"]
+    )
+    assert train["observations"].shape == (50, OBS_DIMS[family]) and train["rewards"].shape == (50,)
+    assert val["observations"].shape == (50, OBS_DIMS[family])
+    env.close()
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def test_split_singletask_name():
+    assert split_singletask_name("cube-double-play-singletask-task2-v0") == (
+        "cube-double-singletask-task2-v0",
+        "cube-double-play-v0",
+        2,
+    )
+    assert split_singletask_name("puzzle-3x3-play-singletask-v0") == (
+        "puzzle-3x3-singletask-v0",
+        "puzzle-3x3-play-v0",
+        4,  # the default task
+    )
+
+
+def test_load_ogbench_cube_single(play_files):
+    data = load_ogbench("cube-single-play-singletask-task1-v0", play_files["cube-single"])
+    assert data.env_name == "cube-single-singletask-task1-v0"
+    assert (data.obs_dim, data.action_dim) == (28, 5)
+    train = data.train
+    assert isinstance(train, Transitions) and len(train) == EPISODES * (LENGTH - 1)
+    assert train.observations.dtype == np.float32 and train.actions.dtype == np.float32
+    assert train.terminals.dtype == bool
+    episode_ends = np.arange(1, EPISODES + 1) * (LENGTH - 1) - 1
+    np.testing.assert_array_equal(np.flatnonzero(train.terminals), episode_ends)
+    assert set(np.unique(train.rewards)) <= {-1.0, 0.0}
+    np.testing.assert_array_equal(train.masks == 0, train.rewards == 0)
+    assert np.abs(train.actions).max() <= 1 - 1e-5
+    # next_observations are the following observations inside an episode; observations are the file's
+    # rows without each episode's last state.
+    inner = ~train.terminals[:-1]
+    np.testing.assert_array_equal(train.next_observations[:-1][inner], train.observations[1:][inner])
+    with np.load(play_files["cube-single"]) as f:
+        file_obs = f["observations"].reshape(EPISODES, LENGTH, 28)
+    np.testing.assert_array_equal(train.observations, file_obs[:, :-1].reshape(-1, 28))
+    np.testing.assert_array_equal(train.next_observations, file_obs[:, 1:].reshape(-1, 28))
+    assert data.val is not None and len(data.val) == LENGTH - 1
+
+
+def test_load_ogbench_cube_double_masks(play_files):
+    data = load_ogbench("cube-double-play-singletask-task2-v0", play_files["cube-double"])
+    assert (data.obs_dim, data.action_dim) == (37, 5)
+    assert set(np.unique(data.train.rewards)) <= {-2.0, -1.0, 0.0}
+    np.testing.assert_array_equal(data.train.masks == 0, data.train.rewards == 0)
+
+
+def test_relabelled_rewards_match_env_rewards(tmp_path):
+    """Rewards relabelled from a recorded rollout equal the singletask env's own rewards (same convention)."""
+    arrays, env_rewards, successes, terminated_at = _cube_single_oracle_rollout(task=1, seed=0, steps=90)
+    assert terminated_at is not None and terminated_at < 89  # the oracle solves the task, then keeps acting
+    path = tmp_path / "cube-single-play-v0.npz"
+    np.savez_compressed(path, **arrays)
+    np.savez_compressed(tmp_path / "cube-single-play-v0-val.npz", **arrays)
+    data = load_ogbench("cube-single-play-singletask-task1-v0", path)
+    np.testing.assert_array_equal(data.train.rewards, env_rewards[:-1])
+    np.testing.assert_array_equal(data.train.masks == 0, successes[:-1])
+    assert data.train.rewards[terminated_at] == 0.0 and (data.train.rewards[:terminated_at] == -1.0).all()
+
+
+def test_load_ogbench_without_val_file(tmp_path, play_files):
+    path = tmp_path / "cube-single-play-v0.npz"
+    path.write_bytes(play_files["cube-single"].read_bytes())
+    data = load_ogbench("cube-single-play-singletask-task3-v0", path)
+    assert data.val is None and len(data.train) == EPISODES * (LENGTH - 1)
+
+
+def test_load_ogbench_bad_inputs(tmp_path, play_files):
+    missing = tmp_path / "cube-single-play-v0.npz"
+    with pytest.raises(DatasetError, match="not found.*cube-single-play-v0.npz"):
+        load_ogbench("cube-single-play-singletask-task1-v0", missing)
+    with pytest.raises(DatasetError, match="cube-double-play-singletask-task2-v0"):
+        load_ogbench("cube-single-play-singletask-task9-v0", play_files["cube-single"])
+
+    with np.load(play_files["cube-single"]) as f:
+        arrays = {k: f[k].copy() for k in f.files}
+    for key, row, episode in (("observations", LENGTH + 7, 1), ("actions", 2 * LENGTH + 3, 2)):
+        corrupted = {k: v.copy() for k, v in arrays.items()}
+        corrupted[key][row, 0] = np.nan
+        path = tmp_path / f"nan-{key}.npz"
+        np.savez_compressed(path, **corrupted)
+        with pytest.raises(DatasetError, match=rf"'{key}'.*episode {episode}\b"):
+            load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+    no_qpos = tmp_path / "no-qpos.npz"
+    np.savez_compressed(no_qpos, **{k: v for k, v in arrays.items() if k != "qpos"})
+    with pytest.raises(DatasetError, match="'qpos'"):
+        load_ogbench("cube-single-play-singletask-task1-v0", no_qpos)
+    with pytest.raises(DatasetError, match="'observations'.*37"):
+        load_ogbench("cube-double-play-singletask-task1-v0", play_files["cube-single"])
+
+
+# --------------------------------------------------------------------------- env
+
+
+def test_env_api_and_seeded_reset():
+    env_a = OGBenchEnv("cube-single-singletask-task1-v0", horizon=5)
+    env_b = OGBenchEnv("cube-single-play-singletask-task1-v0", horizon=5)
+    assert env_b.env_name == "cube-single-singletask-task1-v0"
+    assert env_a.observation_space.shape == (28,) and env_a.observation_space.dtype == np.float32
+    assert env_a.action_space.shape == (5,) and env_a.action_space.dtype == np.float32
+    actions = np.random.default_rng(0).uniform(-1, 1, (5, 5)).astype(np.float32)
+    trajectories = []
+    for env, seed in ((env_a, 7), (env_b, 7), (env_a, 8)):
+        ob, info = env.reset(seed=seed)
+        assert ob.dtype == np.float32 and info == {"success": False}
+        obs = [ob]
+        for t, action in enumerate(actions):
+            ob, reward, terminated, truncated, info = env.step(action)
+            assert ob.dtype == np.float32 and ob.shape == (28,)
+            assert type(reward) is float and reward == -1.0
+            assert type(info["success"]) is bool and set(info) == {"success"}
+            assert terminated is False and truncated is (t == len(actions) - 1)
+            obs.append(ob)
+        trajectories.append(np.stack(obs))
+    np.testing.assert_array_equal(trajectories[0], trajectories[1])
+    assert not np.array_equal(trajectories[0][0], trajectories[2][0])
+    assert OGBenchEnv("cube-double-singletask-task2-v0").horizon == 500
+    with pytest.raises(RuntimeError, match="render_size"):
+        env_a.render()
+    with pytest.raises(ValueError, match="singletask"):
+        OGBenchEnv("cube-single-v0")
+
+
+def test_env_oracle_reaches_success():
+    arrays, rewards, successes, terminated_at = _cube_single_oracle_rollout(task=1, seed=1, steps=200)
+    assert terminated_at is not None and successes[terminated_at] and not successes[:terminated_at].any()
+    assert rewards[terminated_at] == 0.0
+
+
+def test_env_in_async_vector_env():
+    make = functools.partial(OGBenchEnv, "cube-double-singletask-task2-v0", horizon=3)
+    envs = gymnasium.vector.AsyncVectorEnv([make, make], context="spawn")
+    try:
+        obs, _ = envs.reset(seed=[0, 1])
+        assert obs.shape == (2, 37) and obs.dtype == np.float32
+        assert not np.array_equal(obs[0], obs[1])
+        for t in range(3):
+            obs, rewards, terminated, truncated, infos = envs.step(np.zeros((2, 5), np.float32))
+        assert truncated.all() and not terminated.any()
+        assert infos["success"].dtype == bool and rewards.tolist() == [-2.0, -2.0]
+    finally:
+        envs.close()
+
+
+def test_env_render_offscreen():
+    """Render in a fresh process with headless EGL; without a working EGL the error must name MUJOCO_GL."""
+    code = (
+        "from manip.envs.ogbench_env import OGBenchEnv\n"
+        "env = OGBenchEnv('cube-single-singletask-task1-v0', render_size=(48, 64))\n"
+        "env.reset(seed=0)\n"
+        "try:\n"
+        "    frame = env.render()\n"
+        "    print('FRAME', frame.shape, frame.dtype, int(frame.max()))\n"
+        "except RuntimeError as err:\n"
+        "    print('ERROR', err)\n"
+        "env.close()\n"
+    )
+    env_vars = dict(os.environ, MUJOCO_GL="egl", EGL_PLATFORM="surfaceless")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env_vars, capture_output=True, text=True, timeout=120
+    )
+    line = next(line for line in out.stdout.splitlines() if line.startswith(("FRAME", "ERROR")))
+    if line.startswith("FRAME"):
+        assert line.split(" ", 1)[1].startswith("(48, 64, 3) uint8") and int(line.split()[-1]) > 0
+    else:
+        assert "MUJOCO_GL" in line

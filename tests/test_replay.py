@@ -1,0 +1,81 @@
+"""Chunk replay: masks at episode boundaries, chunk rewards and bootstrap masks, balanced sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from manip.data.errors import DatasetError
+from manip.data.replay import ChunkReplay, Transitions
+
+
+def two_episodes() -> Transitions:
+    # Episode A: 3 steps, truncated (mask 1 at the end); episode B: 4 steps, success at its last step.
+    return Transitions(
+        observations=np.arange(7, dtype=np.float32)[:, None],
+        actions=np.arange(7, dtype=np.float32)[:, None] / 10,
+        rewards=np.array([-1, -1, -1, -1, -1, -1, 0], np.float32),
+        masks=np.array([1, 1, 1, 1, 1, 1, 0], np.float32),
+        terminals=np.array([0, 0, 1, 0, 0, 0, 1], bool),
+        next_observations=np.arange(1, 8, dtype=np.float32)[:, None])
+
+
+def test_chunks_never_cross_episode_end():
+    replay = ChunkReplay.from_transitions(two_episodes(), horizon=3, discount=0.5)
+    batch = replay.gather(torch.arange(7))
+    assert batch["valid"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    # Invalid steps repeat the last valid action of the same episode, never the next episode's.
+    assert batch["actions"][1, :, 0].tolist() == pytest.approx([0.1, 0.2, 0.2])
+    assert batch["actions"][2, :, 0].tolist() == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_chunk_rewards_masks_and_next_observation():
+    replay = ChunkReplay.from_transitions(two_episodes(), horizon=3, discount=0.5)
+    batch = replay.gather(torch.arange(7))
+    assert batch["rewards"].tolist() == pytest.approx([-1.75, -1.5, -1.0, -1.75, -1.5, -1.0, 0.0])
+    assert batch["masks"].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    # h steps ahead inside the episode, else the observation after the episode's last step.
+    assert batch["next_observations"][:, 0].tolist() == [3, 3, 3, 6, 7, 7, 7]
+
+
+def test_rewards_stop_after_termination_inside_chunk():
+    t = Transitions(np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32),
+                    np.array([-1, 0, 5, 5], np.float32), np.array([1, 0, 1, 1], np.float32),
+                    np.array([0, 0, 0, 1], bool), np.zeros((4, 1), np.float32))
+    replay = ChunkReplay.from_transitions(t, horizon=4, discount=1.0)
+    out = replay.gather(torch.tensor([0]))
+    assert out["rewards"].item() == -1.0 and out["masks"].item() == 0.0
+
+
+def test_online_append_and_balanced_sampling():
+    replay = ChunkReplay.from_transitions(two_episodes(), horizon=2)
+    online = two_episodes()
+    online.observations = online.observations + 100
+    replay.add(online)
+    assert replay.size == 14 and replay.num_offline == 7
+    batch = replay.sample(1000, torch.Generator().manual_seed(0), offline_fraction=0.5)
+    from_online = (batch["observations"][:, 0] >= 100).float().mean().item()
+    assert from_online == pytest.approx(0.5, abs=1e-6)
+    state = replay.online_state_dict()
+    fresh = ChunkReplay.from_transitions(two_episodes(), horizon=2)
+    fresh.load_online_state_dict(state)
+    assert fresh.size == 14
+    assert torch.equal(fresh.gather(torch.arange(14))["rewards"], replay.gather(torch.arange(14))["rewards"])
+
+
+def test_bad_transitions_are_refused():
+    t = two_episodes()
+    with pytest.raises(DatasetError, match="rewards has 6 rows"):
+        Transitions(t.observations, t.actions, t.rewards[:6], t.masks, t.terminals, t.next_observations)
+    with pytest.raises(DatasetError, match="incomplete"):
+        Transitions(t.observations, t.actions, t.rewards, t.masks, np.zeros(7, bool), t.next_observations)
+    replay = ChunkReplay(obs_dim=2, action_dim=1)
+    with pytest.raises(DatasetError, match="obs_dim=1"):
+        replay.add(t)
+
+
+def test_sampling_throughput_is_reported():
+    from manip.data.bench import measure, synthetic
+
+    replay = ChunkReplay.from_transitions(synthetic(20_000), horizon=5)
+    result = measure(replay, 256, seconds=0.3)
+    assert result["samples_per_s"] > 0 and result["batch_size"] == 256
