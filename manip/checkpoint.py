@@ -1,11 +1,20 @@
-"""Reading checkpoints safely and checking them against the data and simulator they meet."""
+"""Writing checkpoints atomically, reading them safely, checking them against the data and simulator
+they meet, and keeping per-rank RNG states in them.
+
+Every manip checkpoint holds only tensors and plain containers, so ``torch.load(weights_only=True)``
+reads it (``load_checkpoint`` here, and Lightning's own restore through ``trainer.fit(ckpt_path=...,
+weights_only=True)``).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class CheckpointError(ValueError):
@@ -27,19 +36,39 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, action_dim: int,
+def check_compatible(ckpt: Mapping[str, Any], path: str | Path | None, obs_dim: int, action_dim: int,
                      obs_keys: list[str] | None = None, horizon: int | None = None,
                      where: str = "dataset") -> None:
-    """Refuse a checkpoint whose observation keys, dims or chunk length differ from the data/env."""
-    hp = ckpt["hyper_parameters"]
+    """Refuse a checkpoint whose observation keys, dims or chunk length differ from the data/env.
+
+    ckpt: a checkpoint dict or its ``hyper_parameters`` (e.g. ``module.hparams``); path: where it
+    came from (None: a module in memory, called "the policy"); arguments left None are not
+    checked. Raises ``CheckpointError`` naming both sides.
+    """
+    hp = ckpt.get("hyper_parameters", ckpt)
     theirs = {"obs_dim": hp["obs_dim"], "action_dim": hp["action_dim"], "horizon": hp["horizon"],
               "obs_keys": hp["cfg"].get("data_info", {}).get("obs_keys")}
     ours = {"obs_dim": obs_dim, "action_dim": action_dim, "horizon": horizon, "obs_keys": obs_keys}
+    subject = f"checkpoint {path}" if path is not None else "the policy"
     for key, value in ours.items():
         if value is None or theirs[key] is None:
             continue
         if list(value) != list(theirs[key]) if key == "obs_keys" else value != theirs[key]:
-            raise CheckpointError(f"checkpoint {path} has {key}={theirs[key]} but the {where} has {key}={value}")
+            raise CheckpointError(f"{subject} has {key}={theirs[key]} but the {where} has {key}={value}")
+
+
+def check_env_compatible(ckpt: Mapping[str, Any], path: str | Path | None, env, spec=None) -> None:
+    """Refuse a checkpoint whose observation/action dims (or observation keys) differ from ``env``'s.
+
+    ckpt: a checkpoint dict or its ``hyper_parameters`` (``module.hparams``); env: a gymnasium
+    ``Env`` or ``VectorEnv``; spec: the ``EnvSpec`` it was built from (its ``obs_keys``, when it
+    has them, are compared with the checkpoint's). Raises ``CheckpointError`` naming both sides.
+    """
+    obs_space = getattr(env, "single_observation_space", env.observation_space)
+    act_space = getattr(env, "single_action_space", env.action_space)
+    obs_keys = spec.kwargs.get("obs_keys") if spec is not None else None
+    name = f"{spec.kind} env" if spec is not None else "env"
+    check_compatible(ckpt, path, int(obs_space.shape[0]), int(act_space.shape[0]), obs_keys, where=name)
 
 
 def load_module(path: str | Path, map_location: str = "cpu"):
@@ -69,3 +98,60 @@ def env_spec_of(cfg: dict):
     if spec is None:
         raise CheckpointError("checkpoint config has no env_spec; it was not written by manip.fit/finetune")
     return EnvSpec(spec["kind"], dict(spec["kwargs"]))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that never leave a partial file behind.
+
+    ``torch.save`` goes to a temporary file in the target's directory, which is flushed, fsynced
+    and then renamed over the target (``os.replace``, atomic on POSIX); a crash or error mid-write
+    leaves the previous checkpoint (e.g. ``last.ckpt``) as it was.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def gather_rank_states(trainer, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``state`` (same keys, shapes and dtypes on all ranks) in rank order, on CPU.
+
+    A collective under multi-process training: every rank must call it (Lightning builds a
+    checkpoint's content on every rank). Without a trainer or with one process: ``[state]``.
+    """
+    if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [state]
+    device = trainer.strategy.root_device
+    gathered = {}
+    for key, value in state.items():
+        value = value.to(device).contiguous()
+        parts = [torch.empty_like(value) for _ in range(trainer.world_size)]
+        torch.distributed.all_gather(parts, value)
+        gathered[key] = [part.cpu() for part in parts]
+    return [{k: v[rank] for k, v in gathered.items()} for rank in range(trainer.world_size)]
+
+
+def rank_state(states: list[dict[str, torch.Tensor]] | None, trainer) -> dict[str, torch.Tensor] | None:
+    """This process's entry of a ``gather_rank_states`` list; None when absent (e.g. more ranks now)."""
+    rank = trainer.global_rank if trainer is not None else 0
+    if not states or rank >= len(states):
+        return None
+    return states[rank]

@@ -1,46 +1,98 @@
-"""Evaluate a checkpoint: ``python -m manip.evaluate ckpt=PATH episodes=50 num_envs=2 [video=true]``.
+"""Evaluate a checkpoint: ``python -m manip.evaluate ckpt=PATH episodes=50 num_envs=2 [video=true] [seed=...]``.
 
-Prints and writes (JSON next to the run) the success rate with its Wilson 95% interval, the mean
-episode length, per-episode outcomes and the per-action latency of the policy.
+Rolls the policy out in the simulator the checkpoint was trained against (robosuite or OGBench,
+rebuilt from the checkpoint alone) and reports the success rate with its Wilson 95% interval, the
+mean episode length, every episode's outcome and length, and the policy's latency per action.
+The result goes to ``<run_dir>/eval/<ckpt name>.json`` (or ``out=...``); with ``video=true``,
+``video_episodes`` extra episodes (seeds ``seed``, ``seed + 1``, ...) are rendered offscreen to
+``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from manip.checkpoint import env_spec_of, load_module
+from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import make_vector_env
 from manip.evaluation import evaluate_policy
+from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
-def evaluate_checkpoint(ckpt: str, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
-                        num_samples: int | None = None) -> dict:
+def default_output(ckpt: str | Path) -> Path:
+    """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
+    ckpt = Path(ckpt).resolve()
+    return ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
+
+
+def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
+                        num_samples: int | None = None, video_episodes: int = 0,
+                        video_size: tuple[int, int] = (256, 256), video_prefix: str | Path | None = None,
+                        video_fps: int = DEFAULT_FPS) -> dict:
+    """Success statistics of a checkpoint over ``episodes`` episodes in ``num_envs`` parallel envs.
+
+    num_samples: best-of-N candidates per action chunk (None: the agent's own N). With
+    ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
+    ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``.
+    Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
+    """
+    if video_episodes and video_prefix is None:
+        raise ValueError("video_episodes > 0 needs a video_prefix for the files")
     module, cfg = load_module(ckpt)
-    env = make_vector_env(env_spec_of(cfg), num_envs)
+    spec = env_spec_of(cfg)
+    predict = partial(module.predict_chunks, num_samples=num_samples)
+    render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
-        result = evaluate_policy(env, partial(module.predict_chunks, num_samples=num_samples), episodes, seed)
+        env = make_vector_env(spec, num_envs)
+        try:
+            result = evaluate_policy(env, predict, episodes, seed)
+        finally:
+            env.close()
+        videos = []
+        if render_env is not None:
+            prefix = Path(video_prefix)
+            videos = record_videos(render_env, predict, video_episodes, seed, prefix.parent, prefix.name, video_fps)
     finally:
-        env.close()
-    return {"ckpt": str(ckpt), "algo": cfg["algo"]["name"], "env": cfg["env_spec"]["kind"],
+        if render_env is not None:
+            render_env.close()
+    return {"ckpt": str(ckpt), "algo": cfg["algo"]["name"], "env": spec.kind,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
-            **result.to_dict()}
+            "num_samples": module.agent.num_samples if num_samples is None else num_samples,
+            **result.to_dict(), "videos": [video.to_dict() for video in videos]}
+
+
+def summary(result: dict, out: Path) -> str:
+    """The lines ``main`` prints for a result written to ``out``."""
+    lines = [
+        f"success rate {result['success_rate']:.3f}  95% CI [{result['ci_low']:.3f}, {result['ci_high']:.3f}]  "
+        f"over {result['episodes']} episodes of {result['task']} ({result['algo']})",
+        f"mean episode length {result['mean_length']:.1f}  action latency {result['action_latency_ms']:.2f} ms  "
+        f"wall {result['seconds']:.1f} s  -> {out}",
+    ]
+    for video in result["videos"]:
+        outcome = "success" if video["success"] else "failure"
+        lines.append(f"video {video['path']} ({outcome}, {video['length']} steps, {video['bytes'] / 1024:.0f} KiB)")
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples)
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parent.parent / "eval" / f"{Path(cfg.ckpt).stem}.json"
+    out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
+    try:
+        result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
+                                     video_episodes=cfg.video_episodes if cfg.video else 0,
+                                     video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
+                                     video_fps=cfg.video_fps)
+    except (CheckpointError, RendererUnavailable) as err:
+        sys.exit(f"manip.evaluate: {err}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"success rate {result['success_rate']:.3f}  95% CI [{result['ci_low']:.3f}, {result['ci_high']:.3f}]  "
-          f"over {result['episodes']} episodes of {result['task']} ({result['algo']})")
-    print(f"mean episode length {result['mean_length']:.1f}  action latency {result['action_latency_ms']:.2f} ms  "
-          f"wall {result['seconds']:.1f} s  -> {out}")
+    print(summary(result, out))
 
 
 if __name__ == "__main__":

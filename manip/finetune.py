@@ -11,10 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from manip.data.datamodule import ReplayDataModule
+from manip.module import ManipModule
 from manip.run import build_datamodule, build_trainer, plain, run_info, seed_everything
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -52,9 +56,10 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     return final, str(cfg.ckpt), resume
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
-def main(cfg: DictConfig) -> None:
-    final, offline_ckpt, resume = compose(cfg, list(HydraConfig.get().overrides.task))
+def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, ReplayDataModule, L.Trainer, str]:
+    """Module, data, trainer and the checkpoint ``trainer.fit`` starts from (the offline one, or
+    this run's ``last.ckpt`` when resuming). ``user_overrides``: the command line's ``key=value``."""
+    final, offline_ckpt, resume = compose(cfg, user_overrides)
     seed_everything(final.seed + 1)
     run_dir = Path(final.run_dir)
     dm = build_datamodule(final)
@@ -63,16 +68,24 @@ def main(cfg: DictConfig) -> None:
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
+    online["start_step"] = final.finetune_start_step
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=final.algo.horizon, stats=ckpt["hyper_parameters"]["stats"],
         cfg=plain(final) | run_info(dm), online=online)
     trainer = build_trainer(final, run_dir, phase="online",
                             max_steps=final.finetune_start_step + final.trainer.max_steps)
-    if resume:
+    if resume and rank_zero_only.rank == 0:
         print(f"[manip] resuming fine-tuning from {resume}")
-    trainer.fit(module, datamodule=dm, ckpt_path=resume or offline_ckpt)
-    print(f"[manip] checkpoints in {run_dir / 'checkpoints'}")
+    return module, dm, trainer, resume or offline_ckpt
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        print(f"[manip] checkpoints in {Path(trainer.default_root_dir) / 'checkpoints'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 One training step = one update: the critic loss and the actor loss are summed into one backward
 pass over one optimizer with two parameter groups (the critic is frozen while the actor loss is
 built, so Q terms in actor losses never train the critic). ``trainer.global_step`` therefore
-counts updates, and the single backward keeps DDP's gradient averaging intact.
+counts updates. Under DDP the losses (the JVP included) run on the inner agent networks, and
+the single ``manual_backward`` per step performs DDP's gradient all-reduce (mean over ranks).
+
+The noise inside the losses (x0, (t, r), best-of-N candidates, target proposals) comes from
+``ManipModule.generator``, one stream per rank seeded with ``seed + global_rank``; checkpoints
+carry every rank's generator and torch RNG states, so a resumed run draws what it would have drawn.
 
 When ``online`` is set, each step first advances the simulator (vector env, best-of-N actions,
 chunks executed open-loop) so that env steps ~= updates / utd, appends finished episodes to the
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from manip.checkpoint import check_env_compatible, gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
@@ -35,7 +41,9 @@ class OnlineConfig:
     velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
     temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule);
     utd: updates per env step; start_training: env steps collected before updates start;
-    num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon).
+    num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
+    start_step: the global step fine-tuning started from (the offline checkpoint's), so that
+    env steps track online updates only.
     """
 
     target: str = "bon"
@@ -49,6 +57,7 @@ class OnlineConfig:
     start_training: int = 5000
     num_envs: int = 1
     seed: int = 0
+    start_step: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -73,19 +82,21 @@ class ManipModule(L.LightningModule):
 
     agent: a ``functools.partial`` of an agent class (``manip.algos``) that takes
     ``obs_dim, action_dim, horizon``; stats: ``DatasetStats.to_dict()`` of the offline data;
-    cfg: the full run config (plain dict) kept in the checkpoint.
+    cfg: the full run config (plain dict) kept in the checkpoint; seed: seed of the loss-noise
+    generator (rank r uses ``seed + r``); compile: ``torch.compile`` the actor loss (the JVP path)
+    and acting, meant for GPU training (off by default; on CPU compilation mostly costs time).
     """
 
     def __init__(self, agent: Callable[..., nn.Module], obs_dim: int, action_dim: int, horizon: int,
                  stats: dict[str, list[float]], cfg: dict | None = None, lr: float = 3e-4,
                  tau: float = 0.005, obs_norm: str = "standard", grad_clip: float | None = None,
-                 online: dict | None = None) -> None:
+                 online: dict | None = None, seed: int = 0, compile: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters({"cfg": cfg, "obs_dim": obs_dim, "action_dim": action_dim,
                                    "horizon": horizon, "stats": stats})
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
-        self.lr, self.tau, self.grad_clip = lr, tau, grad_clip
+        self.lr, self.tau, self.grad_clip, self.seed = lr, tau, grad_clip, seed
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon)
         if obs_norm not in ("standard", "none"):
             raise ValueError(f"unknown obs_norm {obs_norm!r}; expected 'standard' or 'none'")
@@ -101,6 +112,11 @@ class ManipModule(L.LightningModule):
         self.online = OnlineConfig(**online) if online else None
         self.env_steps = 0
         self.rollout: VectorRollout | None = None
+        self._actor_loss_fn = torch.compile(self.actor_loss) if compile else self.actor_loss
+        self._sample_fn = torch.compile(self.agent.sample_actions) if compile else self.agent.sample_actions
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
+        self._pending_online_replay: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------------------------- acting
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -110,10 +126,26 @@ class ManipModule(L.LightningModule):
     def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None) -> np.ndarray:
         """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N)."""
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
-        actions = self.agent.sample_actions(self.normalize(obs_t), num_samples=num_samples)
+        actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
 
     # -------------------------------------------------------------------------------- training
+    @property
+    def generator(self) -> torch.Generator:
+        """Noise generator of the training losses on this module's device (one stream per rank).
+
+        Created at first use with seed ``seed + global_rank``, or with the state a checkpoint
+        restored for this rank.
+        """
+        if self._generator is None or self._generator.device != self.device:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.seed + self.global_rank)
+            state = self._pending_generator_state
+            if state is not None and len(state) == len(generator.get_state()):
+                generator.set_state(state)
+            self._generator, self._pending_generator_state = generator, None
+        return self._generator
+
     def configure_optimizers(self):
         return torch.optim.Adam([
             {"params": list(self.agent.actor_parameters()), "name": "actor"},
@@ -123,15 +155,25 @@ class ManipModule(L.LightningModule):
         return {**batch, "observations": self.normalize(batch["observations"]),
                 "next_observations": self.normalize(batch["next_observations"])}
 
+    def losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(actor loss, critic loss, detached info) of one update on a raw batch.
+
+        The actor loss is built first with the critic frozen, then the critic loss; both draw
+        their noise from ``generator`` in that order.
+        """
+        batch = self._normalized_batch(batch)
+        with frozen(self.agent.critic):
+            actor_loss, actor_info = self._actor_loss_fn(batch, generator)
+        critic_loss, critic_info = self.agent.critic_loss(batch, generator)
+        return actor_loss, critic_loss, {**actor_info, **critic_info}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         if self.online is not None:
             self._collect()
             if self.env_steps < self.online.start_training:
                 return None
-        batch = self._normalized_batch(batch)
-        with frozen(self.agent.critic):
-            actor_loss, actor_info = self.actor_loss(batch)
-        critic_loss, critic_info = self.agent.critic_loss(batch)
+        actor_loss, critic_loss, info = self.losses(batch, self.generator)
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(actor_loss + critic_loss)
@@ -140,7 +182,7 @@ class ManipModule(L.LightningModule):
         opt.step()
         self.agent.soft_update(self.tau)
         logs = {"train/actor_loss": actor_loss.detach(), "train/critic_loss": critic_loss.detach(),
-                **{f"train/{k}": v for k, v in {**actor_info, **critic_info}.items()}}
+                **{f"train/{k}": v for k, v in info.items()}}
         if self.online is not None:
             logs["online/env_steps"] = float(self.env_steps)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["actions"]))
@@ -148,27 +190,30 @@ class ManipModule(L.LightningModule):
                  batch_size=len(batch["actions"]))
         return None
 
-    def actor_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Offline: the agent's own actor loss. Online: the configured critic-driven target."""
+    def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, dict]:
+        """Offline: the agent's own actor loss. Online: the configured critic-driven target.
+
+        ``batch`` has normalised observations; noise comes from ``generator``.
+        """
         if self.online is None:
-            return self.agent.actor_loss(batch)
+            return self.agent.actor_loss(batch, generator)
         from manip.algos import targets
 
         cfg, obs = self.online, batch["observations"]
         with torch.no_grad():
-            if cfg.target == "bon":
-                target_actions = self.agent.sample_actions(obs, num_samples=cfg.target_samples)
-            else:
-                target_actions = self.agent.sample_actions(obs, num_samples=1)
+            num_samples = cfg.target_samples if cfg.target == "bon" else 1
+            target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
         target_fn = None
         if cfg.target != "bon":
             extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {}
             target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, self.alpha,
-                                               num_samples=cfg.target_samples, **extra)
-        loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn)
+                                               num_samples=cfg.target_samples, generator=generator, **extra)
+        loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn,
+                                            generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
         if cfg.bc_weight:
-            bc_loss, _ = self.agent.actor_loss(batch)
+            bc_loss, _ = self.agent.actor_loss(batch, generator)
             loss = loss + cfg.bc_weight * bc_loss
             info["bc_loss"] = bc_loss.detach()
         return loss, info
@@ -187,10 +232,11 @@ class ManipModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------- online
     def _collect(self) -> None:
-        """Advance the simulator until env_steps catches up with updates / utd."""
+        """Advance the simulator until env_steps catches up with online updates / utd."""
         if self.rollout is None:
             self._start_rollout()
-        target = max(self.online.start_training, (self.global_step + 1) / self.online.utd)
+        updates = self.global_step - self.online.start_step + 1
+        target = max(self.online.start_training, updates / self.online.utd)
         dm = self.trainer.datamodule
         while self.env_steps < target:
             for end in self.rollout.step():
@@ -200,12 +246,16 @@ class ManipModule(L.LightningModule):
             self.env_steps += self.rollout.num_envs
 
     def _start_rollout(self) -> None:
+        """Collection envs, seeded by (finetune seed, rank, env steps so far): a resumed run or
+        another rank never replays the same episodes."""
         from manip.envs import make_vector_env
 
         spec = self.trainer.datamodule.env_spec
         env = make_vector_env(spec, self.online.num_envs)
+        check_env_compatible(self.hparams, None, env, spec)
         policy = ChunkPolicy(self.predict_chunks, env.num_envs)
-        self.rollout = VectorRollout(env, policy, seed=self.online.seed + self.env_steps, record=True)
+        seed = np.random.SeedSequence([self.online.seed, self.global_rank, self.env_steps]).generate_state(1)[0]
+        self.rollout = VectorRollout(env, policy, seed=int(seed), record=True)
 
     def on_train_end(self) -> None:
         if self.rollout is not None:
@@ -214,8 +264,12 @@ class ManipModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["manip"] = {"env_steps": self.env_steps, "torch_rng": torch.get_rng_state()}
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Adds env steps, every rank's RNG states and (online) this rank's collected episodes."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint["manip"] = {"env_steps": self.env_steps, "rng": gather_rank_states(self._trainer, rng)}
+        dm = self._trainer.datamodule if self._trainer is not None else None
         if self.online is not None and dm is not None and dm.replay is not None:
             checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()
 
@@ -223,12 +277,14 @@ class ManipModule(L.LightningModule):
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
         self._pending_online_replay = state.get("online_replay")
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        rng = rank_state(state.get("rng"), self._trainer)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
+            self._generator, self._pending_generator_state = None, rng["generator"]
 
     def on_train_start(self) -> None:
-        pending = getattr(self, "_pending_online_replay", None)
-        if pending is not None and self.online is not None:
-            self.trainer.datamodule.replay.load_online_state_dict(pending)
-            self._pending_online_replay = None
-
+        if self._pending_online_replay is not None and self.online is not None:
+            self.trainer.datamodule.replay.load_online_state_dict(self._pending_online_replay)
+        self._pending_online_replay = None

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from manip.checkpoint import AtomicCheckpointIO, check_env_compatible
 from manip.data.datamodule import ReplayDataModule
 from manip.evaluation import evaluate_policy
 from manip.module import ManipModule
@@ -45,7 +46,9 @@ class PeriodicEvaluation(Callback):
             return
         self.last_step = trainer.global_step
         if self.env is None:
-            self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs)
+            spec = trainer.datamodule.env_spec
+            self.env = make_vector_env(spec, self.num_envs)
+            check_env_compatible(module.hparams, None, self.env, spec)
         was_training = module.training
         module.eval()
         result = evaluate_policy(self.env, module.predict_chunks, episodes, seed=self.seed)
@@ -84,6 +87,7 @@ def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:
+    """The configured Trainer with manip's checkpointing (atomic writes), evaluation and loggers."""
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
@@ -91,7 +95,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
                            cfg.eval.seed, cfg.eval.final_episodes, phase),
     ]
     loggers = [CSVLogger(run_dir, name="", version=phase), TensorBoardLogger(run_dir, name="tb", version=phase)]
-    overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers}
+    overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers,
+                                 "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:
         overrides["max_steps"] = max_steps
     return hydra.utils.instantiate(cfg.trainer, **overrides)

@@ -55,10 +55,12 @@ def _cube_single_oracle_rollout(task: int, seed: int, steps: int):
         info["privileged/target_block_yaw"] = np.zeros(1)
         return info
 
-    np.random.seed(seed)  # the oracle draws from NumPy's global generator
     ob, _ = env.reset(seed=seed)
     oracle = CubePlanOracle(env=sim, noise=0.0)
+    global_state = np.random.get_state()  # the oracle draws from NumPy's global generator
+    np.random.seed(seed)
     oracle.reset(ob, oracle_info())
+    np.random.set_state(global_state)
     rows = {"observations": [], "actions": [], "qpos": [], "qvel": []}
     rewards, successes, terminated_at = [], [], None
     for t in range(steps):
@@ -91,7 +93,8 @@ def test_generated_file_layout(play_files):
     assert data["actions"].shape == (n, 5) and data["actions"].dtype == np.float32
     assert np.abs(data["actions"]).max() <= 1.0
     assert data["terminals"].dtype == bool
-    np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), np.arange(1, EPISODES + 1) * LENGTH - 1)
+    episode_ends = np.arange(1, EPISODES + 1) * LENGTH - 1
+    np.testing.assert_array_equal(np.flatnonzero(data["terminals"]), episode_ends)
     assert data["qpos"].dtype == np.float32 and data["qpos"].shape[0] == n
     # qpos is the pre-step state aligned with the observation: cube xyz in both.
     cube_xyz = (data["qpos"][:, 14:17] - [0.425, 0.0, 0.0]) * 10.0

@@ -88,6 +88,7 @@ TargetVelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 T_MIN = 0.05
 BOUND_STD = 0.1
+TAIL_WIDTH = 4.0
 TARGET_KINDS = ("bon", "som", "rfm")
 
 
@@ -113,14 +114,61 @@ def boltzmann_log_density(
     return alpha * q_fn(obs, clipped) - outside / (2.0 * bound_std**2)
 
 
+def _truncated_standard_normal(
+    lower: Tensor, upper: Tensor, num_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    """Draws of N(0, 1) truncated to [lower, upper] elementwise by inverse-CDF sampling.
+
+    Args:
+        lower, upper: (B, 1, D) standardised bounds, lower < upper (float64).
+    Returns:
+        (B, K, D) samples. Intervals lying in the upper tail are mirrored into the lower tail, where the normal
+        CDF keeps its relative precision; an interval beyond the float64 range of the CDF returns its end nearest
+        to the mean.
+    """
+    batch, _, dim = lower.shape
+    flip = lower > 0
+    lo, hi = torch.where(flip, -upper, lower), torch.where(flip, -lower, upper)
+    p_lo, p_hi = torch.special.ndtr(lo), torch.special.ndtr(hi)
+    degenerate = p_hi == 0
+    lo, p_lo = torch.where(degenerate, hi, lo), torch.where(degenerate, 0.5, p_lo)
+    p_hi = torch.where(degenerate, 0.5, p_hi)
+    u = torch.rand(batch, num_samples, dim, generator=generator, device=lower.device, dtype=lower.dtype)
+    z = torch.special.ndtri(u.mul_(p_hi - p_lo).add_(p_lo)).clamp_(lo, hi)
+    return z.mul_(1.0 - 2.0 * flip.to(z.dtype))
+
+
 def _posterior_proposals(
-    x_t: Tensor, t: Tensor, num_samples: int, t_min: float, generator: torch.Generator | None
+    x_t: Tensor,
+    t: Tensor,
+    num_samples: int,
+    bound_std: float | None,
+    t_min: float,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw ``delta ~ N(0, I)`` (B, K, D) and return ``(t_eff (B, 1), delta, sigma_t (B, 1))``."""
+    """Proposal offsets ``delta`` with ``a_k = x / t + sigma_t * delta_k`` (module docstring, *Proposals*).
+
+    Returns:
+        ``t_eff`` (B, 1), ``delta`` (B, K, D), ``sigma_t`` (B, 1), in the dtype of ``x_t``.
+    """
     batch, dim = x_t.shape
     t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
-    delta = torch.randn(batch, num_samples, dim, generator=generator, device=x_t.device, dtype=x_t.dtype)
-    return t_eff, delta, (1.0 - t_eff) / t_eff
+    sigma = (1.0 - t_eff) / t_eff
+    if bound_std is None:
+        delta = torch.randn(batch, num_samples, dim, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return t_eff, delta, sigma
+    mean = (x_t.detach() / t_eff).double()[:, None, :]
+    s = sigma.double()[:, :, None].clamp_min(1e-12)
+    b2, s2 = bound_std**2, s.square()
+    tail_std = s * bound_std / (s2 + b2).sqrt()
+    upper = torch.maximum(
+        torch.full_like(mean, 1.0 + TAIL_WIDTH * bound_std), (mean * b2 + s2) / (s2 + b2) + TAIL_WIDTH * tail_std
+    )
+    lower = torch.minimum(
+        torch.full_like(mean, -1.0 - TAIL_WIDTH * bound_std), (mean * b2 - s2) / (s2 + b2) - TAIL_WIDTH * tail_std
+    )
+    delta = _truncated_standard_normal((lower - mean) / s, (upper - mean) / s, num_samples, generator)
+    return t_eff, delta.to(x_t.dtype), sigma
 
 
 def _repeat_obs(obs: Tensor, num_samples: int) -> Tensor:
@@ -164,7 +212,7 @@ def som_target_velocity(
         (B, D) detached target velocity.
     """
     batch, dim = x_t.shape
-    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, t_min, generator)
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
     x = x_t.detach()
     with torch.enable_grad():
         x_leaf = x.clone().requires_grad_(True)
@@ -215,7 +263,7 @@ def rfm_noise_posterior_mean(
     if isinstance(eta, str) and eta != "optimal":
         raise ValueError(f"eta must be a float or 'optimal', got {eta!r}")
     batch, dim = x_t.shape
-    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, t_min, generator)
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
     x = x_t.detach()
     actions = (x[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta).reshape(-1, dim)
     obs_rep = _repeat_obs(obs.detach(), num_samples)

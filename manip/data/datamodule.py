@@ -8,6 +8,7 @@ simulator. When the default dataset file is absent a small one is generated ther
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec
@@ -56,7 +58,11 @@ class DatasetStats:
 
 
 class _ReplayStream(IterableDataset):
-    """Endless batches from a replay (num_workers=0, so online appends are seen at once)."""
+    """Endless batches from a replay (num_workers=0, so online appends are seen at once).
+
+    Notes the sampler state after each draw: Lightning fetches a batch ahead, so the state to
+    checkpoint is the one after the batch the training loop has taken, not the current one.
+    """
 
     def __init__(self, dm: "ReplayDataModule") -> None:
         self.dm = dm
@@ -64,7 +70,9 @@ class _ReplayStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dm = self.dm
         while True:
-            yield dm.replay.sample(dm.batch_size, dm.generator, dm.offline_fraction)
+            batch = dm.replay.sample(dm.batch_size, dm.generator, dm.offline_fraction)
+            dm._states_after_draw.append(dm.generator.get_state())
+            yield batch
 
 
 class ReplayDataModule(L.LightningDataModule):
@@ -81,12 +89,20 @@ class ReplayDataModule(L.LightningDataModule):
         self.offline_fraction, self.seed = offline_fraction, seed
         self.max_transitions = max_transitions
         self.generator = torch.Generator().manual_seed(seed)
+        # Sampler states after batches drawn but not yet taken by the loop (bounded for use outside
+        # Lightning), and the state after the batch last taken.
+        self._states_after_draw: deque[torch.Tensor] = deque(maxlen=64)
+        self._resume_state: torch.Tensor | None = None
         self.replay: ChunkReplay | None = None
         self.stats: DatasetStats | None = None
         self.env_spec: EnvSpec | None = None
         self.info: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
+        """Loads the data once; under a trainer, seeds the sampler with ``seed + global_rank`` so
+        that every rank draws its own batches (a checkpoint restored afterwards overrides it)."""
+        if self.trainer is not None:
+            self._set_sampler_state(torch.Generator().manual_seed(self.seed + self.trainer.global_rank).get_state())
         if self.replay is not None:
             return
         transitions, self.env_spec, self.info = self._load()
@@ -109,12 +125,26 @@ class ReplayDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_ReplayStream(self), batch_size=None, num_workers=0)
 
-    # The sampler's RNG travels with checkpoints so a resumed run draws the same batches.
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        """The training loop takes the oldest fetched batch now; remember the sampler state after it."""
+        if self._states_after_draw:
+            self._resume_state = self._states_after_draw.popleft()
+        return batch
+
+    def _set_sampler_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+        self._states_after_draw.clear()
+        self._resume_state = None
+
+    # Every rank's sampler RNG travels with checkpoints so a resumed run draws the same batches.
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = self.generator.get_state() if self._resume_state is None else self._resume_state
+        return {"generators": gather_rank_states(self.trainer, {"state": state})}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        mine = rank_state(state["generators"], self.trainer)
+        if mine is not None:
+            self._set_sampler_state(mine["state"])
 
 
 def _first_episodes(t: Transitions, max_transitions: int) -> Transitions:

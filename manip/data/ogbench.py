@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from manip.data.errors import DatasetError
+from manip.data.generate.ogbench_play import DATASETS, val_path_for
 from manip.data.replay import Transitions
 from manip.envs.ogbench_env import quiet_space_casts
 
@@ -102,15 +103,7 @@ def split_singletask_name(name: str) -> tuple[str, str, int]:
     return f"{env}-singletask{task}-v0", f"{env}-{dataset_type}-v0", task_id
 
 
-def val_path_for(path: str | Path) -> Path:
-    """Validation-split sibling of a dataset file: ``x/name.npz`` -> ``x/name-val.npz``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}-val.npz")
-
-
 def _missing_file_message(path: Path, stem: str) -> str:
-    from manip.data.generate.ogbench_play import DATASETS
-
     message = (
         f"OGBench dataset file not found: {path}. Put the official '{stem}.npz' and '{stem}-val.npz' "
         "(https://rail.eecs.berkeley.edu/datasets/ogbench, by default kept in ~/.ogbench/data) at that path"

@@ -91,7 +91,7 @@ class OGBenchEnv(gymnasium.Env):
         self.horizon = int(horizon) if horizon is not None else MAX_EPISODE_STEPS[family]
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
-        self.render_size = tuple(render_size) if render_size is not None else None
+        self.render_size = None if render_size is None else (int(render_size[0]), int(render_size[1]))
         self.render_mode = "rgb_array" if render_size is not None else None
 
         kwargs: dict[str, Any] = {"max_episode_steps": self.horizon}

@@ -155,14 +155,20 @@ class _Script:
     """Base of the task scripts: closed-loop moves towards targets, expressed as generators of actions.
 
     ``actions()`` yields one action (7,) per env step forever (the last phase holds still); it reads the
-    simulator state afresh after every yield, i.e. after the runner has stepped the env.
+    simulator state afresh after every yield, i.e. after the runner has stepped the env. A failed grasp or a
+    dropped object sends the script back to a new grasp, as an operator would do.
     """
 
-    def __init__(self, env, style: _Style, rng: np.random.Generator):
+    def __init__(self, env, style: _Style, rng: np.random.Generator, obj):
         self.env = env
         self.style = style
         self.rng = rng
-        self._site = env.robots[0].eef_site_id["right"]
+        self.obj = obj  # robosuite MujocoObject to pick
+        self.obj_id = env.sim.model.body_name2id(obj.root_body)
+        robot = env.robots[0]
+        self._site = robot.eef_site_id["right"]
+        model = env.sim.model
+        self._finger_dofs = [model.jnt_dofadr[model.joint_name2id(j)] for j in robot.gripper["right"].joints]
         self._noise = np.zeros(6)
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -172,11 +178,17 @@ class _Script:
     def eef_rot(self) -> np.ndarray:
         return np.array(self.env.sim.data.site_xmat[self._site]).reshape(3, 3)
 
-    def body_pos(self, body_id: int) -> np.ndarray:
-        return np.array(self.env.sim.data.body_xpos[body_id])
+    def obj_pos(self) -> np.ndarray:
+        return np.array(self.env.sim.data.body_xpos[self.obj_id])
 
-    def body_yaw(self, body_id: int) -> float:
-        return _yaw(np.array(self.env.sim.data.body_xmat[body_id]).reshape(3, 3))
+    def obj_yaw(self) -> float:
+        return _yaw(np.array(self.env.sim.data.body_xmat[self.obj_id]).reshape(3, 3))
+
+    def grasped(self) -> bool:
+        return bool(self.env._check_grasp(gripper=self.env.robots[0].gripper["right"], object_geoms=self.obj))
+
+    def dropped(self) -> bool:
+        return not self.grasped()
 
     def grasp_yaw(self, object_yaw: float, symmetry: float) -> float:
         """Finger yaw ``object_yaw + k * symmetry`` closest to the current one (or the second closest)."""
@@ -211,15 +223,26 @@ class _Script:
         noisy: bool = True,
         speed: float = 1.0,
         max_steps: int = 150,
+        settle: int = 1,
+        abort: Callable[[], bool] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield actions until the gripper is within ``tol`` (m) of ``target`` and ``yaw_tol`` (rad) of ``yaw``."""
+        """Yield actions until the gripper is within ``tol`` (m) of ``target`` and ``yaw_tol`` (rad) of ``yaw``
+        for ``settle`` consecutive steps.
+
+        Stops early after ``max_steps`` or when ``abort()`` becomes true; returns False in the latter case.
+        """
+        inside = 0
         for _ in range(max_steps):
+            if abort is not None and abort():
+                return False
             goal = target() if callable(target) else target
             heading = yaw() if callable(yaw) else yaw
             yaw_error = abs(_wrap(heading - _yaw(self.eef_rot()), np.pi))
-            if np.linalg.norm(goal - self.eef_pos()) < tol and yaw_error < yaw_tol:
-                return
+            inside = inside + 1 if np.linalg.norm(goal - self.eef_pos()) < tol and yaw_error < yaw_tol else 0
+            if inside >= settle:
+                return True
             yield self.action(goal, heading, grip, noisy, speed)
+        return True
 
     def hold(self, steps: int, yaw: float, grip: float) -> Iterator[np.ndarray]:
         """Stay in place for ``steps`` steps while commanding ``grip``."""
@@ -227,10 +250,37 @@ class _Script:
         for _ in range(steps):
             yield self.action(anchor, yaw, grip, noisy=False, speed=1.0)
 
+    def actuate(self, yaw: float, grip: float) -> Iterator[np.ndarray]:
+        """Close (or open) the gripper in place until the fingers stop, plus 1-3 steps (4 to 25 steps)."""
+        anchor = self.eef_pos()
+        extra = int(self.rng.integers(1, 4))
+        for step in range(25):
+            yield self.action(anchor, yaw, grip, noisy=False, speed=1.0)
+            if step >= 3 and np.abs(self.env.sim.data.qvel[self._finger_dofs]).max() < 0.01:
+                extra -= 1
+                if extra == 0:
+                    return
+
     def maybe_pause(self, yaw: float, grip: float) -> Iterator[np.ndarray]:
         """With the style's probability, pause for 3-14 steps (an operator hesitating)."""
         if self.rng.random() < self.style.pause_prob:
             yield from self.hold(int(self.rng.integers(3, 15)), yaw, grip)
+
+    def pick(self, point: Callable[[], np.ndarray], yaw: float, tol: float, speed: float) -> Iterator[np.ndarray]:
+        """Hover above ``point()``, descend onto it, close; returns whether the object is grasped.
+
+        On a miss the gripper opens and backs up to the hover height.
+        """
+        hover = np.array([*self.rng.uniform(-0.03, 0.03, 2), self.rng.uniform(0.05, 0.12)])
+        yield from self.move(lambda: point() + hover, yaw, OPEN, tol=0.02)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.move(point, yaw, OPEN, tol=tol, noisy=False, speed=speed)
+        yield from self.actuate(yaw, CLOSE)
+        if self.grasped():
+            return True
+        yield from self.actuate(yaw, OPEN)
+        yield from self.move(self.eef_pos() + np.array([0.0, 0.0, hover[2]]), yaw, OPEN, tol=0.02)
+        return False
 
     def finish(self, target: np.ndarray, yaw: float, grip: float) -> Iterator[np.ndarray]:
         """Final phase: go to ``target`` and stay there forever."""
@@ -244,49 +294,52 @@ class _Script:
 class _LiftScript(_Script):
     """Lift: hover over the cube, descend, close, lift 10-20 cm."""
 
-    def actions(self) -> Iterator[np.ndarray]:
-        env, rng = self.env, self.rng
-        cube = env.cube_body_id
-        yaw = self.grasp_yaw(self.body_yaw(cube), np.pi / 2)
-        hover = np.array([*rng.uniform(-0.03, 0.03, 2), rng.uniform(0.05, 0.12)])
-        grasp = np.array([0.0, 0.0, rng.uniform(-0.01, 0.0)])
+    def __init__(self, env, style: _Style, rng: np.random.Generator):
+        super().__init__(env, style, rng, env.cube)
 
-        yield from self.move(lambda: self.body_pos(cube) + hover, yaw, OPEN, tol=0.02)
-        yield from self.maybe_pause(yaw, OPEN)
-        yield from self.move(lambda: self.body_pos(cube) + grasp, yaw, OPEN, tol=0.006, noisy=False, speed=0.6)
-        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
+    def actions(self) -> Iterator[np.ndarray]:
+        rng = self.rng
+        while True:
+            yaw = self.grasp_yaw(self.obj_yaw(), np.pi / 2)
+            grasp = np.array([0.0, 0.0, rng.uniform(-0.01, 0.0)])
+            if (yield from self.pick(lambda: self.obj_pos() + grasp, yaw, tol=0.006, speed=0.6)):
+                break
         yield from self.maybe_pause(yaw, CLOSE)
         lift = self.eef_pos() + np.array([*rng.uniform(-0.05, 0.05, 2), rng.uniform(0.10, 0.20)])
         yield from self.finish(lift, yaw, CLOSE)
 
 
 class _CanScript(_Script):
-    """PickPlaceCan: grasp the can from above, carry it over the bin walls, lower it into its bin quadrant."""
+    """PickPlaceCan: grasp the can from above, carry it over the bin walls, drop it into its bin quadrant."""
+
+    def __init__(self, env, style: _Style, rng: np.random.Generator):
+        super().__init__(env, style, rng, env.objects[env.object_id])
 
     def actions(self) -> Iterator[np.ndarray]:
-        env, rng = self.env, self.rng
-        can = env.obj_body_id[env.obj_to_use]
-        yaw = _yaw(self.eef_rot()) + rng.uniform(-0.5, 0.5)  # a cylinder: any finger yaw works
-        hover = np.array([*rng.uniform(-0.03, 0.03, 2), rng.uniform(0.06, 0.12)])
-        grasp = np.array([0.0, 0.0, rng.uniform(0.0, 0.02)])
-        carry_z = rng.uniform(1.02, 1.08)
-        # The can's bin quadrant spans x in (0.1, 0.295), y in (0.28, 0.525) behind 10 cm walls; its far half is
-        # at the edge of the Panda's reach, so the can is dropped from just above the walls near the inner corner.
-        drop_xy = rng.uniform([0.14, 0.33], [0.19, 0.40])
-        drop_z = rng.uniform(0.98, 1.02)
-
-        yield from self.move(lambda: self.body_pos(can) + hover, yaw, OPEN, tol=0.02)
-        yield from self.maybe_pause(yaw, OPEN)
-        yield from self.move(lambda: self.body_pos(can) + grasp, yaw, OPEN, tol=0.006, noisy=False, speed=0.6)
-        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
-        yield from self.move(lambda: np.array([*self.eef_pos()[:2], carry_z]), yaw, CLOSE, tol=0.015)
-        yield from self.maybe_pause(yaw, CLOSE)
-        if rng.random() < 0.5:  # detour through a random via point instead of the straight line
-            via = np.array([*(self.eef_pos()[:2] + drop_xy) / 2 + rng.uniform(-0.08, 0.08, 2), carry_z])
-            yield from self.move(via, yaw, CLOSE, tol=0.04)
-        yield from self.move(np.array([*drop_xy, carry_z]), yaw, CLOSE, tol=0.02)
-        yield from self.move(np.array([*drop_xy, drop_z]), yaw, CLOSE, tol=0.015, speed=0.7)
-        yield from self.hold(int(rng.integers(5, 9)), yaw, OPEN)
+        rng = self.rng
+        while True:
+            yaw = _yaw(self.eef_rot()) + rng.uniform(-0.5, 0.5)  # a cylinder: any finger yaw works
+            grasp = np.array([0.0, 0.0, rng.uniform(0.0, 0.02)])
+            if not (yield from self.pick(lambda: self.obj_pos() + grasp, yaw, tol=0.006, speed=0.6)):
+                continue
+            carry_z = rng.uniform(1.02, 1.08)
+            # The can's bin quadrant spans x in (0.1, 0.295), y in (0.28, 0.525) behind 10 cm walls; its far half
+            # is at the edge of the Panda's reach, so the can is dropped from above the walls near the inner corner.
+            drop_xy = rng.uniform([0.14, 0.33], [0.19, 0.40])
+            drop_z = rng.uniform(0.98, 1.02)
+            lift = np.array([*self.eef_pos()[:2], carry_z])
+            if not (yield from self.move(lift, yaw, CLOSE, tol=0.015, abort=self.dropped)):
+                continue
+            yield from self.maybe_pause(yaw, CLOSE)
+            if rng.random() < 0.5:  # detour through a random via point instead of the straight line
+                via = np.array([*(self.eef_pos()[:2] + drop_xy) / 2 + rng.uniform(-0.08, 0.08, 2), carry_z])
+                if not (yield from self.move(via, yaw, CLOSE, tol=0.04, abort=self.dropped)):
+                    continue
+            if not (yield from self.move(np.array([*drop_xy, carry_z]), yaw, CLOSE, tol=0.02, abort=self.dropped)):
+                continue
+            if (yield from self.move(np.array([*drop_xy, drop_z]), yaw, CLOSE, 0.015, speed=0.7, abort=self.dropped)):
+                break
+        yield from self.actuate(yaw, OPEN)
         yield from self.maybe_pause(yaw, OPEN)
         yield from self.finish(np.array([*drop_xy, drop_z + rng.uniform(0.08, 0.15)]), yaw, OPEN)
 
@@ -294,52 +347,88 @@ class _CanScript(_Script):
 class _SquareScript(_Script):
     """NutAssemblySquare: grasp the nut's handle, align the nut square to the peg, slide it down, release."""
 
-    def actions(self) -> Iterator[np.ndarray]:
-        env, rng = self.env, self.rng
-        nut = env.obj_body_id[env.nuts[env.nut_id].name]
-        handle = env.object_site_ids[env.nut_id]
-        peg = self.body_pos(env.peg1_body_id)
+    def __init__(self, env, style: _Style, rng: np.random.Generator):
+        super().__init__(env, style, rng, env.nuts[env.nut_id])
+        self.handle = env.object_site_ids[env.nut_id]
+        self.peg = np.array(env.sim.data.body_xpos[env.peg1_body_id])
 
-        def handle_pos() -> np.ndarray:
-            return np.array(env.sim.data.site_xpos[handle])
+    def handle_point(self, slide: float) -> np.ndarray:
+        """Point on the handle's centre line, ``slide`` metres outwards from the handle site. Shape (3,)."""
+        yaw = self.obj_yaw()
+        return np.array(self.env.sim.data.site_xpos[self.handle]) + slide * np.array([np.cos(yaw), np.sin(yaw), 0])
 
-        def along_handle() -> np.ndarray:
-            yaw = self.body_yaw(nut)
-            return np.array([np.cos(yaw), np.sin(yaw), 0.0])
+    def placement_yaw(self) -> float:
+        """Nut yaw to insert with: sides parallel to the square peg, handle towards the robot or sideways.
 
-        # Fingers close across the handle: the finger axis is perpendicular to the handle direction.
-        yaw = self.grasp_yaw(self.body_yaw(nut) + np.pi / 2, np.pi)
-        slide = rng.uniform(-0.008, 0.008)
-        hover = np.array([*rng.uniform(-0.02, 0.02, 2), rng.uniform(0.05, 0.10)])
-        grasp_dz = rng.uniform(-0.004, 0.004)
-        carry_z = rng.uniform(1.03, 1.08)  # the nut must clear the 0.95 m peg top
+        With the handle pointing away from the robot the gripper would have to reach beyond the Panda's workspace.
+        Among the remaining headings, prefer the handle towards the robot and small turns that keep the last
+        wrist joint (which turns opposite to the gripper's yaw) inside its +-2.9 rad range.
+        """
+        sim = self.env.sim
+        wrist = sim.data.qpos[sim.model.jnt_qposadr[self.env.robots[0].joint_indexes[-1]]]
+        best, best_cost = np.pi, np.inf
+        for heading, preference in ((np.pi, 0.0), (np.pi / 2, 0.5), (-np.pi / 2, 0.5)):
+            turn = _wrap(heading - self.obj_yaw())
+            cost = abs(turn) + preference + (10.0 if abs(wrist - turn) > 2.6 else 0.0)
+            if cost < best_cost:
+                best, best_cost = heading, cost
+        return best
 
-        def grasp_point() -> np.ndarray:
-            return handle_pos() + slide * along_handle() + np.array([0.0, 0.0, grasp_dz])
+    def aligned_yaw(self, heading: float) -> Callable[[], float]:
+        """Gripper yaw target (at most 1 rad ahead of the current one) that turns the nut towards ``heading``."""
+        return lambda: _yaw(self.eef_rot()) + float(np.clip(_wrap(heading - self.obj_yaw()), -1.0, 1.0))
 
-        yield from self.move(lambda: grasp_point() + hover, yaw, OPEN, tol=0.02)
-        yield from self.maybe_pause(yaw, OPEN)
-        yield from self.move(grasp_point, yaw, OPEN, tol=0.004, noisy=False, speed=0.5)
-        yield from self.hold(int(rng.integers(6, 10)), yaw, CLOSE)
-        yield from self.move(lambda: np.array([*self.eef_pos()[:2], carry_z]), yaw, CLOSE, tol=0.015)
+    def over_peg(self, z: float) -> Callable[[], np.ndarray]:
+        """Gripper target that puts the nut centre above the peg with the gripper at height ``z``."""
+        return lambda: np.array([*(self.eef_pos()[:2] + self.peg[:2] - self.obj_pos()[:2]), z])
+
+    def pick_nut(self) -> Iterator[np.ndarray]:
+        """Grasp the handle and lift the nut above the peg's height; returns whether the nut is held."""
+        rng = self.rng
+        # Fingers close across the handle: the finger axis is perpendicular to the handle direction. The
+        # handle sticks out 1 cm inside the site, so the grasp slides outwards only (fingers clear the ring),
+        # and the fingertips reach ~1.2 cm below the grip site, so it stays above the handle's centre.
+        yaw = self.grasp_yaw(self.obj_yaw() + np.pi / 2, np.pi)
+        slide, dz = rng.uniform(0.0, 0.012), rng.uniform(0.004, 0.01)
+        point = lambda: self.handle_point(slide) + np.array([0.0, 0.0, dz])  # noqa: E731
+        if not (yield from self.pick(point, yaw, tol=0.004, speed=0.5)):
+            return False
+        lift = np.array([*self.eef_pos()[:2], rng.uniform(1.03, 1.08)])  # the nut must clear the 0.95 m peg top
+        if not (yield from self.move(lift, yaw, CLOSE, tol=0.015, abort=self.dropped)):
+            return False
         yield from self.maybe_pause(yaw, CLOSE)
+        return True
 
-        def aligned_yaw() -> float:
-            """Gripper yaw that turns the nut's sides parallel to the square peg's."""
-            nut_yaw = self.body_yaw(nut)
-            return _yaw(self.eef_rot()) + _wrap(-nut_yaw, np.pi / 2)
+    def insert(self) -> Iterator[np.ndarray]:
+        """Carry the held nut over the peg, align it, lower it; returns whether it went down the peg.
 
-        def over_peg(z: float) -> Callable[[], np.ndarray]:
-            """Gripper target that puts the nut centre above the peg with the gripper at height ``z``."""
-            return lambda: np.array([*(self.eef_pos()[:2] + peg[:2] - self.body_pos(nut)[:2]), z])
+        The nut swings about the finger axis, so the alignment must hold for several steps before descending;
+        if the nut catches on the peg top the gripper rises and aligns again (up to 3 tries).
+        """
+        carry_z = self.eef_pos()[2]
+        aligned = self.aligned_yaw(self.placement_yaw())
+        on_peg_z = self.env.table_offset[2] + 0.04
+        for _ in range(3):
+            if not (yield from self.move(self.over_peg(carry_z), aligned, CLOSE, 0.02, abort=self.dropped)):
+                return False
+            fine = dict(tol=0.003, yaw_tol=0.03, noisy=False, speed=0.4, settle=4, abort=self.dropped)
+            if not (yield from self.move(self.over_peg(carry_z), aligned, CLOSE, **fine)):
+                return False
+            # Lower until the nut centre would be 1.5 cm above the table (it slides down the peg).
+            drop_z = self.eef_pos()[2] - (self.obj_pos()[2] - (self.env.table_offset[2] + 0.015))
+            yield from self.move(self.over_peg(drop_z), aligned, CLOSE, tol=0.01, noisy=False, speed=0.5, max_steps=60)
+            if self.obj_pos()[2] < on_peg_z:
+                return True
+        return False
 
-        yield from self.move(over_peg(carry_z), aligned_yaw, CLOSE, tol=0.02)
-        yield from self.move(over_peg(carry_z), aligned_yaw, CLOSE, tol=0.003, yaw_tol=0.03, noisy=False, speed=0.4)
-        drop_z = self.eef_pos()[2] - (self.body_pos(nut)[2] - (env.table_offset[2] + 0.015))
-        yield from self.move(over_peg(drop_z), aligned_yaw, CLOSE, tol=0.01, noisy=False, speed=0.5)
-        yield from self.hold(int(rng.integers(5, 9)), _yaw(self.eef_rot()), OPEN)
-        yield from self.maybe_pause(_yaw(self.eef_rot()), OPEN)
-        yield from self.finish(self.eef_pos() + np.array([0.0, 0.0, rng.uniform(0.08, 0.15)]), _yaw(self.eef_rot()), OPEN)
+    def actions(self) -> Iterator[np.ndarray]:
+        while True:
+            if (yield from self.pick_nut()) and (yield from self.insert()):
+                break
+        yaw = _yaw(self.eef_rot())
+        yield from self.actuate(yaw, OPEN)
+        yield from self.maybe_pause(yaw, OPEN)
+        yield from self.finish(self.eef_pos() + np.array([0.0, 0.0, self.rng.uniform(0.08, 0.15)]), yaw, OPEN)
 
 
 _SCRIPTS: dict[str, type[_Script]] = {"lift": _LiftScript, "can": _CanScript, "square": _SquareScript}

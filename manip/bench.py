@@ -1,0 +1,199 @@
+"""Speed and memory benchmark of the agents at robomimic-lift sizes (obs 19, action 7, chunks of h = 5).
+
+    python -m manip.bench --out bench.json [--device cuda] [--algos mvp qc fql] [--threads 1]
+
+Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
+
+* ``act_ms``: median latency of ``sample_actions`` at batch 1 under ``torch.inference_mode`` (MVP: 32 one-step
+  candidates + critic; QC: 32 ten-step Euler samples + critic; FQL: one student call), after warm-up;
+* ``update_its``: full updates per second (critic step, actor step, target update; batch 256, Adam);
+* ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
+  before the agent was built;
+* MVP also reports ``actor_update_ms`` and ``fm_update_ms``: its actor step versus a plain flow-matching step of
+  the same network (u(x, t, t)), whose ratio is the JVP overhead.
+
+Ratios: ``mvp_act_speedup_vs_qc = qc.act_ms / mvp.act_ms``, ``mvp_update_ratio_vs_qc = mvp.update_its /
+qc.update_its``, ``jvp_overhead = actor_update_ms / fm_update_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from manip.algos import FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
+
+OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
+AGENTS: dict[str, Callable[..., torch.nn.Module]] = {
+    "mvp": lambda hidden: MVPAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, num_samples=32),
+    "qc": lambda hidden: FlowBoNAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, num_samples=32, flow_steps=10),
+    "fql": lambda hidden: FQLAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, alpha=100.0, flow_steps=10),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], calls: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _random_batch(batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "observations": torch.randn(batch_size, OBS_DIM, generator=g),
+        "actions": torch.rand(batch_size, HORIZON, ACTION_DIM, generator=g) * 2 - 1,
+        "valid": torch.ones(batch_size, HORIZON),
+        "rewards": -torch.rand(batch_size, generator=g),
+        "masks": torch.ones(batch_size),
+        "next_observations": torch.randn(batch_size, OBS_DIM, generator=g),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
+    """Benchmark one algorithm in the current process."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    torch.randn(8, 8) @ torch.randn(8, 8)  # initialise the CPU runtime before the memory baseline
+    base_rss = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    agent = AGENTS[algo](tuple(args.hidden)).to(device)
+    actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=3e-4)
+    critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=3e-4)
+    batch = _random_batch(args.batch_size, device)
+    obs = batch["observations"][:1]
+
+    with torch.inference_mode():
+        act_ms = _median_ms(lambda: agent.sample_actions(obs), args.act_calls, 20, device)
+
+    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def update() -> None:
+        step(critic_opt, agent.critic_loss(batch)[0])
+        step(actor_opt, agent.actor_loss(batch)[0])
+        agent.soft_update(0.005)
+
+    for _ in range(args.update_warmup):
+        update()
+    _sync(device)
+    iters, start = 0, time.perf_counter()
+    while iters < args.min_update_iters or time.perf_counter() - start < args.update_seconds:
+        update()
+        iters += 1
+        _sync(device)
+    result = {"act_ms": act_ms, "update_its": iters / (time.perf_counter() - start)}
+
+    if algo == "mvp":
+        actions, mask = flatten_chunk(batch["actions"], batch["valid"])
+
+        def velocity(o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return agent.actor(o, x, t, t)
+
+        result["actor_update_ms"] = _median_ms(
+            lambda: step(actor_opt, agent.actor_loss(batch)[0]), args.actor_calls, 3, device
+        )
+        result["fm_update_ms"] = _median_ms(
+            lambda: step(actor_opt, flow_matching_loss(velocity, batch["observations"], actions, mask)),
+            args.actor_calls,
+            3,
+            device,
+        )
+
+    if device.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["peak_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss) / 2**20
+    return result
+
+
+def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    ratios = {}
+    if "mvp" in results and "qc" in results:
+        ratios["mvp_act_speedup_vs_qc"] = results["qc"]["act_ms"] / results["mvp"]["act_ms"]
+        ratios["mvp_update_ratio_vs_qc"] = results["mvp"]["update_its"] / results["qc"]["update_its"]
+    if "mvp" in results:
+        ratios["jvp_overhead"] = results["mvp"]["actor_update_ms"] / results["mvp"]["fm_update_ms"]
+    return ratios
+
+
+def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> str:
+    lines = [f"{'algo':<6}{'act_ms':>10}{'update_it/s':>14}{'peak_mem_mb':>14}"]
+    for algo, r in results.items():
+        lines.append(f"{algo:<6}{r['act_ms']:>10.3f}{r['update_its']:>14.3f}{r['peak_mem_mb']:>14.1f}")
+    if "mvp" in results:
+        mvp = results["mvp"]
+        lines.append(f"mvp actor step {mvp['actor_update_ms']:.2f} ms vs flow matching {mvp['fm_update_ms']:.2f} ms")
+    lines += [f"{k} = {v:.2f}" for k, v in ratios.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench.json", help="JSON output path")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--algos", nargs="+", default=list(AGENTS), choices=list(AGENTS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512] * 4, help="hidden sizes of every MLP")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--act-calls", type=int, default=200, help="timed act() calls (median reported)")
+    parser.add_argument("--actor-calls", type=int, default=20, help="timed MVP / flow-matching actor steps")
+    parser.add_argument("--update-warmup", type=int, default=2)
+    parser.add_argument("--min-update-iters", type=int, default=3)
+    parser.add_argument("--update-seconds", type=float, default=10.0, help="minimum timed update duration")
+    args = parser.parse_args(argv)
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for algo in args.algos:
+        with ctx.Pool(1) as pool:
+            results[algo] = pool.apply(measure, (algo, args))
+    ratios = _ratios(results)
+    config = {
+        "obs_dim": OBS_DIM,
+        "action_dim": ACTION_DIM,
+        "horizon": HORIZON,
+        "num_samples": 32,
+        "flow_steps": 10,
+        **{k: v for k, v in vars(args).items() if k not in ("out", "algos")},
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
+    report = {**results, "ratios": ratios, "config": config}
+    print(_table(results, ratios))
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

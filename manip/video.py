@@ -1,0 +1,143 @@
+"""Rollout videos: render a policy's episodes offscreen and write them as mp4 (gif without ffmpeg).
+
+Each episode runs in one render-enabled env (``EnvSpec.make(render_size=...)``) with the same
+``ChunkPolicy`` queue as evaluation, one frame per env step plus the first observation. The
+outcome is drawn on every frame as a coloured border (green: success, red: failure) and the last
+frame is held for a second, so a thumbnail or a glance at any frame tells the result.
+
+Rendering needs an offscreen OpenGL context: ``manip`` selects EGL (``MUJOCO_GL=egl``,
+``EGL_PLATFORM=surfaceless``) unless the user set ``MUJOCO_GL``; ``open_render_env`` turns a
+failure into ``RendererUnavailable`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from manip.evaluation import ChunkPolicy
+
+SUCCESS_RGB = (40, 180, 70)
+FAILURE_RGB = (215, 45, 40)
+# Both simulators act at 20 Hz (robosuite control_freq, OGBench control timestep 0.05 s).
+DEFAULT_FPS = 20
+
+
+class RendererUnavailable(RuntimeError):
+    """No offscreen renderer could be started (headless machine without a working EGL/OSMesa)."""
+
+
+@dataclass
+class Video:
+    """One recorded episode: where it was written and what happened in it."""
+
+    path: str
+    seed: int
+    success: bool
+    length: int
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def open_render_env(spec, size: tuple[int, int]):
+    """A render-enabled env of ``spec`` whose first frame rendered; raises ``RendererUnavailable``.
+
+    Building the env and rendering one frame up front makes a missing renderer fail before a
+    long evaluation starts.
+    """
+    backend = os.environ.get("MUJOCO_GL", "<unset>")
+    hint = ("set MUJOCO_GL=egl with EGL_PLATFORM=surfaceless (Mesa libEGL), or MUJOCO_GL=osmesa with "
+            "PYOPENGL_PLATFORM=osmesa (needs libosmesa6), before Python starts")
+    try:
+        env = spec.make(render_size=tuple(size))
+    except RuntimeError as err:
+        raise RendererUnavailable(f"no offscreen renderer for {spec.kind} (MUJOCO_GL={backend}): "
+                                  f"{_one_line(err.__cause__ or err)}; {hint}") from err
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as err:
+        env.close()
+        raise RendererUnavailable(f"no offscreen renderer for {spec.kind} (MUJOCO_GL={backend}): "
+                                  f"{_one_line(err.__cause__ or err)}; {hint}") from err
+    return env
+
+
+def record_episode(env, predict_chunks: Callable[[np.ndarray], np.ndarray],
+                   seed: int) -> tuple[list[np.ndarray], bool, int]:
+    """Run one episode from ``env.reset(seed=seed)``; returns (frames, success, length)."""
+    policy = ChunkPolicy(predict_chunks, num_envs=1)
+    obs, _ = env.reset(seed=seed)
+    frames = [env.render()]
+    success, length = False, 0
+    while True:
+        action = policy.select_action(obs[None])[0]
+        obs, _, terminated, truncated, info = env.step(action)
+        frames.append(env.render())
+        success |= bool(info.get("success", False))
+        length += 1
+        if terminated or truncated:
+            return frames, success, length
+
+
+def mark_outcome(frames: list[np.ndarray], success: bool, hold_frames: int = DEFAULT_FPS) -> list[np.ndarray]:
+    """Frames (H, W, 3) uint8 with a green (success) or red (failure) border; the last one repeated
+    ``hold_frames`` more times. The frame size is unchanged."""
+    color = np.array(SUCCESS_RGB if success else FAILURE_RGB, dtype=np.uint8)
+    height, width = frames[0].shape[:2]
+    b = max(2, min(height, width) // 32)
+    marked = []
+    for frame in frames:
+        frame = np.array(frame, dtype=np.uint8, copy=True)
+        frame[:b], frame[-b:], frame[:, :b], frame[:, -b:] = color, color, color, color
+        marked.append(frame)
+    return marked + [marked[-1]] * hold_frames
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_FPS) -> Path:
+    """Write ``frames`` as H.264 mp4 through imageio-ffmpeg, or as a gif next to ``path`` when
+    ffmpeg is unavailable; returns the written path."""
+    import imageio.v2 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mp4 = path.with_suffix(".mp4")
+    try:
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio's FFMPEG plugin runs)
+
+        # yuv420p needs even sizes: macro_block_size=2 pads odd ones by a pixel at most.
+        with iio.get_writer(mp4, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                            macro_block_size=2, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        return mp4
+    except (ImportError, OSError, RuntimeError):
+        import imageio.v3 as iio3
+
+        mp4.unlink(missing_ok=True)
+        gif = path.with_suffix(".gif")
+        iio3.imwrite(gif, np.stack(frames), plugin="pillow", duration=1000 / fps, loop=0)
+        return gif
+
+
+def record_videos(env, predict_chunks: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,
+                  out_dir: str | Path, stem: str, fps: int = DEFAULT_FPS) -> list[Video]:
+    """Record ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) of a render-enabled env
+    into ``<out_dir>/<stem>_ep<i>.mp4``."""
+    videos = []
+    for i in range(episodes):
+        frames, success, length = record_episode(env, predict_chunks, seed + i)
+        path = write_video(Path(out_dir) / f"{stem}_ep{i}.mp4", mark_outcome(frames, success, fps), fps)
+        videos.append(Video(str(path), seed + i, success, length, path.stat().st_size))
+    return videos

@@ -1,0 +1,170 @@
+"""Agents end to end: losses run and decrease, actions have the right shape and range, and a one-step MVP policy
+learns a state-conditioned multimodal action distribution about as well as a 10-step flow policy."""
+
+import math
+
+import pytest
+import torch
+
+from manip.algos import FQLAgent, FlowBoNAgent, MVPAgent
+from manip.algos.flow import euler_sample, flow_matching_loss
+from manip.algos.mvp import mvp_policy_loss, sample_one_step
+from manip.algos.networks import MLP, MeanVelocityNet, VelocityNet
+
+OBS_DIM, ACTION_DIM, HORIZON = 6, 3, 4
+SMALL = {"hidden_dims": (64, 64)}
+AGENTS = {
+    "mvp": lambda: MVPAgent(OBS_DIM, ACTION_DIM, HORIZON, num_samples=8, **SMALL),
+    "mvp_noivc": lambda: MVPAgent(OBS_DIM, ACTION_DIM, HORIZON, num_samples=8, lambda_ivc=0.0, **SMALL),
+    "qc": lambda: FlowBoNAgent(OBS_DIM, ACTION_DIM, HORIZON, num_samples=8, flow_steps=4, **SMALL),
+    "bfn": lambda: FlowBoNAgent(OBS_DIM, ACTION_DIM, 1, num_samples=4, flow_steps=4, **SMALL),
+    "qc_fql": lambda: FQLAgent(OBS_DIM, ACTION_DIM, HORIZON, alpha=10.0, flow_steps=4, **SMALL),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _toy_batch(agent, batch=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(batch, OBS_DIM, generator=g)
+    actions = torch.tanh(obs[:, :ACTION_DIM]).unsqueeze(1).repeat(1, agent.horizon, 1)
+    actions = actions + 0.1 * torch.randn(actions.shape, generator=g)
+    valid = torch.ones(batch, agent.horizon)
+    valid[: batch // 4, agent.horizon // 2 :] = 0.0
+    return {
+        "observations": obs,
+        "actions": actions.clamp(-1, 1),
+        "valid": valid,
+        "rewards": -torch.rand(batch, generator=g),
+        "masks": (torch.rand(batch, generator=g) > 0.1).float(),
+        "next_observations": torch.randn(batch, OBS_DIM, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(AGENTS))
+def test_agent_losses_decrease_on_a_fixed_batch(name):
+    torch.manual_seed(0)
+    agent = AGENTS[name]()
+    batch = _toy_batch(agent)
+    actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=1e-3)
+    critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=1e-3)
+
+    def critic_loss():  # the same noise every time, so the change is due to the parameters only
+        return agent.critic_loss(batch, generator=torch.Generator().manual_seed(1))
+
+    def actor_loss():
+        return agent.actor_loss(batch, generator=torch.Generator().manual_seed(2))
+
+    (critic0, c_info), (actor0, a_info) = critic_loss(), actor_loss()
+    assert torch.isfinite(critic0) and torch.isfinite(actor0)
+    assert all(v.dim() == 0 and not v.requires_grad for v in {**c_info, **a_info}.values())
+    for _ in range(40):
+        critic_opt.zero_grad()
+        critic_loss()[0].backward()
+        critic_opt.step()
+        actor_opt.zero_grad()
+        actor_loss()[0].backward()
+        actor_opt.step()
+        agent.soft_update(0.05)
+    critic1, actor1 = critic_loss()[0], actor_loss()[0]
+    assert critic1 < 0.7 * critic0
+    assert actor1 < 0.7 * actor0
+
+
+def test_actor_loss_does_not_touch_the_critic():
+    for name in ("mvp", "qc", "qc_fql"):
+        agent = AGENTS[name]()
+        loss, _ = agent.actor_loss(_toy_batch(agent))
+        loss.backward()
+        assert all(p.grad is None for p in agent.critic_parameters())
+        assert all(p.grad is not None for p in agent.actor_parameters() if p.requires_grad) or name == "qc_fql"
+    # FQL's Q term reaches the student
+    agent = AGENTS["qc_fql"]()
+    agent.actor_loss(_toy_batch(agent))[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.onestep.parameters())
+
+
+@pytest.mark.parametrize("name", list(AGENTS))
+def test_sample_actions_shape_range_and_determinism(name):
+    torch.manual_seed(0)
+    agent = AGENTS[name]()
+    assert agent.act_dim_flat == agent.horizon * ACTION_DIM
+    obs = 3 * torch.randn(5, OBS_DIM)
+    with torch.inference_mode():
+        for n in (None, 1, 3):
+            actions = agent.sample_actions(obs, num_samples=n)
+            assert actions.shape == (5, agent.horizon * ACTION_DIM)
+            assert actions.abs().max() <= 1.0
+        a = agent.sample_actions(obs, generator=torch.Generator().manual_seed(3))
+        b = agent.sample_actions(obs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_mvp_acting_picks_the_critic_best_of_n_one_step_candidates():
+    torch.manual_seed(0)
+    agent = AGENTS["mvp"]()
+    obs = torch.randn(3, OBS_DIM)
+    n = 16
+    with torch.no_grad():
+        chosen = agent.sample_actions(obs, num_samples=n, generator=torch.Generator().manual_seed(5))
+        obs_rep = obs.repeat_interleave(n, 0)
+        noise = torch.randn(3 * n, agent.act_dim_flat, generator=torch.Generator().manual_seed(5))
+        candidates = sample_one_step(agent.actor, obs_rep, noise)
+        q = agent.critic(obs_rep, candidates).mean(0).view(3, n)
+    expected = candidates.view(3, n, -1)[torch.arange(3), q.argmax(1)]
+    torch.testing.assert_close(chosen, expected)
+
+
+def test_mvp_noivc_ablation_has_no_boundary_samples():
+    agent = AGENTS["mvp_noivc"]()
+    assert agent.boundary_fraction == 0.0
+    _, info = agent.actor_loss(_toy_batch(agent))
+    assert info["actor/ivc_loss"] == 0 and info["actor/mf_loss"] > 0
+
+
+def test_mvp_policy_loss_accepts_a_target_velocity_fn():
+    agent = AGENTS["mvp"]()
+    batch = _toy_batch(agent)
+    calls = []
+
+    def towards_zero(x_t, t):
+        calls.append(x_t.shape)
+        return -x_t
+
+    loss, info = agent.policy_loss(batch["observations"], batch["actions"], batch["valid"], towards_zero)
+    loss.backward()
+    assert calls == [(64, agent.act_dim_flat)]
+    assert all(p.grad is not None for p in agent.actor.parameters())
+
+
+# -- learning a state-conditioned ring of 8 Gaussians ---------------------------------------------------------------
+
+RING_MODES, RING_RADIUS, RING_STD = 8, 0.7, 0.05
+
+
+def ring_actions(states: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1) states in [-1, 1] -> (B, 2) actions: 8 Gaussians on a circle, rotated by ``state * pi / 16``."""
+    k = torch.randint(0, RING_MODES, (states.shape[0],), generator=generator)
+    angle = 2 * math.pi * k / RING_MODES + states[:, 0] * math.pi / 16
+    centres = RING_RADIUS * torch.stack([angle.cos(), angle.sin()], dim=-1)
+    return centres + RING_STD * torch.randn(centres.shape, generator=generator)
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float = 0.1) -> float:
+    """Squared maximum mean discrepancy with a Gaussian kernel (biased estimate)."""
+
+    def k(a, b):
+        return torch.exp(-torch.cdist(a, b).square() / (2 * bandwidth**2)).mean()
+
+    return (k(x, x) + k(y, y) - 2 * k(x, y)).item()
+
+
+def sliced_w1(x: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -> float:
+    """Sliced 1-Wasserstein distance between equal-size samples along unit ``directions`` (2, P)."""
+    return ((x @ directions).sort(0).values - (y @ directions).sort(0).values).abs().mean().item()

@@ -1,0 +1,175 @@
+"""Chunked critic pieces: TD targets, weighted loss, best-of-N, Polyak updates and the vectorised ensemble."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manip.algos import FQLAgent, FlowBoNAgent, MVPAgent
+from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
+from manip.algos.networks import CriticEnsemble
+
+
+def test_chunk_td_target_arithmetic():
+    rewards = torch.tensor([-1.0, -0.5, 0.0])
+    masks = torch.tensor([1.0, 0.0, 1.0])
+    next_q = torch.tensor([-10.0, -20.0, 3.0])
+    discount_h = 0.99**5
+    expected = torch.tensor([-1.0 + discount_h * -10.0, -0.5, discount_h * 3.0])
+    torch.testing.assert_close(chunk_td_target(rewards, masks, next_q, discount_h), expected)
+
+
+def test_critic_loss_respects_weights():
+    q = torch.tensor([[1.0, 2.0, 3.0], [0.0, 2.0, 5.0]], requires_grad=True)
+    target = torch.tensor([0.0, 2.0, 4.0])
+    weight = torch.tensor([1.0, 1.0, 0.0])
+    loss = critic_loss(q, target, weight)
+    # squared errors [[1, 0, 1], [0, 0, 1]], last column weighted out, mean over all 6 entries
+    assert torch.isclose(loss, torch.tensor(1.0 / 6))
+    assert torch.isclose(critic_loss(q, target), torch.tensor(3.0 / 6))
+    loss.backward()
+    assert torch.all(q.grad[:, 2] == 0) and q.grad[0, 0] != 0
+    # changing a zero-weight sample's target changes nothing
+    assert torch.isclose(critic_loss(q, torch.tensor([0.0, 2.0, 100.0]), weight), loss)
+
+
+def test_best_of_n_returns_argmax():
+    g = torch.Generator().manual_seed(0)
+    candidates = torch.randn(7, 5, 3, generator=g)
+    scores = torch.randn(7, 5, generator=g)
+    best, index = best_of_n(candidates, scores)
+    assert best.shape == (7, 3) and index.shape == (7,)
+    for b in range(7):
+        i = max(range(5), key=lambda j: scores[b, j].item())
+        assert index[b].item() == i
+        assert torch.equal(best[b], candidates[b, i])
+
+
+def test_soft_update_math():
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    target = copy.deepcopy(source)
+    for p in target.parameters():
+        p.data.normal_()
+    source.eval()(torch.randn(2, 3))
+    source.train()(torch.randn(8, 3))  # moves the running stats (buffers)
+    before = [p.clone() for p in target.parameters()]
+    soft_update(target, source, 0.1)
+    for old, new, src in zip(before, target.parameters(), source.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * src)
+    for t_buf, s_buf in zip(target.buffers(), source.buffers()):
+        assert torch.equal(t_buf, s_buf)
+    soft_update(target, source, 1.0)
+    for new, src in zip(target.parameters(), source.parameters()):
+        torch.testing.assert_close(new, src)
+
+
+def _member_forward(critic: CriticEnsemble, e: int, obs, actions):
+    """Reference: member e of the ensemble evaluated as a plain MLP."""
+    h = torch.cat([obs, actions], -1)
+    for i, layer in enumerate(critic.hidden):
+        h = h @ layer.weight[e] + layer.bias[e, 0]
+        h = F.layer_norm(h, h.shape[-1:]) * critic.norm_scales[i][e, 0] + critic.norm_shifts[i][e, 0]
+        h = F.gelu(h)
+    return (h @ critic.out.weight[e] + critic.out.bias[e, 0]).squeeze(-1)
+
+
+def test_critic_ensemble_matches_independent_members():
+    torch.manual_seed(0)
+    critic = CriticEnsemble(obs_dim=4, action_dim=6, num_critics=3, hidden_dims=(16, 16))
+    obs, actions = torch.randn(9, 4), torch.randn(9, 6)
+    q = critic(obs, actions)
+    assert q.shape == (3, 9)
+    for e in range(3):
+        torch.testing.assert_close(q[e], _member_forward(critic, e, obs, actions))
+    assert not torch.allclose(q[0], q[1])
+    # a loss on one member only produces gradients for that member's slice
+    q[1].sum().backward()
+    grad = critic.hidden[0].weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+
+
+def _toy_batch(obs_dim, action_dim, horizon, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observations": torch.randn(batch, obs_dim, generator=g),
+        "actions": torch.rand(batch, horizon, action_dim, generator=g) * 2 - 1,
+        "valid": torch.ones(batch, horizon),
+        "rewards": -torch.rand(batch, generator=g),
+        "masks": torch.ones(batch),
+        "next_observations": torch.randn(batch, obs_dim, generator=g),
+    }
+
+
+def _agents():
+    torch.manual_seed(0)
+    small = {"hidden_dims": (32, 32)}
+    return [
+        MVPAgent(5, 2, 3, num_samples=4, **small),
+        FlowBoNAgent(5, 2, 3, num_samples=4, flow_steps=3, **small),
+        FQLAgent(5, 2, 3, **small),
+    ]
+
+
+def test_target_critic_is_frozen_and_outside_the_optimisers():
+    for agent in _agents():
+        assert all(not p.requires_grad for p in agent.target_critic.parameters())
+        target_ids = {id(p) for p in agent.target_critic.parameters()}
+        critic_ids = {id(p) for p in agent.critic_parameters()}
+        actor_ids = {id(p) for p in agent.actor_parameters()}
+        assert not target_ids & (critic_ids | actor_ids)
+        assert not critic_ids & actor_ids
+        assert len(actor_ids) > 0
+        assert critic_ids | actor_ids | target_ids == {id(p) for p in agent.parameters()}
+        loss, _ = agent.critic_loss(_toy_batch(5, 2, 3))
+        loss.backward()
+        assert all(p.grad is None for p in agent.target_critic.parameters())
+        assert all(p.grad is None for p in agent.actor_parameters())
+
+
+def test_agent_critic_loss_uses_chunk_target_and_final_valid_flag():
+    for agent in _agents():
+        batch = _toy_batch(5, 2, 3)
+        batch["masks"] = torch.zeros(16)  # no bootstrap: y = rewards
+        q = agent.critic(batch["observations"], batch["actions"].reshape(16, -1)).detach()
+        loss, info = agent.critic_loss(batch)
+        torch.testing.assert_close(loss, critic_loss(q, batch["rewards"]))
+        torch.testing.assert_close(info["critic/target_mean"], batch["rewards"].mean())
+
+        batch["masks"] = torch.ones(16)
+        with torch.no_grad():
+            next_q = agent.target_critic(
+                batch["next_observations"], agent.target_actions(batch["next_observations"], torch.Generator().manual_seed(7))
+            ).mean(0)
+        _, info = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
+        expected = (batch["rewards"] + agent.discount**agent.horizon * next_q).mean()
+        torch.testing.assert_close(info["critic/target_mean"], expected)
+
+        # a sample whose last chunk step is invalid carries no weight
+        batch["valid"][:8, -1] = 0.0
+        loss_a, _ = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
+        batch["rewards"][:8] = 100.0
+        loss_b, _ = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(loss_a, loss_b)
+
+
+def test_agent_soft_update_moves_target_towards_critic():
+    agent = _agents()[0]
+    with torch.no_grad():
+        for p in agent.critic.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in agent.target_critic.parameters()]
+    agent.soft_update(0.25)
+    for old, new, src in zip(before, agent.target_critic.parameters(), agent.critic.parameters()):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * src)
+
+
+def test_target_actions_are_best_of_n_under_the_target_critic():
+    agent = _agents()[0]
+    obs = torch.randn(6, 5)
+    n = agent.num_samples
+    chosen = agent.target_actions(obs, torch.Generator().manual_seed(4))
+    candidates = agent.generate(obs.repeat_interleave(n, 0), torch.Generator().manual_seed(4)).view(6, n, -1)
+    scores = agent.target_critic(obs.repeat_interleave(n, 0), candidates.reshape(6 * n, -1)).mean(0).view(6, n)
+    torch.testing.assert_close(chosen, best_of_n(candidates, scores)[0])

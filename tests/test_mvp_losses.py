@@ -1,0 +1,245 @@
+"""MVP loss pieces: JVP derivative, time-pair sampling, and exactness of the losses on closed-form mean velocities."""
+
+import math
+
+import pytest
+import torch
+
+from manip.algos.mvp import (
+    ivc_loss,
+    mean_flow_loss,
+    mean_velocity_and_derivative,
+    mvp_policy_loss,
+    num_boundary_samples,
+    sample_one_step,
+    sample_time_pair,
+)
+from manip.algos.networks import MeanVelocityNet
+
+
+class GaussianMeanVelocity:
+    """Closed-form mean velocity of the linear-path flow from N(0, I) to N(mu, diag(sigma^2)).
+
+    The marginal flow is affine, x_t = t mu + s_t z with s_t = sqrt((1 - t)^2 + t^2 sigma^2), so
+    u(x, t, r) = (x_r - x_t) / (r - t) = mu + (x - t mu) (s_r - s_t) / (s_t (r - t)) and
+    (s_r - s_t) / (r - t) = (-2 + (r + t)(1 + sigma^2)) / (s_r + s_t): smooth at r = t, where it equals the marginal
+    velocity. sigma = 0 is a point mass, whose conditional velocity a - x0 equals the marginal one.
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
+        self.mu, self.sigma = mu, sigma
+
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.unsqueeze(-1)
+        return ((1 - t) ** 2 + t**2 * self.sigma**2).sqrt()
+
+    def __call__(self, obs, x, t, r):
+        s_t, s_r = self.scale(t), self.scale(r)
+        slope = (-2 + (r + t).unsqueeze(-1) * (1 + self.sigma**2)) / (s_t * (s_r + s_t))
+        return self.mu + (x - t.unsqueeze(-1) * self.mu) * slope
+
+    def marginal_velocity(self, x, t):
+        s_t = self.scale(t)
+        tt = t.unsqueeze(-1)
+        return self.mu + (x - tt * self.mu) * (tt * self.sigma**2 - (1 - tt)) / s_t**2
+
+    def sample(self, n, generator):
+        return self.mu + self.sigma * torch.randn(n, self.mu.shape[0], generator=generator, dtype=self.mu.dtype)
+
+
+def _random_net(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return MeanVelocityNet(obs_dim=3, action_dim=4, hidden_dims=(32, 32), time_dim=16).to(dtype)
+
+
+def test_jvp_matches_central_finite_difference():
+    net = _random_net()
+    g = torch.Generator().manual_seed(1)
+    obs = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    t = 0.8 * torch.rand(6, generator=g, dtype=torch.float64)
+    r = t + (1 - t) * torch.rand(6, generator=g, dtype=torch.float64)
+    v = torch.randn(6, 4, generator=g, dtype=torch.float64)
+
+    def u_fn(x_, t_, r_):
+        return net(obs, x_, t_, r_)
+
+    u, dudt = mean_velocity_and_derivative(u_fn, x, t, r, v)
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (u_fn(x + eps * v, t + eps, r) - u_fn(x - eps * v, t - eps, r)) / (2 * eps)
+        along_x_only = (u_fn(x + eps * v, t, r) - u_fn(x - eps * v, t, r)) / (2 * eps)
+        torch.testing.assert_close(u, u_fn(x, t, r))
+    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-8)
+    # the t-direction matters, so a derivative along x alone would not pass the check above
+    assert (dudt - along_x_only).abs().max() > 1e-3
+
+
+def test_gradient_flows_through_jvp_primal_output():
+    net = _random_net(torch.float32, seed=3)
+    g = torch.Generator().manual_seed(2)
+    obs, x, v = torch.randn(5, 3, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = 0.5 * torch.rand(5, generator=g)
+    r = t + 0.3
+
+    u, dudt = mean_velocity_and_derivative(lambda a, b, c: net(obs, a, b, c), x, t, r, v)
+    (u - dudt.detach()).square().sum().backward()
+    jvp_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    (net(obs, x, t, r) - dudt.detach()).square().sum().backward()
+    for a, b in zip(jvp_grads, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b)
+    assert all(gr.abs().sum() > 0 for gr in jvp_grads)
+
+
+def test_jvp_runs_in_fp32_under_autocast():
+    net = _random_net(torch.float32)
+    obs, x, v = torch.randn(4, 3), torch.randn(4, 4), torch.randn(4, 4)
+    t, r = torch.full((4,), 0.2), torch.full((4,), 0.7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, dudt = mean_velocity_and_derivative(lambda a, b, c: net(obs, a, b, c), x, t, r, v)
+    assert u.dtype == torch.float32 and dudt.dtype == torch.float32
+
+
+def test_time_pair_sampler_order_and_boundary_fraction():
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    t, r, boundary = sample_time_pair(n, g, mean=-0.4, std=1.0, boundary_fraction=0.25)
+    assert t.shape == r.shape == boundary.shape == (n,)
+    assert boundary.dtype == torch.bool
+    assert int(boundary.sum()) == num_boundary_samples(n, 0.25) == 5000
+    assert torch.all(t <= r) and torch.all(t > 0) and torch.all(r < 1)
+    assert torch.equal(r[boundary], t[boundary])
+    assert torch.all(r[~boundary] > t[~boundary])
+    # the non-boundary pairs are the order statistics of two logit-normal draws
+    logits = torch.logit(torch.cat([t[~boundary], r[~boundary]]).double())
+    assert abs(logits.mean().item() + 0.4) < 0.03
+    assert abs(logits.std().item() - 1.0) < 0.03
+    assert int(sample_time_pair(8, g, boundary_fraction=0.0)[2].sum()) == 0
+    assert int(sample_time_pair(8, g, boundary_fraction=1.0)[2].sum()) == 8
+
+
+@pytest.mark.parametrize("adaptive_p", [None, 0.5])
+def test_losses_vanish_for_closed_form_gaussian_mean_velocity(adaptive_p):
+    g = torch.Generator().manual_seed(0)
+    flow = GaussianMeanVelocity(
+        mu=torch.tensor([0.3, -0.5, 0.1], dtype=torch.float64), sigma=torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    )
+    actions = flow.sample(512, g)
+    obs = torch.zeros(512, 1, dtype=torch.float64)
+
+    def losses(u_fn):
+        _, info = mvp_policy_loss(
+            u_fn,
+            obs,
+            actions,
+            adaptive_p=adaptive_p,
+            target_velocity_fn=flow.marginal_velocity,
+            generator=torch.Generator().manual_seed(1),
+        )
+        return info["actor/mf_loss"].item(), info["actor/ivc_loss"].item()
+
+    mf, ivc = losses(flow)
+    assert mf < 1e-12 and ivc < 1e-12
+    # a C(x, r)-style term that vanishes at r = t: invisible to the IVC, caught by the MeanFlow identity
+    mf, ivc = losses(lambda o, x, t, r: flow(o, x, t, r) + 0.2 * (r - t).unsqueeze(-1) * x)
+    assert mf > 1e-4 and ivc < 1e-12
+    # a constant offset breaks both terms
+    mf, ivc = losses(lambda o, x, t, r: flow(o, x, t, r) + 0.05)
+    assert mf > 1e-4 and ivc > 1e-4
+
+
+def test_losses_vanish_for_point_mass_with_conditional_velocity():
+    g = torch.Generator().manual_seed(0)
+    target = torch.tensor([0.4, -0.7], dtype=torch.float64)
+    flow = GaussianMeanVelocity(mu=target, sigma=torch.zeros(2, dtype=torch.float64))
+    actions = target.expand(256, 2).clone()
+    obs = torch.zeros(256, 1, dtype=torch.float64)
+    _, info = mvp_policy_loss(flow, obs, actions, generator=g)
+    assert info["actor/mf_loss"] < 1e-12 and info["actor/ivc_loss"] < 1e-12
+    _, info = mvp_policy_loss(lambda o, x, t, r: 1.1 * flow(o, x, t, r), obs, actions, generator=g)
+    assert info["actor/mf_loss"] > 1e-3 and info["actor/ivc_loss"] > 1e-3
+    # one step from noise lands on the point mass
+    noise = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(sample_one_step(flow, obs, noise), actions)
+
+
+def test_mean_flow_and_ivc_loss_arithmetic():
+    u = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    dudt = torch.tensor([[1.0, -1.0], [2.0, 2.0]])
+    v = torch.tensor([[0.5, 2.5], [1.0, -1.0]])
+    t = torch.tensor([0.2, 0.5])
+    r = torch.tensor([0.6, 0.5])
+    # targets: row 0: v + 0.4 dudt = [0.9, 2.1]; row 1: v (r = t)
+    expected = ((1.0 - 0.9) ** 2 + (2.0 - 2.1) ** 2 + 1.0 + 1.0) / 4
+    assert math.isclose(mean_flow_loss(u, dudt, v, t, r).item(), expected, rel_tol=1e-6)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert math.isclose(mean_flow_loss(u, dudt, v, t, r, mask).item(), 0.01, rel_tol=1e-5)
+    assert math.isclose(ivc_loss(u, v, mask).item(), (0.25 + 0.25) / 2, rel_tol=1e-6)
+    err = torch.tensor([0.25, 0.25, 1.0, 1.0])
+    adaptive = (err / (err + 1e-3).sqrt()).mean().item()
+    assert math.isclose(ivc_loss(u, v, adaptive_p=0.5).item(), adaptive, rel_tol=1e-5)
+
+
+def test_mean_flow_target_is_stop_gradient():
+    u = torch.randn(3, 2, requires_grad=True)
+    dudt = torch.randn(3, 2, requires_grad=True)
+    v = torch.randn(3, 2, requires_grad=True)
+    mean_flow_loss(u, dudt, v, torch.zeros(3), torch.ones(3)).backward()
+    assert u.grad is not None and dudt.grad is None and v.grad is None
+
+
+class _RecordingNet:
+    def __init__(self):
+        self.intervals = []
+
+    def __call__(self, obs, x, t, r):
+        self.intervals.append((r - t).detach())
+        return x * t.unsqueeze(-1) + r.unsqueeze(-1)
+
+
+def test_lambda_zero_has_no_boundary_samples():
+    obs, actions = torch.zeros(64, 1), torch.rand(64, 3)
+    net = _RecordingNet()
+    loss, info = mvp_policy_loss(net, obs, actions, lambda_ivc=0.0, generator=torch.Generator().manual_seed(0))
+    gaps = torch.cat(net.intervals)
+    assert gaps.numel() == 64 and torch.all(gaps > 0)
+    assert info["actor/ivc_loss"] == 0 and torch.isclose(loss, info["actor/mf_loss"])
+
+    net = _RecordingNet()
+    mvp_policy_loss(net, obs, actions, lambda_ivc=1.0, boundary_fraction=0.5, generator=torch.Generator().manual_seed(0))
+    gaps = torch.cat(net.intervals)
+    assert gaps.numel() == 64 and int((gaps == 0).sum()) == 32
+
+
+def test_invalid_chunk_steps_do_not_affect_the_loss():
+    def elementwise_u(obs, x, t, r):  # element i of u depends on element i of x only
+        return torch.sin(3 * x) * (1 + r - t).unsqueeze(-1) + t.unsqueeze(-1)
+
+    obs = torch.zeros(32, 1)
+    actions = torch.rand(32, 6) * 2 - 1
+    valid = torch.ones(32, 6)
+    valid[:, 4:] = 0.0
+    changed = actions.clone()
+    changed[:, 4:] = 5.0
+    base, _ = mvp_policy_loss(elementwise_u, obs, actions, valid, generator=torch.Generator().manual_seed(3))
+    same, _ = mvp_policy_loss(elementwise_u, obs, changed, valid, generator=torch.Generator().manual_seed(3))
+    other, _ = mvp_policy_loss(elementwise_u, obs, changed, None, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(base, same)
+    assert other > base + 1.0
+
+
+def test_target_velocity_fn_replaces_conditional_velocity():
+    obs, actions = torch.zeros(16, 1), torch.rand(16, 2)
+    zero_u = lambda o, x, t, r: torch.zeros_like(x)  # noqa: E731
+    seen = {}
+
+    def constant_velocity(x_t, t):
+        seen["shapes"] = (x_t.shape, t.shape)
+        return torch.full_like(x_t, 2.0)
+
+    _, info = mvp_policy_loss(zero_u, obs, actions, target_velocity_fn=constant_velocity)
+    assert seen["shapes"] == ((16, 2), (16,))
+    # u = 0, v_hat = 2 everywhere, du/dt = 0: both terms are exactly 4
+    assert torch.isclose(info["actor/mf_loss"], torch.tensor(4.0))
+    assert torch.isclose(info["actor/ivc_loss"], torch.tensor(4.0))

@@ -1,0 +1,275 @@
+"""Scripted Robomimic-format generation and the robosuite adapter, on the real simulator and real HDF5 files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gymnasium as gym
+import h5py
+import numpy as np
+import pytest
+
+from manip.data.generate.robomimic_scripted import OBS_KEYS, SUCCESS_HOLD_STEPS, TASKS, generate
+from manip.envs.robosuite_env import RobosuiteEnv
+
+LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+# task -> (number of demos generated here, obs dim of the four standard keys, MuJoCo state dim)
+EXPECTED = {"lift": (3, 19, 32), "can": (2, 23, 71), "square": (2, 23, 45)}
+KEY_DIMS = {
+    "robot0_eef_pos": 3,
+    "robot0_eef_quat": 4,
+    "robot0_eef_vel_ang": 3,
+    "robot0_eef_vel_lin": 3,
+    "robot0_gripper_qpos": 2,
+    "robot0_gripper_qvel": 2,
+    "robot0_joint_pos": 7,
+    "robot0_joint_pos_cos": 7,
+    "robot0_joint_pos_sin": 7,
+    "robot0_joint_vel": 7,
+}
+TASK_PARAMS = [
+    pytest.param("lift"),
+    pytest.param("can", marks=pytest.mark.slow),
+    pytest.param("square", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """Lazily generate one small file per task: task -> (path, info)."""
+    root = tmp_path_factory.mktemp("robomimic")
+    cache: dict[str, tuple] = {}
+
+    def get(task: str):
+        if task not in cache:
+            path = root / f"{task}.hdf5"
+            cache[task] = (path, generate(task, path, num_demos=EXPECTED[task][0], seed=0, verbose=False))
+        return cache[task]
+
+    return get
+
+
+def read_env_args(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return json.loads(f["data"].attrs["env_args"])
+
+
+def concat(group, keys=LOW_DIM_KEYS) -> np.ndarray:
+    """(N, obs_dim) concatenation of ``keys`` from an obs / next_obs group."""
+    return np.concatenate([group[key][()] for key in keys], axis=1)
+
+
+@pytest.mark.parametrize("task", TASK_PARAMS)
+def test_layout(task, generated):
+    path, info = generated(task)
+    num_demos, obs_dim, state_dim = EXPECTED[task]
+    assert info["task"] == task and info["path"] == str(path) and info["num_demos"] == num_demos
+    assert 0 < info["success_rate"] <= 1 and info["num_attempts"] >= num_demos
+    assert info["bytes"] == os.path.getsize(path) and info["seconds"] > 0
+
+    with h5py.File(path, "r") as f:
+        data = f["data"]
+        names = sorted(data.keys(), key=lambda name: int(name[5:]))
+        assert names == [f"demo_{i}" for i in range(num_demos)]
+        args = json.loads(data.attrs["env_args"])
+        assert args["env_name"] == TASKS[task]["env_name"] and args["type"] == 1
+        kwargs = args["env_kwargs"]
+        assert kwargs["controller_configs"]["body_parts"]["right"]["type"] == "OSC_POSE"
+        assert kwargs["control_freq"] == 20 and kwargs["robots"] == ["Panda"] and kwargs["reward_shaping"] is False
+
+        total = 0
+        for name in names:
+            demo = data[name]
+            n = int(demo.attrs["num_samples"])
+            total += n
+            assert demo.attrs["model_file"].startswith("<mujoco") and isinstance(json.loads(demo.attrs["ep_meta"]), dict)
+            assert set(demo["obs"].keys()) == set(OBS_KEYS) == set(demo["next_obs"].keys())
+            for key in OBS_KEYS:
+                dim = KEY_DIMS.get(key, obs_dim - 9)
+                assert demo["obs"][key].shape == (n, dim) and demo["obs"][key].dtype == np.float64
+                np.testing.assert_array_equal(demo["obs"][key][1:], demo["next_obs"][key][:-1])
+            assert concat(demo["obs"]).shape == (n, obs_dim)
+            assert demo["actions"].shape == (n, 7) and np.abs(demo["actions"][()]).max() <= 1.0
+            assert demo["states"].shape == (n, state_dim) and demo["states"].dtype == np.float64
+            rewards, dones = demo["rewards"][()], demo["dones"][()]
+            assert rewards.shape == dones.shape == (n,) and np.issubdtype(dones.dtype, np.integer)
+            assert set(np.unique(rewards)) <= {0.0, 1.0} and rewards[0] == 0.0
+            assert np.all(rewards[-SUCCESS_HOLD_STEPS:] == 1.0)  # episode ends once success held
+            np.testing.assert_array_equal(dones[:-1], rewards[:-1].astype(int))  # done_mode 2
+            assert dones[-1] == 1
+        assert data.attrs["total"] == total == info["num_transitions"]
+
+        train, valid = f["mask/train"][()], f["mask/valid"][()]
+        assert train.dtype.kind == "S" and valid.dtype.kind == "S" and len(valid) >= 1
+        assert sorted(n.decode() for n in np.concatenate([train, valid])) == sorted(names)
+        assert not set(train) & set(valid)
+
+
+def test_loads_in_robomimic_sequence_dataset(generated):
+    import robomimic.utils.obs_utils as ObsUtils
+    from robomimic.utils.dataset import SequenceDataset
+
+    path, _ = generated("lift")
+    ObsUtils.initialize_obs_utils_with_obs_specs({"obs": {"low_dim": LOW_DIM_KEYS, "rgb": []}})
+    dataset = SequenceDataset(
+        hdf5_path=str(path),
+        obs_keys=LOW_DIM_KEYS,
+        dataset_keys=("actions", "rewards", "dones"),
+        seq_length=5,
+        hdf5_cache_mode="all",
+        hdf5_use_swmr=True,
+        filter_by_attribute="train",
+    )
+    with h5py.File(path, "r") as f:
+        num_train = len(f["mask/train"])
+        expected = sum(int(f[f"data/{n.decode()}"].attrs["num_samples"]) for n in f["mask/train"][()])
+    assert dataset.n_demos == num_train and len(dataset) == expected
+    sample = dataset[3]
+    assert sample["actions"].shape == (5, 7) and sample["rewards"].shape == (5,)
+    assert sample["obs"]["object"].shape == (5, 10) and sample["obs"]["robot0_eef_quat"].shape == (5, 4)
+    assert sample["next_obs"]["robot0_gripper_qpos"].shape == (5, 2)
+
+
+@pytest.mark.parametrize("task", TASK_PARAMS)
+def test_replay_reproduces_demo(task, generated):
+    """reset_to(states[0]) + the recorded actions retrace the recorded observations and end in success."""
+    path, _ = generated(task)
+    env = RobosuiteEnv(read_env_args(path), LOW_DIM_KEYS, horizon=TASKS[task]["horizon"])
+    try:
+        with h5py.File(path, "r") as f:
+            demo = f["data/demo_0"]
+            obs, next_obs = concat(demo["obs"]), concat(demo["next_obs"])
+            actions, states, rewards = demo["actions"][()], demo["states"][()], demo["rewards"][()]
+            first = env.reset_to(states[0], model_xml=demo.attrs["model_file"])
+        assert first.dtype == np.float32 and first.shape == (EXPECTED[task][1],)
+        np.testing.assert_allclose(first, obs[0], atol=1e-5)
+        errors = []
+        for t, action in enumerate(actions):
+            ob, reward, terminated, truncated, info = env.step(action)
+            errors.append(np.abs(ob - next_obs[t]).max())
+            assert reward == rewards[t] - 1.0 and terminated == info["success"] == bool(rewards[t])
+            assert not truncated
+        assert info["success"] and max(errors) < 1e-3
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+def test_replay_without_model_is_exact(generated):
+    """Can has no per-episode model randomness: restoring the flat state alone replays bit-exactly."""
+    path, _ = generated("can")
+    env = RobosuiteEnv(read_env_args(path), list(OBS_KEYS), horizon=300)
+    try:
+        env.reset(seed=123)
+        with h5py.File(path, "r") as f:
+            demo = f["data/demo_1"]
+            obs, next_obs = concat(demo["obs"], OBS_KEYS), concat(demo["next_obs"], OBS_KEYS)
+            actions, states = demo["actions"][()], demo["states"][()]
+        np.testing.assert_array_equal(env.reset_to(states[0]), obs[0].astype(np.float32))
+        for t, action in enumerate(actions):
+            ob, _, _, _, info = env.step(action)
+            np.testing.assert_array_equal(ob, next_obs[t].astype(np.float32))
+            if t + 1 < len(states):
+                np.testing.assert_array_equal(env.sim_env.sim.get_state().flatten(), states[t + 1])
+        assert info["success"]
+    finally:
+        env.close()
+
+
+def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path):
+    path = tmp_path / "lift.hdf5"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match=str(path)):
+        generate("lift", path, num_demos=1, verbose=False)
+    assert path.read_bytes() == b"keep me"
+
+    info = generate("lift", path, num_demos=1, seed=0, overwrite=True, verbose=False)
+    assert info["num_demos"] == 1 and sorted(os.listdir(tmp_path)) == ["lift.hdf5"]  # no temp file left
+    reference, _ = generated("lift")
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as ref:
+        for name in ("actions", "states", "obs/object"):
+            np.testing.assert_array_equal(f[f"data/demo_0/{name}"][()], ref[f"data/demo_0/{name}"][()])
+        assert len(f["mask/train"]) == 1 and len(f["mask/valid"]) == 0
+
+
+@pytest.fixture(scope="module")
+def lift_args(generated):
+    return read_env_args(generated("lift")[0])
+
+
+def test_env_spaces_seeding_and_errors(lift_args):
+    env = RobosuiteEnv(lift_args, LOW_DIM_KEYS, horizon=3, reward_mode="r")
+    try:
+        assert env.observation_space.shape == (19,) and env.observation_space.dtype == np.float32
+        assert env.action_space.shape == (7,) and env.action_space.low.min() == -1.0
+        first, info = env.reset(seed=7)
+        assert first.dtype == np.float32 and info["success"] is False
+        again, _ = env.reset(seed=7)
+        other, _ = env.reset(seed=8)
+        np.testing.assert_array_equal(first, again)
+        assert np.abs(first - other).max() > 1e-3
+
+        for step in range(3):
+            _, reward, terminated, truncated, info = env.step(np.zeros(7))
+            assert reward == 0.0 and terminated is False and truncated == (step == 2)
+            assert isinstance(info["success"], bool)
+        with pytest.raises(ValueError, match="expects 7"):
+            env.step(np.zeros(6))
+        with pytest.raises(RuntimeError, match="render_size"):
+            env.render()
+    finally:
+        env.close()
+
+    with pytest.raises(ValueError, match="robot0_eef_pos") as err:
+        RobosuiteEnv(lift_args, [*LOW_DIM_KEYS, "bogus"], horizon=10)
+    assert "bogus" in str(err.value) and "object" in str(err.value)
+    with pytest.raises(ValueError, match="reward_mode"):
+        RobosuiteEnv(lift_args, LOW_DIM_KEYS, horizon=10, reward_mode="dense")
+
+
+def test_env_converts_flat_v14_controller_config(lift_args):
+    arm = dict(lift_args["env_kwargs"]["controller_configs"]["body_parts"]["right"])
+    arm.pop("gripper")
+    arm.update(type="OSC_POSE", control_delta=True)
+    old = {**lift_args, "env_version": "1.4.1", "env_kwargs": {**lift_args["env_kwargs"], "controller_configs": arm}}
+    env = RobosuiteEnv(old, LOW_DIM_KEYS, horizon=5)
+    try:
+        env.reset(seed=0)
+        obs, reward, *_ = env.step(np.zeros(7))
+        assert obs.shape == (19,) and reward == -1.0
+        assert "body_parts" in env.sim_env.robots[0].composite_controller_config
+    finally:
+        env.close()
+
+
+def test_env_runs_in_async_vector_env(lift_args):
+    envs = gym.vector.AsyncVectorEnv(
+        [lambda: RobosuiteEnv(lift_args, LOW_DIM_KEYS, horizon=50) for _ in range(2)]
+    )
+    try:
+        obs, _ = envs.reset(seed=[0, 1])
+        assert obs.shape == (2, 19) and obs.dtype == np.float32 and np.abs(obs[0] - obs[1]).max() > 1e-3
+        again, _ = envs.reset(seed=[0, 1])
+        np.testing.assert_array_equal(obs, again)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            obs, rewards, terminated, truncated, infos = envs.step(rng.uniform(-1, 1, (2, 7)).astype(np.float32))
+        assert obs.shape == (2, 19) and np.all(rewards == -1.0) and not terminated.any() and not truncated.any()
+        assert infos["success"].shape == (2,)
+    finally:
+        envs.close()
+
+
+def test_render(lift_args, monkeypatch):
+    monkeypatch.setenv("EGL_PLATFORM", os.environ.get("EGL_PLATFORM", "surfaceless"))
+    try:
+        env = RobosuiteEnv(lift_args, LOW_DIM_KEYS, horizon=5, render_size=(48, 64))
+    except RuntimeError as err:
+        pytest.skip(f"no offscreen rendering here: {err}")
+    try:
+        env.reset(seed=0)
+        image = env.render()
+        assert image.shape == (48, 64, 3) and image.dtype == np.uint8 and image.std() > 0
+    finally:
+        env.close()

@@ -1,0 +1,252 @@
+"""Critic-driven targets (manip.algos.targets) against closed-form and quadrature Boltzmann velocities.
+
+Monte-Carlo checks repeat each estimate R times on independent draws (R copies of the same point in one
+batch) and accept when the mean lies within ``Z_MAX`` standard errors of the exact value in every dimension;
+the standard error is the empirical std over the repeats divided by sqrt(R).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from manip.algos.targets import (
+    BOUND_STD,
+    T_MIN,
+    TAIL_WIDTH,
+    boltzmann_log_density,
+    bon_target,
+    make_target_fn,
+    rfm_noise_posterior_mean,
+    rfm_target_velocity,
+    som_target_velocity,
+)
+
+Z_MAX = 4.0
+ESTIMATORS = ("som", 0.0, 1.0, "optimal")  # SOM, then RFM with eta = 0, 1, optimal
+
+
+def _estimate(name, q_fn, x, t, alpha, num_samples, generator, bound_std):
+    """(R, D) velocity estimates at the rows of x (R, D), t (R,)."""
+    obs = torch.zeros(x.shape[0], 1, dtype=x.dtype)
+    if name == "som":
+        return som_target_velocity(q_fn, obs, x, t, alpha, num_samples, generator=generator, bound_std=bound_std)
+    return rfm_target_velocity(
+        q_fn, obs, x, t, alpha, num_samples, eta=name, generator=generator, bound_std=bound_std
+    )
+
+
+def _z_score(estimates: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest |mean - exact| over dimensions in units of the standard error of the mean."""
+    standard_error = estimates.std(0) / math.sqrt(estimates.shape[0])
+    return ((estimates.mean(0) - exact).abs() / standard_error).max().item()
+
+
+# ---------------------------------------------------------------- quadratic bandit, closed form
+#
+# Q(a) = -1/2 (a - m)^T P (a - m)  =>  Boltzmann target N(m, S), S = (alpha P)^-1.
+# x_t = t a + (1 - t) x0 ~ N(t m, C), C = t^2 S + (1 - t)^2 I, with Cov(a, x_t) = t S and Cov(x0, x_t) = (1 - t) I:
+#   E[a | x]  = m + t S C^-1 (x - t m)
+#   E[x0 | x] = (1 - t) C^-1 (x - t m)
+#   v(x, t)   = E[a | x] - E[x0 | x]
+# The noise posterior has covariance Sigma0 = I - (1 - t)^2 C^-1; Stein's identity gives the population
+# variance-optimal blend eta*_j = 1 / (Sigma0^-1)_jj.
+
+M = torch.tensor([0.2, -0.1], dtype=torch.float64)
+P = torch.tensor([[2.0, 0.8], [0.8, 1.5]], dtype=torch.float64)
+
+
+def quadratic_q(obs: torch.Tensor, actions: torch.Tensor, precision: torch.Tensor = P) -> torch.Tensor:
+    d = actions - M
+    return -0.5 * ((d @ precision) * d).sum(-1)
+
+
+def gaussian_posterior(t: float, alpha: float, precision: torch.Tensor = P):
+    """(S, C) of the quadratic bandit's target and of x_t."""
+    cov_a = torch.linalg.inv(alpha * precision)
+    return cov_a, t * t * cov_a + (1 - t) ** 2 * torch.eye(2, dtype=torch.float64)
+
+
+def exact_velocity(x: torch.Tensor, t: float, alpha: float, precision: torch.Tensor = P) -> torch.Tensor:
+    """Closed-form marginal velocity (D,) at x (D,)."""
+    cov_a, cov_x = gaussian_posterior(t, alpha, precision)
+    residual = torch.linalg.solve(cov_x, x - t * M)
+    return (M + t * cov_a @ residual) - (1 - t) * residual
+
+
+def typical_points(t: float, alpha: float) -> list[torch.Tensor]:
+    """x_t at its mean and at two points 1.8 marginal standard deviations away (whitened)."""
+    _, cov_x = gaussian_posterior(t, alpha)
+    chol = torch.linalg.cholesky(cov_x)
+    offsets = torch.tensor([[0.0, 0.0], [1.5, -1.0], [-1.0, 1.5]], dtype=torch.float64)
+    return [t * M + chol @ z for z in offsets]
+
+
+@pytest.mark.parametrize(
+    "alpha, bound_std",
+    [(1.0, None), (25.0, BOUND_STD)],
+    ids=["raw-actions", "action-box"],  # alpha = 25: target std <= 0.18 around M, > 5 std inside the box
+)
+def test_estimators_match_closed_form_velocity(alpha, bound_std):
+    repeats, num_samples = 128, 2048
+    generator = torch.Generator().manual_seed(0)
+    worst = dict.fromkeys(ESTIMATORS, 0.0)
+    worst_wrong_alpha = dict.fromkeys(ESTIMATORS, 0.0)
+    for t in (0.2, 0.5, 0.8):
+        for x in typical_points(t, alpha):
+            v = exact_velocity(x, t, alpha)
+            xs = x.expand(repeats, 2).clone()
+            ts = torch.full((repeats,), t, dtype=torch.float64)
+            for name in ESTIMATORS:
+                est = _estimate(name, quadratic_q, xs, ts, alpha, num_samples, generator, bound_std)
+                worst[name] = max(worst[name], _z_score(est, v))
+                wrong = _estimate(name, quadratic_q, xs, ts, 2 * alpha, num_samples, generator, bound_std)
+                worst_wrong_alpha[name] = max(worst_wrong_alpha[name], _z_score(wrong, v))
+    assert all(z < Z_MAX for z in worst.values()), worst
+    # The same check rejects every estimator run with a doubled alpha.
+    assert all(z > Z_MAX for z in worst_wrong_alpha.values()), worst_wrong_alpha
+
+
+def test_som_equals_rfm_gradient_form_on_the_same_draws():
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.linspace(0.01, 0.99, 64, dtype=torch.float64)
+    obs = torch.zeros(64, 1, dtype=torch.float64)
+    for bound_std in (None, BOUND_STD):
+        som = som_target_velocity(
+            quadratic_q, obs, x, t, 3.0, 32, generator=torch.Generator().manual_seed(2), bound_std=bound_std
+        )
+        rfm = rfm_target_velocity(
+            quadratic_q, obs, x, t, 3.0, 32, eta=1.0, generator=torch.Generator().manual_seed(2), bound_std=bound_std
+        )
+        torch.testing.assert_close(som, rfm)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_optimal_eta_reduces_variance(t):
+    repeats, num_samples, alpha = 256, 256, 1.0
+    x = typical_points(t, alpha)[1]
+    xs = x.expand(repeats, 2).clone()
+    ts = torch.full((repeats,), t, dtype=torch.float64)
+    obs = torch.zeros(repeats, 1, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+
+    def posterior_mean(eta, precision=P):
+        q_fn = lambda o, a: quadratic_q(o, a, precision)  # noqa: E731
+        return rfm_noise_posterior_mean(
+            q_fn, obs, xs, ts, alpha, num_samples, eta=eta, generator=generator, bound_std=None
+        )
+
+    mu_value, _ = posterior_mean(0.0)
+    mu_optimal, info = posterior_mean("optimal")
+    ratio = mu_value.var(0).sum() / mu_optimal.var(0).sum()
+    assert ratio > 3.0, ratio.item()
+
+    # The estimated coefficient is the population eta*_j = 1 / (Sigma0^-1)_jj.
+    _, cov_x = gaussian_posterior(t, alpha)
+    noise_cov = torch.eye(2, dtype=torch.float64) - (1 - t) ** 2 * torch.linalg.inv(cov_x)
+    eta_star = 1.0 / torch.linalg.inv(noise_cov).diagonal()
+    assert _z_score(info["eta"], eta_star) < Z_MAX
+
+    # Diagonal precision: s* is affine in x0 per dimension and the optimal blend has zero variance.
+    diagonal = torch.diag(P.diagonal())
+    mu_value, _ = posterior_mean(0.0, diagonal)
+    mu_optimal, _ = posterior_mean("optimal", diagonal)
+    assert mu_optimal.var(0).sum() < 1e-20 * mu_value.var(0).sum()
+
+
+# ---------------------------------------------------------------- bimodal 1-D target in the action box, quadrature
+
+MODES_1D = torch.tensor([-0.6, 0.6], dtype=torch.float64)
+WIDTH_1D = 0.2
+
+
+def bimodal_q_1d(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log of two unit Gaussian bumps at +-0.6 (weights 1 and 0.7): (M, 1) -> (M,)."""
+    log_weights = torch.log(torch.tensor([0.7, 1.0], dtype=actions.dtype))
+    return torch.logsumexp(log_weights - (actions - MODES_1D).square() / (2 * WIDTH_1D**2), dim=-1)
+
+
+def quadrature_velocity(x: float, t: float, alpha: float = 1.0) -> float:
+    """v(x, t) = E[a | x] - E[x0 | x] for the boxed target exp(l(a)) by quadrature on a fine grid."""
+    a = torch.linspace(-4.0, 4.0, 400_001, dtype=torch.float64)
+    log_target = boltzmann_log_density(bimodal_q_1d, torch.zeros(a.shape[0], 1), a[:, None], alpha, BOUND_STD)
+    log_post = log_target - (x - t * a).square() / (2 * (1 - t) ** 2)
+    w = torch.softmax(log_post, 0)
+    mean_a = (w * a).sum().item()
+    mean_x0 = (x - t * mean_a) / (1 - t)
+    return mean_a - mean_x0
+
+
+@pytest.mark.parametrize("t, x", [(0.05, 0.3), (0.05, -2.0), (0.2, 0.9), (0.5, -0.4), (0.9, 0.5), (0.95, 1.25)])
+def test_boxed_bimodal_target_matches_quadrature(t, x):
+    """Truncated proposals at small t and likelihoods centred outside the box (x / t = 1.32 at t = 0.95)."""
+    repeats, num_samples = 128, 1024
+    generator = torch.Generator().manual_seed(4)
+    xs = torch.full((repeats, 1), x, dtype=torch.float64)
+    ts = torch.full((repeats,), t, dtype=torch.float64)
+    v = torch.tensor([quadrature_velocity(x, t)], dtype=torch.float64)
+    for name in ESTIMATORS:
+        est = _estimate(name, bimodal_q_1d, xs, ts, 1.0, num_samples, generator, BOUND_STD)
+        assert _z_score(est, v) < Z_MAX, (name, est.mean().item(), v.item())
+
+
+def test_proposals_stay_near_the_box():
+    """With the action box the proposals cover the box plus its tail, even where x / t is far outside it."""
+    x = torch.tensor([[1.0, 0.0], [1.0, -1.0], [3.0, 0.2]], dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 0.6], dtype=torch.float64)  # x / t = (20, 0), (3.3, -3.3), (5, 0.33)
+    obs = torch.zeros(3, 1, dtype=torch.float64)
+    mu0, info = rfm_noise_posterior_mean(
+        quadratic_q, obs, x, t, 1.0, 512, eta=0.0, generator=torch.Generator().manual_seed(5)
+    )
+    actions = (x[:, None] - (1 - t[:, None, None]) * info["per_sample"]) / t[:, None, None]
+    assert torch.isfinite(mu0).all() and (info["ess"] >= 1.0).all()
+    assert actions.abs().max() < 1.0 + TAIL_WIDTH * BOUND_STD + 0.1
+    assert actions.abs().max() > 1.0  # the tail is sampled too
+
+
+def test_small_t_is_clamped_to_t_min():
+    x = torch.tensor([[0.3, -0.2]] * 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.01, T_MIN], dtype=torch.float64)
+    obs = torch.zeros(3, 1, dtype=torch.float64)
+    for fn in (som_target_velocity, rfm_target_velocity):
+        rows = [fn(quadratic_q, obs[i : i + 1], x[i : i + 1], t[i : i + 1], 1.0, 64,
+                   generator=torch.Generator().manual_seed(6)) for i in range(3)]
+        assert all(torch.isfinite(r).all() for r in rows)
+        torch.testing.assert_close(rows[0], rows[2])
+        torch.testing.assert_close(rows[1], rows[2])
+
+
+def test_boltzmann_log_density_box_tail():
+    actions = torch.tensor([[0.5, -0.5], [1.3, 0.0], [-1.2, 2.0]], dtype=torch.float64)
+    obs = torch.zeros(3, 1)
+    clipped = actions.clamp(-1, 1)
+    outside = (actions - clipped).square().sum(-1)
+    expected = 2.0 * quadratic_q(obs, clipped) - outside / (2 * 0.2**2)
+    torch.testing.assert_close(boltzmann_log_density(quadratic_q, obs, actions, 2.0, 0.2), expected)
+    torch.testing.assert_close(boltzmann_log_density(quadratic_q, obs, actions, 2.0, None), 2.0 * quadratic_q(obs, actions))
+
+
+# ---------------------------------------------------------------- best-of-N and the factory
+
+
+def test_bon_target_picks_the_best_candidate():
+    candidates = torch.arange(24.0).view(2, 4, 3)
+    q = torch.tensor([[0.1, 0.9, -1.0, 0.3], [2.0, 1.0, 0.0, 5.0]])
+    torch.testing.assert_close(bon_target(candidates, q), torch.stack([candidates[0, 1], candidates[1, 3]]))
+
+
+def test_make_target_fn():
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    t = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    obs = torch.zeros(8, 1, dtype=torch.float64)
+    for kind, direct in (("som", som_target_velocity), ("rfm", rfm_target_velocity)):
+        fn = make_target_fn(kind, quadratic_q, obs, 2.0, num_samples=16, generator=torch.Generator().manual_seed(9))
+        expected = direct(quadratic_q, obs, x, t, 2.0, 16, generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(fn(x, t), expected)
+    assert make_target_fn("bon", quadratic_q, obs, 2.0) is None
+    with pytest.raises(ValueError, match="bon, som, rfm"):
+        make_target_fn("sac", quadratic_q, obs, 2.0)
+    with pytest.raises(ValueError, match="eta"):
+        rfm_target_velocity(quadratic_q, obs, x, t, 2.0, 16, eta="best")
