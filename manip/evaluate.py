@@ -60,7 +60,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     finally:
         if render_env is not None:
             render_env.close()
-    return {"ckpt": str(ckpt), "algo": cfg["algo"]["name"], "env": spec.kind,
+    return {"ckpt": str(Path(ckpt).resolve()), "algo": cfg["algo"]["name"], "env": spec.kind,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
             **result.to_dict(), "videos": [video.to_dict() for video in videos]}

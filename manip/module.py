@@ -77,6 +77,13 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
+def _compiled(fn: Callable, compile: bool | str) -> Callable:
+    """``fn`` itself (compile false), ``torch.compile(fn)`` (true) or compiled with that backend (a name)."""
+    if compile is False or compile is None:
+        return fn
+    return torch.compile(fn) if compile is True else torch.compile(fn, backend=compile)
+
+
 class ManipModule(L.LightningModule):
     """Actor-critic agent + observation normalisation + (optionally) online collection.
 
@@ -84,13 +91,14 @@ class ManipModule(L.LightningModule):
     ``obs_dim, action_dim, horizon``; stats: ``DatasetStats.to_dict()`` of the offline data;
     cfg: the full run config (plain dict) kept in the checkpoint; seed: seed of the loss-noise
     generator (rank r uses ``seed + r``); compile: ``torch.compile`` the actor loss (the JVP path)
-    and acting, meant for GPU training (off by default; on CPU compilation mostly costs time).
+    and acting, meant for GPU training: true for the default backend (inductor) or a backend name
+    (e.g. "aot_eager"); false (default) runs eagerly.
     """
 
     def __init__(self, agent: Callable[..., nn.Module], obs_dim: int, action_dim: int, horizon: int,
                  stats: dict[str, list[float]], cfg: dict | None = None, lr: float = 3e-4,
                  tau: float = 0.005, obs_norm: str = "standard", grad_clip: float | None = None,
-                 online: dict | None = None, seed: int = 0, compile: bool = False) -> None:
+                 online: dict | None = None, seed: int = 0, compile: bool | str = False) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters({"cfg": cfg, "obs_dim": obs_dim, "action_dim": action_dim,
@@ -112,8 +120,8 @@ class ManipModule(L.LightningModule):
         self.online = OnlineConfig(**online) if online else None
         self.env_steps = 0
         self.rollout: VectorRollout | None = None
-        self._actor_loss_fn = torch.compile(self.actor_loss) if compile else self.actor_loss
-        self._sample_fn = torch.compile(self.agent.sample_actions) if compile else self.agent.sample_actions
+        self._actor_loss_fn = _compiled(self.actor_loss, compile)
+        self._sample_fn = _compiled(self.agent.sample_actions, compile)
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self._pending_online_replay: dict[str, torch.Tensor] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -12,6 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from manip.checkpoint import AtomicCheckpointIO, check_env_compatible
@@ -79,6 +82,30 @@ class PeriodicEvaluation(Callback):
             self.env = None
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv and appends to it (its header gives the known columns)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` whose metrics.csv survives a resumed run: new rows are appended to it.
+
+    Steps between a run's last checkpoint and its interruption appear twice; the later row wins.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
@@ -94,7 +121,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
                            cfg.eval.seed, cfg.eval.final_episodes, phase),
     ]
-    loggers = [CSVLogger(run_dir, name="", version=phase), TensorBoardLogger(run_dir, name="tb", version=phase)]
+    loggers = [ResumableCSVLogger(run_dir, name="", version=phase,
+                                  flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
+               TensorBoardLogger(run_dir, name="tb", version=phase)]
     overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers,
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:

@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from manip.algos.mvp import mvp_policy_loss, sample_one_step
+from manip.algos.networks import MeanVelocityNet
 from manip.algos.targets import (
     BOUND_STD,
     T_MIN,
@@ -39,8 +41,12 @@ def _estimate(name, q_fn, x, t, alpha, num_samples, generator, bound_std):
 
 
 def _z_score(estimates: torch.Tensor, exact: torch.Tensor) -> float:
-    """Largest |mean - exact| over dimensions in units of the standard error of the mean."""
-    standard_error = estimates.std(0) / math.sqrt(estimates.shape[0])
+    """Largest |mean - exact| over dimensions in units of the standard error of the mean.
+
+    The standard error is floored at 1e-6, which only matters for estimators whose spread vanishes (the optimal
+    Stein blend on a Gaussian posterior).
+    """
+    standard_error = (estimates.std(0) / math.sqrt(estimates.shape[0])).clamp_min(1e-6)
     return ((estimates.mean(0) - exact).abs() / standard_error).max().item()
 
 
@@ -60,7 +66,7 @@ P = torch.tensor([[2.0, 0.8], [0.8, 1.5]], dtype=torch.float64)
 
 def quadratic_q(obs: torch.Tensor, actions: torch.Tensor, precision: torch.Tensor = P) -> torch.Tensor:
     d = actions - M
-    return -0.5 * ((d @ precision) * d).sum(-1)
+    return -0.5 * (d[:, :, None] * precision * d[:, None, :]).sum((1, 2))  # elementwise: tiny matmuls are slow
 
 
 def gaussian_posterior(t: float, alpha: float, precision: torch.Tensor = P):
@@ -90,7 +96,7 @@ def typical_points(t: float, alpha: float) -> list[torch.Tensor]:
     ids=["raw-actions", "action-box"],  # alpha = 25: target std <= 0.18 around M, > 5 std inside the box
 )
 def test_estimators_match_closed_form_velocity(alpha, bound_std):
-    repeats, num_samples = 128, 2048
+    repeats, num_samples = 128, 1024
     generator = torch.Generator().manual_seed(0)
     worst = dict.fromkeys(ESTIMATORS, 0.0)
     worst_wrong_alpha = dict.fromkeys(ESTIMATORS, 0.0)
@@ -102,8 +108,9 @@ def test_estimators_match_closed_form_velocity(alpha, bound_std):
             for name in ESTIMATORS:
                 est = _estimate(name, quadratic_q, xs, ts, alpha, num_samples, generator, bound_std)
                 worst[name] = max(worst[name], _z_score(est, v))
-                wrong = _estimate(name, quadratic_q, xs, ts, 2 * alpha, num_samples, generator, bound_std)
-                worst_wrong_alpha[name] = max(worst_wrong_alpha[name], _z_score(wrong, v))
+                if t == 0.8:
+                    wrong = _estimate(name, quadratic_q, xs, ts, 2 * alpha, num_samples, generator, bound_std)
+                    worst_wrong_alpha[name] = max(worst_wrong_alpha[name], _z_score(wrong, v))
     assert all(z < Z_MAX for z in worst.values()), worst
     # The same check rejects every estimator run with a doubled alpha.
     assert all(z > Z_MAX for z in worst_wrong_alpha.values()), worst_wrong_alpha
@@ -250,3 +257,63 @@ def test_make_target_fn():
         make_target_fn("sac", quadratic_q, obs, 2.0)
     with pytest.raises(ValueError, match="eta"):
         rfm_target_velocity(quadratic_q, obs, x, t, 2.0, 16, eta="best")
+
+
+# ---------------------------------------------------------------- one-step MVP policies on a two-optimum bandit
+#
+# Q(a) = log(exp(-|a - m1|^2 / (2 w^2)) + exp(-|a - m2|^2 / (2 w^2))), m = (+-0.6, 0), w = 0.25: two equally good
+# optima, and with alpha = 1 the Boltzmann target is the equal mixture of N(m_i, w^2 I). A one-step policy
+# (MeanVelocityNet, constant observation) is trained with the MVP loss; for SOM and RFM the x_t come from the
+# policy's own one-step samples and the velocity from the target, for best-of-N the action is the best of
+# N = 16 of the policy's candidates. Under the target, 49 % of the mass lies within 0.3 of each optimum in
+# total (25 % per optimum) and the mean distance to the nearest optimum is w * sqrt(pi / 2) = 0.31.
+
+BANDIT_MODES = torch.tensor([[0.6, 0.0], [-0.6, 0.0]])
+BANDIT_WIDTH = 0.25
+NEAR = 0.3
+
+
+def bandit_q(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    d2 = (actions[:, None, :] - BANDIT_MODES).square().sum(-1)
+    return torch.logsumexp(-d2 / (2 * BANDIT_WIDTH**2), dim=1)
+
+
+def train_bandit_policy(kind: str, steps: int = 600, batch: int = 256, num_candidates: int = 16, seed: int = 0,
+                        **target_kwargs) -> MeanVelocityNet:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    # time_dim = 4 keeps one (the lowest) frequency of the time features: enough for this 2-D problem.
+    net = MeanVelocityNet(1, 2, (128, 128), time_dim=4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    obs = torch.zeros(batch, 1)
+    target_fn = make_target_fn(kind, bandit_q, obs, 1.0, generator=generator, **target_kwargs)
+    for _ in range(steps):
+        with torch.no_grad():
+            if kind == "bon":
+                noise = torch.randn(batch * num_candidates, 2, generator=generator)
+                candidates = sample_one_step(net, obs.repeat_interleave(num_candidates, 0), noise)
+                candidates = candidates.view(batch, num_candidates, 2)
+                actions = bon_target(candidates, bandit_q(None, candidates.view(-1, 2)).view(batch, num_candidates))
+            else:
+                actions = sample_one_step(net, obs, torch.randn(batch, 2, generator=generator))
+        loss, _ = mvp_policy_loss(net, obs, actions, target_velocity_fn=target_fn, generator=generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return net
+
+
+def mode_statistics(net: MeanVelocityNet, num: int = 4000) -> dict[str, list[float] | float]:
+    """Fractions of one-step samples within NEAR of each optimum and in each half-plane, mean nearest distance."""
+    noise = torch.randn(num, 2, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        actions = sample_one_step(net, torch.zeros(num, 1), noise)
+    dist = (actions[:, None, :] - BANDIT_MODES).norm(dim=-1)
+    right = (actions[:, 0] > 0).float().mean().item()
+    return {
+        "near": (dist < NEAR).float().mean(0).tolist(),
+        "basin": [right, 1.0 - right],
+        "distance": dist.min(1).values.mean().item(),
+    }

@@ -41,12 +41,30 @@ class EnvSpec:
         return self.kwargs.get("horizon")
 
 
+class EnvMismatchError(ValueError):
+    """The simulator's observation or action size differs from the dataset's / checkpoint's."""
+
+
+def check_dims(env: gym.Env | gym.vector.VectorEnv, obs_dim: int | None, action_dim: int | None,
+               source: str = "dataset") -> None:
+    """Raise ``EnvMismatchError`` naming both sides when the env's dims differ from ``source``'s."""
+    obs_space = getattr(env, "single_observation_space", env.observation_space)
+    act_space = getattr(env, "single_action_space", env.action_space)
+    for name, want, have in (("observation", obs_dim, obs_space.shape[-1]),
+                             ("action", action_dim, act_space.shape[-1])):
+        if want is not None and want != have:
+            raise EnvMismatchError(f"{name} dimension mismatch: the {source} has {want}, "
+                                   f"the simulator ({getattr(env, 'spec', None) or type(env).__name__}) has {have}")
+
+
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
+                    obs_dim: int | None = None, action_dim: int | None = None,
                     **overrides: Any) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``spec`` in one vector env (a process per env when asynchronous).
 
     Uses same-step autoreset: an episode's last observation is in ``info["final_obs"]`` and the
-    returned observation is already the next episode's first one.
+    returned observation is already the next episode's first one. ``obs_dim`` / ``action_dim``,
+    when given, are checked against the simulator (``EnvMismatchError`` on a difference).
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -54,5 +72,12 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
     asynchronous = num_envs > 1 if asynchronous is None else asynchronous
     mode = gym.vector.AutoresetMode.SAME_STEP
     if asynchronous:
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+    else:
+        env = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    try:
+        check_dims(env, obs_dim, action_dim)
+    except EnvMismatchError:
+        env.close()
+        raise
+    return env

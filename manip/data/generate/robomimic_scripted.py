@@ -18,7 +18,10 @@ File layout (see Robomimic's ``dataset_states_to_obs.py``), N = transitions of o
     data/demo_<i>/actions (N, 7) float64; rewards (N,) float64, 1.0 where the state after the step is a success;
     data/demo_<i>/dones (N,) int64, done_mode 2 (1 at success states and at the last step);
     data/demo_<i>/states (N, D) float64 flat MuJoCo states before each step (D = 32 / 71 / 45).
-    mask/train, mask/valid: demo names (dtype S), a 90/10 split.
+    mask/train, mask/valid: demo names (dtype S), a 90/10 split (at least one valid demo if there are two).
+
+The end-effector velocity keys follow robosuite 1.4's definition, which robosuite 1.5 dropped (see
+``manip.envs.robosuite_env.add_eef_velocity_observables``).
 
 ``obs[t]`` is exactly what ``env.step`` returned at step t - 1 (at t = 0: the observation after restoring
 ``states[0]``), so training data matches what a policy sees at evaluation time. Every random draw comes from
@@ -112,7 +115,7 @@ def env_args(task: str) -> dict:
 class _Style:
     """Per-episode operator variation."""
 
-    speed: float  # cap on the translation action's largest component
+    speed: float  # cap on the horizontal and the vertical translation action (and on the rotation action)
     gain: float  # translation action per unit of position error (in 5 cm units)
     rot_gain: float  # rotation action per unit of orientation error (in 0.5 rad units)
     noise: float  # std of the AR(1) noise added to the 6 arm dims in free-space moves
@@ -169,7 +172,9 @@ class _Script:
         self._site = robot.eef_site_id["right"]
         model = env.sim.model
         self._finger_dofs = [model.jnt_dofadr[model.joint_name2id(j)] for j in robot.gripper["right"].joints]
+        self._base = np.array(robot.base_pos)
         self._noise = np.zeros(6)
+        self.tilt = 0.0  # radians the gripper leans away from the robot base (extends the reach)
 
     # -- state --------------------------------------------------------------------------------------------------
     def eef_pos(self) -> np.ndarray:
@@ -199,13 +204,28 @@ class _Script:
         return current + offset
 
     # -- actions ------------------------------------------------------------------------------------------------
+    def target_rot(self, target: np.ndarray, yaw: float) -> np.ndarray:
+        """Gripper orientation (3, 3) at ``target``: pointing down, finger axis at ``yaw``, leaning by ``tilt``."""
+        rot = _top_down(yaw)
+        if self.tilt:
+            reach = (target - self._base)[:2] / np.linalg.norm((target - self._base)[:2])
+            lean = Rotation.from_rotvec(self.tilt * np.array([reach[1], -reach[0], 0.0])).as_matrix()
+            rot = lean @ rot
+        return rot
+
+    def rot_error(self, target: np.ndarray, yaw: float) -> np.ndarray:
+        """World-frame rotation vector (3,) from the current gripper orientation to ``target_rot``."""
+        return Rotation.from_matrix(self.target_rot(target, yaw) @ self.eef_rot().T).as_rotvec()
+
     def action(self, target: np.ndarray, yaw: float, grip: float, noisy: bool, speed: float) -> np.ndarray:
-        """OSC delta action moving the gripper towards ``target`` (3,) with a top-down orientation at ``yaw``."""
+        """OSC delta action (7,) moving the gripper towards ``target`` (3,) and ``target_rot(target, yaw)``."""
         move = self.style.gain * (target - self.eef_pos()) / _POS_SCALE
         cap = speed * self.style.speed
-        if np.abs(move).max() > cap:
-            move *= cap / np.abs(move).max()
-        rotvec = Rotation.from_matrix(_top_down(yaw) @ self.eef_rot().T).as_rotvec()
+        # Height is capped separately from the horizontal motion so that long moves do not sag.
+        if np.abs(move[:2]).max() > cap:
+            move[:2] *= cap / np.abs(move[:2]).max()
+        move[2] = np.clip(move[2], -cap, cap)
+        rotvec = self.rot_error(target, yaw)
         turn = np.clip(self.style.rot_gain * rotvec / _ROT_SCALE, -self.style.speed, self.style.speed)
         arm = np.concatenate([move, turn])
         self._noise = 0.7 * self._noise + self.rng.normal(0.0, self.style.noise, 6)
@@ -219,15 +239,15 @@ class _Script:
         yaw: Yaw,
         grip: float,
         tol: float,
-        yaw_tol: float = 0.05,
+        rot_tol: float = 0.08,
         noisy: bool = True,
         speed: float = 1.0,
         max_steps: int = 150,
         settle: int = 1,
         abort: Callable[[], bool] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield actions until the gripper is within ``tol`` (m) of ``target`` and ``yaw_tol`` (rad) of ``yaw``
-        for ``settle`` consecutive steps.
+        """Yield actions until the gripper is within ``tol`` (m) of ``target`` and ``rot_tol`` (rad) of its target
+        orientation for ``settle`` consecutive steps.
 
         Stops early after ``max_steps`` or when ``abort()`` becomes true; returns False in the latter case.
         """
@@ -237,8 +257,8 @@ class _Script:
                 return False
             goal = target() if callable(target) else target
             heading = yaw() if callable(yaw) else yaw
-            yaw_error = abs(_wrap(heading - _yaw(self.eef_rot()), np.pi))
-            inside = inside + 1 if np.linalg.norm(goal - self.eef_pos()) < tol and yaw_error < yaw_tol else 0
+            close = np.linalg.norm(goal - self.eef_pos()) < tol
+            inside = inside + 1 if close and np.linalg.norm(self.rot_error(goal, heading)) < rot_tol else 0
             if inside >= settle:
                 return True
             yield self.action(goal, heading, grip, noisy, speed)
@@ -318,19 +338,22 @@ class _CanScript(_Script):
     def actions(self) -> Iterator[np.ndarray]:
         rng = self.rng
         while True:
+            self.tilt = 0.0
             yaw = _yaw(self.eef_rot()) + rng.uniform(-0.5, 0.5)  # a cylinder: any finger yaw works
             grasp = np.array([0.0, 0.0, rng.uniform(0.0, 0.02)])
             if not (yield from self.pick(lambda: self.obj_pos() + grasp, yaw, tol=0.006, speed=0.6)):
                 continue
-            carry_z = rng.uniform(1.02, 1.08)
-            # The can's bin quadrant spans x in (0.1, 0.295), y in (0.28, 0.525) behind 10 cm walls; its far half
-            # is at the edge of the Panda's reach, so the can is dropped from above the walls near the inner corner.
-            drop_xy = rng.uniform([0.14, 0.33], [0.19, 0.40])
+            carry_z = rng.uniform(1.04, 1.10)
+            # The can's bin quadrant spans x in (0.1, 0.295), y in (0.28, 0.525) behind 10 cm walls and lies at
+            # the edge of the Panda's reach: the can is dropped from above the walls, near the quadrant's inner
+            # corner, with the gripper leaning outwards.
+            drop_xy = rng.uniform([0.15, 0.33], [0.22, 0.42])
             drop_z = rng.uniform(0.98, 1.02)
             lift = np.array([*self.eef_pos()[:2], carry_z])
             if not (yield from self.move(lift, yaw, CLOSE, tol=0.015, abort=self.dropped)):
                 continue
             yield from self.maybe_pause(yaw, CLOSE)
+            self.tilt = rng.uniform(0.35, 0.6)
             if rng.random() < 0.5:  # detour through a random via point instead of the straight line
                 via = np.array([*(self.eef_pos()[:2] + drop_xy) / 2 + rng.uniform(-0.08, 0.08, 2), carry_z])
                 if not (yield from self.move(via, yaw, CLOSE, tol=0.04, abort=self.dropped)):
@@ -390,7 +413,10 @@ class _SquareScript(_Script):
         # and the fingertips reach ~1.2 cm below the grip site, so it stays above the handle's centre.
         yaw = self.grasp_yaw(self.obj_yaw() + np.pi / 2, np.pi)
         slide, dz = rng.uniform(0.0, 0.012), rng.uniform(0.004, 0.01)
-        point = lambda: self.handle_point(slide) + np.array([0.0, 0.0, dz])  # noqa: E731
+
+        def point() -> np.ndarray:
+            return self.handle_point(slide) + np.array([0.0, 0.0, dz])
+
         if not (yield from self.pick(point, yaw, tol=0.004, speed=0.5)):
             return False
         lift = np.array([*self.eef_pos()[:2], rng.uniform(1.03, 1.08)])  # the nut must clear the 0.95 m peg top
@@ -411,7 +437,7 @@ class _SquareScript(_Script):
         for _ in range(3):
             if not (yield from self.move(self.over_peg(carry_z), aligned, CLOSE, 0.02, abort=self.dropped)):
                 return False
-            fine = dict(tol=0.003, yaw_tol=0.03, noisy=False, speed=0.4, settle=4, abort=self.dropped)
+            fine = dict(tol=0.003, rot_tol=0.04, noisy=False, speed=0.4, settle=4, abort=self.dropped)
             if not (yield from self.move(self.over_peg(carry_z), aligned, CLOSE, **fine)):
                 return False
             # Lower until the nut centre would be 1.5 cm above the table (it slides down the peg).

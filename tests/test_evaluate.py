@@ -1,0 +1,142 @@
+"""Checkpoint evaluation (success statistics, JSON output, rollout videos) on tiny real ``fit`` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+
+from manip.evaluate import evaluate_checkpoint, main
+from manip.evaluation import wilson_interval
+from manip.video import DEFAULT_FPS, FAILURE_RGB, SUCCESS_RGB, mark_outcome, write_video
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")]
+
+HORIZON = 10  # evaluation episodes are truncated after 10 steps
+TINY = ["trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "eval.every_n_steps=0", "eval.final_episodes=0", "data.batch_size=32", f"data.env_horizon={HORIZON}",
+        "algo.agent.hidden_dims=[32,32]"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, cube_single_npz, lift_hdf5) -> dict[str, Path]:
+    """``last.ckpt`` of 2-update fits: MVP and FQL on OGBench cube-single, MVP on Robomimic lift."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    ogbench = ["data=ogbench", f"data.path={cube_single_npz}"]
+    runs = {
+        "mvp": [*ogbench, "algo=mvp", "algo.agent.num_samples=4"],
+        "fql": [*ogbench, "algo=fql", "algo.agent.flow_steps=2"],
+        "lift": ["data=robomimic", f"data.path={lift_hdf5}", "algo=mvp", "algo.agent.num_samples=4"],
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "manip.fit", *args, *TINY, f"run_dir={root / name}"],
+                                    cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, args in runs.items()}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"fit {name} failed:\n{output[-3000:]}"
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in runs}
+
+
+def _check_statistics(result: dict, episodes: int) -> None:
+    assert result["episodes"] == episodes == len(result["outcomes"]) == len(result["lengths"])
+    assert all(1 <= length <= HORIZON for length in result["lengths"])
+    assert result["mean_length"] == pytest.approx(np.mean(result["lengths"]))
+    successes = sum(result["outcomes"])
+    assert result["success_rate"] == pytest.approx(successes / episodes)
+    low, high = wilson_interval(successes, episodes)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high))
+    assert result["ci_low"] <= result["success_rate"] <= result["ci_high"]
+    assert result["action_latency_ms"] > 0 and result["env_steps"] >= sum(result["lengths"])
+
+
+def _check_video(video: dict, size: tuple[int, int]) -> None:
+    path = Path(video["path"])
+    assert path.suffix == ".mp4" and path.stat().st_size == video["bytes"] > 1000
+    frames = iio.mimread(path)
+    assert len(frames) == video["length"] + 1 + DEFAULT_FPS  # first observation, one per step, held last
+    assert frames[0].shape == (*size, 3)
+    border = frames[len(frames) // 2][:2].reshape(-1, 3).mean(0)
+    expected = SUCCESS_RGB if video["success"] else FAILURE_RGB
+    assert np.abs(border - np.array(expected)).max() < 40  # H.264 colour error is a few levels
+
+
+def test_ogbench_mvp_two_envs_with_video(checkpoints, tmp_path):
+    result = evaluate_checkpoint(checkpoints["mvp"], episodes=4, num_envs=2, seed=3, video_episodes=1,
+                                 video_size=(64, 80), video_prefix=tmp_path / "last")
+    _check_statistics(result, 4)
+    assert (result["algo"], result["env"], result["num_envs"], result["num_samples"]) == ("mvp", "ogbench", 2, 4)
+    assert result["task"] == "cube-single-singletask-task1-v0"
+    [video] = result["videos"]
+    assert Path(video["path"]) == tmp_path / "last_ep0.mp4" and video["seed"] == 3
+    _check_video(video, (64, 80))
+
+
+def test_robosuite_lift_with_video(checkpoints, tmp_path):
+    result = evaluate_checkpoint(checkpoints["lift"], episodes=2, video_episodes=1, video_size=(64, 64),
+                                 video_prefix=tmp_path / "lift")
+    _check_statistics(result, 2)
+    assert (result["env"], result["task"]) == ("robosuite", "Lift")
+    _check_video(result["videos"][0], (64, 64))
+
+
+def _cli(monkeypatch, *args: str) -> None:
+    """``python -m manip.evaluate ARGS`` in this process."""
+    monkeypatch.setattr(sys, "argv", ["manip.evaluate", *args])
+    main()
+
+
+def test_cli_writes_json_next_to_the_run(checkpoints, monkeypatch, capsys):
+    ckpt = checkpoints["fql"]
+    monkeypatch.chdir(ckpt.parent)
+    _cli(monkeypatch, f"ckpt={ckpt}", "episodes=3", "seed=5", "num_samples=1")
+    path = ckpt.parent.parent / "eval" / "last.json"
+    result = json.loads(path.read_text())
+    _check_statistics(result, 3)
+    assert (result["algo"], result["seed"], result["videos"]) == ("fql", 5, [])
+    stdout = capsys.readouterr().out
+    assert "over 3 episodes of cube-single-singletask-task1-v0 (fql)" in stdout and str(path) in stdout
+    assert not list(ckpt.parent.glob("*.log"))  # nothing written into the working directory
+
+
+def test_cli_missing_checkpoint_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(monkeypatch, f"ckpt={tmp_path / 'nope.ckpt'}")
+    assert exit_info.value.code == f"manip.evaluate: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+
+
+def test_cli_without_renderer_fails_in_one_line(checkpoints, tmp_path):
+    """A fresh process where MuJoCo has no GL backend: video=true stops before evaluating, in one line."""
+    env = dict(os.environ, MUJOCO_GL="disable")
+    out = subprocess.run([sys.executable, "-m", "manip.evaluate", f"ckpt={checkpoints['mvp']}", "episodes=1",
+                          "video=true", f"out={tmp_path / 'r.json'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("manip.evaluate: no offscreen renderer for ogbench (MUJOCO_GL=disable)")
+    assert "EGL_PLATFORM=surfaceless" in last and not (tmp_path / "r.json").exists()
+
+
+def test_mark_outcome_draws_border_and_holds_last_frame():
+    frames = [np.full((40, 60, 3), i, dtype=np.uint8) for i in range(3)]
+    marked = mark_outcome(frames, success=True, hold_frames=5)
+    assert len(marked) == 8 and all(f.shape == (40, 60, 3) for f in marked)
+    assert (marked[0][0, 0] == SUCCESS_RGB).all() and (marked[0][-1, 30] == SUCCESS_RGB).all()
+    assert (marked[1][20, 30] == 1).all() and (marked[-1] == marked[2]).all()
+    assert (mark_outcome(frames, success=False)[0][20, 0] == FAILURE_RGB).all()
+    assert (frames[0] == 0).all()  # inputs untouched
+
+
+def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
+    frames = [np.full((32, 48, 3), 50 * i, dtype=np.uint8) for i in range(4)]
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    path = write_video(tmp_path / "episode.mp4", mark_outcome(frames, success=False, hold_frames=2), fps=10)
+    assert path == tmp_path / "episode.gif" and not (tmp_path / "episode.mp4").exists()
+    gif = iio.mimread(path)  # the held copies of the last frame merge into one longer gif frame
+    assert len(gif) == 4 and gif[0].shape[:2] == (32, 48)
