@@ -14,8 +14,8 @@ from manip.data.generate.robomimic_scripted import OBS_KEYS, SUCCESS_HOLD_STEPS,
 from manip.envs.robosuite_env import RobosuiteEnv
 
 LOW_DIM_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
-# task -> (number of demos generated here, obs dim of the four standard keys, MuJoCo state dim)
-EXPECTED = {"lift": (3, 19, 32), "can": (2, 23, 71), "square": (2, 23, 45)}
+# task -> (number of demos in the test file, obs dim of the four standard keys, MuJoCo state dim)
+EXPECTED = {"lift": (6, 19, 32), "can": (2, 23, 71), "square": (2, 23, 45)}
 KEY_DIMS = {
     "robot0_eef_pos": 3,
     "robot0_eef_quat": 4,
@@ -36,15 +36,18 @@ TASK_PARAMS = [
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    """Lazily generate one small file per task: task -> (path, info)."""
+def generated(request, tmp_path_factory):
+    """Lazily generated small file per task (seed 0): task -> path. Lift is the session's ``lift_hdf5``."""
     root = tmp_path_factory.mktemp("robomimic")
-    cache: dict[str, tuple] = {}
+    cache: dict[str, object] = {}
 
     def get(task: str):
         if task not in cache:
-            path = root / f"{task}.hdf5"
-            cache[task] = (path, generate(task, path, num_demos=EXPECTED[task][0], seed=0, verbose=False))
+            if task == "lift":
+                cache[task] = request.getfixturevalue("lift_hdf5")
+            else:
+                cache[task] = root / f"{task}.hdf5"
+                generate(task, cache[task], num_demos=EXPECTED[task][0], seed=0, verbose=False)
         return cache[task]
 
     return get
@@ -62,11 +65,8 @@ def concat(group, keys=LOW_DIM_KEYS) -> np.ndarray:
 
 @pytest.mark.parametrize("task", TASK_PARAMS)
 def test_layout(task, generated):
-    path, info = generated(task)
+    path = generated(task)
     num_demos, obs_dim, state_dim = EXPECTED[task]
-    assert info["task"] == task and info["path"] == str(path) and info["num_demos"] == num_demos
-    assert 0 < info["success_rate"] <= 1 and info["num_attempts"] >= num_demos
-    assert info["bytes"] == os.path.getsize(path) and info["seconds"] > 0
 
     with h5py.File(path, "r") as f:
         data = f["data"]
@@ -83,7 +83,8 @@ def test_layout(task, generated):
             demo = data[name]
             n = int(demo.attrs["num_samples"])
             total += n
-            assert demo.attrs["model_file"].startswith("<mujoco") and isinstance(json.loads(demo.attrs["ep_meta"]), dict)
+            assert demo.attrs["model_file"].startswith("<mujoco")
+            assert isinstance(json.loads(demo.attrs["ep_meta"]), dict)
             assert set(demo["obs"].keys()) == set(OBS_KEYS) == set(demo["next_obs"].keys())
             for key in OBS_KEYS:
                 dim = KEY_DIMS.get(key, obs_dim - 9)
@@ -98,7 +99,7 @@ def test_layout(task, generated):
             assert np.all(rewards[-SUCCESS_HOLD_STEPS:] == 1.0)  # episode ends once success held
             np.testing.assert_array_equal(dones[:-1], rewards[:-1].astype(int))  # done_mode 2
             assert dones[-1] == 1
-        assert data.attrs["total"] == total == info["num_transitions"]
+        assert data.attrs["total"] == total
 
         train, valid = f["mask/train"][()], f["mask/valid"][()]
         assert train.dtype.kind == "S" and valid.dtype.kind == "S" and len(valid) >= 1
@@ -110,7 +111,7 @@ def test_loads_in_robomimic_sequence_dataset(generated):
     import robomimic.utils.obs_utils as ObsUtils
     from robomimic.utils.dataset import SequenceDataset
 
-    path, _ = generated("lift")
+    path = generated("lift")
     ObsUtils.initialize_obs_utils_with_obs_specs({"obs": {"low_dim": LOW_DIM_KEYS, "rgb": []}})
     dataset = SequenceDataset(
         hdf5_path=str(path),
@@ -133,45 +134,27 @@ def test_loads_in_robomimic_sequence_dataset(generated):
 
 @pytest.mark.parametrize("task", TASK_PARAMS)
 def test_replay_reproduces_demo(task, generated):
-    """reset_to(states[0]) + the recorded actions retrace the recorded observations and end in success."""
-    path, _ = generated(task)
-    env = RobosuiteEnv(read_env_args(path), LOW_DIM_KEYS, horizon=TASKS[task]["horizon"])
+    """reset_to(states[0], model_file) + the recorded actions retrace the demo exactly and end in success."""
+    path = generated(task)
+    env = RobosuiteEnv(read_env_args(path), list(OBS_KEYS), horizon=TASKS[task]["horizon"])
     try:
         with h5py.File(path, "r") as f:
-            demo = f["data/demo_0"]
-            obs, next_obs = concat(demo["obs"]), concat(demo["next_obs"])
+            demo = f[f"data/demo_{EXPECTED[task][0] - 1}"]
+            obs, next_obs = concat(demo["obs"], OBS_KEYS), concat(demo["next_obs"], OBS_KEYS)
             actions, states, rewards = demo["actions"][()], demo["states"][()], demo["rewards"][()]
-            first = env.reset_to(states[0], model_xml=demo.attrs["model_file"])
-        assert first.dtype == np.float32 and first.shape == (EXPECTED[task][1],)
-        np.testing.assert_allclose(first, obs[0], atol=1e-5)
-        errors = []
+            model_file = demo.attrs["model_file"]
+        if task != "lift":  # no per-episode model randomness: the flat state alone restores the first obs
+            np.testing.assert_allclose(env.reset_to(states[0]), obs[0], rtol=0, atol=1e-6)
+        first = env.reset_to(states[0], model_xml=model_file)
+        assert first.dtype == np.float32 and first.shape == env.observation_space.shape
+        np.testing.assert_array_equal(first, obs[0].astype(np.float32))
         for t, action in enumerate(actions):
             ob, reward, terminated, truncated, info = env.step(action)
-            errors.append(np.abs(ob - next_obs[t]).max())
-            assert reward == rewards[t] - 1.0 and terminated == info["success"] == bool(rewards[t])
-            assert not truncated
-        assert info["success"] and max(errors) < 1e-3
-    finally:
-        env.close()
-
-
-@pytest.mark.slow
-def test_replay_without_model_is_exact(generated):
-    """Can has no per-episode model randomness: restoring the flat state alone replays bit-exactly."""
-    path, _ = generated("can")
-    env = RobosuiteEnv(read_env_args(path), list(OBS_KEYS), horizon=300)
-    try:
-        env.reset(seed=123)
-        with h5py.File(path, "r") as f:
-            demo = f["data/demo_1"]
-            obs, next_obs = concat(demo["obs"], OBS_KEYS), concat(demo["next_obs"], OBS_KEYS)
-            actions, states = demo["actions"][()], demo["states"][()]
-        np.testing.assert_array_equal(env.reset_to(states[0]), obs[0].astype(np.float32))
-        for t, action in enumerate(actions):
-            ob, _, _, _, info = env.step(action)
             np.testing.assert_array_equal(ob, next_obs[t].astype(np.float32))
             if t + 1 < len(states):
                 np.testing.assert_array_equal(env.sim_env.sim.get_state().flatten(), states[t + 1])
+            assert reward == rewards[t] - 1.0 and terminated == info["success"] == bool(rewards[t])
+            assert not truncated
         assert info["success"]
     finally:
         env.close()
@@ -185,17 +168,21 @@ def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path):
     assert path.read_bytes() == b"keep me"
 
     info = generate("lift", path, num_demos=1, seed=0, overwrite=True, verbose=False)
-    assert info["num_demos"] == 1 and sorted(os.listdir(tmp_path)) == ["lift.hdf5"]  # no temp file left
-    reference, _ = generated("lift")
+    assert sorted(os.listdir(tmp_path)) == ["lift.hdf5"]  # no temp file left
+    assert info["task"] == "lift" and info["path"] == str(path) and info["num_demos"] == 1
+    assert info["num_attempts"] >= 1 and info["success_rate"] == 1 / info["num_attempts"]
+    assert info["bytes"] == os.path.getsize(path) and info["seconds"] > 0
+    reference = generated("lift")  # seed 0 as well: its first demo must be the same
     with h5py.File(path, "r") as f, h5py.File(reference, "r") as ref:
         for name in ("actions", "states", "obs/object"):
             np.testing.assert_array_equal(f[f"data/demo_0/{name}"][()], ref[f"data/demo_0/{name}"][()])
         assert len(f["mask/train"]) == 1 and len(f["mask/valid"]) == 0
+        assert f["data"].attrs["total"] == info["num_transitions"] == len(f["data/demo_0/actions"])
 
 
 @pytest.fixture(scope="module")
 def lift_args(generated):
-    return read_env_args(generated("lift")[0])
+    return read_env_args(generated("lift"))
 
 
 def test_env_spaces_seeding_and_errors(lift_args):

@@ -16,6 +16,7 @@ from manip.algos.mvp import mvp_policy_loss, sample_one_step
 from manip.algos.networks import MeanVelocityNet
 from manip.algos.targets import (
     BOUND_STD,
+    SOM_T_MIN,
     T_MIN,
     TAIL_WIDTH,
     boltzmann_log_density,
@@ -31,10 +32,12 @@ ESTIMATORS = ("som", 0.0, 1.0, "optimal")  # SOM, then RFM with eta = 0, 1, opti
 
 
 def _estimate(name, q_fn, x, t, alpha, num_samples, generator, bound_std):
-    """(R, D) velocity estimates at the rows of x (R, D), t (R,)."""
+    """(R, D) velocity estimates at the rows of x (R, D), t (R,); SOM is checked down to RFM's t_min."""
     obs = torch.zeros(x.shape[0], 1, dtype=x.dtype)
     if name == "som":
-        return som_target_velocity(q_fn, obs, x, t, alpha, num_samples, generator=generator, bound_std=bound_std)
+        return som_target_velocity(
+            q_fn, obs, x, t, alpha, num_samples, generator=generator, bound_std=bound_std, t_min=T_MIN
+        )
     return rfm_target_velocity(
         q_fn, obs, x, t, alpha, num_samples, eta=name, generator=generator, bound_std=bound_std
     )
@@ -121,11 +124,10 @@ def test_som_equals_rfm_gradient_form_on_the_same_draws():
     t = torch.linspace(0.01, 0.99, 64, dtype=torch.float64)
     obs = torch.zeros(64, 1, dtype=torch.float64)
     for bound_std in (None, BOUND_STD):
-        som = som_target_velocity(
-            quadratic_q, obs, x, t, 3.0, 32, generator=torch.Generator().manual_seed(2), bound_std=bound_std
-        )
+        kwargs = {"bound_std": bound_std, "t_min": T_MIN}
+        som = som_target_velocity(quadratic_q, obs, x, t, 3.0, 32, generator=torch.Generator().manual_seed(2), **kwargs)
         rfm = rfm_target_velocity(
-            quadratic_q, obs, x, t, 3.0, 32, eta=1.0, generator=torch.Generator().manual_seed(2), bound_std=bound_std
+            quadratic_q, obs, x, t, 3.0, 32, eta=1.0, generator=torch.Generator().manual_seed(2), **kwargs
         )
         torch.testing.assert_close(som, rfm)
 
@@ -148,7 +150,7 @@ def test_optimal_eta_reduces_variance(t):
     mu_value, _ = posterior_mean(0.0)
     mu_optimal, info = posterior_mean("optimal")
     ratio = mu_value.var(0).sum() / mu_optimal.var(0).sum()
-    assert ratio > 3.0, ratio.item()
+    assert ratio > 2.0, ratio.item()  # measured 3.4, 12 and 540 at t = 0.2, 0.5, 0.8
 
     # The estimated coefficient is the population eta*_j = 1 / (Sigma0^-1)_jj.
     _, cov_x = gaussian_posterior(t, alpha)
@@ -170,7 +172,7 @@ WIDTH_1D = 0.2
 
 
 def bimodal_q_1d(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log of two unit Gaussian bumps at +-0.6 (weights 1 and 0.7): (M, 1) -> (M,)."""
+    """log of two Gaussian bumps of width 0.2, weight 0.7 at -0.6 and 1 at +0.6: (M, 1) -> (M,)."""
     log_weights = torch.log(torch.tensor([0.7, 1.0], dtype=actions.dtype))
     return torch.logsumexp(log_weights - (actions - MODES_1D).square() / (2 * WIDTH_1D**2), dim=-1)
 
@@ -213,16 +215,24 @@ def test_proposals_stay_near_the_box():
     assert actions.abs().max() > 1.0  # the tail is sampled too
 
 
-def test_small_t_is_clamped_to_t_min():
-    x = torch.tensor([[0.3, -0.2]] * 3, dtype=torch.float64)
-    t = torch.tensor([0.0, 0.01, T_MIN], dtype=torch.float64)
-    obs = torch.zeros(3, 1, dtype=torch.float64)
-    for fn in (som_target_velocity, rfm_target_velocity):
-        rows = [fn(quadratic_q, obs[i : i + 1], x[i : i + 1], t[i : i + 1], 1.0, 64,
-                   generator=torch.Generator().manual_seed(6)) for i in range(3)]
-        assert all(torch.isfinite(r).all() for r in rows)
+def test_small_t_is_clamped_to_the_default_t_min():
+    obs = torch.zeros(1, 1, dtype=torch.float64)
+    x = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    for fn, t_min in ((som_target_velocity, SOM_T_MIN), (rfm_target_velocity, T_MIN)):
+        times = [torch.tensor([t], dtype=torch.float64) for t in (0.0, t_min / 2, t_min)]
+        rows = [fn(quadratic_q, obs, x, t, 1.0, 64, generator=torch.Generator().manual_seed(6)) for t in times]
+        assert torch.isfinite(rows[0]).all()
         torch.testing.assert_close(rows[0], rows[2])
         torch.testing.assert_close(rows[1], rows[2])
+
+
+def test_normalized_score_has_unit_norm():
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    t = torch.full((16,), 0.7, dtype=torch.float64)
+    obs = torch.zeros(16, 1, dtype=torch.float64)
+    v = som_target_velocity(quadratic_q, obs, x, t, 1.0, 32, normalize_score=True)
+    score = (t[:, None] * v - x) / (1 - t[:, None])
+    torch.testing.assert_close(score.norm(dim=-1), torch.ones(16, dtype=torch.float64))
 
 
 def test_boltzmann_log_density_box_tail():
@@ -232,7 +242,8 @@ def test_boltzmann_log_density_box_tail():
     outside = (actions - clipped).square().sum(-1)
     expected = 2.0 * quadratic_q(obs, clipped) - outside / (2 * 0.2**2)
     torch.testing.assert_close(boltzmann_log_density(quadratic_q, obs, actions, 2.0, 0.2), expected)
-    torch.testing.assert_close(boltzmann_log_density(quadratic_q, obs, actions, 2.0, None), 2.0 * quadratic_q(obs, actions))
+    raw = boltzmann_log_density(quadratic_q, obs, actions, 2.0, None)
+    torch.testing.assert_close(raw, 2.0 * quadratic_q(obs, actions))
 
 
 # ---------------------------------------------------------------- best-of-N and the factory
@@ -265,8 +276,8 @@ def test_make_target_fn():
 # optima, and with alpha = 1 the Boltzmann target is the equal mixture of N(m_i, w^2 I). A one-step policy
 # (MeanVelocityNet, constant observation) is trained with the MVP loss; for SOM and RFM the x_t come from the
 # policy's own one-step samples and the velocity from the target, for best-of-N the action is the best of
-# N = 16 of the policy's candidates. Under the target, 49 % of the mass lies within 0.3 of each optimum in
-# total (25 % per optimum) and the mean distance to the nearest optimum is w * sqrt(pi / 2) = 0.31.
+# N = 16 of the policy's candidates. Under the target 26 % of the mass lies within 0.3 of each optimum and the
+# mean distance to the nearest optimum is w * sqrt(pi / 2) = 0.31.
 
 BANDIT_MODES = torch.tensor([[0.6, 0.0], [-0.6, 0.0]])
 BANDIT_WIDTH = 0.25
@@ -278,8 +289,10 @@ def bandit_q(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(-d2 / (2 * BANDIT_WIDTH**2), dim=1)
 
 
-def train_bandit_policy(kind: str, steps: int = 600, batch: int = 256, num_candidates: int = 16, seed: int = 0,
-                        **target_kwargs) -> MeanVelocityNet:
+def train_bandit_policy(
+    kind: str, steps: int = 600, batch: int = 256, num_candidates: int = 16, seed: int = 0, **target_kwargs
+) -> MeanVelocityNet:
+    """One-step policy trained for ``steps`` Adam steps with the ``kind`` target (module comment above)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # time_dim = 4 keeps one (the lowest) frequency of the time features: enough for this 2-D problem.
@@ -317,3 +330,25 @@ def mode_statistics(net: MeanVelocityNet, num: int = 4000) -> dict[str, list[flo
         "basin": [right, 1.0 - right],
         "distance": dist.min(1).values.mean().item(),
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, target_kwargs, min_near, max_distance",
+    [("rfm", {"num_samples": 32}, 0.18, 0.36), ("som", {"num_samples": 128}, 0.12, 0.45)],
+)
+def test_boltzmann_targets_cover_both_optima(kind, target_kwargs, min_near, max_distance):
+    """Measured (seeds 0-2): RFM near 0.22-0.25 each, distance 0.32-0.33; SOM near 0.14-0.19, distance 0.38-0.41."""
+    stats = mode_statistics(train_bandit_policy(kind, **target_kwargs))
+    assert min(stats["basin"]) > 0.4, stats
+    assert min(stats["near"]) > min_near, stats
+    assert stats["distance"] < max_distance, stats
+
+
+@pytest.mark.slow
+def test_best_of_n_collapses_onto_one_optimum():
+    """Imitating the best of N candidates is greedy: one of the two equal optima takes all the mass."""
+    stats = mode_statistics(train_bandit_policy("bon"))
+    assert max(stats["basin"]) > 0.95, stats
+    assert max(stats["near"]) > 0.9, stats
+    assert stats["distance"] < 0.15, stats  # tighter than the Boltzmann target's 0.31

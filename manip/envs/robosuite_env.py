@@ -27,6 +27,12 @@ _FORCED_KWARGS = {
 }
 
 
+_RENDER_HINT = (
+    "set MUJOCO_GL=egl with EGL_PLATFORM=surfaceless (or MUJOCO_GL=osmesa with PYOPENGL_PLATFORM=osmesa) "
+    "before importing robosuite"
+)
+
+
 @contextlib.contextmanager
 def quiet_robosuite() -> Iterator[None]:
     """Silence robosuite's per-reset controller warnings (e.g. config parts the robot lacks) inside the block."""
@@ -91,8 +97,7 @@ def make_robosuite(env_args: dict, render_size: tuple[int, int] | None = None):
         if render_size is None:
             raise
         raise RuntimeError(
-            f"could not create the offscreen renderer ({type(err).__name__}: {err}); set MUJOCO_GL=egl with "
-            "EGL_PLATFORM=surfaceless (or MUJOCO_GL=osmesa with PYOPENGL_PLATFORM=osmesa) before importing robosuite"
+            f"could not create the offscreen renderer ({type(err).__name__}: {err}); {_RENDER_HINT}"
         ) from err
     add_eef_velocity_observables(env)
     for name in env.observation_names:
@@ -140,13 +145,16 @@ def seed_placement(env, seed: int) -> None:
     env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
 
 
-def restore_state(env, state: np.ndarray) -> dict[str, np.ndarray]:
+def restore_state(env, state: np.ndarray, model_xml: str | None = None) -> dict[str, np.ndarray]:
     """Start an episode from a flat MuJoCo state (time, qpos, qvel) and return the observation dict.
 
-    Performs a deterministic reset (no re-sampling: controllers, gripper command and observables start fresh),
-    writes ``state`` and runs ``mj_forward``; the observation is computed from the restored state. The model is
-    left as is, so episode-specific model parameters (e.g. Lift's cube size) must already match.
+    ``model_xml`` (a demo's ``model_file``) first rebuilds the simulator from that MJCF, which reproduces
+    episode-specific model parameters such as Lift's random cube size; without it the current model is kept.
+    Then a deterministic reset (no re-sampling; controllers, gripper command and observables start fresh),
+    ``state`` is written, ``mj_forward`` runs and the observation is computed from the restored state.
     """
+    if model_xml is not None:
+        env.reset_from_xml_string(env.edit_model_xml(model_xml))
     env.deterministic_reset = True
     try:
         env.reset()
@@ -236,13 +244,11 @@ class RobosuiteEnv(gym.Env):
     def reset_to(self, state: np.ndarray, model_xml: str | None = None) -> np.ndarray:
         """Start an episode from a flat MuJoCo state (a dataset's ``states[t]``, shape (D,)); returns obs (obs_dim,).
 
-        ``model_xml`` (a demo's ``model_file``) first rebuilds the simulator from that model, which reproduces
-        episode-specific model parameters such as Lift's random cube size.
+        ``model_xml`` (a demo's ``model_file``) first rebuilds the simulator from that MJCF, which reproduces
+        episode-specific model parameters such as Lift's random cube size (see ``restore_state``).
         """
         with quiet_robosuite():
-            if model_xml is not None:
-                self._env.reset_from_xml_string(self._env.edit_model_xml(model_xml))
-            obs = restore_state(self._env, state)
+            obs = restore_state(self._env, state, model_xml)
         self._steps = 0
         return self._flatten(obs)
 
@@ -265,7 +271,10 @@ class RobosuiteEnv(gym.Env):
         if self.render_size is None:
             raise RuntimeError("rendering is disabled: create RobosuiteEnv with render_size=(height, width)")
         height, width = self.render_size
-        image = self._env.sim.render(width=width, height=height, camera_name=self.camera)
+        try:
+            image = self._env.sim.render(width=width, height=height, camera_name=self.camera)
+        except Exception as err:
+            raise RuntimeError(f"offscreen rendering failed ({type(err).__name__}: {err}); {_RENDER_HINT}") from err
         return np.ascontiguousarray(image[::-1], dtype=np.uint8)
 
     def close(self) -> None:

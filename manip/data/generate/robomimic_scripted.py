@@ -25,8 +25,9 @@ The end-effector velocity keys follow robosuite 1.4's definition, which robosuit
 
 ``obs[t]`` is exactly what ``env.step`` returned at step t - 1 (at t = 0: the observation after restoring
 ``states[0]``), so training data matches what a policy sees at evaluation time. Every random draw comes from
-one ``numpy.random.Generator`` seeded by ``seed``, and each episode starts the way ``RobosuiteEnv.reset_to``
-does, so replaying ``actions`` from ``states[0]`` (with the demo's ``model_file``) reproduces the demo.
+one ``numpy.random.Generator`` seeded by ``seed``, and each episode starts exactly as
+``RobosuiteEnv.reset_to(states[0], model_xml=model_file)`` does, so replaying ``actions`` after it reproduces
+the demo bit for bit.
 """
 
 from __future__ import annotations
@@ -490,7 +491,8 @@ def _run_episode(env, task: str, horizon: int, rng: np.random.Generator) -> _Dem
         env.reset()
         model_file = env.sim.model.get_xml()
         start = np.array(env.sim.get_state().flatten())
-        obs = _select(restore_state(env, start))
+        # Rebuilding from the saved MJCF makes the episode's model exactly the one a replay rebuilds.
+        obs = _select(restore_state(env, start, model_file))
     script = _SCRIPTS[task](env, _Style.sample(rng), rng).actions()
 
     rows: dict[str, list] = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "states": []}

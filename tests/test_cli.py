@@ -1,0 +1,95 @@
+"""The real entry points end to end: Hydra composition, fit -> checkpoint -> finetune -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from manip.checkpoint import load_checkpoint, load_module
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+TINY = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"]
+
+
+def run(module: str, *overrides: str, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def test_presets_compose():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        lift = compose("fit", overrides=["conf=robomimic_lift"])
+        assert lift.data.path == "data/robomimic/lift/mh/low_dim_v15.hdf5" and lift.algo.name == "mvp"
+        qc = compose("fit", overrides=["conf=robomimic_lift", "algo=qc", "trainer.max_steps=7"])
+        assert qc.algo.agent._target_ == "manip.algos.flow.FlowBoNAgent" and qc.trainer.max_steps == 7
+        assert qc.data.horizon == 5
+        bfn = compose("fit", overrides=["conf=robomimic_can", "algo=bfn"])
+        assert bfn.data.horizon == 1 and bfn.algo.agent.num_samples == 4 and bfn.data.task == "can"
+        noivc = compose("fit", overrides=["algo=mvp_noivc"])
+        assert noivc.algo.agent.lambda_ivc == 0.0 and noivc.algo.agent.boundary_fraction == 0.0
+        for task in ("double", "triple"):
+            for n in (2, 3, 4):
+                cfg = compose("fit", overrides=[f"conf=ogbench_cube_{task}_task{n}"])
+                assert cfg.data.dataset_name == f"cube-{task}-play-singletask-task{n}-v0"
+                assert cfg.trainer.max_steps == 1_000_000
+
+
+def _fit(tmp_path: Path, data: list[str], steps: int = 200) -> Path:
+    run_dir = tmp_path / "run"
+    run("manip.fit", *data, *TINY, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
+        "eval.every_n_steps=0", "eval.final_episodes=2", "eval.num_envs=1", f"checkpoint.every_n_steps={steps}")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps and records[-1]["episodes"] == 2 and records[-1]["phase"] == "offline"
+    return ckpt
+
+
+def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, action_dim: int) -> Path:
+    run("manip.finetune", f"ckpt={ckpt}", f"finetune.target={target}", f"trainer.max_steps={updates}",
+        f"finetune.start_training={env_steps}", "finetune.target_samples=8", "eval.every_n_steps=0",
+        "eval.final_episodes=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=1000")
+    run_dir = ckpt.parent.parent / f"finetune_{target}"
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    offline_step = load_checkpoint(ckpt)["global_step"]
+    assert last["global_step"] == offline_step + updates
+    online = last["manip"]["online_replay"]
+    assert len(online["observations"]) >= env_steps and bool(online["terminals"][-1])
+    assert last["manip"]["env_steps"] >= env_steps + updates
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps
+    module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
+    chunks = module.predict_chunks(np.zeros((3, module.obs_dim), np.float32))
+    assert chunks.shape == (3, module.horizon, action_dim) and np.abs(chunks).max() <= 1
+    return run_dir
+
+
+@pytest.mark.slow
+def test_fit_finetune_robomimic_lift(lift_hdf5, tmp_path):
+    ckpt = _fit(tmp_path, ["data=robomimic", f"data.path={lift_hdf5}"])
+    module, cfg = load_module(ckpt)
+    assert cfg["data_info"]["obs_keys"] == ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+    assert cfg["env_spec"]["kind"] == "robosuite" and cfg["env_spec"]["kwargs"]["horizon"] == 300
+    assert module.predict_chunks(np.zeros((2, 19), np.float32)).shape == (2, 5, 7)
+    # Stats travel with the checkpoint and normalise observations.
+    assert torch.allclose(module.obs_mean, torch.tensor(cfg and load_checkpoint(ckpt)["hyper_parameters"]["stats"]["obs_mean"]))
+    _finetune_and_check(ckpt, "bon", env_steps=300, updates=60, action_dim=7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["bon", "som", "rfm"])
+def test_fit_finetune_ogbench_cube_single(cube_single_npz, tmp_path_factory, target):
+    base = tmp_path_factory.mktemp(f"cube_{target}")
+    ckpt = _fit(base, ["data=ogbench", f"data.path={cube_single_npz}"], steps=100)
+    _finetune_and_check(ckpt, target, env_steps=250, updates=40, action_dim=5)
