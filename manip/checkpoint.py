@@ -9,7 +9,6 @@ weights_only=True)``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,39 +35,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: Mapping[str, Any], path: str | Path | None, obs_dim: int, action_dim: int,
+def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, action_dim: int,
                      obs_keys: list[str] | None = None, horizon: int | None = None,
                      where: str = "dataset") -> None:
     """Refuse a checkpoint whose observation keys, dims or chunk length differ from the data/env.
 
-    ckpt: a checkpoint dict or its ``hyper_parameters`` (e.g. ``module.hparams``); path: where it
-    came from (None: a module in memory, called "the policy"); arguments left None are not
-    checked. Raises ``CheckpointError`` naming both sides.
+    Arguments left None are not checked. Raises ``CheckpointError`` naming both sides.
     """
-    hp = ckpt.get("hyper_parameters", ckpt)
+    hp = ckpt["hyper_parameters"]
     theirs = {"obs_dim": hp["obs_dim"], "action_dim": hp["action_dim"], "horizon": hp["horizon"],
               "obs_keys": hp["cfg"].get("data_info", {}).get("obs_keys")}
     ours = {"obs_dim": obs_dim, "action_dim": action_dim, "horizon": horizon, "obs_keys": obs_keys}
-    subject = f"checkpoint {path}" if path is not None else "the policy"
     for key, value in ours.items():
         if value is None or theirs[key] is None:
             continue
         if list(value) != list(theirs[key]) if key == "obs_keys" else value != theirs[key]:
-            raise CheckpointError(f"{subject} has {key}={theirs[key]} but the {where} has {key}={value}")
-
-
-def check_env_compatible(ckpt: Mapping[str, Any], path: str | Path | None, env, spec=None) -> None:
-    """Refuse a checkpoint whose observation/action dims (or observation keys) differ from ``env``'s.
-
-    ckpt: a checkpoint dict or its ``hyper_parameters`` (``module.hparams``); env: a gymnasium
-    ``Env`` or ``VectorEnv``; spec: the ``EnvSpec`` it was built from (its ``obs_keys``, when it
-    has them, are compared with the checkpoint's). Raises ``CheckpointError`` naming both sides.
-    """
-    obs_space = getattr(env, "single_observation_space", env.observation_space)
-    act_space = getattr(env, "single_action_space", env.action_space)
-    obs_keys = spec.kwargs.get("obs_keys") if spec is not None else None
-    name = f"{spec.kind} env" if spec is not None else "env"
-    check_compatible(ckpt, path, int(obs_space.shape[0]), int(act_space.shape[0]), obs_keys, where=name)
+            raise CheckpointError(f"checkpoint {path} has {key}={theirs[key]} but the {where} has {key}={value}")
 
 
 def load_module(path: str | Path, map_location: str = "cpu"):

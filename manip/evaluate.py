@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
-from manip.envs import make_vector_env
+from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
@@ -38,7 +38,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
 
     num_samples: best-of-N candidates per action chunk (None: the agent's own N). With
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
-    ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``.
+    ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
+    whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
     Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
     """
     if video_episodes and video_prefix is None:
@@ -48,7 +49,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     predict = partial(module.predict_chunks, num_samples=num_samples)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
-        env = make_vector_env(spec, num_envs)
+        env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)
         try:
             result = evaluate_policy(env, predict, episodes, seed)
         finally:
@@ -76,7 +77,7 @@ def summary(result: dict, out: Path) -> str:
     ]
     for video in result["videos"]:
         outcome = "success" if video["success"] else "failure"
-        lines.append(f"video {video['path']} ({outcome}, {video['length']} steps, {video['bytes'] / 1024:.0f} KiB)")
+        lines.append(f"video {video['path']} ({outcome}, {video['length']} steps, {video['size_bytes'] / 1024:.0f} KiB)")
     return "\n".join(lines)
 
 
@@ -88,7 +89,7 @@ def main(cfg: DictConfig) -> None:
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps)
-    except (CheckpointError, RendererUnavailable) as err:
+    except (CheckpointError, EnvMismatchError, RendererUnavailable) as err:
         sys.exit(f"manip.evaluate: {err}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

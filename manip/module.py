@@ -18,7 +18,6 @@ datamodule's replay, and then updates with the configured critic-driven policy t
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from manip.checkpoint import check_env_compatible, gather_rank_states, rank_state
+from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
@@ -259,8 +258,7 @@ class ManipModule(L.LightningModule):
         from manip.envs import make_vector_env
 
         spec = self.trainer.datamodule.env_spec
-        env = make_vector_env(spec, self.online.num_envs)
-        check_env_compatible(self.hparams, None, env, spec)
+        env = make_vector_env(spec, self.online.num_envs, obs_dim=self.obs_dim, action_dim=self.action_dim)
         policy = ChunkPolicy(self.predict_chunks, env.num_envs)
         seed = np.random.SeedSequence([self.online.seed, self.global_rank, self.env_steps]).generate_state(1)[0]
         self.rollout = VectorRollout(env, policy, seed=int(seed), record=True)
@@ -272,7 +270,11 @@ class ManipModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds env steps, every rank's RNG states and (online) this rank's collected episodes."""
+        """Adds env steps, every rank's RNG states and (online) the collected episodes.
+
+        Under DDP the episodes are rank 0's: a resumed multi-process run restarts every rank's
+        online buffer from them.
+        """
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import AtomicCheckpointIO, check_env_compatible
+from manip.checkpoint import AtomicCheckpointIO
 from manip.data.datamodule import ReplayDataModule
 from manip.evaluation import evaluate_policy
 from manip.module import ManipModule
@@ -49,9 +49,8 @@ class PeriodicEvaluation(Callback):
             return
         self.last_step = trainer.global_step
         if self.env is None:
-            spec = trainer.datamodule.env_spec
-            self.env = make_vector_env(spec, self.num_envs)
-            check_env_compatible(module.hparams, None, self.env, spec)
+            self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
+                                       action_dim=module.action_dim)
         was_training = module.training
         module.eval()
         result = evaluate_policy(self.env, module.predict_chunks, episodes, seed=self.seed)
@@ -121,6 +120,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
                            cfg.eval.seed, cfg.eval.final_episodes, phase),
     ]
+    # metrics.csv is written whenever metrics are logged, so a killed run keeps all it logged.
     loggers = [ResumableCSVLogger(run_dir, name="", version=phase,
                                   flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
                TensorBoardLogger(run_dir, name="tb", version=phase)]

@@ -39,15 +39,20 @@ class Video:
     seed: int
     success: bool
     length: int
-    bytes: int
+    size_bytes: int
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+def _unavailable(kind: str, err: BaseException) -> RendererUnavailable:
+    """One line: the backend, the root error's first line and what to set instead."""
+    root = err.__cause__ or err
+    first = (str(root).strip().splitlines() or [""])[0]
+    return RendererUnavailable(
+        f"no offscreen renderer for {kind} (MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')}): "
+        f"{type(root).__name__}: {first}; set MUJOCO_GL=egl with EGL_PLATFORM=surfaceless (Mesa libEGL), "
+        "or MUJOCO_GL=osmesa with PYOPENGL_PLATFORM=osmesa (needs libosmesa6), before Python starts")
 
 
 def open_render_env(spec, size: tuple[int, int]):
@@ -56,21 +61,16 @@ def open_render_env(spec, size: tuple[int, int]):
     Building the env and rendering one frame up front makes a missing renderer fail before a
     long evaluation starts.
     """
-    backend = os.environ.get("MUJOCO_GL", "<unset>")
-    hint = ("set MUJOCO_GL=egl with EGL_PLATFORM=surfaceless (Mesa libEGL), or MUJOCO_GL=osmesa with "
-            "PYOPENGL_PLATFORM=osmesa (needs libosmesa6), before Python starts")
     try:
         env = spec.make(render_size=tuple(size))
-    except RuntimeError as err:
-        raise RendererUnavailable(f"no offscreen renderer for {spec.kind} (MUJOCO_GL={backend}): "
-                                  f"{_one_line(err.__cause__ or err)}; {hint}") from err
+    except RuntimeError as err:  # the adapters' own renderer errors
+        raise _unavailable(spec.kind, err) from err
     try:
         env.reset(seed=0)
         env.render()
     except Exception as err:
         env.close()
-        raise RendererUnavailable(f"no offscreen renderer for {spec.kind} (MUJOCO_GL={backend}): "
-                                  f"{_one_line(err.__cause__ or err)}; {hint}") from err
+        raise _unavailable(spec.kind, err) from err
     return env
 
 
@@ -85,7 +85,7 @@ def record_episode(env, predict_chunks: Callable[[np.ndarray], np.ndarray],
         action = policy.select_action(obs[None])[0]
         obs, _, terminated, truncated, info = env.step(action)
         frames.append(env.render())
-        success |= bool(info.get("success", False))
+        success |= bool(info["success"])
         length += 1
         if terminated or truncated:
             return frames, success, length
@@ -96,11 +96,11 @@ def mark_outcome(frames: list[np.ndarray], success: bool, hold_frames: int = DEF
     ``hold_frames`` more times. The frame size is unchanged."""
     color = np.array(SUCCESS_RGB if success else FAILURE_RGB, dtype=np.uint8)
     height, width = frames[0].shape[:2]
-    b = max(2, min(height, width) // 32)
+    edge = max(2, min(height, width) // 32)
     marked = []
     for frame in frames:
         frame = np.array(frame, dtype=np.uint8, copy=True)
-        frame[:b], frame[-b:], frame[:, :b], frame[:, -b:] = color, color, color, color
+        frame[:edge], frame[-edge:], frame[:, :edge], frame[:, -edge:] = color, color, color, color
         marked.append(frame)
     return marked + [marked[-1]] * hold_frames
 
@@ -116,7 +116,7 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_F
     try:
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio's FFMPEG plugin runs)
 
-        # yuv420p needs even sizes: macro_block_size=2 pads odd ones by a pixel at most.
+        # yuv420p needs even sizes: macro_block_size=2 lets ffmpeg scale an odd size up by one pixel.
         with iio.get_writer(mp4, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
                             macro_block_size=2, ffmpeg_log_level="error") as writer:
             for frame in frames:

@@ -142,7 +142,7 @@ class ReplayDataModule(L.LightningDataModule):
         return {"generators": gather_rank_states(self.trainer, {"state": state})}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = rank_state(state["generators"], self.trainer)
+        mine = rank_state(state.get("generators"), self.trainer)
         if mine is not None:
             self._set_sampler_state(mine["state"])
 

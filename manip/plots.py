@@ -1,0 +1,335 @@
+"""Figures and tables from run directories and benchmark files (used by ``notebooks/``).
+
+Run directories are what ``manip.fit`` and ``manip.finetune`` write: ``eval.jsonl`` (one line per
+evaluation: step, env_steps, phase, success_rate, ci_low, ci_high, ...) and the run config in
+``<run_dir>/<phase>/hparams.yaml``. A fine-tuning run (``<offline run>/finetune_<target>``) records
+the checkpoint it started from, so its curve is the offline run's evaluations up to that step
+followed by its own.
+
+Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
+best-of-N target); runs sharing both are seeds of one method. The band around a curve is the
+95% bootstrap interval of the mean over seeds, or the Wilson 95% interval over episodes when a
+label has a single run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+# Paper (MVP, arXiv 2602.13810) Table 1: success after 1M offline + 1M online updates, mean and std
+# over 5 seeds (std None where unpublished). Entries in PAPER_TABLE1_INFERRED are split from
+# published pair sums, not published themselves.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float | None]]] = {
+    "lift": {"FQL": (0.96, 0.03), "BFN": (1.00, 0.01), "QC": (1.00, 0.00), "MVP": (1.00, 0.00)},
+    "can": {"FQL": (0.74, 0.11), "BFN": (0.82, None), "QC": (0.94, 0.06), "MVP": (0.92, 0.07)},
+    "square": {"FQL": (0.12, None), "BFN": (0.34, None), "QC": (0.92, 0.01), "MVP": (0.93, 0.01)},
+    "cube-double-task2": {"FQL": (0.97, None), "BFN": (0.90, None), "QC": (1.00, None), "MVP": (1.00, None)},
+    "cube-double-task3": {"FQL": (0.96, None), "BFN": (0.91, None), "QC": (1.00, None), "MVP": (1.00, None)},
+    "cube-double-task4": {"FQL": (0.08, None), "BFN": (0.35, None), "QC": (0.93, 0.08), "MVP": (0.95, 0.04)},
+    "cube-triple-task2": {"FQL": (0.01, None), "BFN": (0.08, None), "QC": (0.82, 0.10), "MVP": (0.88, 0.03)},
+    "cube-triple-task3": {"FQL": (0.12, None), "BFN": (0.26, None), "QC": (0.69, 0.05), "MVP": (0.71, 0.06)},
+    "cube-triple-task4": {"FQL": (0.00, None), "BFN": (0.02, None), "QC": (0.46, 0.13), "MVP": (0.52, 0.11)},
+}
+PAPER_TABLE1_INFERRED = {(task, method) for task in ("cube-double-task2", "cube-double-task3")
+                         for method in ("FQL", "BFN")}
+# The paper's method name for each algo config (mvp_noivc and qc_fql have no Table 1 column).
+PAPER_METHOD = {"mvp": "MVP", "qc": "QC", "bfn": "BFN", "fql": "FQL"}
+# Paper Table 3 (ms per action, CPU-only AMD Threadripper 3960X, JAX JIT off) and Table 2 (online it/s).
+PAPER_ACT_MS = {"fql": 10.76, "bfn": 117.3, "qc": 113.22, "mvp": 10.93}
+PAPER_UPDATE_ITS = {"fql": 108.5, "bfn": 68.0, "qc": 92.6, "mvp": 153.6}
+
+OFFLINE_SHADE = "0.9"
+
+
+# ------------------------------------------------------------------------------------------- runs
+def task_name(cfg: dict) -> str:
+    """Short task name of a run config, as in the paper's Table 1 rows: ``lift``, ``cube-double-task2``."""
+    info = cfg["data_info"]
+    if info["source"] == "robomimic":
+        return cfg["data"]["task"]
+    return info["env_name"].replace("-singletask", "").removesuffix("-v0")
+
+
+def find_runs(root: str | Path) -> pd.DataFrame:
+    """Every run directory under ``root`` (one with an ``eval.jsonl``), one row each.
+
+    Columns: run_dir, task, algo, target (fine-tuning target, None offline), seed, parent (the
+    offline run a fine-tuning run started from), start_step (its checkpoint's step), label.
+    """
+    rows = []
+    for log in sorted(Path(root).rglob("eval.jsonl")):
+        run_dir = log.parent
+        phase = "online" if (run_dir / "online" / "hparams.yaml").exists() else "offline"
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / phase / "hparams.yaml"))["cfg"]
+        algo = cfg["algo"]["name"]
+        finetune = cfg.get("finetune") if phase == "online" else None
+        rows.append({
+            "run_dir": str(run_dir), "task": task_name(cfg), "algo": algo,
+            "target": finetune["target"] if finetune else None, "seed": cfg["seed"],
+            "parent": str(Path(cfg["offline_ckpt"]).parent.parent) if finetune else None,
+            "start_step": cfg["finetune_start_step"] if finetune else None,
+            "label": f"{algo} ({finetune['target']})" if finetune else algo,
+        })
+    columns = ["run_dir", "task", "algo", "target", "seed", "parent", "start_step", "label"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def read_evaluations(run_dir: str | Path) -> pd.DataFrame:
+    """A run's ``eval.jsonl`` as a frame (a step evaluated twice, e.g. after a resume, keeps its last line)."""
+    lines = (Path(run_dir) / "eval.jsonl").read_text().splitlines()
+    records = pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+    return records.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+
+
+def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Success-rate curves, one per run, in long form (one row per evaluation).
+
+    A fine-tuning run's curve starts with its parent's offline evaluations up to ``start_step``; an
+    offline run that was fine-tuned is not a curve of its own. Columns: the run's task, algo,
+    label, seed and run_dir, then the ``eval.jsonl`` fields.
+    """
+    fine_tuned = set(runs["parent"].dropna())
+    curves = []
+    for run in runs.itertuples():
+        online = pd.notna(run.parent)
+        if not online and run.run_dir in fine_tuned:
+            continue
+        records = read_evaluations(run.run_dir)
+        if online and (Path(run.parent) / "eval.jsonl").exists():
+            offline = read_evaluations(run.parent)
+            records = pd.concat([offline[offline["step"] <= run.start_step], records], ignore_index=True)
+        curves.append(records.assign(task=run.task, algo=run.algo, label=run.label, seed=run.seed,
+                                     run_dir=run.run_dir))
+    columns = ["task", "algo", "label", "seed", "run_dir", "step", "env_steps", "phase", "success_rate", "ci_low",
+               "ci_high", "episodes"]
+    if not curves:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(curves, ignore_index=True)[columns]
+
+
+def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (seeds)."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(resamples, len(values)), replace=True).mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def aggregate(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean success per (task, label, step) with its band: columns mean, low, high, seeds, phase."""
+    rows = []
+    for (task, label, step), group in curves.groupby(["task", "label", "step"], sort=True):
+        values = group["success_rate"].to_numpy(dtype=float)
+        if len(values) > 1:
+            low, high = bootstrap_interval(values)
+        else:
+            low, high = float(group["ci_low"].iloc[0]), float(group["ci_high"].iloc[0])
+        rows.append({"task": task, "label": label, "step": step, "mean": values.mean(), "low": low,
+                     "high": high, "seeds": len(values), "phase": group["phase"].iloc[0]})
+    return pd.DataFrame(rows, columns=["task", "label", "step", "mean", "low", "high", "seeds", "phase"])
+
+
+def _paper_entry(task: str, algo: str) -> tuple[float, float | None] | None:
+    """Table 1's (mean, std) for ``algo`` on ``task``, None where the paper has no such entry."""
+    return PAPER_TABLE1.get(task, {}).get(PAPER_METHOD.get(algo))
+
+
+def plot_success_curves(curves: pd.DataFrame, task: str) -> plt.Figure:
+    """Success rate vs updates for one task: offline phase shaded, one line (and band) per label,
+    the paper's Table 1 value of the same method as a dotted line where it has one."""
+    summary = aggregate(curves[curves["task"] == task])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offline_end = summary.loc[summary["phase"] == "offline", "step"].max()
+    if not np.isnan(offline_end):
+        ax.axvspan(0, offline_end, color=OFFLINE_SHADE, zorder=0, label="offline phase")
+    drawn = set()
+    algos = dict(zip(curves["label"], curves["algo"]))
+    for i, (label, line) in enumerate(summary.groupby("label", sort=True)):
+        color = f"C{i}"
+        seeds = int(line["seeds"].max())
+        ax.plot(line["step"], line["mean"], marker="o", ms=3, color=color,
+                label=f"{label} ({seeds} {'seed' if seeds == 1 else 'seeds'})")
+        ax.fill_between(line["step"], line["low"], line["high"], color=color, alpha=0.2, linewidth=0)
+        paper, method = _paper_entry(task, algos[label]), PAPER_METHOD.get(algos[label])
+        if paper is not None and method not in drawn:
+            drawn.add(method)
+            ax.axhline(paper[0], color=color, linestyle=":", linewidth=1.5, label=f"paper {method} (Table 1)")
+    ax.set(xlim=(0, max(summary["step"].max(), 1)), ylim=(-0.02, 1.02), xlabel="gradient updates",
+           ylabel="success rate", title=f"{task}: success rate (offline, then online)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ table
+def _fmt(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def comparison_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Final success per (task, label) next to the paper's Table 1 number for the same method.
+
+    offline / final: mean over seeds of each run's last offline / last evaluation (final_std: the
+    std over seeds, NaN for one seed); paper: Table 1 mean and std; ``ours`` and ``paper_text``
+    are the same as ``mean ± std`` strings.
+    """
+    rows = []
+    for (task, label), group in curves.groupby(["task", "label"], sort=True):
+        group = group.sort_values("step")
+        final = group.groupby("run_dir")["success_rate"].last().to_numpy(dtype=float)
+        offline = group[group["phase"] == "offline"].groupby("run_dir")["success_rate"].last()
+        algo = group["algo"].iloc[0]
+        paper = _paper_entry(task, algo)
+        rows.append({
+            "task": task, "label": label, "seeds": len(final), "episodes": int(group["episodes"].iloc[-1]),
+            "last_step": int(group["step"].max()),
+            "offline": offline.mean() if len(offline) else np.nan, "final": final.mean(),
+            "final_std": final.std(ddof=1) if len(final) > 1 else np.nan,
+            "paper": paper[0] if paper else np.nan,
+            "paper_std": paper[1] if paper and paper[1] is not None else np.nan,
+            "paper_inferred": (task, PAPER_METHOD.get(algo)) in PAPER_TABLE1_INFERRED,
+        })
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["ours"] = [_fmt(m, s) for m, s in zip(table["final"], table["final_std"])]
+    table["paper_text"] = [_fmt(m, s) + (" (inferred)" if inferred else "")
+                           for m, s, inferred in zip(table["paper"], table["paper_std"], table["paper_inferred"])]
+    return table
+
+
+def plot_comparison(table: pd.DataFrame) -> plt.Figure:
+    """Grouped bars per task: each label's final success (std over seeds as error bar, value on top)
+    and, hatched beside it, the paper's Table 1 value for the same method where there is one."""
+    tasks = list(dict.fromkeys(table["task"]))
+    labels = list(dict.fromkeys(table["label"]))
+    with_paper = {label: table.loc[table["label"] == label, "paper"].notna().any() for label in labels}
+    slots = sum(1 + with_paper[label] for label in labels)
+    width = 0.8 / slots
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) * slots + 2), 4))
+    x = np.arange(len(tasks))
+    slot = 0
+    for i, label in enumerate(labels):
+        rows = table[table["label"] == label].set_index("task").reindex(tasks)
+        offset = (slot - (slots - 1) / 2) * width
+        bars = ax.bar(x + offset, rows["final"], width, yerr=rows["final_std"].fillna(0), capsize=3,
+                      color=f"C{i}", label=f"{label} (ours)")
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in rows["final"]], fontsize=7)
+        slot += 1
+        if with_paper[label]:
+            ax.bar(x + offset + width, rows["paper"], width, yerr=rows["paper_std"].fillna(0), capsize=3,
+                   color="white", edgecolor=f"C{i}", hatch="//", label=f"{label}: paper Table 1")
+            slot += 1
+    ax.set_xticks(x, tasks)
+    ax.set(xlim=(-0.5, len(tasks) - 0.5), ylim=(0, 1.1), ylabel="final success rate",
+           title="Final success vs the paper's Table 1")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ speed
+def load_bench(path: str | Path) -> tuple[pd.DataFrame, dict, dict]:
+    """A ``python -m manip.bench`` JSON as (per-algo frame indexed by algo, ratios, config)."""
+    report = json.loads(Path(path).read_text())
+    ratios, config = report.get("ratios", {}), report.get("config", {})
+    algos = {k: v for k, v in report.items() if k not in ("ratios", "config")}
+    return pd.DataFrame.from_dict(algos, orient="index"), ratios, config
+
+
+def _measured_label(config: dict) -> str:
+    hidden = "x".join(str(h) for h in config.get("hidden", [])) or "?"
+    return f"measured ({config.get('device_name', '?')}, threads={config.get('threads', '?')}, MLP {hidden})"
+
+
+def _bars(ax, algos: list[str], measured: list[float], paper: dict[str, float] | None, config: dict,
+          paper_label: str, log: bool = False) -> None:
+    """Measured values per algo as solid bars, the paper's (if given) as hatched bars beside them."""
+    x = np.arange(len(algos))
+    width = 0.4 if paper else 0.6
+    bars = ax.bar(x - (width / 2 if paper else 0), measured, width, color="C0", label=_measured_label(config))
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    shown = list(measured)
+    if paper:
+        reference = [paper.get(a, np.nan) for a in algos]
+        bars = ax.bar(x + width / 2, reference, width, color="white", edgecolor="C1", hatch="//", label=paper_label)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3g}" for v in reference], fontsize=8)
+        shown += reference
+    ax.set_xticks(x, algos)
+    ax.grid(axis="y", alpha=0.3)
+    # Headroom above the tallest bar for the legend and the ratio box.
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(np.nanmin(shown) / 2, np.nanmax(shown) * 30)
+    else:
+        ax.set_ylim(0, np.nanmax(shown) * 1.5)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _ratio_note(ax, lines: list[str]) -> None:
+    ax.text(0.98, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=9,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9})
+
+
+def plot_act_latency(bench: pd.DataFrame, ratios: dict, config: dict) -> plt.Figure:
+    """act() latency per algo (batch 1, ms, log scale) beside the paper's Table 3, with MVP's speedup over QC."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    algos = list(bench.index)
+    _bars(ax, algos, bench["act_ms"].tolist(), PAPER_ACT_MS, config, "paper Table 3 (Threadripper CPU, JAX, JIT off)",
+          log=True)
+    ax.set(ylabel="ms per act() call", title="Action latency (lower is better)")
+    if "mvp_act_speedup_vs_qc" in ratios:
+        paper = PAPER_ACT_MS["qc"] / PAPER_ACT_MS["mvp"]
+        _ratio_note(ax, [f"MVP act speedup vs QC: {ratios['mvp_act_speedup_vs_qc']:.1f}x", f"(paper: {paper:.1f}x)"])
+    fig.tight_layout()
+    return fig
+
+
+def plot_update_throughput(bench: pd.DataFrame, ratios: dict, config: dict) -> plt.Figure:
+    """Full updates per second per algo beside the paper's Table 2, with MVP/QC and the JVP overhead."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    algos = list(bench.index)
+    _bars(ax, algos, bench["update_its"].tolist(), PAPER_UPDATE_ITS, config, "paper Table 2 (online it/s)")
+    ax.set(ylabel="updates / s", title="Update throughput (higher is better)")
+    lines = []
+    if "mvp_update_ratio_vs_qc" in ratios:
+        paper = PAPER_UPDATE_ITS["mvp"] / PAPER_UPDATE_ITS["qc"]
+        lines += [f"MVP / QC update rate: {ratios['mvp_update_ratio_vs_qc']:.2f}x", f"(paper: {paper:.2f}x)"]
+    if "jvp_overhead" in ratios:
+        lines.append(f"JVP overhead of the MVP actor step: {ratios['jvp_overhead']:.2f}x")
+    if lines:
+        _ratio_note(ax, lines)
+    fig.tight_layout()
+    return fig
+
+
+def plot_jvp_overhead(bench: pd.DataFrame, ratios: dict, config: dict) -> plt.Figure:
+    """MVP's actor step (MeanFlow loss through torch.func.jvp) vs a plain flow-matching step of the same net."""
+    mvp = bench.loc["mvp"]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    _bars(ax, ["MeanFlow + IVC (jvp)", "flow matching"], [mvp["actor_update_ms"], mvp["fm_update_ms"]], None,
+          config, "")
+    ax.set(ylabel="ms per actor step", title="Cost of the JVP in the MVP actor step")
+    _ratio_note(ax, [f"overhead: {ratios['jvp_overhead']:.2f}x"])
+    fig.tight_layout()
+    return fig
+
+
+def plot_peak_memory(bench: pd.DataFrame, config: dict) -> plt.Figure:
+    """Peak memory per algo during the benchmark (CUDA allocations, or CPU RSS growth)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _bars(ax, list(bench.index), bench["peak_mem_mb"].tolist(), None, config, "")
+    source = "CUDA max allocated" if str(config.get("device", "cpu")).startswith("cuda") else "CPU RSS growth"
+    ax.set(ylabel=f"MiB ({source})", title="Peak memory (act + updates)")
+    fig.tight_layout()
+    return fig

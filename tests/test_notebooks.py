@@ -1,0 +1,154 @@
+"""The notebooks run end to end (nbclient) on tiny real runs and a quick benchmark and write their figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from manip import plots
+from manip.evaluation import wilson_interval
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+TINY = ["trainer.max_steps=6", "eval.every_n_steps=3", "eval.episodes=2", "eval.final_episodes=2",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+QUICK_BENCH = ["--hidden", "32", "32", "--batch-size", "32", "--act-calls", "5", "--actor-calls", "2",
+               "--update-warmup", "1", "--min-update-iters", "2", "--update-seconds", "0.1"]
+
+
+def _finish(proc: subprocess.Popen, what: str) -> None:
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, f"{what} failed:\n{output[-3000:]}"
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, cube_single_npz) -> dict[str, Path]:
+    """Runs: MVP and QC offline on cube-single (seeds 0 and 1), both MVP runs fine-tuned (best-of-N
+    target); plus a quick ``manip.bench`` JSON."""
+    root = tmp_path_factory.mktemp("notebook_runs")
+    runs, bench = root / "runs", root / "bench.json"
+    data = ["data=ogbench", f"data.path={cube_single_npz}", "data.env_horizon=10", "data.batch_size=32",
+            "algo.agent.hidden_dims=[32,32]", "algo.agent.num_samples=4"]
+    fit = _start(["manip.fit", "--multirun", *data, *TINY, "algo=mvp,qc", "seed=0,1",
+                  f"run_dir={runs}/${{algo.name}}_${{seed}}", f"hydra.sweep.dir={root}/sweep_fit"], root)
+    benchmark = _start(["manip.bench", "--out", str(bench), *QUICK_BENCH], root)
+    _finish(fit, "fit")
+    ckpts = ",".join(str(runs / f"mvp_{seed}" / "checkpoints" / "last.ckpt") for seed in (0, 1))
+    finetune = _start(["manip.finetune", "--multirun", f"ckpt={ckpts}", *TINY, "finetune.start_training=10",
+                       "finetune.target_samples=4", f"hydra.sweep.dir={root}/sweep_finetune"], root)
+    _finish(benchmark, "bench")
+    _finish(finetune, "finetune")
+    return {"runs": runs, "bench": bench}
+
+
+def _execute(name: str, cwd: Path) -> nbformat.NotebookNode:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return notebook
+
+
+def _text_outputs(notebook: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", "") + output.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def _check_figures(figures: Path, names: set[str]) -> None:
+    assert {path.name for path in figures.iterdir()} == names
+    for name in names:
+        path = figures / name
+        assert path.stat().st_size > 5000, name
+        image = iio.imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 300 and image.std() > 10, name
+
+
+@pytest.mark.parametrize("name", ["success_rates.ipynb", "speed.ipynb"])
+def test_notebook_is_stored_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
+
+
+def test_success_rates_notebook(artifacts, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("MANIP_RUNS", str(artifacts["runs"]))
+    monkeypatch.setenv("MANIP_FIGURES", str(figures))
+    text = _text_outputs(_execute("success_rates.ipynb", tmp_path))
+    _check_figures(figures, {"success_cube-single-task1.png", "table1_comparison.png"})
+    assert "mvp (bon)" in text and "qc" in text
+
+
+def test_speed_notebook(artifacts, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("MANIP_BENCH", str(artifacts["bench"]))
+    monkeypatch.setenv("MANIP_FIGURES", str(figures))
+    text = _text_outputs(_execute("speed.ipynb", tmp_path))
+    _check_figures(figures, {"speed_act_ms.png", "speed_update_its.png", "speed_jvp_overhead.png",
+                             "speed_peak_mem_mb.png"})
+    assert "mvp_act_speedup_vs_qc" in text
+
+
+def test_runs_and_curves(artifacts):
+    runs = plots.find_runs(artifacts["runs"])
+    assert sorted(runs["label"]) == ["mvp", "mvp", "mvp (bon)", "mvp (bon)", "qc", "qc"]
+    online = runs[runs["target"].notna()].set_index("seed")
+    assert online.loc[0, "parent"] == str(artifacts["runs"] / "mvp_0") and online.loc[0, "start_step"] == 6
+    curves = plots.load_curves(runs)
+    assert set(curves["label"]) == {"mvp (bon)", "qc"}  # fine-tuned offline runs live on in their fine-tuning curve
+    mvp = curves[(curves["label"] == "mvp (bon)") & (curves["seed"] == 0)]
+    assert mvp["step"].tolist() == [3, 6, 9, 12]
+    assert mvp["phase"].tolist() == ["offline", "offline", "online", "online"]
+    summary = plots.aggregate(curves)
+    assert set(summary["seeds"]) == {2} and (summary["low"] <= summary["mean"]).all()
+    assert (summary["mean"] <= summary["high"]).all()
+
+
+def _synthetic_curves(task: str, algo: str, label: str, finals: list[float]) -> pd.DataFrame:
+    rows = []
+    for seed, final in enumerate(finals):
+        for step, phase, rate in [(100, "offline", 0.1), (200, "offline", 0.3), (300, "online", final)]:
+            low, high = wilson_interval(rate * 50, 50)
+            rows.append({"task": task, "algo": algo, "label": label, "seed": seed, "run_dir": f"{label}-{seed}", "step": step,
+                         "env_steps": 0, "phase": phase, "success_rate": rate, "ci_low": low, "ci_high": high,
+                         "episodes": 50})
+    return pd.DataFrame(rows)
+
+
+def test_comparison_table_lines_up_with_table1():
+    curves = pd.concat([_synthetic_curves("cube-triple-task4", "mvp", "mvp (som)", [0.5, 0.6]),
+                        _synthetic_curves("cube-triple-task4", "qc_fql", "qc_fql", [0.2]),
+                        _synthetic_curves("cube-double-task2", "fql", "fql", [0.9])])
+    table = plots.comparison_table(curves).set_index(["task", "label"])
+    mvp = table.loc[("cube-triple-task4", "mvp (som)")]
+    assert (mvp["seeds"], mvp["offline"], mvp["final"]) == (2, pytest.approx(0.3), pytest.approx(0.55))
+    assert (mvp["paper"], mvp["paper_std"], mvp["ours"], mvp["paper_text"]) == (0.52, 0.11, "0.55 ± 0.07",
+                                                                                   "0.52 ± 0.11")
+    assert table.loc[("cube-triple-task4", "qc_fql"), "paper_text"] == "n/a"
+    assert table.loc[("cube-double-task2", "fql"), "paper_text"] == "0.97 (inferred)"
+    summary = plots.aggregate(curves)
+    single = summary[(summary["label"] == "qc_fql") & (summary["step"] == 300)].iloc[0]
+    assert (single["low"], single["high"]) == pytest.approx(wilson_interval(10, 50))  # one seed: Wilson band
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = np.array([0.2, 0.4, 0.9])
+    low, high = plots.bootstrap_interval(values)
+    assert values.min() <= low < values.mean() < high <= values.max()
+    assert plots.bootstrap_interval(np.array([0.5, 0.5])) == (0.5, 0.5)
