@@ -199,11 +199,13 @@ class ManipModule(L.LightningModule):
 
     def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, dict]:
-        """Offline: the agent's own actor loss. Online: the configured critic-driven target.
+        """Offline: the agent's own actor loss. Online (MVP): the configured critic-driven target.
 
-        ``batch`` has normalised observations; noise comes from ``generator``.
+        Agents without a mean-velocity ``policy_loss`` (QC, BFN, FQL) keep their own actor loss
+        online, on replay batches that now include online episodes (as in QC). ``batch`` has
+        normalised observations; noise comes from ``generator``.
         """
-        if self.online is None:
+        if self.online is None or not hasattr(self.agent, "policy_loss"):
             return self.agent.actor_loss(batch, generator)
         from manip.algos import targets
 
@@ -243,7 +245,8 @@ class ManipModule(L.LightningModule):
         if self.rollout is None:
             self._start_rollout()
         updates = self.global_step - self.online.start_step + 1
-        target = max(self.online.start_training, updates / self.online.utd)
+        # QC: start_training env steps first, then utd updates per env step.
+        target = self.online.start_training + updates / self.online.utd
         dm = self.trainer.datamodule
         while self.env_steps < target:
             for end in self.rollout.step():

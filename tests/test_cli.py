@@ -65,8 +65,9 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     offline_step = load_checkpoint(ckpt)["global_step"]
     assert last["global_step"] == offline_step + updates
     online = last["manip"]["online_replay"]
-    assert len(online["observations"]) >= env_steps and bool(online["terminals"][-1])
+    # QC schedule: start_training env steps, then one env step per update; only whole episodes enter the buffer.
     assert last["manip"]["env_steps"] >= env_steps + updates
+    assert 0 < len(online["observations"]) <= last["manip"]["env_steps"] and bool(online["terminals"][-1])
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
@@ -87,9 +88,12 @@ def test_fit_finetune_robomimic_lift(lift_hdf5, tmp_path):
     _finetune_and_check(ckpt, "bon", env_steps=300, updates=60, action_dim=7)
 
 
+@pytest.fixture(scope="module")
+def cube_ckpt(cube_single_npz, tmp_path_factory):
+    return _fit(tmp_path_factory.mktemp("cube"), ["data=ogbench", f"data.path={cube_single_npz}"], steps=100)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["bon", "som", "rfm"])
-def test_fit_finetune_ogbench_cube_single(cube_single_npz, tmp_path_factory, target):
-    base = tmp_path_factory.mktemp(f"cube_{target}")
-    ckpt = _fit(base, ["data=ogbench", f"data.path={cube_single_npz}"], steps=100)
-    _finetune_and_check(ckpt, target, env_steps=250, updates=40, action_dim=5)
+def test_fit_finetune_ogbench_cube_single(cube_ckpt, target):
+    _finetune_and_check(cube_ckpt, target, env_steps=250, updates=40, action_dim=5)

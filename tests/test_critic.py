@@ -138,10 +138,10 @@ def test_agent_critic_loss_uses_chunk_target_and_final_valid_flag():
         torch.testing.assert_close(info["critic/target_mean"], batch["rewards"].mean())
 
         batch["masks"] = torch.ones(16)
+        next_obs = batch["next_observations"]
         with torch.no_grad():
-            next_q = agent.target_critic(
-                batch["next_observations"], agent.target_actions(batch["next_observations"], torch.Generator().manual_seed(7))
-            ).mean(0)
+            next_actions = agent.target_actions(next_obs, torch.Generator().manual_seed(7))
+            next_q = agent.target_critic(next_obs, next_actions).mean(0)
         _, info = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
         expected = (batch["rewards"] + agent.discount**agent.horizon * next_q).mean()
         torch.testing.assert_close(info["critic/target_mean"], expected)

@@ -29,21 +29,19 @@ TINY = ["trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.enable_progre
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, cube_single_npz, lift_hdf5) -> dict[str, Path]:
-    """``last.ckpt`` of 2-update fits: MVP and FQL on OGBench cube-single, MVP on Robomimic lift."""
+    """``last.ckpt`` of 2-update fits: MVP and FQL on OGBench cube-single (one multirun), MVP on Robomimic lift."""
     root = tmp_path_factory.mktemp("eval_runs")
-    ogbench = ["data=ogbench", f"data.path={cube_single_npz}"]
-    runs = {
-        "mvp": [*ogbench, "algo=mvp", "algo.agent.num_samples=4"],
-        "fql": [*ogbench, "algo=fql", "algo.agent.flow_steps=2"],
-        "lift": ["data=robomimic", f"data.path={lift_hdf5}", "algo=mvp", "algo.agent.num_samples=4"],
-    }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "manip.fit", *args, *TINY, f"run_dir={root / name}"],
-                                    cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, args in runs.items()}
-    for name, proc in procs.items():
+    commands = [
+        ["--multirun", "data=ogbench", f"data.path={cube_single_npz}", "algo=mvp,fql",
+         f"run_dir={root}/${{algo.name}}", f"hydra.sweep.dir={root}/sweep"],
+        ["data=robomimic", f"data.path={lift_hdf5}", "algo=mvp", f"run_dir={root}/lift"],
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "manip.fit", *args, *TINY], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for args in commands]
+    for proc in procs:
         output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"fit {name} failed:\n{output[-3000:]}"
-    return {name: root / name / "checkpoints" / "last.ckpt" for name in runs}
+        assert proc.returncode == 0, f"fit failed:\n{output[-3000:]}"
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in ("mvp", "fql", "lift")}
 
 
 def _check_statistics(result: dict, episodes: int) -> None:
@@ -73,7 +71,7 @@ def test_ogbench_mvp_two_envs_with_video(checkpoints, tmp_path):
     result = evaluate_checkpoint(checkpoints["mvp"], episodes=4, num_envs=2, seed=3, video_episodes=1,
                                  video_size=(64, 80), video_prefix=tmp_path / "last")
     _check_statistics(result, 4)
-    assert (result["algo"], result["env"], result["num_envs"], result["num_samples"]) == ("mvp", "ogbench", 2, 4)
+    assert (result["algo"], result["env"], result["num_envs"], result["num_samples"]) == ("mvp", "ogbench", 2, 32)
     assert result["task"] == "cube-single-singletask-task1-v0"
     [video] = result["videos"]
     assert Path(video["path"]) == tmp_path / "last_ep0.mp4" and video["seed"] == 3

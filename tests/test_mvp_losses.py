@@ -207,7 +207,8 @@ def test_lambda_zero_has_no_boundary_samples():
     assert info["actor/ivc_loss"] == 0 and torch.isclose(loss, info["actor/mf_loss"])
 
     net = _RecordingNet()
-    mvp_policy_loss(net, obs, actions, lambda_ivc=1.0, boundary_fraction=0.5, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    mvp_policy_loss(net, obs, actions, lambda_ivc=1.0, boundary_fraction=0.5, generator=g)
     gaps = torch.cat(net.intervals)
     assert gaps.numel() == 64 and int((gaps == 0).sum()) == 32
 

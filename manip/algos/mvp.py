@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 from manip.algos.base import ActorCriticAgent, Batch, flatten_chunk, masked_mean
 from manip.algos.networks import MeanVelocityNet
@@ -59,6 +58,10 @@ def sample_time_pair(
 
     t = min, r = max of the two draws; the first ``num_boundary_samples(batch, boundary_fraction)`` entries get
     r = t (the IVC samples), the rest keep r >= t (the MeanFlow samples).
+
+    In this package's convention the default LN(-0.4, 1) favours the noise end (median draw 0.40), so long
+    intervals starting near t = 0, the ones one-step generation uses, are common. (MeanFlow's LN(-0.4, 1) pair
+    with noise at t = 1 corresponds to ``mean=+0.4`` here, since ``1 - sigmoid(z) = sigmoid(-z)``.)
 
     Returns:
         t (B,), r (B,) and the boundary flags (B,) bool.
