@@ -286,9 +286,6 @@ def test_incompatible_checkpoint_is_refused(offline_run, cube_single_npz):
 
 
 # -------------------------------------------------------------------------------------------- compile
-@pytest.mark.xfail(raises=torch._dynamo.exc.BackendCompilerFailed, strict=False,
-                   reason="torch.compile's forward-AD tracing rejects a view primal (t[k:]) in "
-                          "manip.algos.mvp.mean_velocity_and_derivative until it passes t.clone()")
 def test_compile_builds_and_runs_one_step(cube_single_npz, tmp_path):
     """module.compile with the aot_eager backend: Dynamo + AOTAutograd capture of the actor loss (JVP
     included) and of acting. Inductor's CPU code generation (module.compile=true) takes about a

@@ -177,8 +177,9 @@ def mvp_policy_loss(
     mf = ivc = actions.new_zeros(())
     if k < batch:
         obs_mf = obs[k:]
+        # Fresh (non-view) time tensors: forward-mode AD under torch.compile rejects views as primals.
         u, dudt = mean_velocity_and_derivative(
-            lambda x, t_, r_: net(obs_mf, x, t_, r_), x_t[k:], t[k:], r[k:], v[k:]
+            lambda x, t_, r_: net(obs_mf, x, t_, r_), x_t[k:], t[k:].clone(), r[k:].clone(), v[k:]
         )
         mf = mean_flow_loss(u, dudt, v[k:], t[k:], r[k:], None if valid is None else valid[k:], adaptive_p)
     if k > 0:
