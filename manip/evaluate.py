@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
@@ -83,6 +84,8 @@ def summary(result: dict, out: Path) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,

@@ -60,7 +60,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     """Module, data, trainer and the checkpoint ``trainer.fit`` starts from (the offline one, or
     this run's ``last.ckpt`` when resuming). ``user_overrides``: the command line's ``key=value``."""
     final, offline_ckpt, resume = compose(cfg, user_overrides)
-    seed_everything(final.seed + 1)
+    seed_everything(final.seed + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
     dm = build_datamodule(final)
     dm.offline_fraction = final.finetune.offline_fraction

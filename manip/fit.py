@@ -44,7 +44,7 @@ def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
 
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:
     """Module, data, trainer and the checkpoint to resume from (None: a fresh run)."""
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.get("threads"))
     run_dir = run_dir_of(cfg)
     cfg.run_dir = str(run_dir)
     dm = build_datamodule(cfg)

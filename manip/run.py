@@ -141,6 +141,13 @@ def run_info(dm: ReplayDataModule) -> dict:
     return {"data_info": dm.info, "env_spec": {"kind": dm.env_spec.kind, "kwargs": dict(dm.env_spec.kwargs)}}
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed every RNG; ``threads`` sets torch's CPU threads (None: torch's default).
+
+    Small MLP batches gain little from intra-op threads, and on a busy machine (simulator workers,
+    other jobs) spinning threads make a step many times slower, so the configs default to 1.
+    """
     L.seed_everything(seed, workers=True, verbose=False)
+    if threads:
+        torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")
