@@ -40,14 +40,15 @@ class PeriodicEvaluation(Callback):
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
         self.env = None
-        self.last_step = -1
+        self.last = (-1, 0)  # (step, episodes) of the latest evaluation
 
     def _evaluate(self, trainer: L.Trainer, module: ManipModule, episodes: int) -> None:
         from manip.envs import make_vector_env
 
-        if trainer.global_rank != 0 or episodes <= 0 or trainer.global_step == self.last_step:
+        # The end-of-training evaluation still runs when a periodic one just ran with fewer episodes.
+        if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
-        self.last_step = trainer.global_step
+        self.last = (trainer.global_step, episodes)
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
                                        action_dim=module.action_dim)
