@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from manip.algos import FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
+from manip.data.replay import random_chunk_batch
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
 AGENTS: dict[str, Callable[..., torch.nn.Module]] = {
@@ -62,19 +63,6 @@ def _median_ms(fn: Callable[[], object], calls: int, warmup: int, device: torch.
     return 1e3 * statistics.median(times)
 
 
-def _random_batch(batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "observations": torch.randn(batch_size, OBS_DIM, generator=g),
-        "actions": torch.rand(batch_size, HORIZON, ACTION_DIM, generator=g) * 2 - 1,
-        "valid": torch.ones(batch_size, HORIZON),
-        "rewards": -torch.rand(batch_size, generator=g),
-        "masks": torch.ones(batch_size),
-        "next_observations": torch.randn(batch_size, OBS_DIM, generator=g),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     """Benchmark one algorithm in the current process."""
     torch.set_num_threads(args.threads)
@@ -87,7 +75,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     agent = AGENTS[algo](tuple(args.hidden)).to(device)
     actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=3e-4)
     critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=3e-4)
-    batch = _random_batch(args.batch_size, device)
+    batch = random_chunk_batch(args.batch_size, OBS_DIM, ACTION_DIM, HORIZON, device=device)
     obs = batch["observations"][:1]
 
     with torch.inference_mode():

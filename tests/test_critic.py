@@ -9,6 +9,7 @@ from torch import nn
 from manip.algos import FQLAgent, FlowBoNAgent, MVPAgent
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
 from manip.algos.networks import CriticEnsemble
+from manip.data.replay import random_chunk_batch
 
 
 def test_chunk_td_target_arithmetic():
@@ -91,15 +92,7 @@ def test_critic_ensemble_matches_independent_members():
 
 
 def _toy_batch(obs_dim, action_dim, horizon, batch=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "observations": torch.randn(batch, obs_dim, generator=g),
-        "actions": torch.rand(batch, horizon, action_dim, generator=g) * 2 - 1,
-        "valid": torch.ones(batch, horizon),
-        "rewards": -torch.rand(batch, generator=g),
-        "masks": torch.ones(batch),
-        "next_observations": torch.randn(batch, obs_dim, generator=g),
-    }
+    return random_chunk_batch(batch, obs_dim, action_dim, horizon, seed=seed)
 
 
 def _agents():

@@ -208,3 +208,22 @@ class ChunkReplay:
         self.size = self.num_offline
         if len(state["terminals"]):
             self.add(Transitions(**{k: v.numpy() for k, v in state.items()}))
+
+
+def random_chunk_batch(batch_size: int, obs_dim: int, action_dim: int, horizon: int, seed: int = 0,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A synthetic batch in ``ChunkReplay.sample``'s format (for benchmarks and unit tests).
+
+    observations/next_observations (B, obs_dim) standard normal, actions (B, horizon, action_dim)
+    uniform in [-1, 1], rewards (B,) in (-1, 0], masks and valid all ones.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "observations": torch.randn(batch_size, obs_dim, generator=g),
+        "actions": torch.rand(batch_size, horizon, action_dim, generator=g) * 2 - 1,
+        "valid": torch.ones(batch_size, horizon),
+        "rewards": -torch.rand(batch_size, generator=g),
+        "masks": torch.ones(batch_size),
+        "next_observations": torch.randn(batch_size, obs_dim, generator=g),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
