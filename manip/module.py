@@ -18,6 +18,7 @@ datamodule's replay, and then updates with the configured critic-driven policy t
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -119,6 +120,7 @@ class ManipModule(L.LightningModule):
         self.online = OnlineConfig(**online) if online else None
         self.env_steps = 0
         self.rollout: VectorRollout | None = None
+        self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
         self._actor_loss_fn = _compiled(self.actor_loss, compile)
         self._sample_fn = _compiled(self.agent.sample_actions, compile)
         self._generator: torch.Generator | None = None
@@ -244,6 +246,7 @@ class ManipModule(L.LightningModule):
         """Advance the simulator until env_steps catches up with online updates / utd."""
         if self.rollout is None:
             self._start_rollout()
+            self._online_clock = (time.perf_counter(), self.env_steps)
         updates = self.global_step - self.online.start_step + 1
         # QC: start_training env steps first, then utd updates per env step.
         target = self.online.start_training + updates / self.online.utd
@@ -254,6 +257,11 @@ class ManipModule(L.LightningModule):
                 self.log_dict({"online/episode_success": float(end.success),
                                "online/episode_length": float(end.length)}, on_step=True, batch_size=1)
             self.env_steps += self.rollout.num_envs
+        # Throughput of the whole online loop (collection + updates) since this process started it.
+        started, steps0 = self._online_clock
+        elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            self.log("online/env_steps_per_s", (self.env_steps - steps0) / elapsed, on_step=True, batch_size=1)
 
     def _start_rollout(self) -> None:
         """Collection envs, seeded by (finetune seed, rank, env steps so far): a resumed run or

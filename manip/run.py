@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ class PeriodicEvaluation(Callback):
     """Success rate in the simulator every ``every_n_steps`` updates (and at the end of training).
 
     Logs eval/success_rate, eval/ci_low, eval/ci_high, eval/mean_length (x = global step) and
-    appends each result with its env-step count to ``<run_dir>/eval.jsonl``.
+    appends each result with its env-step count and ``wall_s`` (seconds since this process started
+    training, evaluations included) to ``<run_dir>/eval.jsonl``.
     """
 
     def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
@@ -41,6 +43,7 @@ class PeriodicEvaluation(Callback):
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
+        self.started = time.perf_counter()
 
     def _evaluate(self, trainer: L.Trainer, module: ManipModule, episodes: int) -> None:
         from manip.envs import make_vector_env
@@ -62,13 +65,17 @@ class PeriodicEvaluation(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         record = {"step": trainer.global_step, "env_steps": module.env_steps, "phase": self.phase,
                   **{k.split("/")[1]: v for k, v in metrics.items()}, "episodes": episodes,
-                  "action_latency_ms": result.action_latency_ms, "seconds": result.seconds}
+                  "action_latency_ms": result.action_latency_ms, "seconds": result.seconds,
+                  "wall_s": time.perf_counter() - self.started}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"[manip] step {trainer.global_step}: success {result.success_rate:.2f} "
               f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
               f"({result.seconds:.0f}s)")
+
+    def on_train_start(self, trainer, module) -> None:
+        self.started = time.perf_counter()  # wall_s: seconds since this process started training
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     run("manip.finetune", f"ckpt={ckpt}", f"finetune.target={target}", f"trainer.max_steps={updates}",
         f"finetune.start_training={env_steps}", "finetune.target_samples=8", "eval.every_n_steps=0",
         "eval.final_episodes=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "checkpoint.every_n_steps=1000")
+        "checkpoint.every_n_steps=1000", "trainer.log_every_n_steps=10")
     run_dir = ckpt.parent.parent / f"finetune_{target}"
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     offline_step = load_checkpoint(ckpt)["global_step"]
@@ -70,6 +71,11 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     assert 0 < len(online["observations"]) <= last["manip"]["env_steps"] and bool(online["terminals"][-1])
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps
+    assert records[-1]["wall_s"] > records[-1]["seconds"] > 0
+    with open(run_dir / "online" / "metrics.csv") as f:
+        rates = [float(row["online/env_steps_per_s"]) for row in csv.DictReader(f)
+                 if row.get("online/env_steps_per_s")]
+    assert rates and all(rate > 0 for rate in rates)
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
     chunks = module.predict_chunks(np.zeros((3, module.obs_dim), np.float32))
     assert chunks.shape == (3, module.horizon, action_dim) and np.abs(chunks).max() <= 1
