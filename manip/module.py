@@ -26,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
@@ -92,13 +93,18 @@ class ManipModule(L.LightningModule):
     cfg: the full run config (plain dict) kept in the checkpoint; seed: seed of the loss-noise
     generator (rank r uses ``seed + r``); compile: ``torch.compile`` the actor loss (the JVP path)
     and acting, meant for GPU training: true for the default backend (inductor) or a backend name
-    (e.g. "aot_eager"); false (default) runs eagerly.
+    (e.g. "aot_eager"); false (default) runs eagerly. actor_ema: decay of an exponential moving
+    average of the acting network's weights (e.g. 0.999), updated after every optimizer step and
+    used whenever the module acts (evaluation, online collection, ``predict_chunks``); training
+    losses and the critic's target actions keep the raw weights. None (default): act with the raw
+    weights.
     """
 
     def __init__(self, agent: Callable[..., nn.Module], obs_dim: int, action_dim: int, horizon: int,
                  stats: dict[str, list[float]], cfg: dict | None = None, lr: float = 3e-4,
                  tau: float = 0.005, obs_norm: str = "standard", grad_clip: float | None = None,
-                 online: dict | None = None, seed: int = 0, compile: bool | str = False) -> None:
+                 online: dict | None = None, seed: int = 0, compile: bool | str = False,
+                 actor_ema: float | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.save_hyperparameters({"cfg": cfg, "obs_dim": obs_dim, "action_dim": action_dim,
@@ -118,6 +124,13 @@ class ManipModule(L.LightningModule):
         # Constant dimensions (std ~ 0) pass through centred instead of blowing up.
         self.register_buffer("obs_scale", torch.where(std > 1e-6, std, torch.ones_like(std)))
         self.online = OnlineConfig(**online) if online else None
+        self.ema_actor: AveragedModel | None = None
+        if actor_ema is not None:
+            if not 0.0 < actor_ema < 1.0:
+                raise ValueError(f"module.actor_ema must be in (0, 1) or null, got {actor_ema}")
+            self.ema_actor = AveragedModel(getattr(self.agent, self.agent.acting_net), use_buffers=True,
+                                           multi_avg_fn=get_ema_multi_avg_fn(actor_ema))
+            self.ema_actor.requires_grad_(False)  # averaged, never optimised (and ignored by DDP)
         self.env_steps = 0
         self.rollout: VectorRollout | None = None
         self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
@@ -131,11 +144,26 @@ class ManipModule(L.LightningModule):
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_scale
 
+    @contextlib.contextmanager
+    def acting_weights(self):
+        """Inside, the agent's acting network is the weight average (when ``actor_ema`` is set)."""
+        if self.ema_actor is None:
+            yield
+            return
+        name = self.agent.acting_net
+        raw = getattr(self.agent, name)
+        setattr(self.agent, name, self.ema_actor.module)
+        try:
+            yield
+        finally:
+            setattr(self.agent, name, raw)
+
     @torch.inference_mode()
     def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None) -> np.ndarray:
         """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N)."""
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
-        actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples)
+        with self.acting_weights():
+            actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
 
     # -------------------------------------------------------------------------------- training
@@ -190,6 +218,8 @@ class ManipModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.agent.soft_update(self.tau)
+        if self.ema_actor is not None:
+            self.ema_actor.update_parameters(getattr(self.agent, self.agent.acting_net))
         logs = {"train/actor_loss": actor_loss.detach(), "train/critic_loss": critic_loss.detach(),
                 **{f"train/{k}": v for k, v in info.items()}}
         if self.online is not None:
@@ -295,6 +325,7 @@ class ManipModule(L.LightningModule):
             checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._match_weight_average(checkpoint["state_dict"])
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
         self._pending_online_replay = state.get("online_replay")
@@ -304,6 +335,20 @@ class ManipModule(L.LightningModule):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
             self._generator, self._pending_generator_state = None, rng["generator"]
+
+    def _match_weight_average(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Lets a checkpoint with or without ``ema_actor`` weights load into this module: an average
+        missing from the checkpoint starts from its acting network, an unused one is dropped."""
+        has_ema = any(key.startswith("ema_actor.") for key in state_dict)
+        if self.ema_actor is None and has_ema:
+            for key in [key for key in state_dict if key.startswith("ema_actor.")]:
+                del state_dict[key]
+        elif self.ema_actor is not None and not has_ema:
+            prefix = f"agent.{self.agent.acting_net}."
+            for key, value in list(state_dict.items()):
+                if key.startswith(prefix):
+                    state_dict["ema_actor.module." + key[len(prefix):]] = value.clone()
+            state_dict["ema_actor.n_averaged"] = torch.tensor(1, dtype=torch.long)
 
     def on_train_start(self) -> None:
         if self._pending_online_replay is not None and self.online is not None:

@@ -50,7 +50,10 @@ class ActorCriticAgent(nn.Module):
 
     The target critic is a frozen copy (``requires_grad=False``) that only :meth:`soft_update` changes; it is
     part of the state dict but not of :meth:`critic_parameters` or :meth:`actor_parameters`.
+    ``acting_net`` names the network that generates actions when acting (weight averaging applies to it).
     """
+
+    acting_net = "actor"
 
     def __init__(
         self,

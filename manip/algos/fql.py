@@ -76,6 +76,8 @@ class FQLAgent(ActorCriticAgent):
     best-of-N selection over student samples).
     """
 
+    acting_net = "onestep"
+
     def __init__(
         self,
         obs_dim: int,
