@@ -32,6 +32,7 @@ from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
+Q_SCALES = ("mean_abs", "none")
 
 
 @dataclass
@@ -40,7 +41,10 @@ class OnlineConfig:
 
     target: "bon" (imitate best-of-N a* at batch states), "som" or "rfm" (critic-driven target
     velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
-    temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule);
+    temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
+    to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
+    som_normalize_score: SOM with the unit-normalised Monte-Carlo score (SOM's practical variant;
+    the raw gradient estimate is very noisy for high-dimensional chunks inside the action box);
     utd: updates per env step; start_training: env steps collected before updates start;
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
@@ -53,6 +57,8 @@ class OnlineConfig:
     alpha_final: float | None = None
     alpha_steps: int = 100_000
     rfm_eta: float | str = "optimal"
+    q_scale: str = "mean_abs"
+    som_normalize_score: bool = True
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
@@ -63,6 +69,8 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
+        if self.q_scale not in Q_SCALES:
+            raise ValueError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
 
 
 @contextlib.contextmanager
@@ -245,14 +253,22 @@ class ManipModule(L.LightningModule):
         with torch.no_grad():
             num_samples = cfg.target_samples if cfg.target == "bon" else 1
             target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
-        target_fn = None
+        target_fn, alpha = None, self.alpha
         if cfg.target != "bon":
-            extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {}
-            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, self.alpha,
+            if cfg.q_scale == "mean_abs":
+                # alpha in units of the batch's mean |Q| (QC / FQL's Q normalisation): the Boltzmann
+                # target's sharpness no longer depends on the reward scale or the horizon.
+                with torch.no_grad():
+                    data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
+                alpha = alpha / float(data_q.abs().mean().clamp_min(1e-6))
+            extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
+            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha,
                                                num_samples=cfg.target_samples, generator=generator, **extra)
         loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn,
                                             generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
+        if target_fn is not None:
+            info["target_alpha"] = torch.tensor(alpha)
         if cfg.bc_weight:
             bc_loss, _ = self.agent.actor_loss(batch, generator)
             loss = loss + cfg.bc_weight * bc_loss

@@ -352,3 +352,34 @@ def test_best_of_n_collapses_onto_one_optimum():
     assert max(stats["basin"]) > 0.95, stats
     assert max(stats["near"]) > 0.9, stats
     assert stats["distance"] < 0.15, stats  # tighter than the Boltzmann target's 0.31
+
+
+# ------------------------------------------------------------------------------ module wiring (online)
+def _online_module(target: str, **online):
+    from functools import partial
+
+    from manip.algos import MVPAgent
+    from manip.module import ManipModule
+
+    torch.manual_seed(0)
+    agent = partial(MVPAgent, hidden_dims=(32, 32), num_samples=4)
+    stats = {"obs_mean": [0.0] * 5, "obs_std": [1.0] * 5}
+    return ManipModule(agent, obs_dim=5, action_dim=2, horizon=3, stats=stats,
+                       online={"target": target, "target_samples": 8, "alpha": 10.0, **online})
+
+
+@pytest.mark.parametrize("target", ["som", "rfm"])
+def test_online_alpha_is_in_units_of_mean_abs_q(target):
+    from manip.data.replay import random_chunk_batch
+
+    batch = random_chunk_batch(16, 5, 2, 3)
+    module = _online_module(target)
+    with torch.no_grad():
+        mean_abs_q = module.q_value(batch["observations"], batch["actions"].reshape(16, -1)).abs().mean()
+    loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert float(info["target_alpha"]) == pytest.approx(10.0 / float(mean_abs_q), rel=1e-5)
+    _, raw_info = _online_module(target, q_scale="none").actor_loss(batch, torch.Generator().manual_seed(0))
+    assert float(raw_info["target_alpha"]) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="q_scale"):
+        _online_module(target, q_scale="std")
