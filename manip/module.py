@@ -43,8 +43,8 @@ class OnlineConfig:
     velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
     temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
     to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
-    som_normalize_score: SOM with the unit-normalised Monte-Carlo score (SOM's practical variant;
-    the raw gradient estimate is very noisy for high-dimensional chunks inside the action box);
+    som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
+    SOM's practice; on this path it is no longer the target's marginal velocity);
     utd: updates per env step; start_training: env steps collected before updates start;
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
@@ -58,7 +58,7 @@ class OnlineConfig:
     alpha_steps: int = 100_000
     rfm_eta: float | str = "optimal"
     q_scale: str = "mean_abs"
-    som_normalize_score: bool = True
+    som_normalize_score: bool = False
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
