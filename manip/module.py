@@ -44,7 +44,8 @@ class OnlineConfig:
     temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
     to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
     som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
-    SOM's practice; on this path it is no longer the target's marginal velocity);
+    SOM's practice; on this path it is no longer the target's marginal velocity); bound_std: scale of
+    the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
     utd: updates per env step; start_training: env steps collected before updates start;
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
@@ -59,6 +60,7 @@ class OnlineConfig:
     rfm_eta: float | str = "optimal"
     q_scale: str = "mean_abs"
     som_normalize_score: bool = False
+    bound_std: float | None = 0.1
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
@@ -262,7 +264,7 @@ class ManipModule(L.LightningModule):
                     data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
                 alpha = alpha / float(data_q.abs().mean().clamp_min(1e-6))
             extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
-            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha,
+            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha, bound_std=cfg.bound_std,
                                                num_samples=cfg.target_samples, generator=generator, **extra)
         loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn,
                                             generator=generator)
