@@ -33,6 +33,7 @@ from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
+PRIORS = ("box", "policy")
 
 
 @dataclass
@@ -46,6 +47,8 @@ class OnlineConfig:
     som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
     SOM's practice; on this path it is no longer the target's marginal velocity); bound_std: scale of
     the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
+    prior: "box" (the Boltzmann target over the action box) or "policy" (rfm only: the target
+    ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples);
     utd: updates per env step; start_training: env steps collected before updates start;
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
@@ -61,6 +64,7 @@ class OnlineConfig:
     q_scale: str = "mean_abs"
     som_normalize_score: bool = False
     bound_std: float | None = 0.1
+    prior: str = "box"
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
@@ -71,6 +75,10 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
+        if self.prior == "policy" and self.target != "rfm":
+            raise ValueError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
         if self.q_scale not in Q_SCALES:
             raise ValueError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
 
@@ -263,9 +271,12 @@ class ManipModule(L.LightningModule):
                 with torch.no_grad():
                     data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
                 alpha = alpha / float(data_q.abs().mean().clamp_min(1e-6))
-            extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
-            target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha, bound_std=cfg.bound_std,
-                                               num_samples=cfg.target_samples, generator=generator, **extra)
+            if cfg.prior == "policy":
+                target_fn = self._policy_prior_target(obs, alpha, generator)
+            else:
+                extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
+                target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha, bound_std=cfg.bound_std,
+                                                   num_samples=cfg.target_samples, generator=generator, **extra)
         loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn,
                                             generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
@@ -276,6 +287,18 @@ class ManipModule(L.LightningModule):
             loss = loss + cfg.bc_weight * bc_loss
             info["bc_loss"] = bc_loss.detach()
         return loss, info
+
+    def _policy_prior_target(self, obs: torch.Tensor, alpha: float, generator: torch.Generator | None):
+        """RFM target under the behaviour prior: K policy samples per state, scored once by the critic."""
+        from manip.algos import targets
+
+        batch, k = obs.shape[0], self.online.target_samples
+        with torch.no_grad():
+            obs_rep = obs.repeat_interleave(k, dim=0)
+            candidates = self.agent.generate(obs_rep, generator)
+            q = self.q_value(obs_rep, candidates).view(batch, k)
+        candidates = candidates.view(batch, k, -1)
+        return lambda x_t, t: targets.policy_prior_target_velocity(x_t, t, candidates, q, alpha)
 
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Critic-ensemble mean: obs (M, O) normalised, actions (M, D) -> (M,)."""

@@ -22,6 +22,7 @@ from manip.algos.targets import (
     boltzmann_log_density,
     bon_target,
     make_target_fn,
+    policy_prior_target_velocity,
     rfm_noise_posterior_mean,
     rfm_target_velocity,
     som_target_velocity,
@@ -383,3 +384,46 @@ def test_online_alpha_is_in_units_of_mean_abs_q(target):
     assert float(raw_info["target_alpha"]) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="q_scale"):
         _online_module(target, q_scale="std")
+
+
+# --------------------------------------------------- behaviour prior: Gaussian policy x quadratic Q
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_policy_prior_target_matches_closed_form(t):
+    """pi = N(mu_pi, s^2 I), Q quadratic => target N(m', S'), S' = (I / s^2 + alpha P)^-1,
+    m' = S' (mu_pi / s^2 + alpha P M); the estimate from policy samples matches its velocity."""
+    alpha, s2 = 2.0, 0.5
+    mu_pi = torch.tensor([-0.3, 0.4], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    cov = torch.linalg.inv(eye / s2 + alpha * P)
+    mean = cov @ (mu_pi / s2 + alpha * P @ M)
+    c = t * t * cov + (1 - t) ** 2 * eye
+    g = torch.Generator().manual_seed(0)
+    x = (t * mean + c.diag().sqrt() * torch.randn(3, 2, generator=g, dtype=torch.float64))  # a few points
+    exact = torch.stack([mean + t * cov @ torch.linalg.solve(c, xi - t * mean)
+                         - (1 - t) * torch.linalg.solve(c, xi - t * mean) for xi in x])
+    reps, k = 200, 512
+    estimates = []
+    for _ in range(reps):
+        actions = mu_pi + s2**0.5 * torch.randn(3, k, 2, generator=g, dtype=torch.float64)
+        q = quadratic_q(None, actions.reshape(-1, 2)).view(3, k)
+        estimates.append(policy_prior_target_velocity(x, torch.full((3,), t, dtype=torch.float64), actions, q, alpha))
+    estimates = torch.stack(estimates)  # (reps, 3, 2)
+    for row in range(3):
+        # SNIS is biased at O(1/K): allow that on top of the Monte-Carlo error.
+        assert _z_score(estimates[:, row], exact[row]) < Z_MAX or \
+            (estimates[:, row].mean(0) - exact[row]).abs().max() < 0.02
+    wrong = policy_prior_target_velocity(x, torch.full((3,), t, dtype=torch.float64), actions, q, 0.0)
+    assert (wrong - exact).abs().max() > 0.05  # the critic matters: alpha = 0 is the policy's own velocity
+
+
+def test_policy_prior_module_target_and_validation():
+    from manip.data.replay import random_chunk_batch
+
+    batch = random_chunk_batch(16, 5, 2, 3)
+    module = _online_module("rfm", prior="policy")
+    loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and float(info["target_alpha"]) > 0
+    with pytest.raises(ValueError, match="target=rfm"):
+        _online_module("som", prior="policy")
+    with pytest.raises(ValueError, match="prior"):
+        _online_module("rfm", prior="uniform")

@@ -87,6 +87,22 @@ velocity would drive actions into saturation. The tail keeps the target proper a
 Stein identity above still holds. ``bound_std=None`` scores the raw, unclipped actions (for critics that
 are defined everywhere, e.g. analytic test functions).
 
+Behaviour prior (``prior="policy"``)
+------------------------------------
+Offline-to-online, the Boltzmann target over the whole action box spreads a chunk policy over
+actions the critic never saw. The behaviour-regularised target ``p(a | s) ∝ pi(a | s) exp(alpha Q(s, a))``
+(the current policy pi as prior) keeps it on the data's support. With K policy samples ``a_k ~ pi(. | s)``
+as proposals the prior cancels from the importance weights, so no policy density is needed::
+
+    w_k ∝ exp(alpha Q(s, a_k) - ||x - t a_k||^2 / (2 (1 - t)^2)),    x0_k = (x - t a_k) / (1 - t)
+    mu0_hat = sum_k w_k x0_k,    v_hat = (x - mu0_hat) / t = sum_k w_k (a_k - x) / (1 - t)
+
+(RFM's value-only posterior mean, :func:`policy_prior_target_velocity`). The critic is queried once per
+state, not per (x, t). alpha -> infinity with one candidate per kernel recovers best-of-N; alpha = 0
+is the policy's own marginal velocity (a kernel estimate of it). The gradient control variate needs
+``grad log pi``, which a one-step generator does not give, so this target is value-only (eta = 0), and
+SOM's score is the same estimate here (the x-dependence is all in the Gaussian kernel).
+
 Best-of-N
 ---------
 ``bon`` needs no velocity estimator: the policy is trained with the MVP loss on ``a* = argmax_n Q(s, a_n)``
@@ -348,6 +364,28 @@ def rfm_target_velocity(
     )
     t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
     return ((x_t.detach() - mu0) / t_eff).detach()
+
+
+def policy_prior_target_velocity(
+    x_t: Tensor, t: Tensor, actions: Tensor, q: Tensor, alpha: float, t_min: float = T_MIN
+) -> Tensor:
+    """Velocity of the behaviour-regularised target ``∝ pi(a | s) exp(alpha Q(s, a))`` (module docstring).
+
+    Args:
+        x_t: (B, D) points on the path; t: (B,) times, evaluated in ``[t_min, 1 - t_min]``.
+        actions: (B, K, D) samples of the policy at each row's state (the proposals).
+        q: (B, K) their critic values.
+        alpha: inverse temperature.
+
+    Returns:
+        (B, D) detached target velocity ``sum_k w_k (a_k - x) / (1 - t)``.
+    """
+    x = x_t.detach()[:, None, :]
+    t_eff = t.detach().to(x.dtype).clamp(t_min, 1.0 - t_min)[:, None]
+    one_minus_t = (1.0 - t_eff)[:, :, None]
+    kernel = -(x - t_eff[:, :, None] * actions).square().sum(-1) / (2.0 * one_minus_t[:, :, 0] ** 2)
+    weights = torch.softmax(alpha * q.detach() + kernel, dim=1)
+    return (weights[:, :, None] * (actions.detach() - x) / one_minus_t).sum(1)
 
 
 def bon_target(candidates: Tensor, q: Tensor) -> Tensor:
