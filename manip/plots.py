@@ -56,6 +56,12 @@ def task_name(cfg: dict) -> str:
     return info["env_name"].replace("-singletask", "").removesuffix("-v0")
 
 
+def _target_label(finetune: dict) -> str:
+    """``bon``, ``som``, ``rfm``, or ``rfm, policy prior`` when the target's prior is the policy."""
+    target = finetune["target"]
+    return f"{target}, policy prior" if finetune.get("prior", "box") == "policy" else target
+
+
 def find_runs(root: str | Path) -> pd.DataFrame:
     """Every run directory under ``root`` (one with an ``eval.jsonl``), one row each.
 
@@ -74,7 +80,7 @@ def find_runs(root: str | Path) -> pd.DataFrame:
             "target": finetune["target"] if finetune else None, "seed": cfg["seed"],
             "parent": str(Path(cfg["offline_ckpt"]).parent.parent) if finetune else None,
             "start_step": cfg["finetune_start_step"] if finetune else None,
-            "label": f"{algo} ({finetune['target']})" if finetune else algo,
+            "label": f"{algo} ({_target_label(finetune)})" if finetune else algo,
         })
     columns = ["run_dir", "task", "algo", "target", "seed", "parent", "start_step", "label"]
     return pd.DataFrame(rows, columns=columns)
