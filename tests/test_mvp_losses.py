@@ -11,6 +11,7 @@ from manip.algos.mvp import (
     mean_velocity_and_derivative,
     mvp_policy_loss,
     num_boundary_samples,
+    sample_few_step,
     sample_one_step,
     sample_time_pair,
 )
@@ -244,3 +245,23 @@ def test_target_velocity_fn_replaces_conditional_velocity():
     # u = 0, v_hat = 2 everywhere, du/dt = 0: both terms are exactly 4
     assert torch.isclose(info["actor/mf_loss"], torch.tensor(4.0))
     assert torch.isclose(info["actor/ivc_loss"], torch.tensor(4.0))
+
+
+def test_few_step_sampling_is_exact_for_the_closed_form_mean_velocity():
+    """Exact mean velocities give the same sample from the same noise for any number of jumps, and the
+    sample is distributed as the target; a velocity-only field (u(x, t, r) = v(x, t)) is not one-step exact."""
+    flow = GaussianMeanVelocity(
+        mu=torch.tensor([0.3, -0.2], dtype=torch.float64), sigma=torch.tensor([0.2, 0.25], dtype=torch.float64)
+    )  # inside the action box: the final clip changes nothing
+    noise = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    obs = torch.zeros(4096, 1, dtype=torch.float64)
+    one = sample_one_step(flow, obs, noise)
+    for steps in (2, 4):
+        torch.testing.assert_close(sample_few_step(flow, obs, noise, steps), one)
+    torch.testing.assert_close(one.mean(0), flow.mu, atol=0.03, rtol=0)
+    torch.testing.assert_close(one.std(0), flow.sigma, atol=0.03, rtol=0)
+    instantaneous = lambda o, x, t, r: flow.marginal_velocity(x, t)  # noqa: E731
+    one_inst, many_inst = sample_few_step(instantaneous, obs, noise, 1), sample_few_step(instantaneous, obs, noise, 256)
+    assert (one_inst - one).abs().max() > 0.1 and (many_inst - one).abs().max() < 0.015
+    with pytest.raises(ValueError, match="sample_steps"):
+        sample_few_step(flow, obs, noise, 0)

@@ -31,6 +31,7 @@ __all__ = [
     "ivc_loss",
     "mvp_policy_loss",
     "sample_one_step",
+    "sample_few_step",
     "MVPAgent",
 ]
 
@@ -196,6 +197,22 @@ def sample_one_step(net: MeanVelocityFn, obs: torch.Tensor, noise: torch.Tensor)
     return (noise + net(obs, noise, t, t + 1.0)).clamp(-1.0, 1.0)
 
 
+def sample_few_step(net: MeanVelocityFn, obs: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` mean-velocity jumps over equal intervals, ``x <- x + (r - t) u(x, t, r)``, then clip.
+
+    A mean velocity is exact for any interval, so every ``steps`` draws from the same distribution when u is
+    exact; with a learned u, shorter intervals can be more accurate. ``steps = 1`` is :func:`sample_one_step`.
+    """
+    if steps < 1:
+        raise ValueError(f"sample_steps must be >= 1, got {steps}")
+    x = noise
+    for i in range(steps):
+        t = noise.new_full((noise.shape[0],), i / steps)
+        r = noise.new_full((noise.shape[0],), (i + 1) / steps)
+        x = x + (r - t).unsqueeze(-1) * net(obs, x, t, r)
+    return x.clamp(-1.0, 1.0)
+
+
 class MVPAgent(ActorCriticAgent):
     """Mean velocity policy with best-of-N selection over one-step candidates.
 
@@ -219,8 +236,12 @@ class MVPAgent(ActorCriticAgent):
         time_std: float = 1.0,
         adaptive_p: float | None = None,
         time_dim: int = 64,
+        sample_steps: int = 1,
     ):
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount)
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        self.sample_steps = sample_steps
         self.lambda_ivc = lambda_ivc
         self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction
         self.time_mean, self.time_std = time_mean, time_std
@@ -261,6 +282,8 @@ class MVPAgent(ActorCriticAgent):
         )
 
     def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One one-step sample per row: obs (M, O) -> (M, D)."""
+        """One sample per row (one network evaluation; ``sample_steps`` of them if > 1): obs (M, O) -> (M, D)."""
         noise = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
-        return sample_one_step(self.actor, obs, noise)
+        if self.sample_steps == 1:
+            return sample_one_step(self.actor, obs, noise)
+        return sample_few_step(self.actor, obs, noise, self.sample_steps)
