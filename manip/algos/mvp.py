@@ -193,15 +193,14 @@ def mvp_policy_loss(
 
 def sample_one_step(net: MeanVelocityFn, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One-step generation ``a = clip(x0 + u(x0, 0, 1 | s), -1, 1)``: obs (B, O), noise (B, D) -> (B, D)."""
-    t = noise.new_zeros(noise.shape[0])
-    return (noise + net(obs, noise, t, t + 1.0)).clamp(-1.0, 1.0)
+    return sample_few_step(net, obs, noise, 1)
 
 
 def sample_few_step(net: MeanVelocityFn, obs: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` mean-velocity jumps over equal intervals, ``x <- x + (r - t) u(x, t, r)``, then clip.
 
     A mean velocity is exact for any interval, so every ``steps`` draws from the same distribution when u is
-    exact; with a learned u, shorter intervals can be more accurate. ``steps = 1`` is :func:`sample_one_step`.
+    exact; with a learned u, shorter intervals can be more accurate. ``steps = 1`` is one-step generation.
     """
     if steps < 1:
         raise ValueError(f"sample_steps must be >= 1, got {steps}")
@@ -284,6 +283,4 @@ class MVPAgent(ActorCriticAgent):
     def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One sample per row (one network evaluation; ``sample_steps`` of them if > 1): obs (M, O) -> (M, D)."""
         noise = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
-        if self.sample_steps == 1:
-            return sample_one_step(self.actor, obs, noise)
         return sample_few_step(self.actor, obs, noise, self.sample_steps)
