@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from manip.algos.mvp import (
+    MVPAgent,
     ivc_loss,
     mean_flow_loss,
     mean_velocity_and_derivative,
@@ -118,6 +119,43 @@ def test_time_pair_sampler_order_and_boundary_fraction():
     assert abs(logits.std().item() - 1.0) < 0.03
     assert int(sample_time_pair(8, g, boundary_fraction=0.0)[2].sum()) == 0
     assert int(sample_time_pair(8, g, boundary_fraction=1.0)[2].sum()) == 8
+
+
+def test_time_pair_sampler_full_interval_fraction():
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    t, r, boundary = sample_time_pair(n, g, boundary_fraction=0.5, full_interval_fraction=0.25)
+    full = (t == 0) & (r == 1)
+    assert int(full.sum()) == 125  # a quarter of the 500 r > t samples
+    assert not torch.any(full & boundary)
+    assert torch.equal(r[boundary], t[boundary]) and torch.all(t[boundary] > 0)
+    rest = ~boundary & ~full
+    assert int(rest.sum()) == 375 and torch.all((t[rest] > 0) & (r[rest] < 1) & (r[rest] > t[rest]))
+    # without IVC samples the share applies to the whole batch
+    t0, r0, _ = sample_time_pair(8, g, boundary_fraction=0.0, full_interval_fraction=1.0)
+    assert torch.all(t0 == 0) and torch.all(r0 == 1)
+    with pytest.raises(ValueError, match="full_interval_fraction"):
+        sample_time_pair(8, g, full_interval_fraction=1.5)
+
+
+def test_agent_trains_the_full_interval_it_samples():
+    """With full_interval_fraction = 1 every MeanFlow sample is the one-step jump: its loss is the one-step error."""
+    torch.manual_seed(0)
+    agent = MVPAgent(obs_dim=3, action_dim=2, horizon=1, hidden_dims=(16,), full_interval_fraction=1.0)
+    seen = []
+    forward = agent.actor.forward
+
+    def spy(obs, x, t, r):
+        seen.append((t.detach().clone(), r.detach().clone()))
+        return forward(obs, x, t, r)
+
+    agent.actor.forward = spy
+    batch = {"observations": torch.randn(16, 3), "actions": torch.rand(16, 1, 2) * 2 - 1}
+    agent.actor_loss(batch, generator=torch.Generator().manual_seed(1))
+    mf_t, mf_r = seen[0]  # the JVP call on the 8 r > t samples comes first
+    assert torch.all(mf_t == 0) and torch.all(mf_r == 1)
+    ivc_t, ivc_r = seen[1]
+    assert torch.equal(ivc_t, ivc_r) and torch.all(ivc_t > 0)
 
 
 @pytest.mark.parametrize("adaptive_p", [None, 0.5])

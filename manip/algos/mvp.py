@@ -54,11 +54,15 @@ def sample_time_pair(
     boundary_fraction: float = 0.5,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    full_interval_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw interval endpoints 0 < t <= r < 1 from two logit-normal samples ``sigmoid(N(mean, std^2))``.
 
     t = min, r = max of the two draws; the first ``num_boundary_samples(batch, boundary_fraction)`` entries get
-    r = t (the IVC samples), the rest keep r >= t (the MeanFlow samples).
+    r = t (the IVC samples), the rest keep r >= t (the MeanFlow samples). Of those MeanFlow samples, the first
+    ``round(full_interval_fraction * count)`` get exactly (t, r) = (0, 1), the interval one-step generation
+    jumps over: two logit-normal draws almost never land at both ends, so without them ``u(x, 0, 1)`` is only
+    reached by extrapolation.
 
     In this package's convention the default LN(-0.4, 1) favours the noise end (median draw 0.40), so long
     intervals starting near t = 0, the ones one-step generation uses, are common. (MeanFlow's LN(-0.4, 1) pair
@@ -69,7 +73,14 @@ def sample_time_pair(
     """
     draws = torch.sigmoid(torch.randn(2, batch, generator=generator, device=device, dtype=dtype) * std + mean)
     t, r = torch.minimum(draws[0], draws[1]), torch.maximum(draws[0], draws[1])
-    boundary = torch.arange(batch, device=draws.device) < num_boundary_samples(batch, boundary_fraction)
+    if not 0.0 <= full_interval_fraction <= 1.0:
+        raise ValueError(f"full_interval_fraction must be in [0, 1], got {full_interval_fraction}")
+    k = num_boundary_samples(batch, boundary_fraction)
+    index = torch.arange(batch, device=draws.device)
+    boundary = index < k
+    full = (index >= k) & (index < k + int(round(full_interval_fraction * (batch - k))))
+    t = torch.where(full, torch.zeros_like(t), t)
+    r = torch.where(full, torch.ones_like(r), r)
     return t, torch.where(boundary, t, r), boundary
 
 
@@ -149,6 +160,7 @@ def mvp_policy_loss(
     generator: torch.Generator | None = None,
     time_mean: float = -0.4,
     time_std: float = 1.0,
+    full_interval_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_MF + lambda_ivc * L_IVC`` on a batch of target actions.
 
@@ -161,6 +173,7 @@ def mvp_policy_loss(
         obs: (B, O); actions: (B, D) flattened target chunks; valid: (B, D) element weights or None.
         lambda_ivc: IVC weight; 0 also sets ``boundary_fraction`` to 0 (no r = t samples).
         target_velocity_fn: optional ``(x_t (B, D), t (B,)) -> v_hat (B, D)``.
+        full_interval_fraction: share of the MeanFlow (r > t) samples placed on (t, r) = (0, 1).
     Returns:
         loss (scalar) and detached info {"actor/loss", "actor/mf_loss", "actor/ivc_loss"}.
     """
@@ -169,7 +182,14 @@ def mvp_policy_loss(
     batch = actions.shape[0]
     x0 = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=actions.dtype)
     t, r, _ = sample_time_pair(
-        batch, generator, time_mean, time_std, boundary_fraction, device=actions.device, dtype=actions.dtype
+        batch,
+        generator,
+        time_mean,
+        time_std,
+        boundary_fraction,
+        device=actions.device,
+        dtype=actions.dtype,
+        full_interval_fraction=full_interval_fraction,
     )
     x_t = torch.lerp(x0, actions, t.unsqueeze(-1))
     v = actions - x0 if target_velocity_fn is None else target_velocity_fn(x_t, t).detach()
@@ -236,6 +256,7 @@ class MVPAgent(ActorCriticAgent):
         adaptive_p: float | None = None,
         time_dim: int = 64,
         sample_steps: int = 1,
+        full_interval_fraction: float = 0.0,
     ):
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount)
         if sample_steps < 1:
@@ -244,6 +265,7 @@ class MVPAgent(ActorCriticAgent):
         self.lambda_ivc = lambda_ivc
         self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction
         self.time_mean, self.time_std = time_mean, time_std
+        self.full_interval_fraction = full_interval_fraction
         self.adaptive_p = adaptive_p
         self.actor = MeanVelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
 
@@ -278,6 +300,7 @@ class MVPAgent(ActorCriticAgent):
             generator=generator,
             time_mean=self.time_mean,
             time_std=self.time_std,
+            full_interval_fraction=self.full_interval_fraction,
         )
 
     def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
