@@ -33,7 +33,7 @@ from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
-PRIORS = ("box", "policy")
+PRIORS = ("box", "policy", "data")
 
 
 @dataclass
@@ -47,8 +47,10 @@ class OnlineConfig:
     som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
     SOM's practice; on this path it is no longer the target's marginal velocity); bound_std: scale of
     the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
-    prior: "box" (the Boltzmann target over the action box) or "policy" (rfm only: the target
-    ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples);
+    prior: "box" (the Boltzmann target over the action box), "policy" (rfm only: the target
+    ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples) or
+    "data" (som / rfm: ``∝ N(a; a_replay, prior_std^2 I) exp(alpha Q)``, a trust region around each
+    replay chunk; its path points are built from the replay chunks);
     utd: updates per env step; start_training: env steps collected before updates start;
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
@@ -65,6 +67,7 @@ class OnlineConfig:
     som_normalize_score: bool = False
     bound_std: float | None = 0.1
     prior: str = "box"
+    prior_std: float = 0.2
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
@@ -79,6 +82,10 @@ class OnlineConfig:
             raise ValueError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
         if self.prior == "policy" and self.target != "rfm":
             raise ValueError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
+        if self.prior == "data" and self.target == "bon":
+            raise ValueError("finetune.prior=data shapes the som / rfm Boltzmann target; bon has no prior")
+        if self.prior_std <= 0:
+            raise ValueError(f"finetune.prior_std must be positive, got {self.prior_std}")
         if self.q_scale not in Q_SCALES:
             raise ValueError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
 
@@ -260,9 +267,14 @@ class ManipModule(L.LightningModule):
         from manip.algos import targets
 
         cfg, obs = self.online, batch["observations"]
-        with torch.no_grad():
-            num_samples = cfg.target_samples if cfg.target == "bon" else 1
-            target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
+        target_valid = None
+        if cfg.prior == "data":
+            # path points around the replay chunks, where the trust-region target lives
+            target_actions, target_valid = batch["actions"], batch.get("valid")
+        else:
+            with torch.no_grad():
+                num_samples = cfg.target_samples if cfg.target == "bon" else 1
+                target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
         target_fn, alpha = None, self.alpha
         if cfg.target != "bon":
             if cfg.q_scale == "mean_abs":
@@ -275,9 +287,11 @@ class ManipModule(L.LightningModule):
                 target_fn = self._policy_prior_target(obs, alpha, generator)
             else:
                 extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
+                if cfg.prior == "data":
+                    extra.update(prior_mean=batch["actions"].reshape(len(obs), -1), prior_std=cfg.prior_std)
                 target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha, bound_std=cfg.bound_std,
                                                    num_samples=cfg.target_samples, generator=generator, **extra)
-        loss, info = self.agent.policy_loss(obs, target_actions, None, target_velocity_fn=target_fn,
+        loss, info = self.agent.policy_loss(obs, target_actions, target_valid, target_velocity_fn=target_fn,
                                             generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
         if target_fn is not None:

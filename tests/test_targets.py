@@ -416,6 +416,60 @@ def test_policy_prior_target_matches_closed_form(t):
     assert (wrong - exact).abs().max() > 0.05  # the critic matters: alpha = 0 is the policy's own velocity
 
 
+# ------------------------------------------- data prior: N(m, sigma_p^2 I) x quadratic Q, closed form
+def _data_prior_exact(x: torch.Tensor, t: float, alpha: float, m: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """Velocity (D,) at x of the Gaussian target N(m', S'), S' = (I / sigma_p^2 + alpha P)^-1,
+    m' = S' (m / sigma_p^2 + alpha P M)."""
+    eye = torch.eye(2, dtype=torch.float64)
+    cov = torch.linalg.inv(eye / prior_std**2 + alpha * P)
+    mean = cov @ (m / prior_std**2 + alpha * P @ M)
+    residual = torch.linalg.solve(t * t * cov + (1 - t) ** 2 * eye, x - t * mean)
+    return mean + t * cov @ residual - (1 - t) * residual
+
+
+@pytest.mark.parametrize("t", [0.05, 0.2, 0.5, 0.8, 0.95])
+def test_data_prior_estimators_match_closed_form(t):
+    """SOM and RFM (eta = 0, 1, optimal) under the data prior match the closed-form velocity at every t,
+    including t = 0.05 where the box-prior SOM estimate is unusable; a wrong prior_std is rejected."""
+    alpha, prior_std, repeats, num_samples = 4.0, 0.3, 128, 256
+    m = torch.tensor([0.5, -0.6], dtype=torch.float64)  # the reference chunk, away from Q's optimum M
+    g = torch.Generator().manual_seed(0)
+    obs = torch.zeros(repeats, 1, dtype=torch.float64)
+    ts = torch.full((repeats,), t, dtype=torch.float64)
+    for x in (t * m, t * m + torch.tensor([0.3, 0.2], dtype=torch.float64)):
+        exact = _data_prior_exact(x, t, alpha, m, prior_std)
+        xs, ms = x.expand(repeats, 2).clone(), m.expand(repeats, 2)
+        for name in ESTIMATORS:
+            kwargs = dict(generator=g, bound_std=None, prior_mean=ms)
+            if name == "som":
+                est = som_target_velocity(quadratic_q, obs, xs, ts, alpha, num_samples, prior_std=prior_std, **kwargs)
+                wrong = som_target_velocity(quadratic_q, obs, xs, ts, alpha, num_samples, prior_std=2 * prior_std,
+                                            **kwargs)
+            else:
+                est = rfm_target_velocity(quadratic_q, obs, xs, ts, alpha, num_samples, eta=name,
+                                          prior_std=prior_std, **kwargs)
+                wrong = rfm_target_velocity(quadratic_q, obs, xs, ts, alpha, num_samples, eta=name,
+                                            prior_std=2 * prior_std, **kwargs)
+            assert _z_score(est, exact) < Z_MAX or (est.mean(0) - exact).abs().max() < 2e-3, (name, t)
+            if t <= 0.8:  # near t = 1 the velocity at x hardly depends on the prior
+                assert (wrong.mean(0) - exact).abs().max() > 0.05, (name, t)
+
+
+def test_data_prior_som_is_stable_at_small_t():
+    """The prior damps SOM's gradient term by t sigma_p^2 / ((1 - t)^2 + t^2 sigma_p^2): at t = 0.05 the
+    spread of one target is small, where the box-prior SOM estimate (same K) is hundreds of times noisier."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(256, 2, dtype=torch.float64)
+    obs = torch.zeros(256, 1, dtype=torch.float64)
+    t = torch.full((256,), 0.05, dtype=torch.float64)
+    sharp_q = lambda o, a: 50.0 * quadratic_q(o, a)  # noqa: E731  (a sharp critic, as online)
+    data = som_target_velocity(sharp_q, obs, x, t, 1.0, 64, generator=g, bound_std=None,
+                               prior_mean=torch.zeros_like(x), prior_std=0.3)
+    box = som_target_velocity(sharp_q, obs, x, t, 1.0, 64, generator=g, bound_std=None, t_min=0.05)
+    assert data.std(0).max() < 0.5, data.std(0)
+    assert box.std(0).max() > 100 * data.std(0).max()
+
+
 def test_policy_prior_module_target_and_validation():
     from manip.data.replay import random_chunk_batch
 
@@ -427,3 +481,20 @@ def test_policy_prior_module_target_and_validation():
         _online_module("som", prior="policy")
     with pytest.raises(ValueError, match="prior"):
         _online_module("rfm", prior="uniform")
+
+
+@pytest.mark.parametrize("target", ["som", "rfm"])
+def test_data_prior_module_target_and_validation(target):
+    from manip.data.replay import random_chunk_batch
+
+    batch = random_chunk_batch(16, 5, 2, 3)
+    module = _online_module(target, prior="data", prior_std=0.2)
+    loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and float(info["target_alpha"]) > 0
+    # the target is built around the replay chunks: a different prior_std changes the loss on the same draws
+    other, _ = _online_module(target, prior="data", prior_std=2.0).actor_loss(batch, torch.Generator().manual_seed(0))
+    assert not torch.isclose(loss, other)
+    with pytest.raises(ValueError, match="bon has no prior"):
+        _online_module("bon", prior="data")
+    with pytest.raises(ValueError, match="prior_std"):
+        _online_module(target, prior="data", prior_std=0.0)

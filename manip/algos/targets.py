@@ -103,6 +103,26 @@ is the policy's own marginal velocity (a kernel estimate of it). The gradient co
 ``grad log pi``, which a one-step generator does not give, so this target is value-only (eta = 0), and
 SOM's score is the same estimate here (the x-dependence is all in the Gaussian kernel).
 
+Data prior (``prior_mean``, ``prior_std``)
+------------------------------------------
+A Gaussian trust region around a reference chunk m (the replay chunk the batch row came from) gives the
+target ``p(a | s, m) ∝ N(a; m, sigma_p^2 I) exp(l(a))``: the data action moved towards higher Q by at most
+a few sigma_p, one local improvement per data sample, so a multimodal behaviour stays multimodal. Both
+factors of ``N(x; t a, (1 - t)^2 I) N(a; m, sigma_p^2 I)`` are Gaussian in a, so::
+
+    p(a | x_t = x) ∝ N(a; c(x), s^2 I) exp(l(a)),
+    c(x) = (sigma_p^2 x / t + sigma_t^2 m) / (sigma_p^2 + sigma_t^2),   s^2 = sigma_t^2 sigma_p^2 / (sigma_t^2 + sigma_p^2)
+    p_t(x) ∝ N(x; t m, ((1 - t)^2 + t^2 sigma_p^2) I) * E_{a ~ N(c(x), s^2)}[exp l(a)]
+
+Proposals ``a_k = c(x) + s delta_k`` are then exact posterior draws up to the weights ``softmax_k l(a_k)``
+(effective sample size stays high at every t), and
+``x0_k = (x - t a_k) / (1 - t) = sigma_t^2 (x - t m) / ((1 - t)(sigma_p^2 + sigma_t^2)) - sigma_p delta_k / sqrt(sigma_p^2 + sigma_t^2)``.
+SOM's score is the Gaussian factor's ``-(x - t m) / ((1 - t)^2 + t^2 sigma_p^2)`` plus the gradient in x of
+``logsumexp_k l(a_k(x))``, which carries the factor ``dc/dx = sigma_p^2 / (t (sigma_p^2 + sigma_t^2))``
+``= t sigma_p^2 / ((1 - t)^2 + t^2 sigma_p^2)``: it vanishes as t -> 0, so the prior also removes the
+gradient estimator's small-t blow-up (``t_min = T_MIN`` for both). RFM's Stein term uses the gradient of
+the full log target ``l(a) - ||a - m||^2 / (2 sigma_p^2)``.
+
 Best-of-N
 ---------
 ``bon`` needs no velocity estimator: the policy is trained with the MVP loss on ``a* = argmax_n Q(s, a_n)``
@@ -210,6 +230,30 @@ def _posterior_proposals(
     return t_eff, delta.to(x_t.dtype), sigma
 
 
+def _data_prior_posterior(
+    x: Tensor, t_eff: Tensor, prior_mean: Tensor, prior_std: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gaussian pieces of the data-prior posterior (module docstring, *Data prior*).
+
+    Args:
+        x: (B, D) points (may require grad), t_eff: (B, 1) times, prior_mean: (B, D) reference chunks m.
+    Returns:
+        centre c(x) (B, D), proposal std s (B, 1), noise of the centre ``(x - t c) / (1 - t)`` (B, D) and the
+        Gaussian factor's score ``-(x - t m) / ((1 - t)^2 + t^2 sigma_p^2)`` (B, D).
+    """
+    if prior_std <= 0:
+        raise ValueError(f"prior_std must be positive, got {prior_std}")
+    var_p = prior_std**2
+    var_t = ((1.0 - t_eff) / t_eff).square()
+    m = prior_mean.detach().to(x.dtype)
+    centre = (var_p * x / t_eff + var_t * m) / (var_p + var_t)
+    std = (var_t * var_p / (var_t + var_p)).sqrt()
+    residual = x - t_eff * m
+    centre_noise = var_t * residual / ((1.0 - t_eff) * (var_p + var_t))
+    gaussian_score = -residual / ((1.0 - t_eff).square() + t_eff.square() * var_p)
+    return centre, std, centre_noise, gaussian_score
+
+
 def _repeat_obs(obs: Tensor, num_samples: int) -> Tensor:
     """(B, O) -> (B * K, O), each row repeated K times consecutively."""
     return obs.repeat_interleave(num_samples, dim=0)
@@ -225,7 +269,9 @@ def som_target_velocity(
     generator: torch.Generator | None = None,
     normalize_score: bool = False,
     bound_std: float | None = BOUND_STD,
-    t_min: float = SOM_T_MIN,
+    t_min: float | None = None,
+    prior_mean: Tensor | None = None,
+    prior_std: float = 0.2,
 ) -> Tensor:
     """SOM target velocity from the Monte-Carlo score of the Boltzmann target.
 
@@ -246,21 +292,37 @@ def som_target_velocity(
         normalize_score: replace the score by its unit vector ``score / ||score||`` (SOM's normalised
             variant). A greediness heuristic: the result is no longer the marginal velocity of the target.
         bound_std: see :func:`boltzmann_log_density`.
-        t_min: lower clamp of t (module docstring, *Small t*).
+        t_min: lower clamp of t (module docstring, *Small t*); None: ``SOM_T_MIN``, or ``T_MIN`` with a data
+            prior.
+        prior_mean: (B, D) reference chunks m of the data prior ``N(m, prior_std^2 I)`` (module docstring,
+            *Data prior*); None: the Boltzmann target over the action box.
+        prior_std: sigma_p of the data prior.
 
     Returns:
         (B, D) detached target velocity.
     """
     batch, dim = x_t.shape
-    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
     x = x_t.detach()
+    if t_min is None:
+        t_min = SOM_T_MIN if prior_mean is None else T_MIN
+    if prior_mean is None:
+        t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
+    else:
+        t_eff = t.detach().to(x.dtype).clamp(t_min, 1.0)[:, None]
+        delta = torch.randn(batch, num_samples, dim, generator=generator, device=x.device, dtype=x.dtype)
     with torch.enable_grad():
         x_leaf = x.clone().requires_grad_(True)
-        actions = x_leaf[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta
+        if prior_mean is None:
+            actions = x_leaf[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta
+        else:
+            centre, std, _, gaussian_score = _data_prior_posterior(x_leaf, t_eff, prior_mean, prior_std)
+            actions = centre[:, None, :] + std[:, :, None] * delta
         log_p = boltzmann_log_density(
             q_fn, _repeat_obs(obs.detach(), num_samples), actions.reshape(-1, dim), alpha, bound_std
         ).view(batch, num_samples)
         (score,) = torch.autograd.grad(torch.logsumexp(log_p, dim=1).sum(), x_leaf)
+    if prior_mean is not None:
+        score = score + gaussian_score.detach()
     if normalize_score:
         score = score / score.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return ((x + (1.0 - t_eff) * score) / t_eff).detach()
@@ -277,6 +339,8 @@ def rfm_noise_posterior_mean(
     generator: torch.Generator | None = None,
     bound_std: float | None = BOUND_STD,
     t_min: float = T_MIN,
+    prior_mean: Tensor | None = None,
+    prior_std: float = 0.2,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Posterior mean of the noise ``E[x0 | x_t]`` under the Boltzmann target by SNIS with a Stein blend.
 
@@ -295,6 +359,8 @@ def rfm_noise_posterior_mean(
         generator: torch generator for the proposals.
         bound_std: see :func:`boltzmann_log_density`.
         t_min: lower clamp of t (module docstring, *Small t*).
+        prior_mean, prior_std: the data prior ``N(prior_mean, prior_std^2 I)`` (module docstring, *Data prior*);
+            None: the Boltzmann target over the action box.
 
     Returns:
         ``(mu0 (B, D), info)``, detached; info holds ``weights`` (B, K), ``per_sample`` f (B, K, D),
@@ -303,11 +369,20 @@ def rfm_noise_posterior_mean(
     if isinstance(eta, str) and eta != "optimal":
         raise ValueError(f"eta must be a float or 'optimal', got {eta!r}")
     batch, dim = x_t.shape
-    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
     x = x_t.detach()
-    actions = (x[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta).reshape(-1, dim)
+    if prior_mean is None:
+        t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
+        actions = (x[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta).reshape(-1, dim)
+        noise = -delta
+    else:
+        t_eff = t.detach().to(x.dtype).clamp(t_min, 1.0)[:, None]
+        sigma = (1.0 - t_eff) / t_eff
+        delta = torch.randn(batch, num_samples, dim, generator=generator, device=x.device, dtype=x.dtype)
+        centre, std, centre_noise, _ = _data_prior_posterior(x, t_eff, prior_mean, prior_std)
+        actions = (centre[:, None, :] + std[:, :, None] * delta).reshape(-1, dim)
+        # x0_k = (x - t a_k) / (1 - t), written without the 1 / (1 - t) cancellation
+        noise = centre_noise[:, None, :] - (t_eff * std / (1.0 - t_eff))[:, :, None] * delta
     obs_rep = _repeat_obs(obs.detach(), num_samples)
-    noise = -delta
     if eta == 0:
         with torch.no_grad():
             log_p = boltzmann_log_density(q_fn, obs_rep, actions, alpha, bound_std).view(batch, num_samples)
@@ -318,7 +393,11 @@ def rfm_noise_posterior_mean(
             log_p = boltzmann_log_density(q_fn, obs_rep, actions, alpha, bound_std)
             (grad_l,) = torch.autograd.grad(log_p.sum(), actions)
         log_p = log_p.detach().view(batch, num_samples)
-        s_star = -noise - sigma[:, :, None] * grad_l.view(batch, num_samples, dim)
+        grad_l = grad_l.view(batch, num_samples, dim)
+        if prior_mean is not None:
+            offset = actions.detach().view(batch, num_samples, dim) - prior_mean.detach()[:, None, :]
+            grad_l = grad_l - offset / prior_std**2
+        s_star = -noise - sigma[:, :, None] * grad_l
     weights = torch.softmax(log_p, dim=1)
     w = weights[:, :, None]
     if eta == "optimal":
@@ -351,6 +430,8 @@ def rfm_target_velocity(
     generator: torch.Generator | None = None,
     bound_std: float | None = BOUND_STD,
     t_min: float = T_MIN,
+    prior_mean: Tensor | None = None,
+    prior_std: float = 0.2,
 ) -> Tensor:
     """Reverse-flow-matching target velocity ``v_hat = (x_t - mu0_hat) / t``.
 
@@ -360,7 +441,18 @@ def rfm_target_velocity(
         (B, D) detached target velocity.
     """
     mu0, _ = rfm_noise_posterior_mean(
-        q_fn, obs, x_t, t, alpha, num_samples, eta=eta, generator=generator, bound_std=bound_std, t_min=t_min
+        q_fn,
+        obs,
+        x_t,
+        t,
+        alpha,
+        num_samples,
+        eta=eta,
+        generator=generator,
+        bound_std=bound_std,
+        t_min=t_min,
+        prior_mean=prior_mean,
+        prior_std=prior_std,
     )
     t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
     return ((x_t.detach() - mu0) / t_eff).detach()
