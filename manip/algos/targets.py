@@ -111,12 +111,16 @@ a few sigma_p, one local improvement per data sample, so a multimodal behaviour 
 factors of ``N(x; t a, (1 - t)^2 I) N(a; m, sigma_p^2 I)`` are Gaussian in a, so::
 
     p(a | x_t = x) ∝ N(a; c(x), s^2 I) exp(l(a)),
-    c(x) = (sigma_p^2 x / t + sigma_t^2 m) / (sigma_p^2 + sigma_t^2),   s^2 = sigma_t^2 sigma_p^2 / (sigma_t^2 + sigma_p^2)
+    c(x) = (sigma_p^2 x / t + sigma_t^2 m) / (sigma_p^2 + sigma_t^2)
+    s^2  = sigma_t^2 sigma_p^2 / (sigma_t^2 + sigma_p^2)
     p_t(x) ∝ N(x; t m, ((1 - t)^2 + t^2 sigma_p^2) I) * E_{a ~ N(c(x), s^2)}[exp l(a)]
 
 Proposals ``a_k = c(x) + s delta_k`` are then exact posterior draws up to the weights ``softmax_k l(a_k)``
-(effective sample size stays high at every t), and
-``x0_k = (x - t a_k) / (1 - t) = sigma_t^2 (x - t m) / ((1 - t)(sigma_p^2 + sigma_t^2)) - sigma_p delta_k / sqrt(sigma_p^2 + sigma_t^2)``.
+(effective sample size stays high at every t), with implied noise::
+
+    x0_k = (x - t a_k) / (1 - t)
+         = sigma_t^2 (x - t m) / ((1 - t)(sigma_p^2 + sigma_t^2)) - sigma_p delta_k / sqrt(sigma_p^2 + sigma_t^2)
+
 SOM's score is the Gaussian factor's ``-(x - t m) / ((1 - t)^2 + t^2 sigma_p^2)`` plus the gradient in x of
 ``logsumexp_k l(a_k(x))``, which carries the factor ``dc/dx = sigma_p^2 / (t (sigma_p^2 + sigma_t^2))``
 ``= t sigma_p^2 / ((1 - t)^2 + t^2 sigma_p^2)``: it vanishes as t -> 0, so the prior also removes the
