@@ -135,6 +135,22 @@ def test_ogbench_loads_generated_files(play_files, family, task):
     assert val["observations"].shape == (LENGTH - 1, OBS_DIMS[family])
 
 
+@pytest.mark.parametrize("task", [1, 3])
+def test_task_demos_reach_the_evaluation_goal(tmp_path, task):
+    """Task demonstrations start from the task's initial state and the oracle carries the cube to its goal:
+    the singletask relabelling (independent of the generator) marks success within the first 100 steps."""
+    result = generate("cube-single-play-v0", tmp_path / "demos.npz", 2, 120, seed=0, verbose=False, task_id=task)
+    data = load_ogbench(f"cube-single-play-singletask-task{task}-v0", result["path"])
+    rewards = data.train.rewards.reshape(2, 119)
+    assert np.all(rewards[:, :10] == -1)  # the cube starts away from the goal
+    first_success = [int(np.argmax(r == 0)) if (r == 0).any() else None for r in rewards]
+    assert all(step is not None and step < 100 for step in first_success), first_success
+    with pytest.raises(ValueError, match="cube-single only"):
+        generate("cube-double-play-v0", tmp_path / "x.npz", 1, 20, verbose=False, task_id=1)
+    with pytest.raises(ValueError, match="task_id"):
+        generate("cube-single-play-v0", tmp_path / "x.npz", 1, 20, verbose=False, task_id=7)
+
+
 @pytest.mark.parametrize("family", ["cube-triple", "scene", "puzzle-3x3"])
 def test_smoke_generate_other_datasets(tmp_path, family):
     assert f"{family}-play-v0" in DATASETS

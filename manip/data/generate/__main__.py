@@ -2,6 +2,7 @@
 
     python -m manip.data.generate robomimic --task lift --demos 100 [--out data/robomimic/lift/mh/low_dim_v15.hdf5]
     python -m manip.data.generate ogbench --dataset cube-single-play-v0 --episodes 100 [--out data/ogbench/cube-single-play-v0.npz]
+    python -m manip.data.generate ogbench --task-demos 1 --episodes 20 --episode-length 200 --out data/ogbench/cube-single-task1-demos.npz
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     og.add_argument("--episodes", type=int, default=100)
     og.add_argument("--episode-length", type=int, default=501)
     og.add_argument("--out", default=None, help="default: data/ogbench/<dataset>.npz")
+    og.add_argument("--task-demos", type=int, default=None, metavar="TASK_ID",
+                    help="cube-single: oracle demonstrations of evaluation task TASK_ID instead of play data")
     for p in (rm, og):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true")
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         out = args.out or f"data/ogbench/{args.dataset}.npz"
         result = generate(args.dataset, out, args.episodes, episode_length=args.episode_length,
-                          seed=args.seed, overwrite=args.overwrite)
+                          seed=args.seed, overwrite=args.overwrite, task_id=args.task_demos)
     print(json.dumps(result, indent=1, default=str))
     return result
 

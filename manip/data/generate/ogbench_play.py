@@ -125,11 +125,40 @@ def _seeded_global_numpy(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
+def _task_goal_info(env: gymnasium.Env) -> dict:
+    """The privileged target entries a cube plan oracle reads, pointed at the current task's goal.
+
+    In ``mode='task'`` the env keeps the goal in ``cur_task_info['goal_xyzs']`` (goal cubes are upright,
+    yaw 0) and does not report a target; single-cube envs only.
+    """
+    goal = np.asarray(env.unwrapped.cur_task_info["goal_xyzs"][0], dtype=np.float64)
+    return {
+        "privileged/target_task": "cube",
+        "privileged/target_block": 0,
+        "privileged/target_block_pos": goal.copy(),
+        "privileged/target_block_yaw": np.zeros(1),
+    }
+
+
 def _collect_episode(
-    env: gymnasium.Env, env_name: str, oracles: dict, has_buttons: bool, seed: int | None = None
+    env: gymnasium.Env,
+    env_name: str,
+    oracles: dict,
+    has_buttons: bool,
+    seed: int | None = None,
+    task_id: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run one play episode until truncation; returns arrays of shape (L, ...) for one episode."""
-    ob, info = env.reset(seed=seed)
+    """Run one episode until truncation; returns arrays of shape (L, ...) for one episode.
+
+    ``task_id=None``: play (a new random target whenever the oracle finishes). Otherwise the episode starts
+    from evaluation task ``task_id``'s initial state and the oracle carries the cube to that task's goal once,
+    then holds its final pose until the episode ends.
+    """
+    if task_id is None:
+        ob, info = env.reset(seed=seed)
+    else:
+        ob, info = env.reset(seed=seed, options={"task_id": task_id})
+        info = {**info, **_task_goal_info(env)}
     p_stack = _draw_p_stack(env_name)
     oracle = oracles[info["privileged/target_task"]]
     oracle.reset(ob, info)
@@ -141,7 +170,7 @@ def _collect_episode(
         action = np.clip(np.asarray(oracle.select_action(ob, info)), -1.0, 1.0)
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
-        if oracle.done:
+        if oracle.done and task_id is None:
             target_ob, target_info = env.unwrapped.set_new_target(p_stack=p_stack)
             oracle = oracles[target_info["privileged/target_task"]]
             oracle.reset(target_ob, target_info)
@@ -180,8 +209,9 @@ def generate(
     seed: int = 0,
     overwrite: bool = False,
     verbose: bool = True,
+    task_id: int | None = None,
 ) -> dict:
-    """Generate an OGBench play dataset with the shipped plan oracles.
+    """Generate an OGBench play dataset with the shipped plan oracles (or task demonstrations).
 
     Args:
         dataset: one of ``DATASETS``, e.g. ``"cube-single-play-v0"``.
@@ -192,6 +222,10 @@ def generate(
         seed: seeds every random draw (env and oracles).
         overwrite: replace existing files; otherwise an existing file raises ``FileExistsError``.
         verbose: print progress and a summary.
+        task_id: None for play data. For ``cube-single-play-v0`` an evaluation task id (1-5) instead records
+            noisy oracle demonstrations of that task (env in ``mode='task'``, one pick-and-place to the
+            task's goal per episode, then holding): the same file format, for small offline-to-online
+            studies where play data is too scarce to learn the task from.
 
     Each file holds ``observations`` (E*L, obs_dim) float32, ``actions`` (E*L, 5) float32,
     ``terminals`` (E*L,) bool, ``qpos`` (E*L, nq) and ``qvel`` (E*L, nv) float32 and, for scene
@@ -220,12 +254,15 @@ def generate(
 
     import ogbench  # noqa: F401  (registers the ogbench envs with gymnasium)
 
+    if task_id is not None and not env_name.startswith("cube-single"):
+        raise ValueError(f"task demonstrations are implemented for cube-single only, got dataset {dataset!r}")
+    if task_id is not None and not 1 <= task_id <= 5:
+        raise ValueError(f"task_id must be in 1..5, got {task_id}")
     num_val_episodes = max(1, num_episodes // 10)
     env_seed, oracle_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    mode = "data_collection" if task_id is None else "task"
     with quiet_space_casts():
-        env = gymnasium.make(
-            env_name, terminate_at_goal=False, mode="data_collection", max_episode_steps=episode_length
-        )
+        env = gymnasium.make(env_name, terminate_at_goal=False, mode=mode, max_episode_steps=episode_length)
     has_buttons = hasattr(env.unwrapped, "_cur_button_states")
     oracles = _make_oracles(env, env_name)
 
@@ -236,7 +273,7 @@ def generate(
     with _seeded_global_numpy(oracle_seed):
         try:
             while len(episodes) < total:
-                episode = _collect_episode(env, env_name, oracles, has_buttons, seed=episode_seed)
+                episode = _collect_episode(env, env_name, oracles, has_buttons, seed=episode_seed, task_id=task_id)
                 episode_seed = None
                 if env_name.startswith("scene") and not _scene_episode_is_healthy(episode["qpos"]):
                     continue
