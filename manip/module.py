@@ -33,7 +33,9 @@ from manip.evaluation import ChunkPolicy, VectorRollout
 
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
-PRIORS = ("box", "policy", "data")
+PRIORS = ("auto", "box", "policy", "data")
+# prior=auto: the prior each target works with offline-to-online (measured on lift, README)
+AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy"}
 
 
 @dataclass
@@ -47,7 +49,8 @@ class OnlineConfig:
     som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
     SOM's practice; on this path it is no longer the target's marginal velocity); bound_std: scale of
     the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
-    prior: "box" (the Boltzmann target over the action box), "policy" (rfm only: the target
+    prior: "auto" (default: som -> "data", rfm -> "policy"; bon uses none), "box" (the Boltzmann
+    target over the action box), "policy" (rfm only: the target
     ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples) or
     "data" (som / rfm: ``∝ N(a; a_replay, prior_std^2 I) exp(alpha Q)``, a trust region around each
     replay chunk; its path points are built from the replay chunks);
@@ -66,7 +69,7 @@ class OnlineConfig:
     q_scale: str = "mean_abs"
     som_normalize_score: bool = False
     bound_std: float | None = 0.1
-    prior: str = "box"
+    prior: str = "auto"
     prior_std: float = 0.2
     target_samples: int = 32
     utd: float = 1.0
@@ -80,6 +83,8 @@ class OnlineConfig:
             raise ValueError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
         if self.prior not in PRIORS:
             raise ValueError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
+        if self.prior == "auto":
+            self.prior = AUTO_PRIOR[self.target]
         if self.prior == "policy" and self.target != "rfm":
             raise ValueError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
         if self.prior == "data" and self.target == "bon":

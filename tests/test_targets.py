@@ -496,5 +496,8 @@ def test_data_prior_module_target_and_validation(target):
     assert not torch.isclose(loss, other)
     with pytest.raises(ValueError, match="bon has no prior"):
         _online_module("bon", prior="data")
+    # the default prior is the one each target works with
+    assert {k: _online_module(k).online.prior for k in ("bon", "som", "rfm")} == {
+        "bon": "box", "som": "data", "rfm": "policy"}
     with pytest.raises(ValueError, match="prior_std"):
         _online_module(target, prior="data", prior_std=0.0)
