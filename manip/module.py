@@ -287,7 +287,7 @@ class ManipModule(L.LightningModule):
                 # target's sharpness no longer depends on the reward scale or the horizon.
                 with torch.no_grad():
                     data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
-                alpha = alpha / float(data_q.abs().mean().clamp_min(1e-6))
+                alpha = alpha / data_q.abs().mean().clamp_min(1e-6)  # a tensor: no host sync on GPU
             if cfg.prior == "policy":
                 target_fn = self._policy_prior_target(obs, alpha, generator)
             else:
@@ -300,14 +300,15 @@ class ManipModule(L.LightningModule):
                                             generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
         if target_fn is not None:
-            info["target_alpha"] = torch.tensor(alpha)
+            info["target_alpha"] = torch.as_tensor(alpha).detach()
         if cfg.bc_weight:
             bc_loss, _ = self.agent.actor_loss(batch, generator)
             loss = loss + cfg.bc_weight * bc_loss
             info["bc_loss"] = bc_loss.detach()
         return loss, info
 
-    def _policy_prior_target(self, obs: torch.Tensor, alpha: float, generator: torch.Generator | None):
+    def _policy_prior_target(self, obs: torch.Tensor, alpha: float | torch.Tensor,
+                             generator: torch.Generator | None):
         """RFM target under the behaviour prior: K policy samples per state, scored once by the critic."""
         from manip.algos import targets
 
