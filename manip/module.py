@@ -34,8 +34,6 @@ from manip.evaluation import ChunkPolicy, VectorRollout
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
 PRIORS = ("auto", "box", "policy", "data")
-# prior=auto: the prior each target works with offline-to-online (measured on lift, README)
-AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy"}
 
 
 @dataclass
@@ -84,6 +82,8 @@ class OnlineConfig:
         if self.prior not in PRIORS:
             raise ValueError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
         if self.prior == "auto":
+            from manip.algos.targets import AUTO_PRIOR
+
             self.prior = AUTO_PRIOR[self.target]
         if self.prior == "policy" and self.target != "rfm":
             raise ValueError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")

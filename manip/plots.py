@@ -57,9 +57,11 @@ def task_name(cfg: dict) -> str:
 
 
 def _target_label(finetune: dict) -> str:
-    """``bon``, ``som``, ``rfm``, or ``rfm, policy prior`` when the target's prior is the policy."""
-    target = finetune["target"]
-    return f"{target}, policy prior" if finetune.get("prior", "box") == "policy" else target
+    """``bon``, ``som``, ``rfm`` with their default prior, else e.g. ``som, box prior``."""
+    from manip.algos.targets import AUTO_PRIOR
+
+    target, prior = finetune["target"], finetune.get("prior", "box")
+    return target if prior in ("auto", AUTO_PRIOR[target]) else f"{target}, {prior} prior"
 
 
 def find_runs(root: str | Path) -> pd.DataFrame:
