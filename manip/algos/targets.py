@@ -311,11 +311,9 @@ def som_target_velocity(
     x = x_t.detach()
     if t_min is None:
         t_min = SOM_T_MIN if prior_mean is None else T_MIN
-    if prior_mean is None:
-        t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
-    else:
-        t_eff = t.detach().to(x.dtype).clamp(t_min, 1.0)[:, None]
-        delta = torch.randn(batch, num_samples, dim, generator=generator, device=x.device, dtype=x.dtype)
+    # with a data prior the posterior is Gaussian before the Q weights: untruncated standard-normal offsets
+    proposal_bound = bound_std if prior_mean is None else None
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, proposal_bound, t_min, generator)
     with torch.enable_grad():
         x_leaf = x.clone().requires_grad_(True)
         if prior_mean is None:
@@ -376,14 +374,12 @@ def rfm_noise_posterior_mean(
         raise ValueError(f"eta must be a float or 'optimal', got {eta!r}")
     batch, dim = x_t.shape
     x = x_t.detach()
+    proposal_bound = bound_std if prior_mean is None else None  # data prior: see som_target_velocity
+    t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, proposal_bound, t_min, generator)
     if prior_mean is None:
-        t_eff, delta, sigma = _posterior_proposals(x_t, t, num_samples, bound_std, t_min, generator)
         actions = (x[:, None, :] / t_eff[:, :, None] + sigma[:, :, None] * delta).reshape(-1, dim)
         noise = -delta
     else:
-        t_eff = t.detach().to(x.dtype).clamp(t_min, 1.0)[:, None]
-        sigma = (1.0 - t_eff) / t_eff
-        delta = torch.randn(batch, num_samples, dim, generator=generator, device=x.device, dtype=x.dtype)
         centre, std, centre_noise, _ = _data_prior_posterior(x, t_eff, prior_mean, prior_std)
         actions = (centre[:, None, :] + std[:, :, None] * delta).reshape(-1, dim)
         # x0_k = (x - t a_k) / (1 - t), written without the 1 / (1 - t) cancellation

@@ -245,6 +245,10 @@ def generate(
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     if episode_length < 2:
         raise ValueError(f"episode_length must be >= 2 (one transition per episode), got {episode_length}")
+    if task_id is not None and not env_name.startswith("cube-single"):
+        raise ValueError(f"task demonstrations are implemented for cube-single only, got dataset {dataset!r}")
+    if task_id is not None and not 1 <= task_id <= 5:
+        raise ValueError(f"task_id must be in 1..5, got {task_id}")
     val_path = val_path_for(path)
     if not overwrite:
         for p in (path, val_path):
@@ -254,10 +258,6 @@ def generate(
 
     import ogbench  # noqa: F401  (registers the ogbench envs with gymnasium)
 
-    if task_id is not None and not env_name.startswith("cube-single"):
-        raise ValueError(f"task demonstrations are implemented for cube-single only, got dataset {dataset!r}")
-    if task_id is not None and not 1 <= task_id <= 5:
-        raise ValueError(f"task_id must be in 1..5, got {task_id}")
     num_val_episodes = max(1, num_episodes // 10)
     env_seed, oracle_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     mode = "data_collection" if task_id is None else "task"
