@@ -321,8 +321,8 @@ class ManipModule(L.LightningModule):
         return lambda x_t, t: targets.policy_prior_target_velocity(x_t, t, candidates, q, alpha)
 
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Critic-ensemble mean: obs (M, O) normalised, actions (M, D) -> (M,)."""
-        return self.agent.critic(obs, actions).mean(0)
+        """Aggregated critic ensemble (the agent's ``q_agg``): obs (M, O) normalised, actions (M, D) -> (M,)."""
+        return self.agent.aggregate_q(self.agent.critic(obs, actions))
 
     @property
     def alpha(self) -> float:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,3 +167,32 @@ def test_target_actions_are_best_of_n_under_the_target_critic():
     candidates = agent.generate(obs.repeat_interleave(n, 0), torch.Generator().manual_seed(4)).view(6, n, -1)
     scores = agent.target_critic(obs.repeat_interleave(n, 0), candidates.reshape(6 * n, -1)).mean(0).view(6, n)
     torch.testing.assert_close(chosen, best_of_n(candidates, scores)[0])
+
+
+def test_q_agg_min_selects_and_bootstraps_with_the_pessimistic_member():
+    torch.manual_seed(0)
+    agent = MVPAgent(obs_dim=5, action_dim=2, horizon=3, hidden_dims=(32, 32), num_samples=8, q_agg="min")
+    with torch.no_grad():  # make the two members disagree so that mean and min rank candidates differently
+        for p in agent.target_critic.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = torch.randn(6, 5)
+    chosen = agent.target_actions(obs, torch.Generator().manual_seed(4))
+    candidates = agent.generate(obs.repeat_interleave(8, 0), torch.Generator().manual_seed(4)).view(6, 8, -1)
+    q = agent.target_critic(obs.repeat_interleave(8, 0), candidates.reshape(48, -1))
+    torch.testing.assert_close(chosen, best_of_n(candidates, q.min(0).values.view(6, 8))[0])
+    assert not torch.equal(best_of_n(candidates, q.min(0).values.view(6, 8))[1],
+                           best_of_n(candidates, q.mean(0).view(6, 8))[1])
+
+    batch = _toy_batch(5, 2, 3)
+    batch["masks"] = torch.ones(16)
+    with torch.no_grad():
+        next_actions = agent.target_actions(batch["next_observations"], torch.Generator().manual_seed(7))
+        next_q = agent.target_critic(batch["next_observations"], next_actions).min(0).values
+    _, info = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(info["critic/target_mean"],
+                               (batch["rewards"] + agent.discount**agent.horizon * next_q).mean())
+
+
+def test_unknown_q_agg_is_rejected_by_name():
+    with pytest.raises(ValueError, match="q_agg 'max'"):
+        FlowBoNAgent(obs_dim=5, action_dim=2, horizon=3, hidden_dims=(16,), q_agg="max")

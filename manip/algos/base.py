@@ -15,9 +15,10 @@ from torch import nn
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
 from manip.algos.networks import CriticEnsemble
 
-__all__ = ["ActorCriticAgent", "flatten_chunk", "masked_mean"]
+__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "flatten_chunk", "masked_mean"]
 
 Batch = dict[str, torch.Tensor]
+Q_AGGREGATES = ("mean", "min")
 
 
 def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,8 +65,12 @@ class ActorCriticAgent(nn.Module):
         num_critics: int = 2,
         num_samples: int = 32,
         discount: float = 0.99,
+        q_agg: str = "mean",
     ):
         super().__init__()
+        if q_agg not in Q_AGGREGATES:
+            raise ValueError(f"unknown algo.agent.q_agg {q_agg!r}; expected one of {Q_AGGREGATES}")
+        self.q_agg = q_agg
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
         self.act_dim_flat = horizon * action_dim
         self.num_samples = num_samples
@@ -83,6 +88,10 @@ class ActorCriticAgent(nn.Module):
     def critic_parameters(self) -> Iterator[nn.Parameter]:
         return self.critic.parameters()
 
+    def aggregate_q(self, q: torch.Tensor) -> torch.Tensor:
+        """Ensemble (E, M) -> (M,): the mean (QC) or the pessimistic min over members (FQL's ``q_agg=min``)."""
+        return q.mean(0) if self.q_agg == "mean" else q.min(0).values
+
     # -- acting ---------------------------------------------------------------------------------------------
     def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One policy sample per row: obs (M, O) -> actions (M, D) in [-1, 1]."""
@@ -91,19 +100,19 @@ class ActorCriticAgent(nn.Module):
     def select(
         self, obs: torch.Tensor, num_samples: int, critic: nn.Module, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Best-of-N under ``critic``'s ensemble mean: obs (B, O) -> actions (B, D); N = 1 skips the critic."""
+        """Best-of-N under ``critic``'s aggregated ensemble (``q_agg``): obs (B, O) -> actions (B, D); N = 1 skips the critic."""
         if num_samples == 1:
             return self.generate(obs, generator)
         batch, obs_dim = obs.shape
         obs_rep = obs.unsqueeze(1).expand(batch, num_samples, obs_dim).reshape(batch * num_samples, obs_dim)
         candidates = self.generate(obs_rep, generator)
-        scores = critic(obs_rep, candidates).mean(0).view(batch, num_samples)
+        scores = self.aggregate_q(critic(obs_rep, candidates)).view(batch, num_samples)
         return best_of_n(candidates.view(batch, num_samples, -1), scores)[0]
 
     def sample_actions(
         self, obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic's mean.
+        """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic.
 
         obs (B, O) -> actions (B, horizon * action_dim) in [-1, 1].
         """
@@ -117,11 +126,11 @@ class ActorCriticAgent(nn.Module):
     def critic_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Chunked TD loss ``weight * (Q(s, a) - y)^2``, weight = ``valid[:, -1]`` (QC).
 
-        ``y = rewards + discount^h * masks * mean_e Q_target_e(s', a')`` with a' from :meth:`target_actions`.
+        ``y = rewards + discount^h * masks * agg_e Q_target_e(s', a')`` (agg: ``q_agg``) with a' from :meth:`target_actions`.
         """
         obs, next_obs = batch["observations"], batch["next_observations"]
         with torch.no_grad():
-            next_q = self.target_critic(next_obs, self.target_actions(next_obs, generator)).mean(0)
+            next_q = self.aggregate_q(self.target_critic(next_obs, self.target_actions(next_obs, generator)))
             target = chunk_td_target(batch["rewards"], batch["masks"], next_q, self.discount**self.horizon)
         q = self.critic(obs, batch["actions"].reshape(obs.shape[0], -1))
         valid = batch.get("valid")

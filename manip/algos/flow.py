@@ -73,8 +73,9 @@ class FlowBoNAgent(ActorCriticAgent):
         discount: float = 0.99,
         flow_steps: int = 10,
         time_dim: int = 32,
+        q_agg: str = "mean",
     ):
-        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount)
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
         self.flow_steps = flow_steps
         self.actor = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
 

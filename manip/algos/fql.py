@@ -90,8 +90,10 @@ class FQLAgent(ActorCriticAgent):
         flow_steps: int = 10,
         normalize_q: bool = True,
         time_dim: int = 32,
+        q_agg: str = "mean",
     ):
-        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples=1, discount=discount)
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples=1, discount=discount,
+                         q_agg=q_agg)
         self.alpha, self.flow_steps, self.normalize_q = alpha, flow_steps, normalize_q
         self.flow = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
         self.onestep = OneStepNet(obs_dim, self.act_dim_flat, hidden_dims)

@@ -257,8 +257,9 @@ class MVPAgent(ActorCriticAgent):
         time_dim: int = 64,
         sample_steps: int = 1,
         full_interval_fraction: float = 0.0,
+        q_agg: str = "mean",
     ):
-        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount)
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         self.sample_steps = sample_steps
