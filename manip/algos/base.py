@@ -100,7 +100,10 @@ class ActorCriticAgent(nn.Module):
     def select(
         self, obs: torch.Tensor, num_samples: int, critic: nn.Module, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Best-of-N under ``critic``'s aggregated ensemble (``q_agg``): obs (B, O) -> actions (B, D); N = 1 skips the critic."""
+        """Best-of-N under ``critic``'s ensemble aggregated by ``q_agg``: obs (B, O) -> actions (B, D).
+
+        N = 1 skips the critic.
+        """
         if num_samples == 1:
             return self.generate(obs, generator)
         batch, obs_dim = obs.shape
@@ -126,7 +129,8 @@ class ActorCriticAgent(nn.Module):
     def critic_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Chunked TD loss ``weight * (Q(s, a) - y)^2``, weight = ``valid[:, -1]`` (QC).
 
-        ``y = rewards + discount^h * masks * agg_e Q_target_e(s', a')`` (agg: ``q_agg``) with a' from :meth:`target_actions`.
+        ``y = rewards + discount^h * masks * agg_e Q_target_e(s', a')`` (agg: ``q_agg``), a' from
+        :meth:`target_actions`.
         """
         obs, next_obs = batch["observations"], batch["next_observations"]
         with torch.no_grad():

@@ -59,7 +59,7 @@ class FlowBoNAgent(ActorCriticAgent):
 
     critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N flow samples at ``s'`` under
     the target critic. actor_loss: :func:`flow_matching_loss` on the batch's chunks. sample_actions: N
-    ``flow_steps``-step Euler samples, argmax of the critic mean.
+    ``flow_steps``-step Euler samples, argmax of the aggregated critic (``q_agg``, default the mean).
     """
 
     def __init__(

@@ -10,7 +10,7 @@ Time convention: see :mod:`manip.algos`. The network ``u(x_t, t, r | s)`` is tra
 JVP because their ``(r - t)`` factor vanishes. ``lambda_ivc = 0`` removes the r = t samples entirely.
 
 Acting (generate-and-select): N one-step candidates ``a_i = clip(eps_i + u(eps_i, 0, 1 | s), -1, 1)``, the
-critic-ensemble mean picks the best. No Q gradient reaches ``u``; the critic target uses the same best-of-N at
+critic ensemble (its mean; its min with ``q_agg=min``) picks the best. No Q gradient reaches ``u``; the critic target uses the same best-of-N at
 ``s'`` scored by the target critic.
 """
 
@@ -237,7 +237,8 @@ class MVPAgent(ActorCriticAgent):
 
     critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N one-step candidates at
     ``s'`` under the target critic. actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
-    sample_actions: N one-step candidates, argmax of the critic mean. ``lambda_ivc = 0`` is the no-IVC ablation.
+    sample_actions: N one-step candidates, argmax of the aggregated critic (``q_agg``, default the mean).
+    ``lambda_ivc = 0`` is the no-IVC ablation.
     """
 
     def __init__(
