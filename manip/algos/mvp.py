@@ -10,8 +10,8 @@ Time convention: see :mod:`manip.algos`. The network ``u(x_t, t, r | s)`` is tra
 JVP because their ``(r - t)`` factor vanishes. ``lambda_ivc = 0`` removes the r = t samples entirely.
 
 Acting (generate-and-select): N one-step candidates ``a_i = clip(eps_i + u(eps_i, 0, 1 | s), -1, 1)``, the
-critic ensemble (its mean; its min with ``q_agg=min``) picks the best. No Q gradient reaches ``u``; the critic target uses the same best-of-N at
-``s'`` scored by the target critic.
+critic ensemble (its mean; its min with ``q_agg=min``) picks the best. No Q gradient reaches ``u``; the critic
+target uses the same best-of-N at ``s'`` scored by the target critic.
 """
 
 from __future__ import annotations
