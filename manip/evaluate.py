@@ -32,12 +32,13 @@ def default_output(ckpt: str | Path) -> Path:
 
 
 def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
-                        num_samples: int | None = None, video_episodes: int = 0,
+                        num_samples: int | None = None, noise_scale: float | None = None, video_episodes: int = 0,
                         video_size: tuple[int, int] = (256, 256), video_prefix: str | Path | None = None,
                         video_fps: int = DEFAULT_FPS) -> dict:
     """Success statistics of a checkpoint over ``episodes`` episodes in ``num_envs`` parallel envs.
 
-    num_samples: best-of-N candidates per action chunk (None: the agent's own N). With
+    num_samples: best-of-N candidates per action chunk (None: the agent's own N). noise_scale: std of
+    the candidates' initial noise (None: the run's ``eval.noise_scale``, 1.0 when it has none). With
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
     ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
@@ -47,7 +48,9 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
         raise ValueError("video_episodes > 0 needs a video_prefix for the files")
     module, cfg = load_module(ckpt)
     spec = env_spec_of(cfg)
-    predict = partial(module.predict_chunks, num_samples=num_samples)
+    if noise_scale is None:
+        noise_scale = float(cfg.get("eval", {}).get("noise_scale", 1.0))
+    predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
         env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)
@@ -65,6 +68,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     return {"ckpt": str(Path(ckpt).resolve()), "algo": cfg["algo"]["name"], "env": spec.kind,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
+            "noise_scale": noise_scale,
             **result.to_dict(), "videos": [video.to_dict() for video in videos]}
 
 
@@ -89,6 +93,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
+                                     noise_scale=cfg.noise_scale,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps)

@@ -41,6 +41,8 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     else:
         start_step = int(ckpt.get("global_step", 0))
     final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
+    if final.eval.get("noise_scale") is None:  # evaluate as the offline run did
+        final.eval.noise_scale = (base.get("eval") or {}).get("noise_scale", 1.0)
     for item in user_overrides:
         key, _, value = item.partition("=")
         key = key.lstrip("+~")

@@ -189,11 +189,16 @@ class ManipModule(L.LightningModule):
             setattr(self.agent, name, raw)
 
     @torch.inference_mode()
-    def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None) -> np.ndarray:
-        """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N)."""
+    def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None,
+                       noise_scale: float = 1.0) -> np.ndarray:
+        """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N).
+
+        noise_scale: std of the candidates' initial noise (1: the learned distribution, used for online
+        collection; evaluation takes ``eval.noise_scale``).
+        """
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
         with self.acting_weights():
-            actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples)
+            actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples, noise_scale=noise_scale)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
 
     # -------------------------------------------------------------------------------- training

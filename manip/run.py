@@ -6,6 +6,7 @@ import csv
 import json
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,16 @@ class PeriodicEvaluation(Callback):
 
     Logs eval/success_rate, eval/ci_low, eval/ci_high, eval/mean_length (x = global step) and
     appends each result with its env-step count and ``wall_s`` (seconds since this process started
-    training, evaluations included) to ``<run_dir>/eval.jsonl``.
+    training, evaluations included) to ``<run_dir>/eval.jsonl``. ``noise_scale``: std of the policy's
+    initial noise while evaluating (see ``ManipModule.predict_chunks``).
     """
 
     def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
-                 seed: int = 1000, final_episodes: int = 0, phase: str = "offline") -> None:
+                 seed: int = 1000, final_episodes: int = 0, phase: str = "offline",
+                 noise_scale: float = 1.0) -> None:
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
+        self.noise_scale = noise_scale
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
         self.started = time.perf_counter()
@@ -57,7 +61,8 @@ class PeriodicEvaluation(Callback):
                                        action_dim=module.action_dim)
         was_training = module.training
         module.eval()
-        result = evaluate_policy(self.env, module.predict_chunks, episodes, seed=self.seed)
+        predict = partial(module.predict_chunks, noise_scale=self.noise_scale)
+        result = evaluate_policy(self.env, predict, episodes, seed=self.seed)
         module.train(was_training)
         metrics = {"eval/success_rate": result.success_rate, "eval/ci_low": result.ci_low,
                    "eval/ci_high": result.ci_high, "eval/mean_length": result.mean_length}
@@ -65,7 +70,8 @@ class PeriodicEvaluation(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         record = {"step": trainer.global_step, "env_steps": module.env_steps, "phase": self.phase,
                   **{k.split("/")[1]: v for k, v in metrics.items()}, "episodes": episodes,
-                  "action_latency_ms": result.action_latency_ms, "seconds": result.seconds,
+                  "noise_scale": self.noise_scale, "action_latency_ms": result.action_latency_ms,
+                  "seconds": result.seconds,
                   "wall_s": time.perf_counter() - self.started}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "eval.jsonl", "a") as f:
@@ -126,7 +132,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
-                           cfg.eval.seed, cfg.eval.final_episodes, phase),
+                           cfg.eval.seed, cfg.eval.final_episodes, phase, cfg.eval.get("noise_scale", 1.0)),
     ]
     # metrics.csv is written whenever metrics are logged, so a killed run keeps all it logged.
     loggers = [ResumableCSVLogger(run_dir, name="", version=phase,

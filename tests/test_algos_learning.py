@@ -123,6 +123,40 @@ def test_mvp_acting_picks_the_critic_best_of_n_one_step_candidates():
     torch.testing.assert_close(chosen, expected)
 
 
+@pytest.mark.parametrize("name", list(AGENTS))
+def test_noise_scale_shrinks_the_initial_noise_and_zero_is_deterministic(name):
+    torch.manual_seed(0)
+    agent = AGENTS[name]()
+    obs = torch.randn(5, OBS_DIM)
+
+    def act(n, seed, scale):
+        generator = torch.Generator().manual_seed(seed)
+        return agent.sample_actions(obs, num_samples=n, generator=generator, noise_scale=scale)
+
+    with torch.inference_mode():
+        zero = [act(1, 0, 0.0), act(3, 1, 0.0), act(1, 2, 0.0)]
+        full, half = act(1, 3, 1.0), act(1, 3, 0.5)
+    assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])
+    assert not torch.equal(full, half)
+    # shrinking the noise moves every sample towards the noise-free one
+    assert (half - zero[0]).norm(dim=1).mean() < (full - zero[0]).norm(dim=1).mean()
+
+
+def test_mvp_noise_scale_is_applied_to_the_one_step_noise():
+    torch.manual_seed(0)
+    agent = AGENTS["mvp"]()
+    obs = torch.randn(4, OBS_DIM)
+    with torch.no_grad():
+        scaled = agent.generate(obs, torch.Generator().manual_seed(7), noise_scale=0.25)
+        noise = torch.randn(4, agent.act_dim_flat, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(scaled, sample_one_step(agent.actor, obs, 0.25 * noise))
+        zero = torch.zeros(4)
+        mode = agent.actor(obs, torch.zeros(4, agent.act_dim_flat), zero, zero + 1).clamp(-1, 1)
+        # noise 0: the image of the noise mode, and no critic call (every candidate would be the same)
+        agent.critic = None
+        torch.testing.assert_close(agent.sample_actions(obs, num_samples=8, noise_scale=0.0), mode)
+
+
 def test_mvp_noivc_ablation_has_no_boundary_samples():
     agent = AGENTS["mvp_noivc"]()
     assert agent.boundary_fraction == 0.0

@@ -56,7 +56,8 @@ def _fit(tmp_path: Path, data: list[str], steps: int = 200) -> Path:
     return ckpt
 
 
-def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, action_dim: int) -> Path:
+def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, action_dim: int,
+                        noise_scale: float = 1.0) -> Path:
     run("manip.finetune", f"ckpt={ckpt}", f"finetune.target={target}", f"trainer.max_steps={updates}",
         f"finetune.start_training={env_steps}", "finetune.target_samples=8", "eval.every_n_steps=0",
         "eval.final_episodes=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
@@ -71,6 +72,7 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     assert 0 < len(online["observations"]) <= last["manip"]["env_steps"] and bool(online["terminals"][-1])
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps
+    assert records[-1]["noise_scale"] == noise_scale  # evaluates as the offline run did
     assert records[-1]["wall_s"] > records[-1]["seconds"] > 0
     with open(run_dir / "online" / "metrics.csv") as f:
         rates = [float(row["online/env_steps_per_s"]) for row in csv.DictReader(f)
@@ -84,14 +86,16 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
 
 @pytest.mark.slow
 def test_fit_finetune_robomimic_lift(lift_hdf5, tmp_path):
-    ckpt = _fit(tmp_path, ["data=robomimic", f"data.path={lift_hdf5}"])
+    ckpt = _fit(tmp_path, ["data=robomimic", f"data.path={lift_hdf5}", "eval.noise_scale=0.5"])
+    fit_records = [json.loads(line) for line in (ckpt.parent.parent / "eval.jsonl").read_text().splitlines()]
+    assert fit_records[-1]["noise_scale"] == 0.5
     module, cfg = load_module(ckpt)
     assert cfg["data_info"]["obs_keys"] == ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
     assert cfg["env_spec"]["kind"] == "robosuite" and cfg["env_spec"]["kwargs"]["horizon"] == 300
     assert module.predict_chunks(np.zeros((2, 19), np.float32)).shape == (2, 5, 7)
     # Stats travel with the checkpoint and normalise observations.
     assert torch.allclose(module.obs_mean, torch.tensor(cfg and load_checkpoint(ckpt)["hyper_parameters"]["stats"]["obs_mean"]))
-    _finetune_and_check(ckpt, "bon", env_steps=300, updates=60, action_dim=7)
+    _finetune_and_check(ckpt, "bon", env_steps=300, updates=60, action_dim=7, noise_scale=0.5)
 
 
 @pytest.fixture(scope="module")

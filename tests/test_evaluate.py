@@ -72,6 +72,7 @@ def test_ogbench_mvp_two_envs_with_video(checkpoints, tmp_path):
                                  video_size=(64, 80), video_prefix=tmp_path / "last")
     _check_statistics(result, 4)
     assert (result["algo"], result["env"], result["num_envs"], result["num_samples"]) == ("mvp", "ogbench", 2, 32)
+    assert result["noise_scale"] == 1.0  # the run's eval.noise_scale
     assert result["task"] == "cube-single-singletask-task1-v0"
     [video] = result["videos"]
     assert Path(video["path"]) == tmp_path / "last_ep0.mp4" and video["seed"] == 3
@@ -95,11 +96,11 @@ def _cli(*overrides: str) -> None:
 
 def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     ckpt = checkpoints["fql"]
-    _cli(f"ckpt={ckpt}", "episodes=3", "seed=5", "num_samples=1")
+    _cli(f"ckpt={ckpt}", "episodes=3", "seed=5", "num_samples=1", "noise_scale=0.5")
     path = ckpt.parent.parent / "eval" / "last.json"
     result = json.loads(path.read_text())
     _check_statistics(result, 3)
-    assert (result["algo"], result["seed"], result["videos"]) == ("fql", 5, [])
+    assert (result["algo"], result["seed"], result["videos"], result["noise_scale"]) == ("fql", 5, [], 0.5)
     stdout = capsys.readouterr().out
     assert "over 3 episodes of cube-single-singletask-task1-v0 (fql)" in stdout and str(path) in stdout
 

@@ -1,7 +1,7 @@
 """Common agent skeleton: an actor that generates flattened action chunks plus a chunked critic ensemble.
 
-Subclasses implement ``generate(obs, generator)`` (one action chunk per row) and ``actor_loss(batch)``; this base
-owns the critic, its target copy, ``critic_loss``, ``soft_update`` and best-of-N ``sample_actions``.
+Subclasses implement ``generate(obs, generator, noise_scale)`` (one action chunk per row) and ``actor_loss(batch)``;
+this base owns the critic, its target copy, ``critic_loss``, ``soft_update`` and best-of-N ``sample_actions``.
 """
 
 from __future__ import annotations
@@ -93,33 +93,50 @@ class ActorCriticAgent(nn.Module):
         return q.mean(0) if self.q_agg == "mean" else q.min(0).values
 
     # -- acting ---------------------------------------------------------------------------------------------
-    def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One policy sample per row: obs (M, O) -> actions (M, D) in [-1, 1]."""
+    def generate(
+        self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
+    ) -> torch.Tensor:
+        """One policy sample per row from the initial noise ``noise_scale * N(0, I)``: obs (M, O) -> (M, D) in [-1, 1].
+
+        ``noise_scale = 1`` samples the learned distribution; smaller values draw closer to the image of the noise
+        mode (0: deterministic).
+        """
         raise NotImplementedError
 
     def select(
-        self, obs: torch.Tensor, num_samples: int, critic: nn.Module, generator: torch.Generator | None = None
+        self,
+        obs: torch.Tensor,
+        num_samples: int,
+        critic: nn.Module,
+        generator: torch.Generator | None = None,
+        noise_scale: float = 1.0,
     ) -> torch.Tensor:
         """Best-of-N under ``critic``'s ensemble aggregated by ``q_agg``: obs (B, O) -> actions (B, D).
 
-        N = 1 skips the critic.
+        N = 1 skips the critic, and so does ``noise_scale = 0`` (every candidate would be the same).
         """
-        if num_samples == 1:
-            return self.generate(obs, generator)
+        if num_samples == 1 or noise_scale == 0:
+            return self.generate(obs, generator, noise_scale)
         batch, obs_dim = obs.shape
         obs_rep = obs.unsqueeze(1).expand(batch, num_samples, obs_dim).reshape(batch * num_samples, obs_dim)
-        candidates = self.generate(obs_rep, generator)
+        candidates = self.generate(obs_rep, generator, noise_scale)
         scores = self.aggregate_q(critic(obs_rep, candidates)).view(batch, num_samples)
         return best_of_n(candidates.view(batch, num_samples, -1), scores)[0]
 
     def sample_actions(
-        self, obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None
+        self,
+        obs: torch.Tensor,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        noise_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic.
+        """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic, candidates
+        drawn from the initial noise ``noise_scale * N(0, I)`` (see :meth:`generate`).
 
         obs (B, O) -> actions (B, horizon * action_dim) in [-1, 1].
         """
-        return self.select(obs, self.num_samples if num_samples is None else num_samples, self.critic, generator)
+        n = self.num_samples if num_samples is None else num_samples
+        return self.select(obs, n, self.critic, generator, noise_scale)
 
     def target_actions(self, next_obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Actions a' for the TD target: best-of-N at s' scored by the target critic. (B, O) -> (B, D)."""
