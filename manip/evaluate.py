@@ -50,6 +50,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     spec = env_spec_of(cfg)
     if noise_scale is None:
         noise_scale = float(cfg.get("eval", {}).get("noise_scale", 1.0))
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
     predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
@@ -90,6 +92,8 @@ def summary(result: dict, out: Path) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.noise_scale is not None and cfg.noise_scale < 0:
+        sys.exit(f"manip.evaluate: noise_scale must be >= 0, got {cfg.noise_scale}")
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,

@@ -44,6 +44,8 @@ class PeriodicEvaluation(Callback):
                  noise_scale: float = 1.0) -> None:
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
+        if noise_scale < 0:
+            raise ValueError(f"eval.noise_scale must be >= 0, got {noise_scale}")
         self.noise_scale = noise_scale
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation

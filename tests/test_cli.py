@@ -107,3 +107,10 @@ def cube_ckpt(cube_single_npz, tmp_path_factory):
 @pytest.mark.parametrize("target", ["bon", "som", "rfm"])
 def test_fit_finetune_ogbench_cube_single(cube_ckpt, target):
     _finetune_and_check(cube_ckpt, target, env_steps=250, updates=40, action_dim=5)
+
+
+def test_negative_eval_noise_scale_is_rejected_by_name(tmp_path):
+    from manip.run import PeriodicEvaluation
+
+    with pytest.raises(ValueError, match=r"eval.noise_scale must be >= 0, got -1.0"):
+        PeriodicEvaluation(str(tmp_path), every_n_steps=0, episodes=1, noise_scale=-1.0)

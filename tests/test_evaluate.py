@@ -105,6 +105,13 @@ def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     assert "over 3 episodes of cube-single-singletask-task1-v0 (fql)" in stdout and str(path) in stdout
 
 
+def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['fql']}", "noise_scale=-0.5", f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code == "manip.evaluate: noise_scale must be >= 0, got -0.5"
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={tmp_path / 'nope.ckpt'}")
