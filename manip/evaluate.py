@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
-from manip.evaluation import evaluate_policy
+from manip.evaluation import check_noise_scale, evaluate_policy
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -50,8 +50,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     spec = env_spec_of(cfg)
     if noise_scale is None:
         noise_scale = float(cfg.get("eval", {}).get("noise_scale", 1.0))
-    if noise_scale < 0:
-        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    check_noise_scale(noise_scale)
     predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
@@ -92,8 +91,11 @@ def summary(result: dict, out: Path) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.noise_scale is not None and cfg.noise_scale < 0:
-        sys.exit(f"manip.evaluate: noise_scale must be >= 0, got {cfg.noise_scale}")
+    try:  # before the checkpoint is loaded: a bad value costs nothing
+        if cfg.noise_scale is not None:
+            check_noise_scale(cfg.noise_scale)
+    except ValueError as err:
+        sys.exit(f"manip.evaluate: {err}")
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,

@@ -182,6 +182,13 @@ class EvalResult:
         return dict(self.__dict__)
 
 
+def check_noise_scale(noise_scale: float, key: str = "noise_scale") -> float:
+    """``noise_scale`` if it is a valid std of the policy's initial noise (>= 0); a ValueError naming ``key``."""
+    if noise_scale < 0:
+        raise ValueError(f"{key} must be >= 0, got {noise_scale}")
+    return noise_scale
+
+
 def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num_episodes: int,
                     seed: int = 0) -> EvalResult:
     """Success rate of ``predict_chunks`` over ``num_episodes`` episodes of a vector env.

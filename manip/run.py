@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from manip.checkpoint import AtomicCheckpointIO
 from manip.data.datamodule import ReplayDataModule
-from manip.evaluation import evaluate_policy
+from manip.evaluation import check_noise_scale, evaluate_policy
 from manip.module import ManipModule
 
 
@@ -44,9 +44,7 @@ class PeriodicEvaluation(Callback):
                  noise_scale: float = 1.0) -> None:
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
-        if noise_scale < 0:
-            raise ValueError(f"eval.noise_scale must be >= 0, got {noise_scale}")
-        self.noise_scale = noise_scale
+        self.noise_scale = check_noise_scale(noise_scale, "eval.noise_scale")
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
         self.started = time.perf_counter()
