@@ -6,6 +6,12 @@ Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
 
 * ``act_ms``: median latency of ``sample_actions`` at batch 1 under ``torch.inference_mode`` (MVP: 32 one-step
   candidates + critic; QC: 32 ten-step Euler samples + critic; FQL: one student call), after warm-up;
+* ``act_ms_per_action``: ``act_ms / h``, the compute per environment step when the policy's action queue calls
+  the network once per chunk (``act_ms`` stays the worst-case latency of the step that refills the queue);
+* ``act_mflop`` and ``act_gflops``: floating-point operations of one ``sample_actions`` call (counted by
+  ``torch.utils.flop_counter``: matrix products only) and the rate they ran at, against which the latency can be
+  judged (best-of-N latency is bound by these products, not by Python overhead, once ``act_gflops`` nears the
+  machine's matmul peak);
 * ``update_its``: full updates per second (critic step, actor step, target update; batch 256, Adam);
 * ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
   before the agent was built;
@@ -28,6 +34,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from manip.algos import FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
 from manip.data.replay import random_chunk_batch
@@ -80,6 +87,9 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
 
     with torch.inference_mode():
         act_ms = _median_ms(lambda: agent.sample_actions(obs), args.act_calls, 20, device)
+        with FlopCounterMode(display=False) as flops:
+            agent.sample_actions(obs)
+    act_flop = flops.get_total_flops()
 
     def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -99,7 +109,8 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         update()
         iters += 1
         _sync(device)
-    result = {"act_ms": act_ms, "update_its": iters / (time.perf_counter() - start)}
+    result = {"act_ms": act_ms, "act_ms_per_action": act_ms / HORIZON, "act_mflop": act_flop / 1e6,
+              "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start)}
 
     if algo == "mvp":
         actions, mask = flatten_chunk(batch["actions"], batch["valid"])
@@ -135,9 +146,11 @@ def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> str:
-    lines = [f"{'algo':<6}{'act_ms':>10}{'update_it/s':>14}{'peak_mem_mb':>14}"]
+    lines = [f"{'algo':<6}{'act_ms':>10}{'ms/action':>11}{'act_MFLOP':>11}{'GFLOP/s':>9}{'update_it/s':>13}"
+             f"{'peak_mem_mb':>13}"]
     for algo, r in results.items():
-        lines.append(f"{algo:<6}{r['act_ms']:>10.3f}{r['update_its']:>14.3f}{r['peak_mem_mb']:>14.1f}")
+        lines.append(f"{algo:<6}{r['act_ms']:>10.3f}{r['act_ms_per_action']:>11.3f}{r['act_mflop']:>11.1f}"
+                     f"{r['act_gflops']:>9.1f}{r['update_its']:>13.3f}{r['peak_mem_mb']:>13.1f}")
     if "mvp" in results:
         mvp = results["mvp"]
         lines.append(f"mvp actor step {mvp['actor_update_ms']:.2f} ms vs flow matching {mvp['fm_update_ms']:.2f} ms")
