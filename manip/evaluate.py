@@ -32,13 +32,16 @@ def default_output(ckpt: str | Path) -> Path:
 
 
 def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
-                        num_samples: int | None = None, noise_scale: float | None = None, video_episodes: int = 0,
+                        num_samples: int | None = None, noise_scale: float | None = None,
+                        sample_steps: int | None = None, video_episodes: int = 0,
                         video_size: tuple[int, int] = (256, 256), video_prefix: str | Path | None = None,
                         video_fps: int = DEFAULT_FPS) -> dict:
     """Success statistics of a checkpoint over ``episodes`` episodes in ``num_envs`` parallel envs.
 
     num_samples: best-of-N candidates per action chunk (None: the agent's own N). noise_scale: std of
-    the candidates' initial noise (None: the run's ``eval.noise_scale``, 1.0 when it has none). With
+    the candidates' initial noise (None: the run's ``eval.noise_scale``, 1.0 when it has none).
+    sample_steps: mean-velocity jumps per MVP sample (None: the run's ``algo.agent.sample_steps``); a value for a
+    checkpoint whose agent has no such setting raises ``ValueError``. With
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
     ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
@@ -51,6 +54,13 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     if noise_scale is None:
         noise_scale = float(cfg.get("eval", {}).get("noise_scale", 1.0))
     check_noise_scale(noise_scale)
+    if sample_steps is not None:
+        if not hasattr(module.agent, "sample_steps"):
+            raise ValueError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no mean-velocity "
+                             f"sampler (MVP only)")
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        module.agent.sample_steps = sample_steps
     predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
@@ -69,7 +79,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     return {"ckpt": str(Path(ckpt).resolve()), "algo": cfg["algo"]["name"], "env": spec.kind,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
-            "noise_scale": noise_scale,
+            "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
             **result.to_dict(), "videos": [video.to_dict() for video in videos]}
 
 
@@ -99,11 +109,11 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
-                                     noise_scale=cfg.noise_scale,
+                                     noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps)
-    except (CheckpointError, EnvMismatchError, RendererUnavailable) as err:
+    except (CheckpointError, EnvMismatchError, RendererUnavailable, ValueError) as err:
         sys.exit(f"manip.evaluate: {err}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -105,6 +105,23 @@ def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     assert "over 3 episodes of cube-single-singletask-task1-v0 (fql)" in stdout and str(path) in stdout
 
 
+def test_cli_sample_steps_override(checkpoints, tmp_path, monkeypatch):
+    """``sample_steps=2`` makes every MVP candidate two mean-velocity jumps; other agents refuse it by name."""
+    import manip.algos.mvp as mvp
+
+    calls = []
+    original = mvp.sample_few_step
+    monkeypatch.setattr(mvp, "sample_few_step", lambda *a: calls.append(a[3]) or original(*a))
+    _cli(f"ckpt={checkpoints['mvp']}", "episodes=1", "sample_steps=2", f"out={tmp_path / 'two.json'}")
+    assert json.loads((tmp_path / "two.json").read_text())["sample_steps"] == 2
+    assert calls and set(calls) == {2}
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['fql']}", "sample_steps=2", f"out={tmp_path / 'fql.json'}")
+    assert exit_info.value.code == ("manip.evaluate: sample_steps=2: fql checkpoints have no mean-velocity sampler "
+                                    "(MVP only)")
+    assert not (tmp_path / "fql.json").exists()
+
+
 def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={checkpoints['fql']}", "noise_scale=-0.5", f"out={tmp_path / 'r.json'}")
