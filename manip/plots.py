@@ -15,6 +15,7 @@ label has a single run.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -62,6 +63,18 @@ def _target_label(finetune: dict) -> str:
 
     target, prior = finetune["target"], finetune.get("prior", "box")
     return target if prior in ("auto", AUTO_PRIOR[target]) else f"{target}, {prior} prior"
+
+
+
+def launch_path(variable: str, default: str) -> Path:
+    """The path in environment variable ``variable`` (``default`` when unset).
+
+    A relative path is taken from the directory the command was started in (``$PWD``), not from the kernel's working
+    directory, which Jupyter sets to the notebook's folder: ``MANIP_RUNS=runs jupyter execute
+    notebooks/success_rates.ipynb`` from the project root reads ``<root>/runs``.
+    """
+    path = Path(os.environ.get(variable, default))
+    return path if path.is_absolute() else Path(os.environ.get("PWD", os.getcwd())) / path
 
 
 def find_runs(root: str | Path) -> pd.DataFrame:

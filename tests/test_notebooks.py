@@ -87,16 +87,19 @@ def test_notebook_is_stored_without_outputs(name):
 
 
 def test_success_rates_notebook(artifacts, tmp_path, monkeypatch):
-    figures = tmp_path / "figures"
-    monkeypatch.setenv("MANIP_RUNS", str(artifacts["runs"]))
-    monkeypatch.setenv("MANIP_FIGURES", str(figures))
+    """Relative paths are read from the directory the command started in ($PWD), not the kernel's folder."""
+    launch = artifacts["runs"].parent
+    figures = launch / "figures"
+    monkeypatch.setenv("PWD", str(launch))
+    monkeypatch.setenv("MANIP_RUNS", "runs")
+    monkeypatch.setenv("MANIP_FIGURES", "figures")
     text = _text_outputs(_execute("success_rates.ipynb", tmp_path))
     _check_figures(figures, {"success_cube-single-task1.png", "table1_comparison.png"})
     assert "mvp (bon)" in text and "qc" in text
 
 
 def test_speed_notebook(artifacts, tmp_path, monkeypatch):
-    figures = tmp_path / "figures"
+    figures = tmp_path / "figures"  # absolute paths are used as they are
     monkeypatch.setenv("MANIP_BENCH", str(artifacts["bench"]))
     monkeypatch.setenv("MANIP_FIGURES", str(figures))
     text = _text_outputs(_execute("speed.ipynb", tmp_path))
