@@ -65,7 +65,6 @@ def _target_label(finetune: dict) -> str:
     return target if prior in ("auto", AUTO_PRIOR[target]) else f"{target}, {prior} prior"
 
 
-
 def launch_path(variable: str, default: str) -> Path:
     """The path in environment variable ``variable`` (``default`` when unset).
 
