@@ -45,32 +45,33 @@ def test_presets_compose():
                 assert cfg.trainer.max_steps == 1_000_000
 
 
+def _build_agent(cfg):
+    """The composed ``cfg.algo.agent`` built with 8-unit networks for a 3-dim observation and 2-dim actions."""
+    import hydra
+
+    cfg.algo.agent.hidden_dims = [8]
+    return hydra.utils.instantiate(cfg.algo.agent)(obs_dim=3, action_dim=2, horizon=cfg.algo.horizon)
+
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONF) / "conf").glob("*.yaml")))
 def test_every_algo_builds_under_every_preset(preset):
     """``conf=<preset> algo=<algo>`` gives each agent only keys it takes (a preset's algorithm-specific settings
     live in conf/tuning/<preset>_<algo>.yaml)."""
-    import hydra
-
     algos = sorted(p.stem for p in (Path(CONF) / "algo").glob("*.yaml"))
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for algo in algos:
-            cfg = compose("fit", overrides=[f"conf={preset}", f"algo={algo}", "algo.agent.hidden_dims=[8]"])
-            agent = hydra.utils.instantiate(cfg.algo.agent)(obs_dim=3, action_dim=2, horizon=cfg.algo.horizon)
-            assert agent.act_dim_flat == 2 * cfg.algo.horizon, (preset, algo)
+            cfg = compose("fit", overrides=[f"conf={preset}", f"algo={algo}"])
+            assert _build_agent(cfg).act_dim_flat == 2 * cfg.algo.horizon, (preset, algo)
         lift_mvp = compose("fit", overrides=["conf=robomimic_lift"])
         assert lift_mvp.algo.agent.full_interval_fraction == 0.5 and "tuning" not in lift_mvp
         assert compose("fit", overrides=["conf=robomimic_lift", "algo=mvp_noivc"]).algo.agent.full_interval_fraction == 0.5
         assert compose("fit", overrides=["conf=robomimic_can"]).algo.agent.full_interval_fraction == 0.0
 
 
-
 def test_readme_paper_loop_composes():
     """The README's paper loop (its ``paper_lift`` overrides, each algorithm it names) composes and builds."""
     import re
     import shlex
-
-    import hydra
 
     readme = (Path(CONF).parent / "README.md").read_text()
     paper_lift = shlex.split(re.search(r'paper_lift="([^"]*)"', readme).group(1))
@@ -80,8 +81,7 @@ def test_readme_paper_loop_composes():
         for algo in algos:
             cfg = compose("fit", overrides=["conf=robomimic_lift", f"algo={algo}", *paper_lift])
             assert cfg.trainer.max_steps == 1_000_000 and cfg.algo.agent.get("full_interval_fraction", 0.0) == 0.0
-            cfg.algo.agent.hidden_dims = [8]
-            hydra.utils.instantiate(cfg.algo.agent)(obs_dim=3, action_dim=2, horizon=cfg.algo.horizon)
+            _build_agent(cfg)
 
 
 def _fit(tmp_path: Path, data: list[str], steps: int = 200) -> Path:

@@ -120,6 +120,10 @@ def test_cli_sample_steps_override(checkpoints, tmp_path, monkeypatch):
     assert exit_info.value.code == ("manip.evaluate: sample_steps=2: fql checkpoints have no mean-velocity sampler "
                                     "(MVP only)")
     assert not (tmp_path / "fql.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['mvp']}", "sample_steps=0", f"out={tmp_path / 'zero.json'}")
+    assert exit_info.value.code == "manip.evaluate: sample_steps must be >= 1, got 0"
+    assert not (tmp_path / "zero.json").exists()
 
 
 def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):

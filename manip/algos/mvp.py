@@ -261,8 +261,6 @@ class MVPAgent(ActorCriticAgent):
         q_agg: str = "mean",
     ):
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
-        if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         self.sample_steps = sample_steps
         self.lambda_ivc = lambda_ivc
         self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction
@@ -270,6 +268,17 @@ class MVPAgent(ActorCriticAgent):
         self.full_interval_fraction = full_interval_fraction
         self.adaptive_p = adaptive_p
         self.actor = MeanVelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
+
+    @property
+    def sample_steps(self) -> int:
+        """Mean-velocity jumps per sample (1: one-step generation); settable after training, e.g. to evaluate."""
+        return self._sample_steps
+
+    @sample_steps.setter
+    def sample_steps(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {steps}")
+        self._sample_steps = steps
 
     def actor_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """:meth:`policy_loss` on the batch's observations, action chunks and validity flags."""
