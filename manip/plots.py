@@ -7,7 +7,8 @@ the checkpoint it started from, so its curve is the offline run's evaluations up
 followed by its own.
 
 Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
-best-of-N target); runs sharing both are seeds of one method. The band around a curve is the
+best-of-N target, or ``mvp [adaptive_p=0.5]`` where runs of one algo differ in a setting); runs
+sharing both are seeds of one method. The band around a curve is the
 95% bootstrap interval of the mean over seeds, or the Wilson 95% interval over episodes when a
 label has a single run.
 """
@@ -76,13 +77,76 @@ def launch_path(variable: str, default: str) -> Path:
     return path if path.is_absolute() else Path(os.environ.get("PWD", os.getcwd())) / path
 
 
+# Config keys that do not change what a run measures: bookkeeping, paths, the evaluation schedule.
+RUN_BOOKKEEPING_KEYS = {
+    "seed", "data.seed", "module.seed", "run_dir", "resume", "threads", "ckpt", "offline_ckpt", "finetune_start_step",
+    "data.path", "data.data_dir", "data_info.path", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.devices", "eval.num_envs", "eval.every_n_steps", "eval.episodes",
+    "eval.final_episodes", "eval.seed", "checkpoint.every_n_steps", "env.num_envs",
+}
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key by its last component, or by more components where the last is shared."""
+    short = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if sum(other.endswith(name) for other in keys) == 1 or n == len(parts):
+                short[key] = name
+                break
+    return short
+
+
+def _variant_labels(labels: list[str], configs: list[dict]) -> list[str]:
+    """Labels extended by the settings that differ among runs sharing one (``mvp [adaptive_p=0.5]``).
+
+    Runs that share a label are read as seeds of one method, so two runs of one algo with, say, different
+    ``algo.agent.adaptive_p`` must not share it. Keys in ``RUN_BOOKKEEPING_KEYS`` are ignored.
+    """
+    out = list(labels)
+    for label in set(labels):
+        members = [i for i, other in enumerate(labels) if other == label]
+        if len(members) < 2:
+            continue
+        keys = sorted({key for i in members for key in configs[i]} - RUN_BOOKKEEPING_KEYS)
+        differing = [key for key in keys if len({repr(configs[i].get(key, "<unset>")) for i in members}) > 1]
+        if not differing:
+            continue
+        short = _short_keys(differing)
+        for i in members:
+            settings = ", ".join(f"{short[key]}={_format_setting(configs[i].get(key, '<unset>'))}"
+                                 for key in differing)
+            out[i] = f"{label} [{settings}]"
+    return out
+
+
+def _format_setting(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
 def find_runs(root: str | Path) -> pd.DataFrame:
     """Every run directory under ``root`` (one with an ``eval.jsonl``), one row each.
 
     Columns: run_dir, task, algo, target (fine-tuning target, None offline), seed, parent (the
-    offline run a fine-tuning run started from), start_step (its checkpoint's step), label.
+    offline run a fine-tuning run started from), start_step (its checkpoint's step), label. The label is
+    the algo (and fine-tuning target); runs of one task that share it but differ in a setting get that
+    setting appended (``mvp [adaptive_p=0.5]``), so that only true seeds are averaged together.
     """
-    rows = []
+    rows, configs = [], []
     for log in sorted(Path(root).rglob("eval.jsonl")):
         run_dir = log.parent
         phase = "online" if (run_dir / "online" / "hparams.yaml").exists() else "offline"
@@ -96,8 +160,14 @@ def find_runs(root: str | Path) -> pd.DataFrame:
             "start_step": cfg["finetune_start_step"] if finetune else None,
             "label": f"{algo} ({_target_label(finetune)})" if finetune else algo,
         })
+        configs.append(_flatten(cfg))
     columns = ["run_dir", "task", "algo", "target", "seed", "parent", "start_step", "label"]
-    return pd.DataFrame(rows, columns=columns)
+    runs = pd.DataFrame(rows, columns=columns)
+    for task in set(runs["task"]):
+        members = [i for i, row in enumerate(rows) if row["task"] == task]
+        labels = _variant_labels([rows[i]["label"] for i in members], [configs[i] for i in members])
+        runs.loc[members, "label"] = labels
+    return runs
 
 
 def read_evaluations(run_dir: str | Path) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,34 @@ def test_bootstrap_interval_brackets_the_mean():
     low, high = plots.bootstrap_interval(values)
     assert values.min() <= low < values.mean() < high <= values.max()
     assert plots.bootstrap_interval(np.array([0.5, 0.5])) == (0.5, 0.5)
+
+
+def _write_run(run_dir: Path, algo: str, seed: int, **agent) -> None:
+    """A run directory as ``manip.fit`` leaves it: ``offline/hparams.yaml`` (``cfg``) and ``eval.jsonl``."""
+    from omegaconf import OmegaConf
+
+    cfg = {"seed": seed, "run_dir": str(run_dir), "data": {"task": "lift", "seed": seed, "path": f"/data/{seed}.hdf5"},
+           "data_info": {"source": "robomimic", "path": f"/data/{seed}.hdf5"},
+           "algo": {"name": algo, "agent": {"hidden_dims": [256, 256], **agent}},
+           "module": {"seed": seed}, "eval": {"episodes": 20 + seed, "noise_scale": 0.0}}
+    (run_dir / "offline").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"cfg": cfg}), run_dir / "offline" / "hparams.yaml")
+    (run_dir / "eval.jsonl").write_text(json.dumps({"step": 10, "env_steps": 0, "phase": "offline",
+                                                    "success_rate": 0.5, "ci_low": 0.3, "ci_high": 0.7,
+                                                    "episodes": 20}) + "\n")
+
+
+def test_runs_that_differ_in_a_setting_are_not_seeds_of_one_method(tmp_path):
+    _write_run(tmp_path / "a", "mvp", 0, adaptive_p=None)
+    _write_run(tmp_path / "b", "mvp", 1, adaptive_p=None)
+    _write_run(tmp_path / "c", "mvp", 0, adaptive_p=0.5)
+    _write_run(tmp_path / "d", "qc", 0)
+    _write_run(tmp_path / "e", "qc", 1)  # seeds, paths and evaluation schedules differ: still one method
+    _write_run(tmp_path / "f", "fql", 0, hidden_dims=[512, 512])
+    _write_run(tmp_path / "g", "fql", 0)
+    labels = dict(zip(plots.find_runs(tmp_path)["run_dir"].map(lambda path: Path(path).name),
+                      plots.find_runs(tmp_path)["label"]))
+    assert labels == {"a": "mvp [adaptive_p=None]", "b": "mvp [adaptive_p=None]", "c": "mvp [adaptive_p=0.5]",
+                      "d": "qc", "e": "qc", "f": "fql [hidden_dims=[512,512]]", "g": "fql [hidden_dims=[256,256]]"}
+    summary = plots.aggregate(plots.load_curves(plots.find_runs(tmp_path)))
+    assert dict(zip(summary["label"], summary["seeds"]))["mvp [adaptive_p=None]"] == 2
