@@ -62,10 +62,13 @@ def test_every_algo_builds_under_every_preset(preset):
         for algo in algos:
             cfg = compose("fit", overrides=[f"conf={preset}", f"algo={algo}"])
             assert _build_agent(cfg).act_dim_flat == 2 * cfg.algo.horizon, (preset, algo)
+        for algo in ("mvp", "mvp_noivc"):  # the ablation differs from MVP in lambda_ivc alone
+            lift = compose("fit", overrides=["conf=robomimic_lift", f"algo={algo}"]).algo.agent
+            assert (lift.full_interval_fraction, lift.adaptive_p) == (0.5, 0.5), algo
         lift_mvp = compose("fit", overrides=["conf=robomimic_lift"])
-        assert lift_mvp.algo.agent.full_interval_fraction == 0.5 and "tuning" not in lift_mvp
-        assert compose("fit", overrides=["conf=robomimic_lift", "algo=mvp_noivc"]).algo.agent.full_interval_fraction == 0.5
-        assert compose("fit", overrides=["conf=robomimic_can"]).algo.agent.full_interval_fraction == 0.0
+        assert lift_mvp.algo.agent.lambda_ivc == 1.0 and "tuning" not in lift_mvp
+        can = compose("fit", overrides=["conf=robomimic_can"]).algo.agent
+        assert (can.full_interval_fraction, can.adaptive_p) == (0.0, None)
 
 
 def test_readme_paper_loop_composes():
@@ -81,6 +84,7 @@ def test_readme_paper_loop_composes():
         for algo in algos:
             cfg = compose("fit", overrides=["conf=robomimic_lift", f"algo={algo}", *paper_lift])
             assert cfg.trainer.max_steps == 1_000_000 and cfg.algo.agent.get("full_interval_fraction", 0.0) == 0.0
+            assert cfg.algo.agent.get("adaptive_p") is None
             _build_agent(cfg)
 
 
