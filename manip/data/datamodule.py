@@ -23,7 +23,7 @@ from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec
 
-# Evaluation horizons QC uses with the MH datasets (data-and-sims: robomimic_utils).
+# Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
 ROBOMIMIC_TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
 
