@@ -103,7 +103,7 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
         parts = key.split(".")
         for n in range(1, len(parts) + 1):
             name = ".".join(parts[-n:])
-            if sum(other.endswith(name) for other in keys) == 1 or n == len(parts):
+            if sum(other == name or other.endswith("." + name) for other in keys) == 1 or n == len(parts):
                 short[key] = name
                 break
     return short

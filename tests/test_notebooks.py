@@ -187,3 +187,9 @@ def test_runs_that_differ_in_a_setting_are_not_seeds_of_one_method(tmp_path):
                       "d": "qc", "e": "qc", "f": "fql [hidden_dims=[512,512]]", "g": "fql [hidden_dims=[256,256]]"}
     summary = plots.aggregate(plots.load_curves(plots.find_runs(tmp_path)))
     assert dict(zip(summary["label"], summary["seeds"]))["mvp [adaptive_p=None]"] == 2
+
+
+def test_setting_names_are_the_shortest_unambiguous_key_suffix():
+    keys = ["algo.agent.adaptive_p", "finetune.p", "module.lr", "algo.agent.lr"]
+    assert plots._short_keys(keys) == {"algo.agent.adaptive_p": "adaptive_p", "finetune.p": "p",
+                                       "module.lr": "module.lr", "algo.agent.lr": "agent.lr"}
