@@ -212,7 +212,8 @@ def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int =
 
 
 def aggregate(curves: pd.DataFrame) -> pd.DataFrame:
-    """Mean success per (task, label, step) with its band: columns mean, low, high, seeds, phase."""
+    """Mean success per (task, label, step) with its band: columns mean, low, high, runs, seeds (distinct seed
+    values among the runs: a repeated seed is a second run, not a second seed), phase."""
     rows = []
     for (task, label, step), group in curves.groupby(["task", "label", "step"], sort=True):
         values = group["success_rate"].to_numpy(dtype=float)
@@ -221,8 +222,9 @@ def aggregate(curves: pd.DataFrame) -> pd.DataFrame:
         else:
             low, high = float(group["ci_low"].iloc[0]), float(group["ci_high"].iloc[0])
         rows.append({"task": task, "label": label, "step": step, "mean": values.mean(), "low": low,
-                     "high": high, "seeds": len(values), "phase": group["phase"].iloc[0]})
-    return pd.DataFrame(rows, columns=["task", "label", "step", "mean", "low", "high", "seeds", "phase"])
+                     "high": high, "runs": len(values), "seeds": group["seed"].nunique(),
+                     "phase": group["phase"].iloc[0]})
+    return pd.DataFrame(rows, columns=["task", "label", "step", "mean", "low", "high", "runs", "seeds", "phase"])
 
 
 def _paper_entry(task: str, algo: str) -> tuple[float, float | None] | None:
@@ -242,9 +244,8 @@ def plot_success_curves(curves: pd.DataFrame, task: str) -> plt.Figure:
     algos = dict(zip(curves["label"], curves["algo"]))
     for i, (label, line) in enumerate(summary.groupby("label", sort=True)):
         color = f"C{i}"
-        seeds = int(line["seeds"].max())
         ax.plot(line["step"], line["mean"], marker="o", ms=3, color=color,
-                label=f"{label} ({seeds} {'seed' if seeds == 1 else 'seeds'})")
+                label=f"{label} ({_count_text(int(line['runs'].max()), int(line['seeds'].max()))})")
         ax.fill_between(line["step"], line["low"], line["high"], color=color, alpha=0.2, linewidth=0)
         paper, method = _paper_entry(task, algos[label]), PAPER_METHOD.get(algos[label])
         if paper is not None and method not in drawn:
@@ -256,6 +257,12 @@ def plot_success_curves(curves: pd.DataFrame, task: str) -> plt.Figure:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
+
+
+def _count_text(runs: int, seeds: int) -> str:
+    """``3 seeds``, or ``3 runs, 2 seeds`` when a seed was run more than once."""
+    seeds_text = f"{seeds} {'seed' if seeds == 1 else 'seeds'}"
+    return seeds_text if runs == seeds else f"{runs} runs, {seeds_text}"
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -280,7 +287,8 @@ def comparison_table(curves: pd.DataFrame) -> pd.DataFrame:
         algo = group["algo"].iloc[0]
         paper = _paper_entry(task, algo)
         rows.append({
-            "task": task, "label": label, "seeds": len(final), "episodes": int(group["episodes"].iloc[-1]),
+            "task": task, "label": label, "runs": len(final), "seeds": group["seed"].nunique(),
+            "episodes": int(group["episodes"].iloc[-1]),
             "last_step": int(group["step"].max()),
             "offline": offline.mean() if len(offline) else np.nan, "final": final.mean(),
             "final_std": final.std(ddof=1) if len(final) > 1 else np.nan,
