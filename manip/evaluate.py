@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import partial
 from pathlib import Path
 
 import hydra
@@ -45,7 +44,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
     ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
-    Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
+    ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
+    the statistics, plus ``videos``).
     """
     if video_episodes and video_prefix is None:
         raise ValueError("video_episodes > 0 needs a video_prefix for the files")
@@ -59,7 +59,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             raise ValueError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no mean-velocity "
                              f"sampler (MVP only)")
         module.agent.sample_steps = sample_steps  # the agent rejects values < 1
-    predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
+    predict = module.seeded_policy(seed, noise_scale, num_samples)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
         env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)

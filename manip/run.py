@@ -6,7 +6,6 @@ import csv
 import json
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ class PeriodicEvaluation(Callback):
     Logs eval/success_rate, eval/ci_low, eval/ci_high, eval/mean_length (x = global step) and
     appends each result with its env-step count and ``wall_s`` (seconds since this process started
     training, evaluations included) to ``<run_dir>/eval.jsonl``. ``noise_scale``: std of the policy's
-    initial noise while evaluating (see ``ManipModule.predict_chunks``).
+    initial noise while evaluating (see ``ManipModule.predict_chunks``). ``seed`` seeds the episodes' resets and
+    the policy's noise alike at every evaluation, so checkpoints are compared on the same draws.
     """
 
     def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
@@ -61,7 +61,7 @@ class PeriodicEvaluation(Callback):
                                        action_dim=module.action_dim)
         was_training = module.training
         module.eval()
-        predict = partial(module.predict_chunks, noise_scale=self.noise_scale)
+        predict = module.seeded_policy(self.seed, self.noise_scale)  # same noise at every evaluation
         result = evaluate_policy(self.env, predict, episodes, seed=self.seed)
         module.train(was_training)
         metrics = {"eval/success_rate": result.success_rate, "eval/ci_low": result.ci_low,

@@ -168,3 +168,31 @@ def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
     assert path == tmp_path / "episode.gif" and not (tmp_path / "episode.mp4").exists()
     gif = iio.mimread(path)  # the held copies of the last frame merge into one longer gif frame
     assert len(gif) == 4 and gif[0].shape[:2] == (32, 48)
+
+
+def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
+    """The candidates' noise comes from the evaluation seed: one seed gives the same chunks whatever ran before,
+    another seed other chunks (simulator resets and the policy's noise are both seeded)."""
+    import torch
+
+    import manip.evaluate as evaluate_module
+
+    chunks: list[np.ndarray] = []
+    real = evaluate_module.evaluate_policy
+
+    def recording(env, predict, episodes, seed):
+        def spy(obs):
+            chunk = predict(obs)
+            chunks.append(chunk.copy())
+            return chunk
+        return real(env, spy, episodes, seed)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_policy", recording)
+    runs = []
+    for seed in (5, 5, 6):
+        chunks.clear()
+        torch.manual_seed(len(runs))  # the global stream differs between calls
+        evaluate_checkpoint(checkpoints["mvp"], episodes=2, num_envs=1, seed=seed, noise_scale=1.0)
+        runs.append(np.concatenate(chunks))
+    assert runs[0].shape == runs[1].shape and np.array_equal(runs[0], runs[1])
+    assert not np.allclose(runs[0][: len(runs[2])], runs[2][: len(runs[0])])

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -294,6 +295,8 @@ def test_compile_builds_and_runs_one_step(cube_single_npz, tmp_path):
     assert trainer.global_step == 1
     chunks = module.predict_chunks(torch.zeros(2, module.obs_dim))
     assert chunks.shape == (2, 5, module.action_dim)
+    obs = torch.randn(2, module.obs_dim)  # a seeded noise stream passes through the compiled sampler
+    assert np.array_equal(module.seeded_policy(3)(obs), module.seeded_policy(3)(obs))
 
 
 # ------------------------------------------------------------------------------------ env throughput
