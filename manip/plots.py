@@ -8,9 +8,8 @@ followed by its own.
 
 Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
 best-of-N target, or ``mvp [adaptive_p=0.5]`` where runs of one algo differ in a setting); runs
-sharing both are seeds of one method. The band around a curve is the
-95% bootstrap interval of the mean over seeds, or the Wilson 95% interval over episodes when a
-label has a single run.
+sharing both are seeds of one method. The band around a curve is the 95% bootstrap interval of the
+mean over seeds, or the Wilson 95% interval over episodes when a label has a single run.
 """
 
 from __future__ import annotations
