@@ -182,12 +182,12 @@ def test_runs_that_differ_in_a_setting_are_not_seeds_of_one_method(tmp_path):
     _write_run(tmp_path / "f", "fql", 0, hidden_dims=[512, 512])
     _write_run(tmp_path / "g", "fql", 0)
     _write_run(tmp_path / "h", "mvp", 1, adaptive_p=None)  # seed 1 again: a second run, not a third seed
-    labels = dict(zip(plots.find_runs(tmp_path)["run_dir"].map(lambda path: Path(path).name),
-                      plots.find_runs(tmp_path)["label"]))
+    runs = plots.find_runs(tmp_path)
+    labels = dict(zip(runs["run_dir"].map(lambda path: Path(path).name), runs["label"]))
     assert labels == {"a": "mvp [adaptive_p=None]", "b": "mvp [adaptive_p=None]", "c": "mvp [adaptive_p=0.5]",
                       "d": "qc", "e": "qc", "f": "fql [hidden_dims=[512,512]]", "g": "fql [hidden_dims=[256,256]]",
                       "h": "mvp [adaptive_p=None]"}
-    summary = plots.aggregate(plots.load_curves(plots.find_runs(tmp_path))).set_index("label")
+    summary = plots.aggregate(plots.load_curves(runs)).set_index("label")
     assert (summary.loc["mvp [adaptive_p=None]", "runs"], summary.loc["mvp [adaptive_p=None]", "seeds"]) == (3, 2)
     assert plots._count_text(3, 2) == "3 runs, 2 seeds" and plots._count_text(1, 1) == "1 seed"
 
