@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
-from manip.evaluation import check_noise_scale, evaluate_policy
+from manip.evaluation import SettingError, check_noise_scale, evaluate_policy
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -28,6 +28,17 @@ def default_output(ckpt: str | Path) -> Path:
     """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
     ckpt = Path(ckpt).resolve()
     return ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
+
+
+def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,
+                   sample_steps: int | None = None) -> None:
+    """Raise ``SettingError`` naming the first setting out of range (None: the checkpoint's own value)."""
+    for key, value in (("episodes", episodes), ("num_envs", num_envs), ("num_samples", num_samples),
+                       ("sample_steps", sample_steps)):
+        if value is not None and value < 1:
+            raise SettingError(f"{key} must be >= 1, got {value}")
+    if noise_scale is not None:
+        check_noise_scale(noise_scale)
 
 
 def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
@@ -39,26 +50,26 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
 
     num_samples: best-of-N candidates per action chunk (None: the agent's own N). noise_scale: std of
     the candidates' initial noise (None: the run's ``eval.noise_scale``, 1.0 when it has none).
-    sample_steps: mean-velocity jumps per MVP sample (None: the run's ``algo.agent.sample_steps``); a value for a
-    checkpoint whose agent has no such setting raises ``ValueError``. With
+    sample_steps: mean-velocity jumps per MVP sample (None: the run's ``algo.agent.sample_steps``). A setting out of
+    range, or ``sample_steps`` for a checkpoint whose agent has no such setting, raises ``SettingError``. With
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
     ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
     ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
     the statistics, plus ``videos``).
     """
+    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps)
     if video_episodes and video_prefix is None:
-        raise ValueError("video_episodes > 0 needs a video_prefix for the files")
+        raise SettingError("video_episodes > 0 needs a video_prefix for the files")
     module, cfg = load_module(ckpt)
     spec = env_spec_of(cfg)
     if noise_scale is None:
-        noise_scale = float(cfg.get("eval", {}).get("noise_scale", 1.0))
-    check_noise_scale(noise_scale)
+        noise_scale = check_noise_scale(float(cfg.get("eval", {}).get("noise_scale", 1.0)))
     if sample_steps is not None:
         if not hasattr(module.agent, "sample_steps"):
-            raise ValueError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no mean-velocity "
-                             f"sampler (MVP only)")
-        module.agent.sample_steps = sample_steps  # the agent rejects values < 1
+            raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
+                               f"mean-velocity sampler (MVP only)")
+        module.agent.sample_steps = sample_steps
     predict = module.seeded_policy(seed, noise_scale, num_samples)
     render_env = open_render_env(spec, video_size) if video_episodes else None
     try:
@@ -100,9 +111,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:  # before the checkpoint is loaded: a bad value costs nothing
-        if cfg.noise_scale is not None:
-            check_noise_scale(cfg.noise_scale)
-    except ValueError as err:
+        check_settings(cfg.episodes, cfg.num_envs, cfg.num_samples, cfg.noise_scale, cfg.sample_steps)
+    except SettingError as err:
         sys.exit(f"manip.evaluate: {err}")
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
@@ -111,7 +121,8 @@ def main(cfg: DictConfig) -> None:
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps)
-    except (CheckpointError, EnvMismatchError, RendererUnavailable, ValueError) as err:
+    except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:
+        # user errors in one line; anything else is a bug and keeps its traceback
         sys.exit(f"manip.evaluate: {err}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

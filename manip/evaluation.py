@@ -182,10 +182,14 @@ class EvalResult:
         return dict(self.__dict__)
 
 
+class SettingError(ValueError):
+    """An evaluation setting is out of range or does not apply to the checkpoint; the message names it."""
+
+
 def check_noise_scale(noise_scale: float, key: str = "noise_scale") -> float:
-    """``noise_scale`` if it is a valid std of the policy's initial noise (>= 0); a ValueError naming ``key``."""
+    """``noise_scale`` if it is a valid std of the policy's initial noise (>= 0); a SettingError naming ``key``."""
     if noise_scale < 0:
-        raise ValueError(f"{key} must be >= 0, got {noise_scale}")
+        raise SettingError(f"{key} must be >= 0, got {noise_scale}")
     return noise_scale
 
 

@@ -133,6 +133,32 @@ def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("num_samples=0", "num_samples must be >= 1, got 0"),
+    ("episodes=0", "episodes must be >= 1, got 0"),
+    ("num_envs=0", "num_envs must be >= 1, got 0"),
+])
+def test_cli_settings_out_of_range_are_one_line_errors(tmp_path, setting, message):
+    """Checked before the checkpoint is read: the (absent) checkpoint is never reached."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={tmp_path / 'nope.ckpt'}", setting, f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code == f"manip.evaluate: {message}"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_keeps_the_traceback_of_an_internal_error(checkpoints, tmp_path, monkeypatch):
+    """Only user errors become one-line exits; a ValueError from inside the evaluation propagates."""
+    import manip.evaluate as evaluate
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", broken)
+    with pytest.raises(ValueError, match="broadcast"):
+        _cli(f"ckpt={checkpoints['fql']}", "episodes=1", f"out={tmp_path / 'r.json'}")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={tmp_path / 'nope.ckpt'}")
