@@ -41,12 +41,14 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     else:
         start_step = int(ckpt.get("global_step", 0))
     final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
+    if cfg.get("logger") is not None:  # logger=... on the command line replaces the checkpoint's loggers
+        final.logger = cfg.logger
     if final.eval.get("noise_scale") is None:  # evaluate as the offline run did
         final.eval.noise_scale = (base.get("eval") or {}).get("noise_scale", 1.0)
     for item in user_overrides:
         key, _, value = item.partition("=")
         key = key.lstrip("+~")
-        if key in ("ckpt", "run_dir", "resume") or key.split(".")[0] in _OWN:
+        if key in ("ckpt", "run_dir", "resume", "logger") or key.split(".")[0] in _OWN:
             continue
         if "." not in key:
             raise CheckpointError(f"override {item!r} changes a config group; fine-tuning keeps the "

@@ -76,7 +76,8 @@ def launch_path(variable: str, default: str) -> Path:
     return path if path.is_absolute() else Path(os.environ.get("PWD", os.getcwd())) / path
 
 
-# Config keys that do not change what a run measures: bookkeeping, paths, the evaluation schedule.
+# Config keys that do not change what a run measures: bookkeeping, paths, the evaluation schedule, loggers.
+RUN_BOOKKEEPING_SECTIONS = {"logger"}
 RUN_BOOKKEEPING_KEYS = {
     "seed", "data.seed", "module.seed", "run_dir", "resume", "threads", "ckpt", "offline_ckpt", "finetune_start_step",
     "data.path", "data.data_dir", "data_info.path", "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -112,14 +113,16 @@ def _variant_labels(labels: list[str], configs: list[dict]) -> list[str]:
     """Labels extended by the settings that differ among runs sharing one (``mvp [adaptive_p=0.5]``).
 
     Runs that share a label are read as seeds of one method, so two runs of one algo with, say, different
-    ``algo.agent.adaptive_p`` must not share it. Keys in ``RUN_BOOKKEEPING_KEYS`` are ignored.
+    ``algo.agent.adaptive_p`` must not share it. Keys in ``RUN_BOOKKEEPING_KEYS`` or in a
+    section of ``RUN_BOOKKEEPING_SECTIONS`` are ignored.
     """
     out = list(labels)
     for label in set(labels):
         members = [i for i, other in enumerate(labels) if other == label]
         if len(members) < 2:
             continue
-        keys = sorted({key for i in members for key in configs[i]} - RUN_BOOKKEEPING_KEYS)
+        keys = sorted(key for key in {key for i in members for key in configs[i]} - RUN_BOOKKEEPING_KEYS
+                      if key.split(".")[0] not in RUN_BOOKKEEPING_SECTIONS)
         differing = [key for key in keys if len({repr(configs[i].get(key, "<unset>")) for i in members}) > 1]
         if not differing:
             continue

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from manip.checkpoint import AtomicCheckpointIO
@@ -126,6 +126,19 @@ def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
     return dm
 
 
+def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The ``logger`` group's Lightning loggers (e.g. ``logger=wandb``), an entry's ``save_dir: null`` set to
+    ``run_dir``."""
+    loggers = []
+    for name, spec in (cfg.get("logger") or {}).items():
+        overrides = {"save_dir": str(run_dir)} if "save_dir" in spec and spec.save_dir is None else {}
+        logger = hydra.utils.instantiate(spec, **overrides)
+        if not isinstance(logger, Logger):
+            raise TypeError(f"logger.{name} builds a {type(logger).__name__}, not a Lightning Logger")
+        loggers.append(logger)
+    return loggers
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:
     """The configured Trainer with manip's checkpointing (atomic writes), evaluation and loggers."""
     callbacks = [
@@ -137,7 +150,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
     # metrics.csv is written whenever metrics are logged, so a killed run keeps all it logged.
     loggers = [ResumableCSVLogger(run_dir, name="", version=phase,
                                   flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
-               TensorBoardLogger(run_dir, name="tb", version=phase)]
+               TensorBoardLogger(run_dir, name="tb", version=phase), *extra_loggers(cfg, run_dir)]
     overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers,
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:

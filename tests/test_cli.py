@@ -141,15 +141,67 @@ def test_fit_finetune_robomimic_lift(lift_hdf5, tmp_path):
     _finetune_and_check(ckpt, "bon", env_steps=300, updates=60, action_dim=7, noise_scale=0.5)
 
 
+# An extra Lightning logger from the `logger` group (as logger=wandb adds one), here one that needs no account.
+EXTRA_LOGGER = ["+logger.extra._target_=lightning.pytorch.loggers.CSVLogger", "+logger.extra.save_dir=null",
+                "+logger.extra.name=extra", "+logger.extra.version=0"]
+
+
+def _logged_columns(run_dir: Path) -> set[str]:
+    with open(run_dir / "extra" / "version_0" / "metrics.csv") as f:
+        return {key for row in csv.DictReader(f) for key, value in row.items() if value}
+
+
 @pytest.fixture(scope="module")
 def cube_ckpt(cube_single_npz, tmp_path_factory):
-    return _fit(tmp_path_factory.mktemp("cube"), ["data=ogbench", f"data.path={cube_single_npz}"], steps=100)
+    return _fit(tmp_path_factory.mktemp("cube"), ["data=ogbench", f"data.path={cube_single_npz}", *EXTRA_LOGGER],
+                steps=100)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["bon", "som", "rfm"])
 def test_fit_finetune_ogbench_cube_single(cube_ckpt, target):
-    _finetune_and_check(cube_ckpt, target, env_steps=250, updates=40, action_dim=5)
+    run_dir = _finetune_and_check(cube_ckpt, target, env_steps=250, updates=40, action_dim=5)
+    # fine-tuning keeps the checkpoint's loggers, writing into its own run directory
+    assert {"train/critic_loss", "eval/success_rate", "online/env_steps_per_s"} <= _logged_columns(run_dir)
+
+
+def test_logger_group_adds_loggers_that_receive_training_and_evaluation(cube_ckpt):
+    """The `logger` entries are built next to CSV / TensorBoard with the run directory as their save_dir;
+    fine-tuning inherits them from the checkpoint unless `logger=...` replaces them."""
+    from manip import finetune
+
+    fit_dir = cube_ckpt.parent.parent
+    assert {"train/critic_loss", "train/actor_loss", "eval/success_rate"} <= _logged_columns(fit_dir)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        inherited = finetune.compose(compose("finetune", overrides=[f"ckpt={cube_ckpt}"]), [f"ckpt={cube_ckpt}"])[0]
+        dropped = finetune.compose(compose("finetune", overrides=[f"ckpt={cube_ckpt}", "logger=none"]),
+                                   [f"ckpt={cube_ckpt}", "logger=none"])[0]
+    assert inherited.logger.extra._target_ == "lightning.pytorch.loggers.CSVLogger" and not dropped.logger
+
+
+def test_logger_entry_must_be_a_lightning_logger(tmp_path):
+    from manip.run import build_trainer
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("fit", overrides=["+logger.bad._target_=collections.OrderedDict"])
+    with pytest.raises(TypeError, match="logger.bad builds a OrderedDict, not a Lightning Logger"):
+        build_trainer(cfg, tmp_path, phase="offline")
+
+
+def test_wandb_logger_records_offline_in_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from manip.run import build_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("fit", overrides=["conf=robomimic_lift", "logger=wandb"])
+    trainer = build_trainer(cfg, tmp_path, phase="offline")
+    wandb_logger = next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))
+    wandb_logger.log_metrics({"eval/success_rate": 0.5}, step=1)
+    assert wandb_logger.save_dir == str(tmp_path) and list((tmp_path / "wandb").glob("offline-run-*"))
+    wandb_logger.experiment.finish()
 
 
 def test_negative_eval_noise_scale_is_rejected_by_name(tmp_path):
