@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-update-iters", type=int, default=3)
     parser.add_argument("--update-seconds", type=float, default=10.0, help="minimum timed update duration")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
 
     ctx = mp.get_context("spawn")
     results = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from manip import bench
 
@@ -31,3 +32,11 @@ def test_act_flops_match_the_networks(algo):
     assert result["act_ms_per_action"] == pytest.approx(result["act_ms"] / bench.HORIZON)
     assert result["act_gflops"] == pytest.approx(result["act_mflop"] / result["act_ms"])
     assert result["update_its"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_request_without_a_device_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--out", str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2 and not (tmp_path / "b.json").exists()
+    assert f"--device cuda: torch {torch.__version__} sees no CUDA device" in capsys.readouterr().err
