@@ -209,3 +209,57 @@ def test_negative_eval_noise_scale_is_rejected_by_name(tmp_path):
 
     with pytest.raises(ValueError, match=r"eval.noise_scale must be >= 0, got -1.0"):
         PeriodicEvaluation(str(tmp_path), every_n_steps=0, episodes=1, noise_scale=-1.0)
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """Every ``python -m manip.{fit,finetune,evaluate}`` command of the README's bash blocks as (module,
+    overrides): continuation lines joined, ``$common`` / ``$target`` / ``<run>`` substituted, ``--multirun`` comma lists
+    expanded; commands of the paper loop (``$task``, ``$algo``, ...) are left to the test above."""
+    import itertools
+    import re
+    import shlex
+
+    readme = (Path(CONF).parent / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        variables = dict(re.findall(r'^(\w+)="([^"]*)"', text, re.M)) | {"target": "bon"}
+        for line in text.splitlines():
+            match = re.match(r"\s*python -m manip\.(fit|finetune|evaluate) (.*)", line)
+            if not match:
+                continue
+            args = re.sub(r"\$(common|target)\b", lambda m: variables[m.group(1)].replace("\n", " "), match.group(2))
+            args = args.replace("<run>", "RUN")  # the placeholder a reader fills in
+            if re.search(r"\$\w", args):
+                continue
+            args = [arg for arg in shlex.split(args, comments=True) if arg != "--multirun"]
+            choices = [[f"{arg.split('=')[0]}={v}" for v in arg.split("=", 1)[1].split(",")]
+                       if "=" in arg and "," in arg and "[" not in arg and "$" not in arg else [arg] for arg in args]
+            commands += [(match.group(1), list(combo)) for combo in itertools.product(*choices)]
+    return commands
+
+
+def test_readme_commands_compose():
+    """Each README command names keys its config has: fit's compose and build an agent, evaluate's compose, and
+    finetune's own keys compose while its ``+key`` overrides of the checkpoint's config name keys fit writes."""
+    from omegaconf import OmegaConf
+
+    from manip.finetune import _OWN
+
+    commands = _readme_commands()
+    assert {module for module, _ in commands} == {"fit", "finetune", "evaluate"} and len(commands) >= 15
+    absent = object()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        fit_keys = compose("fit", overrides=["conf=robomimic_lift"])
+        for module, overrides in commands:
+            if module == "fit":
+                _build_agent(compose("fit", overrides=overrides))
+            elif module == "evaluate":
+                compose("evaluate", overrides=overrides)
+            else:
+                own = [o for o in overrides if o.split("=")[0] in ("ckpt", "run_dir", "resume", "logger")
+                       or o.split(".")[0] in _OWN]
+                compose("finetune", overrides=own)
+                for item in set(overrides) - set(own):
+                    key = item.split("=")[0].lstrip("+")
+                    assert OmegaConf.select(fit_keys, key, default=absent) is not absent, (item, overrides)
