@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from manip.checkpoint import AtomicCheckpointIO
@@ -126,12 +128,26 @@ def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
     return dm
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id kept in ``<run_dir>/wandb_run_id`` (made on first use): a resumed run continues its W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id)
+    return run_id
+
+
 def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """The ``logger`` group's Lightning loggers (e.g. ``logger=wandb``), an entry's ``save_dir: null`` set to
-    ``run_dir``."""
+    """The ``logger`` group's Lightning loggers (e.g. ``logger=wandb``): an entry's ``save_dir: null`` becomes
+    ``run_dir``, a WandbLogger's ``id: null`` the run directory's :func:`wandb_run_id`."""
     loggers = []
     for name, spec in (cfg.get("logger") or {}).items():
         overrides = {"save_dir": str(run_dir)} if "save_dir" in spec and spec.save_dir is None else {}
+        if str(spec.get("_target_", "")).endswith("WandbLogger") and "id" in spec and spec.id is None:
+            overrides["id"] = wandb_run_id(run_dir)
         logger = hydra.utils.instantiate(spec, **overrides)
         if not isinstance(logger, Logger):
             raise TypeError(f"logger.{name} builds a {type(logger).__name__}, not a Lightning Logger")

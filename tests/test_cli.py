@@ -197,11 +197,18 @@ def test_wandb_logger_records_offline_in_the_run_directory(tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("fit", overrides=["conf=robomimic_lift", "logger=wandb"])
-    trainer = build_trainer(cfg, tmp_path, phase="offline")
-    wandb_logger = next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))
-    wandb_logger.log_metrics({"eval/success_rate": 0.5}, step=1)
-    assert wandb_logger.save_dir == str(tmp_path) and list((tmp_path / "wandb").glob("offline-run-*"))
-    wandb_logger.experiment.finish()
+
+    def wandb_logger(run_dir: Path) -> WandbLogger:
+        trainer = build_trainer(cfg, run_dir, phase="offline")
+        return next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))
+
+    first = wandb_logger(tmp_path / "a")
+    first.log_metrics({"eval/success_rate": 0.5}, step=1)
+    assert first.save_dir == str(tmp_path / "a") and list((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    first.experiment.finish()
+    # a resumed run (same run directory) continues the same W&B run; another run directory starts its own
+    assert wandb_logger(tmp_path / "a").version == first.version == (tmp_path / "a" / "wandb_run_id").read_text()
+    assert wandb_logger(tmp_path / "b").version != first.version
 
 
 def test_negative_eval_noise_scale_is_rejected_by_name(tmp_path):
