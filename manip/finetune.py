@@ -66,6 +66,8 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     final, offline_ckpt, resume = compose(cfg, user_overrides)
     seed_everything(final.seed + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
+    trainer = build_trainer(final, run_dir, phase="online",  # first: a bad trainer setting costs no data loading
+                            max_steps=final.finetune_start_step + final.trainer.max_steps)
     dm = build_datamodule(final)
     dm.offline_fraction = final.finetune.offline_fraction
     ckpt = load_checkpoint(offline_ckpt)
@@ -77,8 +79,6 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=final.algo.horizon, stats=ckpt["hyper_parameters"]["stats"],
         cfg=plain(final) | run_info(dm), online=online)
-    trainer = build_trainer(final, run_dir, phase="online",
-                            max_steps=final.finetune_start_step + final.trainer.max_steps)
     if resume and rank_zero_only.rank == 0:
         print(f"[manip] resuming fine-tuning from {resume}")
     return module, dm, trainer, resume or offline_ckpt

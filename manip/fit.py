@@ -47,11 +47,11 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     seed_everything(cfg.seed, cfg.get("threads"))
     run_dir = run_dir_of(cfg)
     cfg.run_dir = str(run_dir)
+    trainer = build_trainer(cfg, run_dir, phase="offline")  # first: a bad trainer setting costs no data loading
     dm = build_datamodule(cfg)
     module = hydra.utils.instantiate(cfg.module)(
         agent=hydra.utils.instantiate(cfg.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=cfg.algo.horizon, stats=dm.stats.to_dict(), cfg=plain(cfg) | run_info(dm))
-    trainer = build_trainer(cfg, run_dir, phase="offline")
     resume = resume_path(cfg.resume, run_dir)
     main_process = rank_zero_only.rank == 0  # known before fit (the launcher's env), unlike trainer ranks
     if resume is not None:
