@@ -116,6 +116,14 @@ def test_generate_is_seeded_and_refuses_overwrite(tmp_path):
         generate("cube-single-play-v0", tmp_path / "a.npz", 1, 41, verbose=False)
     with pytest.raises(ValueError, match="supported"):
         generate("cube-single-noisy-v0", tmp_path / "d.npz", 1, 41, verbose=False)
+    from manip.data.generate.__main__ import main as generate_cli
+
+    before = (tmp_path / "a.npz").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:  # the command line says it in one line and keeps the file
+        generate_cli(["ogbench", "--episodes", "1", "--episode-length", "41", "--out", str(tmp_path / "a.npz")])
+    assert exit_info.value.code == (f"manip.data.generate: {tmp_path / 'a.npz'} already exists; "
+                                    f"pass overwrite=True (--overwrite) to replace it")
+    assert (tmp_path / "a.npz").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{s}{suffix}" for s in "abc" for suffix in (".npz", "-val.npz")
     )  # no temporary files left behind

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +31,15 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        result = _generate(args)
+    except FileExistsError as err:  # the existing file is kept
+        sys.exit(f"manip.data.generate: {err}")
+    print(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _generate(args: argparse.Namespace) -> dict:
     if args.kind == "robomimic":
         from manip.data.generate.robomimic_scripted import generate
 
@@ -41,7 +51,6 @@ def main(argv: list[str] | None = None) -> dict:
         out = args.out or f"data/ogbench/{args.dataset}.npz"
         result = generate(args.dataset, out, args.episodes, episode_length=args.episode_length,
                           seed=args.seed, overwrite=args.overwrite, task_id=args.task_demos)
-    print(json.dumps(result, indent=1, default=str))
     return result
 
 

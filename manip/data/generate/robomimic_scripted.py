@@ -572,7 +572,7 @@ def generate(
         raise ValueError(f"num_demos must be >= 1, got {num_demos}")
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -601,7 +601,7 @@ def generate(
     try:
         _write(Path(tmp_name), demos, args, rng)
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
