@@ -165,7 +165,8 @@ def _write_run(run_dir: Path, algo: str, seed: int, logger: dict | None = None, 
     cfg = {"seed": seed, "run_dir": str(run_dir), "data": {"task": "lift", "seed": seed, "path": f"/data/{seed}.hdf5"},
            "data_info": {"source": "robomimic", "path": f"/data/{seed}.hdf5"},
            "algo": {"name": algo, "agent": {"hidden_dims": [256, 256], **agent}},
-           "module": {"seed": seed}, "eval": {"episodes": 20 + seed, "noise_scale": 0.0}, "logger": logger or {}}
+           "module": {"seed": seed, "compile": bool(seed)}, "trainer": {"accelerator": ["cpu", "gpu"][seed % 2]},
+           "eval": {"episodes": 20 + seed, "noise_scale": 0.0}, "logger": logger or {}}
     (run_dir / "offline").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"cfg": cfg}), run_dir / "offline" / "hparams.yaml")
     (run_dir / "eval.jsonl").write_text(json.dumps({"step": 10, "env_steps": 0, "phase": "offline",
@@ -178,7 +179,7 @@ def test_runs_that_differ_in_a_setting_are_not_seeds_of_one_method(tmp_path):
     _write_run(tmp_path / "b", "mvp", 1, adaptive_p=None)
     _write_run(tmp_path / "c", "mvp", 0, adaptive_p=0.5)
     _write_run(tmp_path / "d", "qc", 0)
-    # seeds, paths, evaluation schedules and loggers differ: still one method
+    # seeds, paths, evaluation schedules, loggers and hardware differ: still one method
     _write_run(tmp_path / "e", "qc", 1, logger={"wandb": {"_target_": "WandbLogger", "project": "manip"}})
     _write_run(tmp_path / "f", "fql", 0, hidden_dims=[512, 512])
     _write_run(tmp_path / "g", "fql", 0)
