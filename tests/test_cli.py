@@ -270,3 +270,13 @@ def test_readme_commands_compose():
                 for item in set(overrides) - set(own):
                     key = item.split("=")[0].lstrip("+")
                     assert OmegaConf.select(fit_keys, key, default=absent) is not absent, (item, overrides)
+
+
+def test_python_m_manip_lists_runnable_entry_points():
+    import importlib.util
+    import re
+
+    out = subprocess.run([sys.executable, "-m", "manip"], capture_output=True, text=True, timeout=120, check=True).stdout
+    modules = re.findall(r"python -m (manip[\w.]*)", out)
+    assert {"manip.fit", "manip.finetune", "manip.evaluate", "manip.data.generate", "manip.bench"} <= set(modules)
+    assert all(importlib.util.find_spec(module) is not None for module in modules), modules
