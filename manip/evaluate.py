@@ -58,7 +58,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
     the statistics, plus ``videos``).
     """
-    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps)
+    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps)  # before the checkpoint is loaded
     if video_episodes and video_prefix is None:
         raise SettingError("video_episodes > 0 needs a video_prefix for the files")
     module, cfg = load_module(ckpt)
@@ -110,10 +110,6 @@ def summary(result: dict, out: Path) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:  # before the checkpoint is loaded: a bad value costs nothing
-        check_settings(cfg.episodes, cfg.num_envs, cfg.num_samples, cfg.noise_scale, cfg.sample_steps)
-    except SettingError as err:
-        sys.exit(f"manip.evaluate: {err}")
     out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,

@@ -23,6 +23,8 @@ from manip.run import build_datamodule, build_trainer, plain, run_info, seed_eve
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
 _OWN = ("finetune", "eval", "checkpoint", "trainer", "env")
+# Command-line keys of fine-tuning's own config outside those sections (never applied to the checkpoint's config).
+_COMMAND_KEYS = ("ckpt", "run_dir", "resume", "logger")
 
 
 def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, str | None]:
@@ -48,7 +50,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     for item in user_overrides:
         key, _, value = item.partition("=")
         key = key.lstrip("+~")
-        if key in ("ckpt", "run_dir", "resume", "logger") or key.split(".")[0] in _OWN:
+        if key in _COMMAND_KEYS or key.split(".")[0] in _OWN:
             continue
         if "." not in key:
             raise CheckpointError(f"override {item!r} changes a config group; fine-tuning keeps the "

@@ -251,7 +251,7 @@ def test_readme_commands_compose():
     finetune's own keys compose while its ``+key`` overrides of the checkpoint's config name keys fit writes."""
     from omegaconf import OmegaConf
 
-    from manip.finetune import _OWN
+    from manip.finetune import _COMMAND_KEYS, _OWN
 
     commands = _readme_commands()
     assert {module for module, _ in commands} == {"fit", "finetune", "evaluate"} and len(commands) >= 15
@@ -264,8 +264,7 @@ def test_readme_commands_compose():
             elif module == "evaluate":
                 compose("evaluate", overrides=overrides)
             else:
-                own = [o for o in overrides if o.split("=")[0] in ("ckpt", "run_dir", "resume", "logger")
-                       or o.split(".")[0] in _OWN]
+                own = [o for o in overrides if o.split("=")[0] in _COMMAND_KEYS or o.split(".")[0] in _OWN]
                 compose("finetune", overrides=own)
                 for item in set(overrides) - set(own):
                     key = item.split("=")[0].lstrip("+")
