@@ -1,6 +1,6 @@
 """Speed and memory benchmark of the agents at robomimic-lift sizes (obs 19, action 7, chunks of h = 5).
 
-    python -m manip.bench --out bench.json [--device cuda] [--algos mvp qc fql] [--threads 1]
+    python -m manip.bench --out bench.json [--device cuda] [--algos mvp qc fql] [--threads 1] [--fast-act]
 
 Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
 
@@ -12,6 +12,11 @@ Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
   ``torch.utils.flop_counter``: matrix products only) and the rate they ran at, against which the latency can be
   judged (best-of-N latency is bound by these products, not by Python overhead, once ``act_gflops`` nears the
   machine's matmul peak);
+* with ``--fast-act``, ``fast_act_ms``: the same call through :func:`manip.algos.acting.fast_sampler` (a frozen copy
+  whose networks run in ``--fast-act-dtype``, compiled by inductor with freezing and autotuned matrix products;
+  compile time excluded), and ``fast_act_agree``: the share of 50 seeded calls whose chunk is within 0.02 (max
+  absolute difference) of the float32 agent's from the same noise (best-of-N may pick another candidate when two
+  scores are closer than the precision);
 * ``update_its``: full updates per second (critic step, actor step, target update; batch 256, Adam);
 * ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
   before the agent was built;
@@ -37,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from manip.algos import FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
+from manip.algos.acting import ACT_DTYPES, fast_sampler
 from manip.data.replay import random_chunk_batch
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
@@ -90,6 +96,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         with FlopCounterMode(display=False) as flops:
             agent.sample_actions(obs)
     act_flop = flops.get_total_flops()
+    fast = _fast_act(agent, obs, args, device) if args.fast_act else {}
 
     def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -110,7 +117,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         iters += 1
         _sync(device)
     result = {"act_ms": act_ms, "act_ms_per_action": act_ms / HORIZON, "act_mflop": act_flop / 1e6,
-              "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start)}
+              "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start), **fast}
 
     if algo == "mvp":
         actions, mask = flatten_chunk(batch["actions"], batch["valid"])
@@ -135,10 +142,28 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+def _fast_act(agent: torch.nn.Module, obs: torch.Tensor, args: argparse.Namespace,
+              device: torch.device) -> dict[str, float]:
+    """``fast_act_ms`` and ``fast_act_agree`` (see the module docstring) of ``agent`` at batch ``obs``."""
+    fast = fast_sampler(agent, args.fast_act_dtype, compile=True)
+
+    def seeded(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    generator = seeded(0)
+    fast_ms = _median_ms(lambda: fast(obs, generator=generator), args.act_calls, 20, device)  # 1st call compiles
+    with torch.inference_mode():
+        agree = [bool((fast(obs, generator=seeded(i)) - agent.sample_actions(obs, generator=seeded(i))).abs().max()
+                      <= 0.02) for i in range(50)]
+    return {"fast_act_ms": fast_ms, "fast_act_agree": sum(agree) / len(agree)}
+
+
 def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
     ratios = {}
     if "mvp" in results and "qc" in results:
         ratios["mvp_act_speedup_vs_qc"] = results["qc"]["act_ms"] / results["mvp"]["act_ms"]
+        if "fast_act_ms" in results["mvp"]:
+            ratios["mvp_fast_act_speedup_vs_qc"] = results["qc"]["fast_act_ms"] / results["mvp"]["fast_act_ms"]
         ratios["mvp_update_ratio_vs_qc"] = results["mvp"]["update_its"] / results["qc"]["update_its"]
     if "mvp" in results:
         ratios["jvp_overhead"] = results["mvp"]["actor_update_ms"] / results["mvp"]["fm_update_ms"]
@@ -151,6 +176,10 @@ def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> st
     for algo, r in results.items():
         lines.append(f"{algo:<6}{r['act_ms']:>10.3f}{r['act_ms_per_action']:>11.3f}{r['act_mflop']:>11.1f}"
                      f"{r['act_gflops']:>9.1f}{r['update_its']:>13.3f}{r['peak_mem_mb']:>13.1f}")
+    for algo, r in results.items():
+        if "fast_act_ms" in r:
+            lines.append(f"{algo} fast act {r['fast_act_ms']:.3f} ms ({r['fast_act_ms'] / HORIZON:.3f} ms/action), "
+                         f"{r['fast_act_agree']:.2f} of seeded chunks within 0.02 of float32")
     if "mvp" in results:
         mvp = results["mvp"]
         lines.append(f"mvp actor step {mvp['actor_update_ms']:.2f} ms vs flow matching {mvp['fm_update_ms']:.2f} ms")
@@ -165,6 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--algos", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--hidden", type=int, nargs="+", default=[512] * 4, help="hidden sizes of every MLP")
+    parser.add_argument("--fast-act", action="store_true",
+                        help="also time act() through a frozen, compiled copy (manip.algos.acting.fast_sampler)")
+    parser.add_argument("--fast-act-dtype", default="bfloat16", choices=list(ACT_DTYPES),
+                        help="precision of that copy's networks")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--act-calls", type=int, default=200, help="timed act() calls (median reported)")
     parser.add_argument("--actor-calls", type=int, default=20, help="timed MVP / flow-matching actor steps")

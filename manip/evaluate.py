@@ -10,6 +10,7 @@ The result goes to ``<run_dir>/eval/<ckpt name>.json`` (or ``out=...``); with ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import SettingError, check_noise_scale, evaluate_policy
@@ -45,7 +47,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
                         num_samples: int | None = None, noise_scale: float | None = None,
                         sample_steps: int | None = None, video_episodes: int = 0,
                         video_size: tuple[int, int] = (256, 256), video_prefix: str | Path | None = None,
-                        video_fps: int = DEFAULT_FPS) -> dict:
+                        video_fps: int = DEFAULT_FPS, act_dtype: str = "float32", act_compile: bool = False) -> dict:
     """Success statistics of a checkpoint over ``episodes`` episodes in ``num_envs`` parallel envs.
 
     num_samples: best-of-N candidates per action chunk (None: the agent's own N). noise_scale: std of
@@ -54,11 +56,15 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     range, or ``sample_steps`` for a checkpoint whose agent has no such setting, raises ``SettingError``. With
     ``video_episodes > 0`` the renderer is checked before the evaluation starts (raising
     ``RendererUnavailable``) and the videos are written to ``<video_prefix>_ep<i>.mp4``. A simulator
-    whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``.
+    whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``. ``act_dtype``
+    ("float32" or "bfloat16") and ``act_compile`` choose the acting path: the defaults run the checkpoint's networks
+    as trained; anything else acts with ``ManipModule.fast_acting`` (a frozen copy in that dtype, compiled or not).
     ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
     the statistics, plus ``videos``).
     """
     check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps)  # before the checkpoint is loaded
+    if act_dtype not in ACT_DTYPES:
+        raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
     if video_episodes and video_prefix is None:
         raise SettingError("video_episodes > 0 needs a video_prefix for the files")
     module, cfg = load_module(ckpt)
@@ -70,18 +76,22 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
                                f"mean-velocity sampler (MVP only)")
         module.agent.sample_steps = sample_steps
-    predict = module.seeded_policy(seed, noise_scale, num_samples)
     render_env = open_render_env(spec, video_size) if video_episodes else None
+    fast = act_dtype != "float32" or act_compile
+    acting = module.fast_acting(act_dtype, act_compile) if fast else contextlib.nullcontext()
     try:
-        env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)
-        try:
-            result = evaluate_policy(env, predict, episodes, seed)
-        finally:
-            env.close()
-        videos = []
-        if render_env is not None:
-            prefix = Path(video_prefix)
-            videos = record_videos(render_env, predict, video_episodes, seed, prefix.parent, prefix.name, video_fps)
+        with acting:
+            predict = module.seeded_policy(seed, noise_scale, num_samples)
+            env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)
+            try:
+                result = evaluate_policy(env, predict, episodes, seed)
+            finally:
+                env.close()
+            videos = []
+            if render_env is not None:
+                prefix = Path(video_prefix)
+                videos = record_videos(render_env, predict, video_episodes, seed, prefix.parent, prefix.name,
+                                       video_fps)
     finally:
         if render_env is not None:
             render_env.close()
@@ -89,6 +99,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
             "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
+            "act_dtype": act_dtype, "act_compile": act_compile,
             **result.to_dict(), "videos": [video.to_dict() for video in videos]}
 
 
@@ -116,7 +127,7 @@ def main(cfg: DictConfig) -> None:
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
-                                     video_fps=cfg.video_fps)
+                                     video_fps=cfg.video_fps, act_dtype=cfg.act_dtype, act_compile=cfg.act_compile)
     except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:
         # user errors in one line; anything else is a bug and keeps its traceback
         sys.exit(f"manip.evaluate: {err}")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from manip.algos.acting import fast_sampler
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
 
@@ -110,10 +111,13 @@ def frozen(module: nn.Module):
 
 
 def _compiled(fn: Callable, compile: bool | str) -> Callable:
-    """``fn`` itself (compile false), ``torch.compile(fn)`` (true) or compiled with that backend (a name)."""
+    """``fn`` itself (compile false), ``torch.compile(fn)`` (true) or compiled with that backend (a name).
+
+    Static shapes: one graph per batch size (acting sees a handful), since Dynamo's dynamic-shape graphs cannot draw
+    seeded noise (``torch.randn`` with a symbolic size and a generator argument fails to trace)."""
     if compile is False or compile is None:
         return fn
-    return torch.compile(fn) if compile is True else torch.compile(fn, backend=compile)
+    return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))
 
 
 class ManipModule(L.LightningModule):
@@ -188,6 +192,20 @@ class ManipModule(L.LightningModule):
             yield
         finally:
             setattr(self.agent, name, raw)
+
+    @contextlib.contextmanager
+    def fast_acting(self, dtype: str = "bfloat16", compile: bool = True, max_autotune: bool = True):
+        """Inside, the module acts (``predict_chunks`` and the policies made from it) with
+        :func:`manip.algos.acting.fast_sampler`: a frozen copy of the current acting weights (the weight average
+        when ``actor_ema`` is set) whose networks run in ``dtype`` ("float32" or "bfloat16"), compiled unless
+        ``compile`` is false. For evaluation and deployment; training keeps the module's own networks."""
+        with self.acting_weights():
+            sampler = fast_sampler(self.agent, dtype, compile, max_autotune)
+        previous, self._sample_fn = self._sample_fn, sampler
+        try:
+            yield
+        finally:
+            self._sample_fn = previous
 
     @torch.inference_mode()
     def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None,

@@ -10,7 +10,7 @@ import torch
 from manip import bench
 
 QUICK = dict(device="cpu", threads=1, batch_size=16, act_calls=3, actor_calls=1, update_warmup=1,
-             min_update_iters=1, update_seconds=0.0)
+             min_update_iters=1, update_seconds=0.0, fast_act=False)
 
 
 def _products(dims: list[int]) -> int:
@@ -40,3 +40,14 @@ def test_cuda_request_without_a_device_is_one_clear_error(tmp_path, capsys):
         bench.main(["--device", "cuda", "--out", str(tmp_path / "b.json")])
     assert exit_info.value.code == 2 and not (tmp_path / "b.json").exists()
     assert f"--device cuda: torch {torch.__version__} sees no CUDA device" in capsys.readouterr().err
+
+
+def test_fast_act_figures(tmp_path):
+    """``--fast-act`` times the compiled frozen copy; in float32 every seeded chunk equals the agent's."""
+    report = bench.main(["--algos", "mvp", "--hidden", "32", "16", "--batch-size", "16", "--act-calls", "3",
+                         "--actor-calls", "1", "--update-warmup", "1", "--min-update-iters", "1",
+                         "--update-seconds", "0", "--fast-act", "--fast-act-dtype", "float32",
+                         "--out", str(tmp_path / "b.json")])
+    mvp = report["mvp"]
+    assert mvp["fast_act_ms"] > 0 and mvp["fast_act_agree"] == 1.0
+    assert (tmp_path / "b.json").exists()

@@ -137,6 +137,7 @@ def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
     ("num_samples=0", "num_samples must be >= 1, got 0"),
     ("episodes=0", "episodes must be >= 1, got 0"),
     ("num_envs=0", "num_envs must be >= 1, got 0"),
+    ("act_dtype=float16", "act_dtype='float16': expected one of float32, bfloat16"),
 ])
 def test_cli_settings_out_of_range_are_one_line_errors(tmp_path, setting, message):
     """Checked before the checkpoint is read: the (absent) checkpoint is never reached."""
@@ -222,3 +223,33 @@ def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
         runs.append(np.concatenate(chunks))
     assert runs[0].shape == runs[1].shape and np.array_equal(runs[0], runs[1])
     assert not np.allclose(runs[0][: len(runs[2])], runs[2][: len(runs[0])])
+
+
+def test_fast_acting_evaluation(checkpoints, tmp_path, monkeypatch):
+    """``act_compile=true`` acts through the frozen compiled copy with the chunks of the eager networks (same seed);
+    ``act_dtype=bfloat16`` is recorded and evaluates."""
+    import manip.evaluate as evaluate_module
+
+    chunks: list[np.ndarray] = []
+    real = evaluate_module.evaluate_policy
+
+    def recording(env, predict, episodes, seed):
+        def spy(obs):
+            chunk = predict(obs)
+            chunks.append(chunk.copy())
+            return chunk
+        return real(env, spy, episodes, seed)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_policy", recording)
+    runs = {}
+    for name, settings in {"eager": {}, "compiled": {"act_compile": True}}.items():
+        chunks.clear()
+        result = evaluate_checkpoint(checkpoints["mvp"], episodes=2, seed=5, noise_scale=1.0, **settings)
+        runs[name] = np.concatenate(chunks)
+        assert (result["act_dtype"], result["act_compile"]) == ("float32", bool(settings))
+    assert runs["eager"].shape == runs["compiled"].shape
+    np.testing.assert_allclose(runs["compiled"], runs["eager"], atol=1e-3)
+    _cli(f"ckpt={checkpoints['mvp']}", "episodes=2", "act_dtype=bfloat16", f"out={tmp_path / 'bf16.json'}")
+    result = json.loads((tmp_path / "bf16.json").read_text())
+    _check_statistics(result, 2)
+    assert (result["act_dtype"], result["act_compile"]) == ("bfloat16", False)

@@ -297,6 +297,9 @@ def test_compile_builds_and_runs_one_step(cube_single_npz, tmp_path):
     assert chunks.shape == (2, 5, module.action_dim)
     obs = torch.randn(2, module.obs_dim)  # a seeded noise stream passes through the compiled sampler
     assert np.array_equal(module.seeded_policy(3)(obs), module.seeded_policy(3)(obs))
+    for batch in (1, 3, 4):  # other batch sizes (envs refilling their queues) compile graphs of their own
+        assert module.seeded_policy(3)(torch.randn(batch, module.obs_dim)).shape == (batch, 5, module.action_dim)
+        assert module.predict_chunks(torch.randn(batch, module.obs_dim)).shape == (batch, 5, module.action_dim)
 
 
 # ------------------------------------------------------------------------------------ env throughput

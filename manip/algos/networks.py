@@ -33,6 +33,7 @@ __all__ = [
     "OneStepNet",
     "EnsembleLinear",
     "CriticEnsemble",
+    "CriticMembers",
 ]
 
 MAX_TIME_FREQUENCY = 3.0
@@ -216,3 +217,44 @@ class CriticEnsemble(nn.Module):
                 h = torch.addcmul(self.norm_shifts[i], F.layer_norm(h, h.shape[-1:]), self.norm_scales[i])
             h = F.gelu(h)
         return self.out(h).squeeze(-1)
+
+
+class CriticMembers(nn.Module):
+    """A :class:`CriticEnsemble` rebuilt as E separate ``nn.Sequential`` MLPs: the same function, one matrix
+    product per member and layer instead of batched ones.
+
+    The inference form of the ensemble (see :mod:`manip.algos.acting`): compilers pack ``nn.Linear`` weights for
+    small-batch CPU kernels, which they do not for the batched products. The weights are copies; later changes to
+    the ensemble do not reach them. forward: obs (B, O), actions (B, D) -> Q values (E, B).
+    """
+
+    def __init__(self, ensemble: CriticEnsemble):
+        super().__init__()
+        self.obs_dim, self.action_dim = ensemble.obs_dim, ensemble.action_dim
+        self.num_critics = ensemble.num_critics
+        members = []
+        for e in range(ensemble.num_critics):
+            layers: list[nn.Module] = []
+            for i, batched in enumerate([*ensemble.hidden, ensemble.out]):
+                in_dim, out_dim = batched.weight.shape[1:]
+                linear = nn.Linear(in_dim, out_dim)
+                with torch.no_grad():
+                    linear.weight.copy_(batched.weight[e].T)
+                    linear.bias.copy_(batched.bias[e, 0])
+                layers.append(linear)
+                if batched is ensemble.out:
+                    break
+                if ensemble.layer_norm:
+                    norm = nn.LayerNorm(out_dim)
+                    with torch.no_grad():
+                        norm.weight.copy_(ensemble.norm_scales[i][e, 0])
+                        norm.bias.copy_(ensemble.norm_shifts[i][e, 0])
+                    layers.append(norm)
+                layers.append(nn.GELU())
+            members.append(nn.Sequential(*layers))
+        self.members = nn.ModuleList(members).to(ensemble.out.weight.device, ensemble.out.weight.dtype)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs (B, O), actions (B, D) -> Q values (E, B)."""
+        h = torch.cat([obs, actions], dim=-1)
+        return torch.stack([member(h).squeeze(-1) for member in self.members])

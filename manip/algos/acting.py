@@ -1,0 +1,83 @@
+"""Inference form of an agent for fast acting: a frozen copy, optionally in bfloat16 and compiled.
+
+    act = fast_sampler(agent, dtype=torch.bfloat16, compile=True)
+    actions = act(obs, generator=g)      # the signature of agent.sample_actions: float32 (B, O) -> (B, D)
+
+The copy holds the weights of the moment it is made (later training does not reach it: make a new one), with the
+critic ensemble rebuilt as separate MLPs (:class:`~manip.algos.networks.CriticMembers`, whose ``nn.Linear`` weights
+the compiler can pack for small-batch CPU kernels) and the target networks dropped. Its networks run in ``dtype``
+(weights and activations; the CPU kernels accumulate in float32); everything between them — the noise, the
+integration steps, the clip and the argmax — stays in the caller's float32, so a seeded generator draws the same
+noise as ``agent.sample_actions`` does. With ``compile`` the sampler is ``torch.compile``-d with inductor's
+freezing (weights become constants of the compiled graph) and, by default, its autotuned matrix products; one graph
+is compiled per batch size, at its first call.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from manip.algos.base import ActorCriticAgent
+from manip.algos.networks import CriticEnsemble, CriticMembers
+
+__all__ = ["ACT_DTYPES", "InDtype", "acting_copy", "fast_sampler"]
+
+ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class InDtype(nn.Module):
+    """Runs ``net`` in ``dtype``: its inputs are cast in, its output cast back to the first input's dtype."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net.to(dtype), dtype
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(*(x.to(self.dtype) for x in inputs)).to(inputs[0].dtype)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"act dtype {dtype!r}: expected one of {sorted(ACT_DTYPES)}")
+    return ACT_DTYPES[dtype]
+
+
+def acting_copy(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.float32) -> ActorCriticAgent:
+    """A frozen copy of ``agent`` for acting: eval mode, no gradients, no target networks, the critic as
+    :class:`CriticMembers`, the acting network and critic running in ``dtype``. ``agent`` itself is unchanged."""
+    dtype = _as_dtype(dtype)
+    # the target critic is not needed to act: the memo makes the copy hold None in its place
+    snapshot = copy.deepcopy(agent, memo={id(agent.target_critic): None})
+    critic = snapshot.critic
+    if isinstance(critic, CriticEnsemble):
+        critic = CriticMembers(critic)
+    name = snapshot.acting_net
+    if dtype != torch.float32:
+        setattr(snapshot, name, InDtype(getattr(snapshot, name), dtype))
+        critic = InDtype(critic, dtype)
+    snapshot.critic = critic
+    return snapshot.eval().requires_grad_(False)
+
+
+def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloat16, compile: bool = True,
+                 max_autotune: bool = True) -> Callable[..., torch.Tensor]:
+    """``sample_actions`` of :func:`acting_copy` (agent, dtype), compiled (see the module docstring) unless
+    ``compile`` is false. Calls run under ``torch.inference_mode``."""
+    snapshot = acting_copy(agent, dtype)
+    sample = snapshot.sample_actions
+    if compile:
+        sample = torch.compile(sample, dynamic=False, options={"freezing": True, "max_autotune": max_autotune})
+
+    def act(obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None,
+            noise_scale: float = 1.0) -> torch.Tensor:
+        with torch.inference_mode():
+            return sample(obs, num_samples=num_samples, generator=generator, noise_scale=noise_scale)
+
+    act.agent = snapshot  # type: ignore[attr-defined]
+    return act
