@@ -5,7 +5,8 @@ rebuilt from the checkpoint alone) and reports the success rate with its Wilson 
 mean episode length, every episode's outcome and length, and the policy's latency per action.
 The result goes to ``<run_dir>/eval/<ckpt name>.json`` (or ``out=...``); with ``video=true``,
 ``video_episodes`` extra episodes (seeds ``seed``, ``seed + 1``, ...) are rendered offscreen to
-``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure).
+``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure). ``act_dtype=bfloat16
+act_compile=true`` acts through a frozen, compiled bfloat16 copy of the networks (``ManipModule.fast_acting``).
 """
 
 from __future__ import annotations

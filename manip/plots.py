@@ -354,18 +354,22 @@ def _measured_label(config: dict) -> str:
 
 
 def _bars(ax, algos: list[str], measured: list[float], paper: dict[str, float] | None, config: dict,
-          paper_label: str, log: bool = False) -> None:
-    """Measured values per algo as solid bars, the paper's (if given) as hatched bars beside them."""
-    x = np.arange(len(algos))
-    width = 0.4 if paper else 0.6
-    bars = ax.bar(x - (width / 2 if paper else 0), measured, width, color="C0", label=_measured_label(config))
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    shown = list(measured)
+          paper_label: str, log: bool = False, extra: tuple[list[float], str] | None = None) -> None:
+    """Measured values per algo as solid bars, ``extra`` (values, label) as lighter bars beside them, the
+    paper's (if given) as hatched bars after those."""
+    series = [(list(measured), _measured_label(config), {"color": "C0"})]
+    if extra is not None:
+        series.append((list(extra[0]), extra[1], {"color": "C2"}))
     if paper:
-        reference = [paper.get(a, np.nan) for a in algos]
-        bars = ax.bar(x + width / 2, reference, width, color="white", edgecolor="C1", hatch="//", label=paper_label)
-        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3g}" for v in reference], fontsize=8)
-        shown += reference
+        series.append(([paper.get(a, np.nan) for a in algos], paper_label,
+                       {"color": "white", "edgecolor": "C1", "hatch": "//"}))
+    x = np.arange(len(algos))
+    width = 0.8 / len(series) if len(series) > 1 else 0.6
+    shown: list[float] = []
+    for i, (values, label, style) in enumerate(series):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label, **style)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3g}" for v in values], fontsize=8)
+        shown += values
     ax.set_xticks(x, algos)
     ax.grid(axis="y", alpha=0.3)
     # Headroom above the tallest bar for the legend and the ratio box.
@@ -386,12 +390,18 @@ def plot_act_latency(bench: pd.DataFrame, ratios: dict, config: dict) -> plt.Fig
     """act() latency per algo (batch 1, ms, log scale) beside the paper's Table 3, with MVP's speedup over QC."""
     fig, ax = plt.subplots(figsize=(7, 4))
     algos = list(bench.index)
+    fast = None
+    if "fast_act_ms" in bench.columns:  # bench --fast-act
+        fast = (bench["fast_act_ms"].tolist(), f"frozen compiled copy ({config.get('fast_act_dtype', '?')})")
     _bars(ax, algos, bench["act_ms"].tolist(), PAPER_ACT_MS, config, "paper Table 3 (Threadripper CPU, JAX, JIT off)",
-          log=True)
+          log=True, extra=fast)
     ax.set(ylabel="ms per act() call", title="Action latency (lower is better)")
     if "mvp_act_speedup_vs_qc" in ratios:
         paper = PAPER_ACT_MS["qc"] / PAPER_ACT_MS["mvp"]
-        _ratio_note(ax, [f"MVP act speedup vs QC: {ratios['mvp_act_speedup_vs_qc']:.1f}x", f"(paper: {paper:.1f}x)"])
+        lines = [f"MVP act speedup vs QC: {ratios['mvp_act_speedup_vs_qc']:.1f}x"]
+        if "mvp_fast_act_speedup_vs_qc" in ratios:
+            lines.append(f"compiled copies: {ratios['mvp_fast_act_speedup_vs_qc']:.1f}x")
+        _ratio_note(ax, [*lines, f"(paper: {paper:.1f}x)"])
     fig.tight_layout()
     return fig
 

@@ -23,7 +23,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 TINY = ["trainer.max_steps=6", "eval.every_n_steps=3", "eval.episodes=2", "eval.final_episodes=2",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 QUICK_BENCH = ["--hidden", "32", "32", "--batch-size", "32", "--act-calls", "5", "--actor-calls", "2",
-               "--update-warmup", "1", "--min-update-iters", "2", "--update-seconds", "0.1"]
+               "--update-warmup", "1", "--min-update-iters", "2", "--update-seconds", "0.1", "--fast-act"]
 
 
 def _finish(proc: subprocess.Popen, what: str) -> None:
@@ -106,7 +106,7 @@ def test_speed_notebook(artifacts, tmp_path, monkeypatch):
     text = _text_outputs(_execute("speed.ipynb", tmp_path))
     _check_figures(figures, {"speed_act_ms.png", "speed_update_its.png", "speed_jvp_overhead.png",
                              "speed_peak_mem_mb.png"})
-    assert "mvp_act_speedup_vs_qc" in text
+    assert "mvp_act_speedup_vs_qc" in text and "mvp_fast_act_speedup_vs_qc" in text
 
 
 def test_runs_and_curves(artifacts):

@@ -72,11 +72,13 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
     snapshot = acting_copy(agent, dtype)
     sample = snapshot.sample_actions
     if compile:
-        sample = torch.compile(sample, dynamic=False, options={"freezing": True, "max_autotune": max_autotune})
+        sample = torch.compile(sample, dynamic=False, mode="max-autotune-no-cudagraphs" if max_autotune else None)
 
     def act(obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None,
             noise_scale: float = 1.0) -> torch.Tensor:
-        with torch.inference_mode():
+        # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls;
+        # passed as a torch.compile option it does not take effect
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
             return sample(obs, num_samples=num_samples, generator=generator, noise_scale=noise_scale)
 
     act.agent = snapshot  # type: ignore[attr-defined]
