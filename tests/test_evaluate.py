@@ -197,11 +197,8 @@ def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
     assert len(gif) == 4 and gif[0].shape[:2] == (32, 48)
 
 
-def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
-    """The candidates' noise comes from the evaluation seed: one seed gives the same chunks whatever ran before,
-    another seed other chunks (simulator resets and the policy's noise are both seeded)."""
-    import torch
-
+def _record_chunks(monkeypatch) -> list[np.ndarray]:
+    """A list that receives a copy of every chunk ``evaluate_checkpoint``'s policy returns from now on."""
     import manip.evaluate as evaluate_module
 
     chunks: list[np.ndarray] = []
@@ -215,6 +212,15 @@ def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
         return real(env, spy, episodes, seed)
 
     monkeypatch.setattr(evaluate_module, "evaluate_policy", recording)
+    return chunks
+
+
+def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
+    """The candidates' noise comes from the evaluation seed: one seed gives the same chunks whatever ran before,
+    another seed other chunks (simulator resets and the policy's noise are both seeded)."""
+    import torch
+
+    chunks = _record_chunks(monkeypatch)
     runs = []
     for seed in (5, 5, 6):
         chunks.clear()
@@ -228,19 +234,7 @@ def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
 def test_fast_acting_evaluation(checkpoints, tmp_path, monkeypatch):
     """``act_compile=true`` acts through the frozen compiled copy with the chunks of the eager networks (same seed);
     ``act_dtype=bfloat16`` is recorded and evaluates."""
-    import manip.evaluate as evaluate_module
-
-    chunks: list[np.ndarray] = []
-    real = evaluate_module.evaluate_policy
-
-    def recording(env, predict, episodes, seed):
-        def spy(obs):
-            chunk = predict(obs)
-            chunks.append(chunk.copy())
-            return chunk
-        return real(env, spy, episodes, seed)
-
-    monkeypatch.setattr(evaluate_module, "evaluate_policy", recording)
+    chunks = _record_chunks(monkeypatch)
     runs = {}
     for name, settings in {"eager": {}, "compiled": {"act_compile": True}}.items():
         chunks.clear()
