@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
             noise_scale: float = 1.0) -> torch.Tensor:
         # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls;
         # passed as a torch.compile option it does not take effect
-        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+        with torch.inference_mode(), (torch._inductor.config.patch(freezing=True) if compile else nullcontext()):
             return sample(obs, num_samples=num_samples, generator=generator, noise_scale=noise_scale)
 
     act.agent = snapshot  # type: ignore[attr-defined]
