@@ -93,15 +93,30 @@ class ActorCriticAgent(nn.Module):
         return q.mean(0) if self.q_agg == "mean" else q.min(0).values
 
     # -- acting ---------------------------------------------------------------------------------------------
-    def generate(
-        self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
-    ) -> torch.Tensor:
+    def transport(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The policy's map from initial noise to actions: obs (M, O), noise (M, D) -> (M, D) in [-1, 1]."""
+        raise NotImplementedError
+
+    def initial_noise(self, rows: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+        """Unit Gaussian initial noise (rows, D) on ``like``'s device and dtype, drawn from ``generator``."""
+        return torch.randn(rows, self.act_dim_flat, generator=generator, device=like.device, dtype=like.dtype)
+
+    def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """One policy sample per row from the initial noise ``noise_scale * N(0, I)``: obs (M, O) -> (M, D) in [-1, 1].
 
         ``noise_scale = 1`` samples the learned distribution; smaller values draw closer to the image of the noise
-        mode (0: deterministic).
+        mode (0: deterministic). ``noise``: the unit noise (M, D) to scale, drawn from ``generator`` when None.
         """
-        raise NotImplementedError
+        if noise is None:
+            noise = self.initial_noise(obs.shape[0], generator, obs)
+        return self.transport(obs, noise_scale * noise)
+
+    @staticmethod
+    def candidates_per_state(num_samples: int, noise_scale: float) -> int:
+        """Candidates :meth:`select` draws per state: N, or 1 when N = 1 or ``noise_scale = 0`` (every candidate
+        would be the same)."""
+        return 1 if num_samples == 1 or noise_scale == 0 else num_samples
 
     def select(
         self,
@@ -110,18 +125,21 @@ class ActorCriticAgent(nn.Module):
         critic: nn.Module,
         generator: torch.Generator | None = None,
         noise_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Best-of-N under ``critic``'s ensemble aggregated by ``q_agg``: obs (B, O) -> actions (B, D).
 
-        N = 1 skips the critic, and so does ``noise_scale = 0`` (every candidate would be the same).
+        One candidate skips the critic (see :meth:`candidates_per_state`). ``noise``: the candidates' unit noise
+        (B * candidates, D), state-major, drawn from ``generator`` when None.
         """
-        if num_samples == 1 or noise_scale == 0:
-            return self.generate(obs, generator, noise_scale)
+        n = self.candidates_per_state(num_samples, noise_scale)
+        if n == 1:
+            return self.generate(obs, generator, noise_scale, noise)
         batch, obs_dim = obs.shape
-        obs_rep = obs.unsqueeze(1).expand(batch, num_samples, obs_dim).reshape(batch * num_samples, obs_dim)
-        candidates = self.generate(obs_rep, generator, noise_scale)
-        scores = self.aggregate_q(critic(obs_rep, candidates)).view(batch, num_samples)
-        return best_of_n(candidates.view(batch, num_samples, -1), scores)[0]
+        obs_rep = obs.unsqueeze(1).expand(batch, n, obs_dim).reshape(batch * n, obs_dim)
+        candidates = self.generate(obs_rep, generator, noise_scale, noise)
+        scores = self.aggregate_q(critic(obs_rep, candidates)).view(batch, n)
+        return best_of_n(candidates.view(batch, n, -1), scores)[0]
 
     def sample_actions(
         self,
@@ -129,14 +147,16 @@ class ActorCriticAgent(nn.Module):
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
         noise_scale: float = 1.0,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Acting policy: best-of-N (N = ``num_samples``, default the agent's) by the online critic, candidates
-        drawn from the initial noise ``noise_scale * N(0, I)`` (see :meth:`generate`).
+        drawn from the initial noise ``noise_scale * N(0, I)`` (see :meth:`generate`; ``noise`` as in
+        :meth:`select`).
 
         obs (B, O) -> actions (B, horizon * action_dim) in [-1, 1].
         """
         n = self.num_samples if num_samples is None else num_samples
-        return self.select(obs, n, self.critic, generator, noise_scale)
+        return self.select(obs, n, self.critic, generator, noise_scale, noise)
 
     def target_actions(self, next_obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Actions a' for the TD target: best-of-N at s' scored by the target critic. (B, O) -> (B, D)."""

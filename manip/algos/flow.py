@@ -85,9 +85,6 @@ class FlowBoNAgent(ActorCriticAgent):
         loss = flow_matching_loss(self.actor, batch["observations"], actions, mask, generator)
         return loss, {"actor/loss": loss.detach(), "actor/bc_loss": loss.detach()}
 
-    def generate(
-        self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
-    ) -> torch.Tensor:
-        """One Euler-integrated sample per row from the initial noise ``noise_scale * N(0, I)``: (M, O) -> (M, D)."""
-        noise = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
-        return euler_sample(self.actor, obs, noise_scale * noise, self.flow_steps)
+    def transport(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``flow_steps`` Euler steps of the velocity field per row: obs (M, O), noise (M, D) -> (M, D)."""
+        return euler_sample(self.actor, obs, noise, self.flow_steps)

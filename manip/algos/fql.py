@@ -114,9 +114,6 @@ class FQLAgent(ActorCriticAgent):
             generator,
         )
 
-    def generate(
-        self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
-    ) -> torch.Tensor:
-        """One student sample per row, z ~ ``noise_scale * N(0, I)``: obs (M, O) -> clip(mu(s, z)) (M, D)."""
-        z = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
-        return self.onestep(obs, noise_scale * z).clamp(-1.0, 1.0)
+    def transport(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One student call per row: obs (M, O), z (M, D) -> clip(mu(s, z)) (M, D)."""
+        return self.onestep(obs, noise).clamp(-1.0, 1.0)

@@ -314,10 +314,7 @@ class MVPAgent(ActorCriticAgent):
             full_interval_fraction=self.full_interval_fraction,
         )
 
-    def generate(
-        self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0
-    ) -> torch.Tensor:
-        """One sample per row (one network evaluation; ``sample_steps`` of them if > 1) from the initial noise
-        ``noise_scale * N(0, I)``: obs (M, O) -> (M, D). ``noise_scale = 0`` gives ``clip(u(0, 0, 1 | s))``."""
-        noise = torch.randn(obs.shape[0], self.act_dim_flat, generator=generator, device=obs.device, dtype=obs.dtype)
-        return sample_few_step(self.actor, obs, noise_scale * noise, self.sample_steps)
+    def transport(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One mean-velocity jump per row (``sample_steps`` of them if > 1): obs (M, O), noise (M, D) -> (M, D).
+        Zero noise gives ``clip(u(0, 0, 1 | s))``."""
+        return sample_few_step(self.actor, obs, noise, self.sample_steps)
