@@ -114,7 +114,7 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
     """``fn`` itself (compile false), ``torch.compile(fn)`` (true) or compiled with that backend (a name).
 
     Static shapes: one graph per batch size (acting sees a handful), since Dynamo's dynamic-shape graphs cannot draw
-    seeded noise (``torch.randn`` with a symbolic size and a generator argument fails to trace)."""
+    noise (``torch.randn`` with a symbolic size and a ``generator`` argument, even None, fails to trace)."""
     if compile is False or compile is None:
         return fn
     return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))

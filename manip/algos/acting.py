@@ -74,15 +74,16 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
     sample = snapshot.sample_actions
     if compile:
         sample = torch.compile(sample, dynamic=False, mode="max-autotune-no-cudagraphs" if max_autotune else None)
+    # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls
+    # (passed as a torch.compile option it does not take effect); one patch object, re-entered by every call
+    freezing = torch._inductor.config.patch(freezing=True) if compile else nullcontext()
 
     def act(obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None,
             noise_scale: float = 1.0) -> torch.Tensor:
         n = snapshot.num_samples if num_samples is None else num_samples
         # the noise is drawn here, outside the compiled graph, which cannot take a generator
         rows = obs.shape[0] * snapshot.candidates_per_state(n, noise_scale)
-        # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls;
-        # passed as a torch.compile option it does not take effect
-        with torch.inference_mode(), (torch._inductor.config.patch(freezing=True) if compile else nullcontext()):
+        with torch.inference_mode(), freezing:
             noise = snapshot.initial_noise(rows, generator, obs)
             return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)
 
