@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,91 @@ def test_load_ogbench_bad_inputs(tmp_path, play_files):
         load_ogbench("cube-single-play-singletask-task1-v0", no_qpos)
     with pytest.raises(DatasetError, match="'observations'.*37"):
         load_ogbench("cube-double-play-singletask-task1-v0", play_files["cube-single"])
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k].copy() for k in f.files}
+
+
+def _write_changed(tmp_path: Path, source: Path, change) -> Path:
+    """Save ``change(arrays of source)`` as a cube-single file and return its path."""
+    path = tmp_path / "cube-single-play-v0.npz"
+    np.savez_compressed(path, **change(_npz_arrays(source)))
+    return path
+
+
+def _drop_rows(keys, count):
+    return lambda arrays: {k: v[:-count] if k in keys else v for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("change", [
+    lambda a: {**a, "actions": a["actions"][:, :4]},
+    lambda a: {**a, "actions": np.concatenate([a["actions"], a["actions"][:, :1]], 1)},
+    lambda a: {**a, "actions": a["actions"][:, 0]},
+], ids=["4-dims", "6-dims", "1-d"])
+def test_action_width_must_match_env(tmp_path, play_files, change):
+    path = _write_changed(tmp_path, play_files["cube-single"], change)
+    shape = _npz_arrays(path)["actions"].shape
+    rows = shape[0] - EPISODES  # the loader drops each episode's last state
+    message = rf"{re.escape(str(path))}: key 'actions' has shape \({rows}\b.*task1-v0 actions have 5 dims"
+    with pytest.raises(DatasetError, match=message):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_drop_rows({"observations", "actions", "terminals", "qpos", "qvel"}, 5),
+     "'terminals'.*last episode is incomplete"),
+    (lambda a: {**a, "terminals": np.zeros_like(a["terminals"])}, "'terminals'.*last episode is incomplete"),
+    (_drop_rows({"qpos"}, 3), rf"'qpos' has shape \({EPISODES * LENGTH - 3}, \d+\).*{EPISODES * LENGTH} rows"),
+    (_drop_rows({"actions"}, 3), rf"'actions' has shape \({EPISODES * LENGTH - 3}, 5\).*{EPISODES * LENGTH} rows"),
+    (_drop_rows({"qvel"}, 1), rf"'qvel' has shape \({EPISODES * LENGTH - 1}, \d+\)"),
+], ids=["truncated", "no-terminal-flags", "qpos-short", "actions-short", "qvel-short"])
+def test_row_counts_and_last_terminal_are_checked(tmp_path, play_files, change, message):
+    path = _write_changed(tmp_path, play_files["cube-single"], change)
+    before = path.read_bytes()
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: key {message}"):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
+    assert path.read_bytes() == before
+
+
+def test_npy_under_npz_name(tmp_path):
+    path = tmp_path / "cube-single-play-v0.npz"
+    with path.open("wb") as f:
+        np.save(f, np.zeros((3, 28), np.float32))
+    message = rf"{re.escape(str(path))} holds a single .npy array of shape \(3, 28\), not an .npz archive"
+    with pytest.raises(DatasetError, match=message):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+
+@pytest.mark.parametrize("key", ["qpos", "button_states"])
+def test_nan_in_relabelling_state(tmp_path, play_files, key):
+    """qpos/button_states feed the reward relabelling, where NaN would silently read as "not solved"."""
+
+    def change(arrays):
+        if key == "button_states":  # optional key: checked whenever the file has it
+            arrays[key] = np.zeros((len(arrays["observations"]), 2))
+        arrays[key][2 * LENGTH + 3, 0] = np.nan
+        return arrays
+
+    path = _write_changed(tmp_path, play_files["cube-single"], change)
+    message = rf"{re.escape(str(path))}: key '{key}' contains NaN/inf, first in episode 2\b"
+    with pytest.raises(DatasetError, match=message):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+
+@pytest.mark.parametrize("dataset_name", ["cube-double-noisy-singletask-task2-v0",
+                                          "puzzle-4x4-play-singletask-v0"])
+def test_datamodule_does_not_generate_unsupported_datasets(tmp_path, capsys, dataset_name):
+    from manip.data.datamodule import OGBenchDataModule
+
+    data_dir = tmp_path / "ogbench"
+    dm = OGBenchDataModule(dataset_name, data_dir=str(data_dir), generate_episodes=2)
+    dm.prepare_data()
+    assert "generating" not in capsys.readouterr().out and not data_dir.exists()
+    message = rf"not found: {re.escape(str(dm.path))}.*only .*cube-single-play-v0.* can be generated"
+    with pytest.raises(DatasetError, match=message):
+        dm.setup("fit")
 
 
 # --------------------------------------------------------------------------- env

@@ -9,7 +9,7 @@ import pytest
 
 from manip.data.datamodule import RobomimicDataModule
 from manip.data.errors import DatasetError
-from manip.data.robomimic import DEFAULT_OBS_KEYS, load_robomimic
+from manip.data.robomimic import DEFAULT_OBS_KEYS, load_robomimic, read_env_args
 
 
 def digest(path) -> str:
@@ -21,6 +21,13 @@ def lift_copy(lift_hdf5, tmp_path):
     path = tmp_path / "lift.hdf5"
     shutil.copy(lift_hdf5, path)
     return path
+
+
+def replace(f, key, change):
+    """Rewrite dataset ``key`` of an open file as ``change(old values)`` (shapes may differ)."""
+    values = change(f[key][()])
+    del f[key]
+    f[key] = values
 
 
 def test_load_shapes_dtypes_and_reward_convention(lift_hdf5):
@@ -134,3 +141,80 @@ def test_absent_custom_path_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="my_demos.hdf5"):
         dm.setup("fit")
     assert not (tmp_path / "my_demos.hdf5").exists()
+
+
+@pytest.mark.parametrize("group", ["obs", "next_obs"])
+@pytest.mark.parametrize("change", [
+    lambda a: a.reshape(-1, 5),  # (2N, 5) has the size of (N, 10): a reshape alone would accept it
+    lambda a: np.concatenate([a, a[:1]]),
+], ids=["2N-rows-of-5", "N+1-rows"])
+def test_obs_rows_must_match_actions(lift_copy, group, change):
+    with h5py.File(lift_copy, "a") as f:
+        n = len(f["data/demo_1/actions"])
+        replace(f, f"data/demo_1/{group}/object", change)
+        shape = f[f"data/demo_1/{group}/object"].shape
+    before = digest(lift_copy)
+    with pytest.raises(DatasetError) as err:
+        load_robomimic(lift_copy)
+    assert str(lift_copy) in str(err.value) and f"'data/demo_1/{group}/object' has shape {shape}" in str(err.value)
+    assert f"expected ({n}, ...)" in str(err.value)
+    assert digest(lift_copy) == before
+
+
+def _shift_rewards(f):
+    # demo_0 one short, demo_1 one long: the totals agree, every step after demo_0 would be misaligned
+    replace(f, "data/demo_0/rewards", lambda r: r[:-1])
+    replace(f, "data/demo_1/rewards", lambda r: np.concatenate([r, r[-1:]]))
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda f: [replace(f, f"data/{d}/actions", lambda a: a[:, 0]) for d in f["data"]],
+     r"'data/demo_0/actions' has shape \(\d+,\); expected \(N, action_dim\)"),
+    (_shift_rewards, r"'data/demo_0/rewards' has shape \(\d+,\); expected \(\d+,\) like 'data/demo_0/actions'"),
+    (lambda f: replace(f, "data/demo_2/dones", lambda d: d[:-1]),
+     r"'data/demo_2/dones' has shape \(\d+,\); expected"),
+    (lambda f: replace(f, "data/demo_3/actions", lambda a: a[:, :6]),
+     r"'data/demo_3/actions' has shape \(\d+, 6\), but 'data/demo_0/actions' has shape \(\d+, 7\)"),
+    (lambda f: [replace(f, f"data/demo_1/{g}/object", lambda a: a[:, :9]) for g in ("obs", "next_obs")],
+     r"'data/demo_1/obs/object' has shape \(\d+, 9\), but 'data/demo_0/obs/object' has shape \(\d+, 10\)"),
+    (lambda f: replace(f, "data/demo_0/next_obs/object", lambda a: a[:, :9]),
+     r"'data/demo_0/next_obs/object' has shape \(\d+, 9\), but 'data/demo_0/obs/object' has shape \(\d+, 10\)"),
+], ids=["actions-1d", "rewards-shifted", "dones-short", "action-width", "obs-width", "next-obs-width"])
+def test_per_demo_shapes_are_checked(lift_copy, mutate, message):
+    with h5py.File(lift_copy, "a") as f:
+        mutate(f)
+    before = digest(lift_copy)
+    with pytest.raises(DatasetError, match=message) as err:
+        load_robomimic(lift_copy)
+    assert str(lift_copy) in str(err.value)
+    assert digest(lift_copy) == before
+
+
+def _set_env_args(value):
+    def mutate(f):
+        f["data"].attrs["env_args"] = value
+    return mutate
+
+
+@pytest.mark.parametrize(("mutate", "filter_key", "message"), [
+    (_set_env_args("{not json"), None, r"data.attrs\['env_args'\] is not valid JSON"),
+    (_set_env_args('{"type": 1}'), None, r"data.attrs\['env_args'\] has no 'env_name'"),
+    (lambda f: f["data"].create_group("demo_extra"), None, r"group 'data' holds \['demo_extra'\].*demo_<int>"),
+    (lambda f: f.create_dataset("mask/odd", data=np.array([b"demo_1", b"traj_a"])), "odd",
+     r"'mask/odd' holds \['traj_a'\].*demo_<int>"),
+], ids=["bad-json", "no-env-name", "odd-demo-group", "odd-mask-entry"])
+def test_bad_metadata_names_file_and_key(lift_copy, mutate, filter_key, message):
+    with h5py.File(lift_copy, "a") as f:
+        mutate(f)
+    with pytest.raises(DatasetError, match=message) as err:
+        load_robomimic(lift_copy, filter_key=filter_key)
+    assert str(lift_copy) in str(err.value)
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / "low_dim_v15.hdf5"
+    path.write_text("not hdf5")
+    for read in (load_robomimic, read_env_args):
+        with pytest.raises(DatasetError, match="low_dim_v15.hdf5 is not a readable HDF5 file"):
+            read(path)
+    assert path.read_text() == "not hdf5"

@@ -205,7 +205,8 @@ class OGBenchDataModule(ReplayDataModule):
 
     dataset_name: e.g. ``cube-double-play-singletask-task2-v0``; path defaults to
     ``data/ogbench/cube-double-play-v0.npz``. generate_episodes: episodes generated with the
-    shipped oracles when the default file is absent (0 disables it).
+    shipped oracles when the default file is absent and ``manip.data.generate`` supports the
+    dataset (0 disables it).
     """
 
     def __init__(self, dataset_name: str, path: str | None = None, data_dir: str = "data/ogbench",
@@ -225,7 +226,10 @@ class OGBenchDataModule(ReplayDataModule):
     def prepare_data(self) -> None:
         if self.path.exists() or not self.generate_episodes or self.path.name != f"{self.stem}.npz":
             return
-        from manip.data.generate.ogbench_play import generate
+        from manip.data.generate.ogbench_play import DATASETS, generate
+
+        if self.stem not in DATASETS:
+            return  # no oracle generator for this dataset: _load reports the missing file
 
         print(f"[manip] {self.path} not found: generating {self.generate_episodes} oracle play episodes "
               f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")

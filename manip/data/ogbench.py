@@ -114,32 +114,75 @@ def _missing_file_message(path: Path, stem: str) -> str:
     return f"{message}; only {', '.join(DATASETS)} can be generated locally."
 
 
+def _member_shape(file: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
+    """Shape of one npz member read from its .npy header, without decompressing the array."""
+    name = key if key in file.zip.namelist() else f"{key}.npy"
+    with file.zip.open(name) as member:
+        major, _ = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read_header(member)[0]
+
+
 def _check_keys(path: Path, env_name: str) -> None:
-    """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs."""
+    """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs.
+
+    ogbench's ``load_dataset`` indexes every key with a mask built from ``terminals``, so all keys
+    need one row per observation and the last row must end an episode.
+    """
     required = ["observations", "actions", "terminals", "qpos"]
     if env_name.startswith(("scene", "puzzle")):
         required.append("button_states")
     try:
-        with np.load(path) as file:
-            keys = set(file.files)
+        file = np.load(path)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
-    for key in required:
-        if key not in keys:
+    if not isinstance(file, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path} holds a single .npy array of shape {np.shape(file)}, not an .npz archive "
+                           f"with keys {', '.join(required)}")
+    with file:
+        keys = set(file.files)
+        for key in required:
+            if key not in keys:
+                raise DatasetError(
+                    f"{path} has no key {key!r} (keys: {', '.join(sorted(keys))}); "
+                    f"OGBench singletask relabelling of {env_name} needs {', '.join(required)}"
+                )
+        try:
+            shapes = {key: _member_shape(file, key) for key in (*required, "qvel", "button_states") if key in keys}
+            terminals = file["terminals"]
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
+    rows = shapes["observations"][:1]
+    if rows in ((), (0,)):
+        raise DatasetError(
+            f"{path}: key 'observations' has shape {shapes['observations']}; expected (rows, obs_dim)"
+        )
+    for key, shape in shapes.items():
+        if shape[:1] != rows:
             raise DatasetError(
-                f"{path} has no key {key!r} (keys: {', '.join(sorted(keys))}); "
-                f"OGBench singletask relabelling of {env_name} needs {', '.join(required)}"
+                f"{path}: key {key!r} has shape {shape}, but 'observations' has {rows[0]} rows "
+                f"(shape {shapes['observations']}); every key needs one row per step"
             )
+    if not terminals.reshape(len(terminals), -1)[-1].all():
+        raise DatasetError(
+            f"{path}: key 'terminals' is false in the last row ({int(np.count_nonzero(terminals))} set of "
+            f"{len(terminals)}): the last episode is incomplete"
+        )
 
 
 def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
-    """Raise DatasetError naming the key and the first episode with NaN/inf observations or actions."""
+    """Raise DatasetError naming the key and the first episode with NaN/inf observations, actions or the
+    ``qpos``/``button_states`` the rewards are relabelled from (NaN there would read as "not solved")."""
     terminals = data["terminals"]
     episode_of_row = np.cumsum(terminals) - terminals
-    for key, arrays in (("observations", ("observations", "next_observations")), ("actions", ("actions",))):
+    checked = [("observations", ("observations", "next_observations")), ("actions", ("actions",)),
+               ("qpos", ("qpos",))]
+    if "button_states" in data:
+        checked.append(("button_states", ("button_states",)))
+    for key, arrays in checked:
         bad = np.zeros(len(terminals), dtype=bool)
         for name in arrays:
-            bad |= ~np.isfinite(data[name]).all(axis=1)
+            bad |= ~np.isfinite(data[name].reshape(len(terminals), -1)).all(axis=1)
         if bad.any():
             row = int(np.argmax(bad))
             raise DatasetError(
@@ -160,6 +203,12 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
         raise DatasetError(
             f"{path}: key 'observations' has shape {data['observations'].shape}, "
             f"but {env_name} observations have {obs_dim} dims (is this the right dataset file?)"
+        )
+    action_dim = env.action_space.shape[0]
+    if data["actions"].ndim != 2 or data["actions"].shape[1] != action_dim:
+        raise DatasetError(
+            f"{path}: key 'actions' has shape {data['actions'].shape}, "
+            f"but {env_name} actions have {action_dim} dims (is this the right dataset file?)"
         )
     _check_finite(path, data)
     relabel_dataset(env_name, env, data)
@@ -188,8 +237,9 @@ def load_ogbench(dataset_name: str, path: str | Path) -> OGBenchData:
         next_observations (N, obs_dim) float32; N = episodes * (steps per episode - 1).
 
     Raises:
-        DatasetError: unknown dataset name, missing file or key, wrong observation size, or
-            NaN/inf in observations or actions.
+        DatasetError: unknown dataset name, missing file or key, keys of different lengths, an
+            incomplete last episode, wrong observation or action size, or NaN/inf in observations,
+            actions, qpos or button_states.
     """
     import ogbench
 

@@ -16,6 +16,7 @@ treats them, so action chunks never run past a success state.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,21 +49,50 @@ class RobomimicData:
         return self.env_args["env_name"]
 
 
-def _demo_sort_key(name: str) -> int:
-    return int(name.split("_")[-1])
+_DEMO_NAME = re.compile(r"demo_\d+")
+
+
+def _sorted_demos(path: Path, names, where: str) -> list[str]:
+    """Demo names in robomimic's order (``int(name[5:])``); every name must be ``demo_<int>``."""
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    odd = [n for n in names if not _DEMO_NAME.fullmatch(n)]
+    if odd:
+        raise DatasetError(f"{path}: {where} holds {odd[:5]}{' ...' if len(odd) > 5 else ''}, "
+                           f"not named 'demo_<int>' as robomimic demos are")
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
+def _open(path: Path):
+    """The file opened read-only with h5py; anything h5py cannot open is a DatasetError."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DatasetError(f"{path} is not a readable HDF5 file: {err}") from err
+
+
+def _env_args(path: Path, f) -> dict:
+    """``data.attrs["env_args"]`` parsed; it must name the env (``env_name``)."""
+    if "data" not in f:
+        raise DatasetError(f"{path}: missing HDF5 group 'data'")
+    if "env_args" not in f["data"].attrs:
+        raise DatasetError(f"{path}: missing attribute data.attrs['env_args']")
+    raw = f["data"].attrs["env_args"]
+    try:
+        env_args = json.loads(raw)
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: data.attrs['env_args'] is not valid JSON ({err}): {str(raw)[:80]!r}") from err
+    if not isinstance(env_args, dict) or "env_name" not in env_args:
+        raise DatasetError(f"{path}: data.attrs['env_args'] has no 'env_name': {str(raw)[:80]!r}")
+    return env_args
 
 
 def read_env_args(path: str | Path) -> dict:
     """The ``data.attrs["env_args"]`` JSON of a Robomimic file."""
-    import h5py
-
     path = _existing(path)
-    with h5py.File(path, "r") as f:
-        if "data" not in f:
-            raise DatasetError(f"{path}: missing HDF5 group 'data'")
-        if "env_args" not in f["data"].attrs:
-            raise DatasetError(f"{path}: missing attribute data.attrs['env_args']")
-        return json.loads(f["data"].attrs["env_args"])
+    with _open(path) as f:
+        return _env_args(path, f)
 
 
 def _existing(path: str | Path) -> Path:
@@ -75,6 +105,13 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+def _same_width(path: Path, name: str, shape: tuple, ref_name: str, ref_shape: tuple) -> None:
+    """Raise unless ``name`` has as many values per row as ``ref_name``."""
+    if int(np.prod(shape[1:])) != int(np.prod(ref_shape[1:])):
+        raise DatasetError(f"{path}: '{name}' has shape {shape}, but '{ref_name}' has shape {ref_shape}; "
+                           f"their widths must match")
+
+
 def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                    filter_key: str | None = None, reward_mode: str = "r-1",
                    action_clip: float = 1 - 1e-5) -> RobomimicData:
@@ -85,29 +122,23 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
     reward_mode: ``"r-1"`` (QC, default) or ``"r"`` (the file's sparse 0/1 reward).
     action_clip: dataset actions are clipped to +-action_clip (FQL/QC use 1 - 1e-5).
     """
-    import h5py
-
     if reward_mode not in REWARD_MODES:
         raise DatasetError(f"unknown reward_mode {reward_mode!r}; expected one of {REWARD_MODES}")
     obs_keys = tuple(obs_keys)
     if not obs_keys:
         raise DatasetError("obs_keys is empty")
     path = _existing(path)
-    with h5py.File(path, "r") as f:
-        if "data" not in f:
-            raise DatasetError(f"{path}: missing HDF5 group 'data'")
+    with _open(path) as f:
+        env_args = _env_args(path, f)
         data = f["data"]
-        if "env_args" not in data.attrs:
-            raise DatasetError(f"{path}: missing attribute data.attrs['env_args']")
-        env_args = json.loads(data.attrs["env_args"])
-        demos = sorted((k for k in data.keys() if k.startswith("demo_")), key=_demo_sort_key)
-        if filter_key is not None:
+        if filter_key is None:
+            demos = _sorted_demos(path, data.keys(), "group 'data'")
+        else:
             masks = f.get("mask")
             if masks is None or filter_key not in masks:
                 available = sorted(masks.keys()) if masks is not None else []
                 raise DatasetError(f"{path}: filter key 'mask/{filter_key}' not found; available: {available}")
-            demos = sorted((d.decode() if isinstance(d, bytes) else str(d) for d in masks[filter_key][()]),
-                           key=_demo_sort_key)
+            demos = _sorted_demos(path, masks[filter_key][()], f"filter key 'mask/{filter_key}'")
         if not demos:
             where = f"filter key 'mask/{filter_key}'" if filter_key else "group 'data'"
             raise DatasetError(f"{path}: {where} selects no demos")
@@ -115,6 +146,8 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
         parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                               ("obs", "next_obs", "actions", "rewards", "dones", "ends")}
         key_dims: dict[str, int] = {}
+        # every demo must be as wide as the first one, or the concatenated columns would not line up
+        first: dict[str, tuple[str, tuple]] = {}
         for demo in demos:
             if demo not in data:
                 raise DatasetError(f"{path}: filter key 'mask/{filter_key}' names {demo}, which is not in 'data'")
@@ -122,6 +155,19 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
             for name in ("actions", "rewards", "dones", "obs", "next_obs"):
                 if name not in g:
                     raise DatasetError(f"{path}: missing key 'data/{demo}/{name}'")
+            actions = np.asarray(g["actions"], dtype=np.float32)
+            if actions.ndim != 2 or len(actions) == 0:
+                raise DatasetError(f"{path}: 'data/{demo}/actions' has shape {actions.shape}; "
+                                   f"expected (N, action_dim) with N >= 1")
+            n = len(actions)
+            _same_width(path, f"data/{demo}/actions", actions.shape,
+                        *first.setdefault("actions", (f"data/{demo}/actions", actions.shape)))
+            # rewards/dones are per step; a length off by one would misalign every later demo
+            for name in ("rewards", "dones"):
+                shape = g[name].shape
+                if shape[:1] != (n,) or int(np.prod(shape)) != n:
+                    raise DatasetError(f"{path}: 'data/{demo}/{name}' has shape {shape}; expected ({n},) "
+                                       f"like 'data/{demo}/actions' {actions.shape}")
             obs, next_obs = [], []
             for key in obs_keys:
                 if key not in g["obs"]:
@@ -130,12 +176,21 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                         f"available: {sorted(g['obs'].keys())}")
                 if key not in g["next_obs"]:
                     raise DatasetError(f"{path}: missing key 'data/{demo}/next_obs/{key}'")
-                o = np.asarray(g["obs"][key], dtype=np.float32).reshape(len(g["actions"]), -1)
-                key_dims.setdefault(key, o.shape[1])
-                obs.append(o)
-                next_obs.append(np.asarray(g["next_obs"][key], dtype=np.float32).reshape(len(o), -1))
+                shapes = {}
+                for group, out in (("obs", obs), ("next_obs", next_obs)):
+                    name, shape = f"data/{demo}/{group}/{key}", g[group][key].shape
+                    if shape[:1] != (n,):
+                        raise DatasetError(f"{path}: '{name}' has shape {shape}; expected ({n}, ...), "
+                                           f"one row per step of 'data/{demo}/actions' {actions.shape}")
+                    shapes[group] = shape
+                    out.append(np.asarray(g[group][key], dtype=np.float32).reshape(n, -1))
+                _same_width(path, f"data/{demo}/obs/{key}", shapes["obs"],
+                            *first.setdefault(key, (f"data/{demo}/obs/{key}", shapes["obs"])))
+                _same_width(path, f"data/{demo}/next_obs/{key}", shapes["next_obs"],
+                            f"data/{demo}/obs/{key}", shapes["obs"])
+                key_dims.setdefault(key, obs[-1].shape[1])
             arrays = {"obs": np.concatenate(obs, 1), "next_obs": np.concatenate(next_obs, 1),
-                      "actions": np.asarray(g["actions"], dtype=np.float32),
+                      "actions": actions,
                       "rewards": np.asarray(g["rewards"], dtype=np.float32).reshape(-1),
                       "dones": np.asarray(g["dones"]).astype(bool).reshape(-1)}
             for name, value in arrays.items():
