@@ -92,6 +92,27 @@ def test_actor_loss_does_not_touch_the_critic():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.onestep.parameters())
 
 
+
+@pytest.mark.parametrize("normalize_q", [False, True])
+def test_fql_q_term_is_minus_mean_q_scaled_only_when_asked(normalize_q):
+    """FQL's and QC's code leave the Q term unscaled by default (alpha is tuned against it)."""
+    from manip.algos.fql import fql_actor_loss
+
+    agent = AGENTS["qc_fql"]()
+    with torch.no_grad():  # a critic far from zero, where the scaling matters
+        agent.critic.out.bias.fill_(-40.0)
+    batch = _toy_batch(agent)
+    obs, actions = batch["observations"], batch["actions"].flatten(1)
+    args = (agent.flow, agent.onestep, agent.critic, obs, actions, None, agent.alpha, agent.flow_steps)
+    _, info = fql_actor_loss(*args, normalize_q=normalize_q, generator=torch.Generator().manual_seed(1))
+    q = info["actor/q_mean"]
+    expected = -q / q.abs() if normalize_q else -q
+    assert torch.allclose(info["actor/q_loss"], expected, rtol=1e-4, atol=1e-6)
+    if not normalize_q:
+        _, default = fql_actor_loss(*args, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(default["actor/q_loss"], info["actor/q_loss"])
+    assert FQLAgent(OBS_DIM, ACTION_DIM, 1, **SMALL).normalize_q is False
+
 @pytest.mark.parametrize("name", list(AGENTS))
 def test_sample_actions_shape_range_and_determinism(name):
     torch.manual_seed(0)

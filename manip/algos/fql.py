@@ -2,7 +2,8 @@
 
 Time convention: see :mod:`manip.algos`. Actor loss
 ``L = L_BC(flow) + alpha * ||mu(s, z) - euler(s, z)||^2 - Q(s, clip(mu(s, z)))``, the Q term scaled by
-``1 / sg(mean |Q|)`` when ``normalize_q``. The agent acts with the student (one sample, no selection) and the
+``1 / sg(mean |Q|)`` when ``normalize_q`` (off by default, as in FQL's and QC's code, where ``alpha`` was tuned
+against the unscaled Q term). The agent acts with the student (one sample, no selection) and the
 critic target uses the student's action at ``s'``. FQL: ``horizon=1``; QC-FQL: ``horizon=5``; ``alpha`` 100
 (QC-FQL, OGBench offline-to-online), 300 for FQL on cube tasks.
 """
@@ -30,7 +31,7 @@ def fql_actor_loss(
     valid: torch.Tensor | None,
     alpha: float,
     flow_steps: int = 10,
-    normalize_q: bool = True,
+    normalize_q: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FQL actor loss.
@@ -88,7 +89,7 @@ class FQLAgent(ActorCriticAgent):
         discount: float = 0.99,
         alpha: float = 100.0,
         flow_steps: int = 10,
-        normalize_q: bool = True,
+        normalize_q: bool = False,
         time_dim: int = 32,
         q_agg: str = "mean",
     ):
