@@ -2,10 +2,16 @@
 
     python -m manip.bench --out bench.json [--device cuda] [--algos mvp qc fql] [--threads 1] [--fast-act]
 
+``--algos`` picks from every agent of ``conf/algo`` with its settings there (``AGENTS``): mvp, mvp_noivc (MVP
+without the IVC term, lambda = 0), qc, bfn (QC's best-of-N flow policy without chunking: h = 1, N = 4) and fql, the
+FQL agent on h = 5 chunks (the setting of ``qc_fql.yaml``; ``fql.yaml`` runs it at h = 1). The default is mvp, qc
+and fql.
+
 Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
 
 * ``act_ms``: median latency of ``sample_actions`` at batch 1 under ``torch.inference_mode`` (MVP: 32 one-step
-  candidates + critic; QC: 32 ten-step Euler samples + critic; FQL: one student call), after warm-up;
+  candidates + critic; QC: 32 ten-step Euler samples + critic; BFN: 4 ten-step Euler samples + critic; FQL: one
+  student call), after warm-up;
 * ``act_ms_per_action``: ``act_ms / h``, the compute per environment step when the policy's action queue calls
   the network once per chunk (``act_ms`` stays the worst-case latency of the step that refills the queue);
 * ``act_mflop`` and ``act_gflops``: floating-point operations of one ``sample_actions`` call (counted by
@@ -20,17 +26,19 @@ Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
 * ``update_its``: full updates per second (critic step, actor step, target update; batch 256, Adam);
 * ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
   before the agent was built;
-* MVP also reports ``actor_update_ms`` and ``fm_update_ms``: its actor step versus a plain flow-matching step of
-  the same network (u(x, t, t)), whose ratio is the JVP overhead.
+* MVP (and mvp_noivc) also reports ``actor_update_ms`` and ``fm_update_ms``: its actor step versus a plain
+  flow-matching step of the same network (u(x, t, t)), whose ratio is the JVP overhead.
 
 Ratios: ``mvp_act_speedup_vs_qc = qc.act_ms / mvp.act_ms``, ``mvp_update_ratio_vs_qc = mvp.update_its /
-qc.update_its``, ``jvp_overhead = actor_update_ms / fm_update_ms``.
+qc.update_its``, ``jvp_overhead = mvp.actor_update_ms / mvp.fm_update_ms``. ``config`` records the command line's
+settings and, under ``agents``, each measured agent's settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -41,16 +49,28 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from manip.algos import FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
+from manip.algos import ActorCriticAgent, FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
 from manip.algos.acting import ACT_DTYPES, fast_sampler
 from manip.data.replay import random_chunk_batch
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
-AGENTS: dict[str, Callable[..., torch.nn.Module]] = {
-    "mvp": lambda hidden: MVPAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, num_samples=32),
-    "qc": lambda hidden: FlowBoNAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, num_samples=32, flow_steps=10),
-    "fql": lambda hidden: FQLAgent(OBS_DIM, ACTION_DIM, HORIZON, hidden, alpha=100.0, flow_steps=10),
+# name -> (agent class, its settings besides the hidden sizes), as in conf/algo/<name>.yaml; ``horizon`` is the
+# chunk length h. "fql" is the FQL agent on the common h = 5 chunks, i.e. conf/algo/qc_fql.yaml's setting
+# (conf/algo/fql.yaml runs the same agent at h = 1).
+AGENTS: dict[str, tuple[type[ActorCriticAgent], dict]] = {
+    "mvp": (MVPAgent, {"horizon": HORIZON, "num_samples": 32}),
+    "mvp_noivc": (MVPAgent, {"horizon": HORIZON, "num_samples": 32, "lambda_ivc": 0.0}),
+    "qc": (FlowBoNAgent, {"horizon": HORIZON, "num_samples": 32, "flow_steps": 10}),
+    "bfn": (FlowBoNAgent, {"horizon": 1, "num_samples": 4, "flow_steps": 10}),
+    "fql": (FQLAgent, {"horizon": HORIZON, "alpha": 100.0, "flow_steps": 10}),
 }
+DEFAULT_ALGOS = ("mvp", "qc", "fql")
+
+
+def build_agent(algo: str, hidden: tuple[int, ...]) -> ActorCriticAgent:
+    """The benchmark's ``algo`` agent (see ``AGENTS``) with MLPs of ``hidden`` sizes, on the CPU."""
+    cls, settings = AGENTS[algo]
+    return cls(OBS_DIM, ACTION_DIM, hidden_dims=hidden, **settings)
 
 
 def _rss_bytes() -> int:
@@ -85,10 +105,11 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     base_rss = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    agent = AGENTS[algo](tuple(args.hidden)).to(device)
+    agent = build_agent(algo, tuple(args.hidden)).to(device)
+    horizon = agent.horizon
     actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=3e-4)
     critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=3e-4)
-    batch = random_chunk_batch(args.batch_size, OBS_DIM, ACTION_DIM, HORIZON, device=device)
+    batch = random_chunk_batch(args.batch_size, OBS_DIM, ACTION_DIM, horizon, device=device)
     obs = batch["observations"][:1]
 
     with torch.inference_mode():
@@ -115,10 +136,10 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         update()
         iters += 1
         _sync(device)
-    result = {"act_ms": act_ms, "act_ms_per_action": act_ms / HORIZON, "act_mflop": act_flop / 1e6,
+    result = {"act_ms": act_ms, "act_ms_per_action": act_ms / horizon, "act_mflop": act_flop / 1e6,
               "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start)}
 
-    if algo == "mvp":
+    if isinstance(agent, MVPAgent):
         actions, mask = flatten_chunk(batch["actions"], batch["valid"])
 
         def velocity(o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -172,27 +193,31 @@ def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> str:
-    lines = [f"{'algo':<6}{'act_ms':>10}{'ms/action':>11}{'act_MFLOP':>11}{'GFLOP/s':>9}{'update_it/s':>13}"
+    lines = [f"{'algo':<10}{'h':>2}{'act_ms':>10}{'ms/action':>11}{'act_MFLOP':>11}{'GFLOP/s':>9}{'update_it/s':>13}"
              f"{'peak_mem_mb':>13}"]
     for algo, r in results.items():
-        lines.append(f"{algo:<6}{r['act_ms']:>10.3f}{r['act_ms_per_action']:>11.3f}{r['act_mflop']:>11.1f}"
-                     f"{r['act_gflops']:>9.1f}{r['update_its']:>13.3f}{r['peak_mem_mb']:>13.1f}")
+        lines.append(f"{algo:<10}{AGENTS[algo][1]['horizon']:>2}{r['act_ms']:>10.3f}{r['act_ms_per_action']:>11.3f}"
+                     f"{r['act_mflop']:>11.1f}{r['act_gflops']:>9.1f}{r['update_its']:>13.3f}{r['peak_mem_mb']:>13.1f}")
     for algo, r in results.items():
         if "fast_act_ms" in r:
-            lines.append(f"{algo} fast act {r['fast_act_ms']:.3f} ms ({r['fast_act_ms'] / HORIZON:.3f} ms/action), "
+            per_action = r["fast_act_ms"] / AGENTS[algo][1]["horizon"]
+            lines.append(f"{algo} fast act {r['fast_act_ms']:.3f} ms ({per_action:.3f} ms/action), "
                          f"{r['fast_act_agree']:.2f} of seeded chunks within 0.02 of float32")
-    if "mvp" in results:
-        mvp = results["mvp"]
-        lines.append(f"mvp actor step {mvp['actor_update_ms']:.2f} ms vs flow matching {mvp['fm_update_ms']:.2f} ms")
+    for algo, r in results.items():
+        if "actor_update_ms" in r:
+            lines.append(f"{algo} actor step {r['actor_update_ms']:.2f} ms vs flow matching {r['fm_update_ms']:.2f} ms")
     lines += [f"{k} = {v:.2f}" for k, v in ratios.items()]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench.json", help="JSON output path")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings; an unusable value exits with ``parser.error`` (usage and one line, status 2)."""
+    parser = argparse.ArgumentParser(prog="python -m manip.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench.json", help="JSON output path (its directory must exist)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--algos", nargs="+", default=list(AGENTS), choices=list(AGENTS))
+    parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=list(AGENTS),
+                        help="agents to measure, each in its own process (default: %(default)s); settings of "
+                             "conf/algo/<name>.yaml, except that fql runs on h = 5 chunks as in qc_fql.yaml")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--hidden", type=int, nargs="+", default=[512] * 4, help="hidden sizes of every MLP")
     parser.add_argument("--fast-act", action="store_true",
@@ -206,13 +231,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-update-iters", type=int, default=3)
     parser.add_argument("--update-seconds", type=float, default=10.0, help="minimum timed update duration")
     args = parser.parse_args(argv)
+
+    minimums = {"--threads": 1, "--hidden": 1, "--batch-size": 1, "--act-calls": 1, "--actor-calls": 1,
+                "--update-warmup": 0, "--min-update-iters": 1, "--update-seconds": 0.0}
+    for flag, low in minimums.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        for v in value if isinstance(value, list) else [value]:
+            if not (math.isfinite(v) and v >= low):  # NaN fails both
+                parser.error(f"argument {flag}: must be {'a finite number ' if isinstance(low, float) else ''}"
+                             f">= {low:g}, got {v}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        parser.error(f"argument --out: directory {out_dir} does not exist")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
         parser.error(f"--device {args.device}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    return args
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     ctx = mp.get_context("spawn")
     results = {}
     for algo in args.algos:
@@ -226,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_samples": 32,
         "flow_steps": 10,
         **{k: v for k, v in vars(args).items() if k not in ("out", "algos")},
+        "agents": {algo: AGENTS[algo][1] for algo in args.algos},
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }

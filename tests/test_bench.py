@@ -18,18 +18,20 @@ def _products(dims: list[int]) -> int:
     return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
-@pytest.mark.parametrize("algo", ["mvp", "qc"])
-def test_act_flops_match_the_networks(algo):
+@pytest.mark.parametrize(("algo", "horizon", "n"), [("mvp", 5, 32), ("mvp_noivc", 5, 32), ("qc", 5, 32),
+                                                    ("bfn", 1, 4)])
+def test_act_flops_match_the_networks(algo, horizon, n):
     hidden = [32, 16]
     result = bench.measure(algo, argparse.Namespace(hidden=hidden, **QUICK))
-    obs, chunk, n = bench.OBS_DIM, bench.ACTION_DIM * bench.HORIZON, 32
+    obs, chunk = bench.OBS_DIM, bench.ACTION_DIM * horizon
     critic = 2 * _products([obs + chunk, *hidden, 1])  # two ensemble members
-    if algo == "mvp":  # one mean-velocity pass: [obs, x, emb(t), emb(r - t)] with 64 time features
+    if algo.startswith("mvp"):  # one mean-velocity pass: [obs, x, emb(t), emb(r - t)] with 64 time features
         actor = _products([obs + chunk + 64, *hidden, chunk])
+        assert result["actor_update_ms"] > 0 and result["fm_update_ms"] > 0
     else:  # ten Euler steps of the velocity net: [obs, x, emb(t)] with 32 time features
         actor = 10 * _products([obs + chunk + 32, *hidden, chunk])
     assert result["act_mflop"] == pytest.approx(2 * n * (actor + critic) / 1e6)
-    assert result["act_ms_per_action"] == pytest.approx(result["act_ms"] / bench.HORIZON)
+    assert result["act_ms_per_action"] == pytest.approx(result["act_ms"] / horizon)
     assert result["act_gflops"] == pytest.approx(result["act_mflop"] / result["act_ms"])
     assert result["update_its"] > 0
 
@@ -51,3 +53,88 @@ def test_fast_act_figures(tmp_path):
     mvp = report["mvp"]
     assert mvp["fast_act_ms"] > 0 and mvp["fast_act_agree"] == 1.0
     assert (tmp_path / "b.json").exists()
+
+
+def test_algos_cover_conf_and_keep_the_default_set():
+    """Every conf/algo agent but qc_fql has its name (the bench's fql runs qc_fql's h = 5); the default set is
+    the one the speed figures were made with."""
+    assert set(bench.AGENTS) == {"mvp", "mvp_noivc", "qc", "bfn", "fql"}
+    assert bench.parse_args([]).algos == ["mvp", "qc", "fql"]
+    assert bench.build_agent("mvp_noivc", (8,)).lambda_ivc == 0.0
+    assert bench.build_agent("fql", (8,)).horizon == bench.build_agent("qc", (8,)).horizon == bench.HORIZON
+    bfn = bench.build_agent("bfn", (8,))
+    assert (bfn.horizon, bfn.num_samples) == (1, 4)
+
+
+def _one_error_line(stderr: str, prog: str, flag: str) -> str:
+    """The single error line of an argparse usage error (usage lines before it, nothing after)."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == [lines[-1]] and "Traceback" not in stderr, stderr
+    assert lines[-1].startswith(f"{prog}: error: argument {flag}: "), stderr
+    return lines[-1]
+
+
+def _must_not_run(*args, **kwargs):
+    pytest.fail("a bad value was accepted: the measurement started")
+
+
+# The rest of each command line is a tiny, valid benchmark, so a value that is wrongly accepted fails fast.
+TINY = ["--algos", "fql", "--hidden", "8", "--batch-size", "4", "--act-calls", "2", "--actor-calls", "1",
+        "--update-warmup", "0", "--min-update-iters", "1", "--update-seconds", "0"]
+
+
+@pytest.mark.parametrize(("args", "flag", "accepted"), [
+    (["--batch-size", "0"], "--batch-size", ">= 1, got 0"),
+    (["--act-calls", "0"], "--act-calls", ">= 1, got 0"),
+    (["--actor-calls", "0"], "--actor-calls", ">= 1, got 0"),
+    (["--hidden", "8", "0"], "--hidden", ">= 1, got 0"),
+    (["--threads", "0"], "--threads", ">= 1, got 0"),
+    (["--update-warmup", "-1"], "--update-warmup", ">= 0, got -1"),
+    (["--min-update-iters", "0"], "--min-update-iters", ">= 1, got 0"),
+    (["--update-seconds", "-1"], "--update-seconds", ">= 0, got -1.0"),
+    (["--update-seconds", "nan"], "--update-seconds", ">= 0, got nan"),
+    (["--out", "missing/b.json"], "--out", "does not exist"),
+])
+def test_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, flag, accepted):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY, "--out", "b.json", *args])
+    assert exit_info.value.code == 2
+    assert accepted in _one_error_line(capsys.readouterr().err, "python -m manip.bench", flag)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "flag", "accepted"), [
+    (["--batch-size", "0"], "--batch-size", ">= 1, got 0"),
+    (["--horizon", "0"], "--horizon", ">= 1, got 0"),
+    (["--seconds", "0"], "--seconds", "> 0, got 0.0"),
+    (["--seconds", "nan"], "--seconds", "> 0, got nan"),
+    (["--path", "missing.hdf5"], "--path", "no file missing.hdf5"),
+])
+def test_data_bench_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, flag, accepted):
+    from manip.data import bench as data_bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data_bench, "synthetic", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        data_bench.main(args)
+    assert exit_info.value.code == 2
+    assert accepted in _one_error_line(capsys.readouterr().err, "python -m manip.data.bench", flag)
+
+
+@pytest.mark.parametrize(("args", "flag", "accepted"), [
+    (["--workers", "1", "0"], "--workers", ">= 1, got 0"),
+    (["--steps", "0"], "--steps", ">= 1, got 0"),
+    (["--warmup", "-1"], "--warmup", ">= 0, got -1"),
+    (["--out", "missing/e.json"], "--out", "does not exist"),
+])
+def test_bench_envs_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, flag, accepted):
+    from manip import bench_envs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_envs, "measure", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_envs.main(args)
+    assert exit_info.value.code == 2
+    assert accepted in _one_error_line(capsys.readouterr().err, "python -m manip.bench_envs", flag)

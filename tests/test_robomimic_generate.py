@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import gymnasium as gym
 import h5py
 import numpy as np
 import pytest
 
+from manip.data.generate.__main__ import main as generate_cli
 from manip.data.generate.robomimic_scripted import OBS_KEYS, SUCCESS_HOLD_STEPS, TASKS, generate
 from manip.envs.robosuite_env import RobosuiteEnv
 
@@ -160,7 +162,19 @@ def test_replay_reproduces_demo(task, generated):
         env.close()
 
 
-def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path):
+@pytest.fixture
+def umask_027():
+    """Run with umask 027 (new files rw-r-----), restoring the previous mask afterwards."""
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path, umask_027):
     path = tmp_path / "lift.hdf5"
     path.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match=str(path)):
@@ -169,6 +183,7 @@ def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path):
 
     info = generate("lift", path, num_demos=1, seed=0, overwrite=True, verbose=False)
     assert sorted(os.listdir(tmp_path)) == ["lift.hdf5"]  # no temp file left
+    assert mode(path) == 0o640  # what the umask gives a new file, not the temporary file's owner-only 0o600
     assert info["task"] == "lift" and info["path"] == str(path) and info["num_demos"] == 1
     assert info["num_attempts"] >= 1 and info["success_rate"] == 1 / info["num_attempts"]
     assert info["bytes"] == os.path.getsize(path) and info["seconds"] > 0
@@ -178,6 +193,63 @@ def test_refuses_to_overwrite_and_is_reproducible(generated, tmp_path):
             np.testing.assert_array_equal(f[f"data/demo_0/{name}"][()], ref[f"data/demo_0/{name}"][()])
         assert len(f["mask/train"]) == 1 and len(f["mask/valid"]) == 0
         assert f["data"].attrs["total"] == info["num_transitions"] == len(f["data/demo_0/actions"])
+
+
+def test_temporary_files_get_the_umask_mode(tmp_path, umask_027):
+    """Both generators write through temp_file_next_to: the file moved into place has the umask's mode."""
+    from manip.data.generate.files import new_file_mode, temp_file_next_to
+    from manip.data.generate.ogbench_play import _write_npz_to_temp
+
+    assert new_file_mode() == 0o640 and os.umask(0o027) == 0o027  # reading the mask leaves it as it was
+    tmp = temp_file_next_to(tmp_path / "data.hdf5")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".data.hdf5.") and tmp.stat().st_size == 0
+    assert mode(tmp) == 0o640
+    npz = _write_npz_to_temp(tmp_path / "play.npz", {"x": np.zeros(3)})
+    assert mode(npz) == 0o640
+    with np.load(npz) as f:
+        assert f["x"].shape == (3,)
+
+
+def test_generate_requires_an_hdf5_path(tmp_path):
+    with pytest.raises(ValueError, match=r"must end in \.hdf5 or \.h5, got .*lift\.npz"):
+        generate("lift", tmp_path / "lift.npz", num_demos=1, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# Each command line is otherwise small and writes under tmp_path, so a value that is wrongly accepted fails fast.
+@pytest.mark.parametrize(("argv", "flag", "accepted"), [
+    (["robomimic", "--demos", "0", "--out", "x.hdf5"], "--demos", "must be >= 1, got 0"),
+    (["robomimic", "--demos", "1", "--out", "x.npz"], "--out", "must end in .hdf5 or .h5, got x.npz"),
+    (["robomimic", "--demos", "1", "--seed", "-1", "--out", "x.hdf5"], "--seed", "must be >= 0, got -1"),
+    (["robomimic", "--task", "stack", "--demos", "1", "--out", "x.hdf5"], "--task", "'lift', 'can', 'square'"),
+    (["ogbench", "--episodes", "0", "--out", "x.npz"], "--episodes", "must be >= 1, got 0"),
+    (["ogbench", "--episodes", "1", "--episode-length", "1", "--out", "x.npz"], "--episode-length",
+     "must be >= 2, got 1"),
+    (["ogbench", "--episodes", "1", "--episode-length", "5", "--task-demos", "9", "--out", "x.npz"],
+     "--task-demos", "invalid choice: 9 (choose from 1, 2, 3, 4, 5)"),
+    (["ogbench", "--dataset", "cube-double-play-v0", "--task-demos", "1", "--episodes", "1", "--episode-length",
+      "5", "--out", "x.npz"], "--task-demos", "needs --dataset cube-single-play-v0, got --dataset cube-double-play-v0"),
+    (["ogbench", "--dataset", "cube-single", "--episodes", "1", "--episode-length", "5", "--out", "x.npz"],
+     "--dataset", "'cube-single-play-v0', 'cube-double-play-v0', 'cube-triple-play-v0', 'scene-play-v0', "
+                  "'puzzle-3x3-play-v0'"),
+    (["ogbench", "--episodes", "1", "--episode-length", "5", "--out", "x.hdf5"], "--out",
+     "must end in .npz, got x.hdf5"),
+    (["ogbench", "--episodes", "1", "--episode-length", "5", "--seed", "-1", "--out", "x.npz"], "--seed",
+     "must be >= 0, got -1"),
+])
+def test_cli_rejects_bad_values_in_one_line(tmp_path, monkeypatch, capsys, argv, flag, accepted):
+    """A bad flag value is argparse's usage error: exit status 2 and one line naming the flag, before any file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"usage: python -m manip.data.generate {argv[0]} ") and "Traceback" not in err
+    assert [line for line in lines if "error" in line] == [lines[-1]]
+    assert lines[-1].startswith(f"python -m manip.data.generate {argv[0]}: error: argument {flag}: ")
+    assert accepted in lines[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

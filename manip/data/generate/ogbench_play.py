@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +44,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
+from manip.data.generate.files import temp_file_next_to
 from manip.envs.ogbench_env import quiet_space_casts
 
 DATASETS = (
@@ -54,6 +54,10 @@ DATASETS = (
     "scene-play-v0",
     "puzzle-3x3-play-v0",
 )
+
+# Datasets whose env can record oracle demonstrations of an evaluation task (``task_id``), and the task ids.
+TASK_DEMO_DATASETS = ("cube-single-play-v0",)
+TASK_IDS = range(1, 6)
 
 ORACLE_NOISE = 0.1
 ORACLE_NOISE_SMOOTHING = 0.5
@@ -190,15 +194,14 @@ def _collect_episode(
 
 def _write_npz_to_temp(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """Compress ``arrays`` into a temporary file next to ``path`` (to be moved there); returns its path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file_next_to(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates the file owner-only
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def generate(
@@ -245,10 +248,10 @@ def generate(
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     if episode_length < 2:
         raise ValueError(f"episode_length must be >= 2 (one transition per episode), got {episode_length}")
-    if task_id is not None and not env_name.startswith("cube-single"):
+    if task_id is not None and dataset not in TASK_DEMO_DATASETS:
         raise ValueError(f"task demonstrations are implemented for cube-single only, got dataset {dataset!r}")
-    if task_id is not None and not 1 <= task_id <= 5:
-        raise ValueError(f"task_id must be in 1..5, got {task_id}")
+    if task_id is not None and task_id not in TASK_IDS:
+        raise ValueError(f"task_id must be in {TASK_IDS[0]}..{TASK_IDS[-1]}, got {task_id}")
     val_path = val_path_for(path)
     if not overwrite:
         for p in (path, val_path):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from manip.data.generate.files import temp_file_next_to
 from manip.envs.robosuite_env import make_robosuite, quiet_robosuite, restore_state, seed_placement
 
 TASKS: dict[str, dict] = {
@@ -66,6 +66,9 @@ OBS_KEYS: tuple[str, ...] = (
     "robot0_joint_pos_sin",
     "robot0_joint_vel",
 )
+
+# Accepted endings of a generated file's name.
+SUFFIXES = (".hdf5", ".h5")
 
 SUCCESS_HOLD_STEPS = 10
 VALID_FRACTION = 0.1
@@ -557,7 +560,7 @@ def generate(
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict:
-    """Generate ``num_demos`` successful scripted demos of ``task`` into the HDF5 file ``path``.
+    """Generate ``num_demos`` successful scripted demos of ``task`` into the HDF5 file ``path`` (``.hdf5`` or ``.h5``).
 
     The file is written to a temporary file next to ``path`` and moved into place at the end, so an interrupted
     run leaves no partial file. Raises FileExistsError if ``path`` exists and ``overwrite`` is False, and
@@ -571,6 +574,8 @@ def generate(
     if num_demos < 1:
         raise ValueError(f"num_demos must be >= 1, got {num_demos}")
     path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"dataset path must end in {' or '.join(SUFFIXES)}, got {path}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -596,15 +601,14 @@ def generate(
     finally:
         env.close()
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file_next_to(path)
     try:
-        _write(Path(tmp_name), demos, args, rng)
+        _write(tmp, demos, args, rng)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-        os.replace(tmp_name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
     info = {
