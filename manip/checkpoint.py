@@ -9,6 +9,8 @@ weights_only=True)``).
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,46 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match the dataset or environment."""
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a file ``torch.save`` wrote, judged from its first bytes; None when it may be one
+    (a zip archive, torch's default format, or a pickle, its legacy one)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") or zipfile.is_zipfile(path) or head[0] == 0x80:  # 0x80: a pickle's PROTO opcode
+        return None
+    return f"neither a zip archive nor a pickle; it starts with {head!r}"
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0]
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a manip checkpoint, with clear errors."""
+    """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
+    a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
+    containers (which safe loading refuses), or a PyTorch file without a manip config and weights."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    reason = _not_a_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files, pickles of foreign objects, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if refused:
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds a {refused[1]} object, which loading "
+                                  f"with weights_only=True refuses (manip checkpoints hold tensors and plain "
+                                  f"containers only)") from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))
+        if operand:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (a pickle torch cannot read safely: "
+                                  f"{operand[0]})") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_sentence(exc)}") from exc
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hp.get("cfg"), dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a manip checkpoint (no config / state_dict inside)")
@@ -40,7 +73,8 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, actio
                      where: str = "dataset") -> None:
     """Refuse a checkpoint whose observation keys, dims or chunk length differ from the data/env.
 
-    Arguments left None are not checked. Raises ``CheckpointError`` naming both sides.
+    Arguments left None are not checked. Raises ``CheckpointError`` naming both sides: ``where`` (e.g.
+    ``"dataset <path>"``) for the observation keys and dims, the run's ``algo.horizon`` for the chunk length.
     """
     hp = ckpt["hyper_parameters"]
     theirs = {"obs_dim": hp["obs_dim"], "action_dim": hp["action_dim"], "horizon": hp["horizon"],
@@ -50,7 +84,41 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, actio
         if value is None or theirs[key] is None:
             continue
         if list(value) != list(theirs[key]) if key == "obs_keys" else value != theirs[key]:
+            if key == "horizon":
+                raise CheckpointError(f"checkpoint {path} has horizon={theirs[key]} (action chunk length) but this "
+                                      f"run's algo.horizon={value}")
             raise CheckpointError(f"checkpoint {path} has {key}={theirs[key]} but the {where} has {key}={value}")
+
+
+def launch_dir(ckpt_path: str | Path) -> Path | None:
+    """The directory the run of ``<run_dir>/checkpoints/<name>.ckpt`` was started from, as its
+    ``<run_dir>/hydra/hydra.yaml`` records it (``hydra.runtime.cwd``); None without that record."""
+    record = Path(ckpt_path).expanduser().absolute().parent.parent / "hydra" / "hydra.yaml"
+    if not record.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.cwd")
+    except Exception:  # an unreadable record counts as none
+        return None
+    return Path(cwd) if cwd else None
+
+
+def dataset_path(ckpt: dict[str, Any], ckpt_path: str | Path) -> Path:
+    """The absolute path of the dataset file a checkpoint's run trained on (``data_info.path``).
+
+    Checkpoints record it absolute. A relative path (older checkpoints) is taken from the directory the run was
+    started from (:func:`launch_dir`), else from the current directory.
+    """
+    cfg = ckpt["hyper_parameters"]["cfg"]
+    recorded = (cfg.get("data_info") or {}).get("path") or (cfg.get("data") or {}).get("path")
+    if not recorded:
+        raise CheckpointError(f"checkpoint {ckpt_path} does not record its dataset file (data_info.path)")
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        return path
+    return Path(os.path.abspath((launch_dir(ckpt_path) or Path.cwd()) / path))
 
 
 def load_module(path: str | Path, map_location: str = "cpu"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def default_output(ckpt: str | Path) -> Path:
     """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
     ckpt = Path(ckpt).resolve()
     return ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
+
+
+def check_output(out: str | Path) -> Path:
+    """``out`` if the JSON result can be written there once the evaluation is done; a ``SettingError`` naming
+    ``out`` when it is a directory, lies under a file, or its nearest existing directory is not writable."""
+    out = Path(out).expanduser()
+    path = Path(os.path.abspath(out))
+    if path.is_dir():
+        raise SettingError(f"out={out} is a directory; name the JSON file to write (e.g. out={out / 'result.json'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingError(f"out={out}: {parent} is a file, so no directory can be made for the result")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingError(f"out={out}: {parent} is not writable")
+    return out
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,
@@ -122,8 +140,8 @@ def summary(result: dict, out: Path) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out) if cfg.out else default_output(cfg.ckpt)
     try:
+        out = check_output(cfg.out if cfg.out else default_output(cfg.ckpt))  # before the evaluation: keeps its result
         result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,

@@ -8,6 +8,7 @@ episodes as ``Transitions``. ``SuccessRate`` is a torchmetrics metric with a Wil
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -183,7 +184,32 @@ class EvalResult:
 
 
 class SettingError(ValueError):
-    """An evaluation setting is out of range or does not apply to the checkpoint; the message names it."""
+    """A user setting (evaluation, checkpointing, fine-tuning, agent) is out of range or does not apply to the
+    checkpoint; the message names it by its config key."""
+
+
+def check_int(value, key: str, minimum: int) -> int:
+    """``value`` if it is an integer >= ``minimum``; a SettingError naming ``key`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SettingError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise SettingError(f"{key} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value, key: str, minimum: float, strict: bool = False, maximum: float | None = None) -> float:
+    """``value`` if it is a finite number >= ``minimum`` (> with ``strict``) and <= ``maximum`` (when given); a
+    SettingError naming ``key`` otherwise."""
+    if strict:
+        bound = f"> {minimum}" if maximum is None else f"in ({minimum}, {maximum}]"
+    else:
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingError(f"{key} must be a number {bound}, got {value!r}")
+    low_ok = value > minimum if strict else value >= minimum
+    if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+        raise SettingError(f"{key} must be {bound}, got {value}")
+    return float(value)
 
 
 def check_noise_scale(noise_scale: float, key: str = "noise_scale") -> float:

@@ -4,10 +4,16 @@ Restores config, dataset statistics, actor, critics, target critics and optimize
 (``fit``) checkpoint, refills the replay with the offline data and continues in the simulator with
 the same module and evaluation loop as ``fit``. Re-running the same command after a crash resumes
 from ``<run_dir>/checkpoints/last.ckpt`` (online replay, env-step count and RNG included).
+
+The offline data is the file the checkpoint was trained on (``manip.checkpoint.dataset_path``), never a
+newly generated one: a missing file is an error. The run directory receives the dataset statistics and
+the composed config (``hydra/config.yaml``) once the checks passed. User errors end the command with one
+line, ``manip.finetune: <message>``.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,82 +22,164 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from manip.data.datamodule import ReplayDataModule
+from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
+from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
+from manip.data.datamodule import instantiate as instantiate_data
+from manip.data.errors import DatasetError
+from manip.evaluation import SettingError
+from manip.fit import USER_ERRORS, record_config, resume_path
 from manip.module import ManipModule
-from manip.run import build_datamodule, build_trainer, plain, run_info, seed_everything
+from manip.run import build_trainer, plain, run_info, seed_everything
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
 _OWN = ("finetune", "eval", "checkpoint", "trainer", "env")
+# Own sections that hold every key they take (the trainer section takes any Trainer argument): a '+key' names
+# a key they do not have.
+_CLOSED = ("finetune", "eval", "checkpoint", "env")
 # Command-line keys of fine-tuning's own config outside those sections (never applied to the checkpoint's config).
 _COMMAND_KEYS = ("ckpt", "run_dir", "resume", "logger")
+# Sections of the checkpoint's config where an override may add keys (a new logger entry).
+_OPEN = ("logger",)
+# Config groups of fit's config: choosing one anew would replace the checkpoint's data / algorithm.
+_GROUPS = ("data", "algo", "conf", "tuning")
+# Top-level keys of fit.yaml that its data / algo / module sections interpolate; a checkpoint's config holds
+# them resolved, so overriding the top-level key sets these as well.
+SPREAD = {"seed": ("data.seed", "module.seed"), "discount": ("data.discount", "algo.agent.discount")}
+# Data keys that generate an absent default file: fine-tuning reads the checkpoint's own file, never a new one.
+_GENERATE_KEYS = ("generate_demos", "generate_episodes")
+
+_ABSENT = object()
+
+
+def _apply_override(final: DictConfig, item: str, cfg: DictConfig, added: set[str]) -> None:
+    """Applies one command-line override to the fine-tuning config ``final``, or raises ``SettingError``
+    naming it. ``cfg``: fine-tuning's own composed config; ``added``: keys the command added with ``+``."""
+    raw, _, value = item.partition("=")
+    key = raw.lstrip("+~")
+    top = key.split(".")[0]
+    if key in _COMMAND_KEYS or top == "hydra":
+        return
+    if top in _OWN:  # already part of cfg, merged into final
+        if top in _CLOSED and raw.startswith("+") and not raw.startswith("++"):
+            section, _, name = key.rpartition(".")
+            known = [k for k in (OmegaConf.select(cfg, section) or {}) if f"{section}.{k}" not in added]
+            raise SettingError(f"override {item!r}: {section or 'the config'} has no key {name!r} (its keys: "
+                               f"{', '.join(known)}; fine-tuning's own sections take them without '+')")
+        return
+    parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+    if "." not in key:
+        current = final.get(key, _ABSENT)
+        if key in _GROUPS or OmegaConf.is_dict(current):
+            raise SettingError(f"override {item!r} would replace the checkpoint's whole {key!r} section; "
+                               f"fine-tuning continues the checkpoint's run, so override single keys instead "
+                               f"(e.g. '+{key}.<name>=...')")
+        if current is _ABSENT:
+            raise SettingError(f"override {item!r}: the checkpoint's config has no top-level key {key!r}")
+        final[key] = parsed
+        for spread in SPREAD.get(key, ()):
+            if OmegaConf.select(final, spread, default=_ABSENT) is not _ABSENT:
+                OmegaConf.update(final, spread, parsed)
+        return
+    if top not in _OPEN and OmegaConf.select(final, key, default=_ABSENT) is _ABSENT:
+        raise SettingError(f"override {item!r}: the checkpoint's config has no key {key!r}")
+    OmegaConf.update(final, key, parsed, force_add=True)
+
+
+def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, user_overrides: list[str]) -> None:
+    """Points ``final.data`` at the dataset file the checkpoint at ``base_path`` was trained on (or at the
+    command's ``+data.path``), as an absolute path, with generation off; raises when that file is missing."""
+    overridden = any(item.split("=")[0].lstrip("+") == "data.path" for item in user_overrides)
+    path = absolute(final.data.path) if overridden else dataset_path(base_ckpt, base_path)
+    if not path.is_file():
+        if overridden:
+            raise DatasetError(f"data.path={final.data.path}: {path} does not exist")
+        raise CheckpointError(f"{path} does not exist: it is the dataset checkpoint {base_path} was trained on, "
+                              f"which fine-tuning refills its replay with (restore it, or pass +data.path=<its copy>)")
+    final.data.path = str(path)
+    for key in _GENERATE_KEYS:
+        if key in final.data:
+            final.data[key] = 0
 
 
 def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, str | None]:
-    """(final config, checkpoint to start from, checkpoint to resume from or None)."""
-    ckpt = load_checkpoint(cfg.ckpt)
-    base = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    """(final config, checkpoint to start from, checkpoint to resume from or None).
+
+    ``user_overrides``: the command line's ``key=value`` items. Fine-tuning's own sections (``_OWN``) come
+    from ``cfg``; the checkpoint's keys take a leading ``+`` (a top-level scalar such as ``+seed=3`` too, which
+    also sets the keys fit derived from it, ``SPREAD``). Raises ``SettingError`` for an override that names a
+    key neither config has or that would replace the checkpoint's data / algorithm, ``CheckpointError`` for
+    an unreadable checkpoint or a missing dataset file, before any data is read.
+    """
     target = cfg.finetune.target
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.ckpt).resolve().parent.parent / f"finetune_{target}"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if (cfg.resume == "auto" or cfg.resume is True) and last.exists() else None
-    if cfg.resume is True and resume is None:
-        raise CheckpointError(f"resume=true but {last} does not exist")
+    resume = resume_path(cfg.resume, run_dir)
+    ckpt = load_checkpoint(cfg.ckpt)
     if resume is not None:  # the interrupted run's own config, then today's overrides again
-        base = OmegaConf.create(load_checkpoint(resume)["hyper_parameters"]["cfg"])
-        start_step = int(base.finetune_start_step)
+        base_path, base_ckpt = resume, load_checkpoint(resume)
+        start_step = int(base_ckpt["hyper_parameters"]["cfg"]["finetune_start_step"])
     else:
+        base_path, base_ckpt = Path(cfg.ckpt), ckpt
         start_step = int(ckpt.get("global_step", 0))
+    base = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
     final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
     if cfg.get("logger") is not None:  # logger=... on the command line replaces the checkpoint's loggers
         final.logger = cfg.logger
     if final.eval.get("noise_scale") is None:  # evaluate as the offline run did
         final.eval.noise_scale = (base.get("eval") or {}).get("noise_scale", 1.0)
+    added = {item.split("=")[0].lstrip("+") for item in user_overrides
+             if item.startswith("+") and not item.startswith("++")}
     for item in user_overrides:
-        key, _, value = item.partition("=")
-        key = key.lstrip("+~")
-        if key in _COMMAND_KEYS or key.split(".")[0] in _OWN:
-            continue
-        if "." not in key:
-            raise CheckpointError(f"override {item!r} changes a config group; fine-tuning keeps the "
-                                  f"checkpoint's data/algo (override individual keys instead)")
-        OmegaConf.update(final, key, OmegaConf.from_dotlist([f"x={value}"]).x, force_add=True)
+        _apply_override(final, item, cfg, added)
+    _offline_data(final, base_ckpt, base_path, user_overrides)
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
-    return final, str(cfg.ckpt), resume
+    return final, str(cfg.ckpt), None if resume is None else str(resume)
 
 
 def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, ReplayDataModule, L.Trainer, str]:
     """Module, data, trainer and the checkpoint ``trainer.fit`` starts from (the offline one, or
-    this run's ``last.ckpt`` when resuming). ``user_overrides``: the command line's ``key=value``."""
+    this run's ``last.ckpt`` when resuming). ``user_overrides``: the command line's ``key=value``.
+
+    Once the checks passed, the main process writes ``dataset_stats.json`` (the checkpoint's statistics)
+    and ``hydra/config.yaml`` (the final config) with ``hydra/overrides.yaml`` into the run directory."""
     final, offline_ckpt, resume = compose(cfg, user_overrides)
     seed_everything(final.seed + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
-    trainer = build_trainer(final, run_dir, phase="online",  # first: a bad trainer setting costs no data loading
+    dm = instantiate_data(final.data)  # checks the data settings; reads nothing yet
+    trainer = build_trainer(final, run_dir, phase="online",  # before the data: a bad setting costs no loading
                             max_steps=final.finetune_start_step + final.trainer.max_steps)
-    dm = build_datamodule(final)
+    dm.prepare_data()
+    dm.setup("fit")
     dm.offline_fraction = final.finetune.offline_fraction
     ckpt = load_checkpoint(offline_ckpt)
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
     online["start_step"] = final.finetune_start_step
+    stats = ckpt["hyper_parameters"]["stats"]
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
-        horizon=final.algo.horizon, stats=ckpt["hyper_parameters"]["stats"],
-        cfg=plain(final) | run_info(dm), online=online)
-    if resume and rank_zero_only.rank == 0:
-        print(f"[manip] resuming fine-tuning from {resume}")
+        horizon=final.algo.horizon, stats=stats, cfg=plain(final) | run_info(dm), online=online)
+    if rank_zero_only.rank == 0:
+        if resume:
+            print(f"[manip] resuming fine-tuning from {resume}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        DatasetStats(**stats).save(run_dir / "dataset_stats.json")
+        record_config(run_dir, final, user_overrides)
     return module, dm, trainer, resume or offline_ckpt
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    if trainer.is_global_zero:
-        print(f"[manip] checkpoints in {Path(trainer.default_root_dir) / 'checkpoints'}")
+    try:
+        module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
+        sys.exit(f"manip.finetune: {err}")
+    checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+    if trainer.is_global_zero and checkpoints.is_dir():
+        print(f"[manip] checkpoints in {checkpoints}")
 
 
 if __name__ == "__main__":

@@ -2,26 +2,50 @@
 
 With ``resume=auto`` (the default) a run whose ``run_dir`` already holds ``checkpoints/last.ckpt``
 continues from it (global step, optimizer, RNG and sampler states); ``resume=true`` insists on it,
-``resume=false`` starts over. Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
+``resume=false`` starts over. Resuming is refused when the command's algorithm or data differ from the
+run's (``run_differences``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
+
+A user error (a setting out of range, a missing or malformed dataset, an incompatible checkpoint or
+simulator) ends the command with one line, ``manip.fit: <message>``, and a non-zero exit status. The
+settings, the resume target and the dataset are checked before anything is written to ``run_dir``; the
+composed Hydra config (``<run_dir>/hydra/``) and the dataset statistics are written once they passed, and
+a run directory left empty by a refused command is removed.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from manip.data.datamodule import ReplayDataModule
+from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
+from manip.data.datamodule import ReplayDataModule, absolute
+from manip.data.datamodule import instantiate as instantiate_data
+from manip.data.errors import DatasetError
+from manip.envs import EnvMismatchError
+from manip.evaluation import SettingError, check_int
 from manip.module import ManipModule
-from manip.run import build_datamodule, build_trainer, plain, run_info, seed_everything
+from manip.run import build_trainer, plain, run_info, seed_everything
+
+# Errors a user's command or files cause: reported in one line, without a traceback.
+USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError)
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
 _DDP_CHILD_JOB = "train_ddp_process_"
+
+# Data settings that select or relabel a run's transitions (the dataset file itself is compared by path).
+_DATA_KEYS = ("_target_", "obs_keys", "filter_key", "reward_mode", "dataset_name", "max_transitions", "discount")
+
+# fit.yaml's hydra.sweep.subdir: each --multirun job's Hydra output (fit.log) goes to its own run_dir.
+OmegaConf.register_new_resolver("manip.abspath", lambda path: os.path.abspath(str(path)), replace=True)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -33,29 +57,112 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` unless resume is false."""
+    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` unless resume is false.
+
+    ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` for ``resume=true``
+    without that file."""
     if resume not in ("auto", True, False):
-        raise ValueError(f"resume must be auto, true or false, got {resume!r}")
+        raise SettingError(f"resume must be auto, true or false, got {resume!r}")
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is True and not last.exists():
         raise CheckpointError(f"resume=true but {last} does not exist")
     return last if resume and last.exists() else None
 
 
+_UNSET = object()
+
+
+def _leaves(tree: dict | None, prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else str(value)
+
+
+def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path) -> list[str]:
+    """The settings a run's weights and optimizer state depend on where its checkpoint's config ``saved``
+    (trained on ``saved_data``) and this command's plain config ``cfg`` (reading ``new_data``) disagree, as
+    ``"key=<run's value> (this command: <value>)"``: the algorithm (``algo.name``; for the same algorithm
+    ``algo.horizon`` and every ``algo.agent`` key), the dataset file, the data keys that select or relabel
+    transitions, ``module.obs_norm`` and ``seed`` (a resumed run restores its own random states, so another seed
+    would be ignored: two seeds in one ``run_dir``, e.g. a ``--multirun seed=0,1`` without ``${seed}`` in
+    ``run_dir``, must not share a run)."""
+    pairs: list[tuple[str, Any, Any]] = [("seed", saved.get("seed", _UNSET), cfg.get("seed", _UNSET))]
+    old_algo, new_algo = saved.get("algo") or {}, cfg.get("algo") or {}
+    if old_algo.get("name") != new_algo.get("name"):
+        pairs.append(("algo.name", old_algo.get("name", _UNSET), new_algo.get("name", _UNSET)))
+    else:
+        old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
+        pairs += [(key, old.get(key, _UNSET), new.get(key, _UNSET)) for key in sorted(old.keys() | new.keys())]
+    if os.path.normpath(saved_data) != os.path.normpath(new_data):
+        pairs.append(("data.path", saved_data, new_data))
+    old_data, new_data_cfg = saved.get("data") or {}, cfg.get("data") or {}
+    pairs += [(f"data.{key}", old_data.get(key, _UNSET), new_data_cfg.get(key, _UNSET)) for key in _DATA_KEYS]
+    old_module, new_module = saved.get("module") or {}, cfg.get("module") or {}
+    pairs.append(("module.obs_norm", old_module.get("obs_norm", _UNSET), new_module.get("obs_norm", _UNSET)))
+    return [f"{key}={_show(old)} (this command: {_show(new)})" for key, old, new in pairs if old != new]
+
+
+def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_dir: Path) -> None:
+    """``CheckpointError`` when ``run_dir``'s checkpoint belongs to a run that differs from this command in
+    what its weights depend on (:func:`run_differences`)."""
+    saved = ckpt["hyper_parameters"]["cfg"]
+    differences = run_differences(saved, cfg, dataset_path(ckpt, ckpt_path), data_file)
+    if differences:
+        algo = (saved.get("algo") or {}).get("name", "manip")
+        raise CheckpointError(f"{run_dir} holds a {algo} run with {', '.join(differences)}; use another run_dir "
+                              f"or resume=false")
+
+
+def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str] | None = None) -> None:
+    """``<run_dir>/hydra/config.yaml`` (``config``), ``overrides.yaml`` (the command line's overrides) and, under
+    a Hydra app, ``hydra.yaml``: what Hydra's ``output_subdir`` holds, written once the run's checks passed."""
+    out = run_dir / "hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, out / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.instance().cfg
+        OmegaConf.save(hydra_cfg, out / "hydra.yaml")
+        if overrides is None:
+            overrides = list(hydra_cfg.hydra.overrides.task)
+    if overrides is not None:
+        OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
+
+
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:
-    """Module, data, trainer and the checkpoint to resume from (None: a fresh run)."""
+    """Module, data, trainer and the checkpoint to resume from (None: a fresh run).
+
+    Checks run cheapest first and before anything is written: ``resume``, the data settings, the run
+    directory's checkpoint against this command, the trainer / evaluation / agent settings, then the
+    dataset itself. Writes ``dataset_stats.json`` and ``hydra/`` into ``run_dir`` last (main process)."""
+    composed = copy.deepcopy(cfg)  # as Hydra composed it, for hydra/config.yaml
     seed_everything(cfg.seed, cfg.get("threads"))
     run_dir = run_dir_of(cfg)
     cfg.run_dir = str(run_dir)
-    trainer = build_trainer(cfg, run_dir, phase="offline")  # first: a bad trainer setting costs no data loading
-    dm = build_datamodule(cfg)
+    resume = resume_path(cfg.resume, run_dir)
+    check_int(cfg.algo.horizon, "algo.horizon", 1)  # before data.horizon, which repeats it
+    dm = instantiate_data(cfg.data)  # checks the data settings; reads nothing yet
+    data_file = absolute(dm.path)
+    OmegaConf.update(cfg, "data.path", str(data_file), force_add=True)  # recorded absolute in the checkpoint
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        check_same_run(ckpt, resume, plain(cfg), data_file, run_dir)
+    trainer = build_trainer(cfg, run_dir, phase="offline")  # before the data: a bad setting costs no loading
+    dm.prepare_data()
+    dm.setup("fit")
     module = hydra.utils.instantiate(cfg.module)(
         agent=hydra.utils.instantiate(cfg.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=cfg.algo.horizon, stats=dm.stats.to_dict(), cfg=plain(cfg) | run_info(dm))
-    resume = resume_path(cfg.resume, run_dir)
     main_process = rank_zero_only.rank == 0  # known before fit (the launcher's env), unlike trainer ranks
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         check_compatible(ckpt, resume, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"), cfg.algo.horizon,
                          where=f"dataset {dm.info['path']}")
         if main_process:
@@ -63,15 +170,35 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dm.stats.save(run_dir / "dataset_stats.json")
+        record_config(run_dir, composed)
     return module, dm, trainer, resume
+
+
+def discard_if_empty(directory: str | Path) -> None:
+    """Removes ``directory`` when it holds nothing (or only an empty Hydra job log): Hydra makes the job's
+    output directory before the job starts, so a command refused by its checks leaves no run directory."""
+    directory = Path(directory)
+    try:
+        entries = list(directory.iterdir())
+        if len(entries) == 1 and entries[0].suffix == ".log" and entries[0].stat().st_size == 0:
+            entries[0].unlink()
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    module, dm, trainer, resume = build(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-    if trainer.is_global_zero:
-        print(f"[manip] checkpoints in {Path(trainer.default_root_dir) / 'checkpoints'}")
+    try:
+        module, dm, trainer, resume = build(cfg)
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
+        if rank_zero_only.rank == 0:
+            discard_if_empty(HydraConfig.get().runtime.output_dir)
+        sys.exit(f"manip.fit: {err}")
+    checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+    if trainer.is_global_zero and checkpoints.is_dir():
+        print(f"[manip] checkpoints in {checkpoints}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ datamodule's replay, and then updates with the configured critic-driven policy t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
 from manip.checkpoint import gather_rank_states, rank_state
-from manip.evaluation import ChunkPolicy, VectorRollout
+from manip.evaluation import ChunkPolicy, SettingError, VectorRollout, check_int, check_real
 
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
@@ -79,22 +82,54 @@ class OnlineConfig:
     start_step: int = 0
 
     def __post_init__(self) -> None:
+        """Raises ``SettingError`` naming ``finetune.<key>`` for the first setting out of range."""
         if self.target not in TARGETS:
-            raise ValueError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
+            raise SettingError(f"unknown finetune.target {self.target!r}; expected one of {TARGETS}")
         if self.prior not in PRIORS:
-            raise ValueError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
+            raise SettingError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
+        if self.q_scale not in Q_SCALES:
+            raise SettingError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
         if self.prior == "auto":
             from manip.algos.targets import AUTO_PRIOR
 
             self.prior = AUTO_PRIOR[self.target]
         if self.prior == "policy" and self.target != "rfm":
-            raise ValueError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
+            raise SettingError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
         if self.prior == "data" and self.target == "bon":
-            raise ValueError("finetune.prior=data shapes the som / rfm Boltzmann target; bon has no prior")
-        if self.prior_std <= 0:
-            raise ValueError(f"finetune.prior_std must be positive, got {self.prior_std}")
-        if self.q_scale not in Q_SCALES:
-            raise ValueError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
+            raise SettingError("finetune.prior=data shapes the som / rfm Boltzmann target; bon has no prior")
+        check_real(self.bc_weight, "finetune.bc_weight", 0.0)
+        check_real(self.alpha, "finetune.alpha", 0.0)
+        if self.alpha_final is not None:
+            check_real(self.alpha_final, "finetune.alpha_final", 0.0)
+        check_int(self.alpha_steps, "finetune.alpha_steps", 1)
+        eta = self.rfm_eta
+        if eta != "optimal" and (isinstance(eta, (str, bool)) or not isinstance(eta, numbers.Real)
+                                 or not math.isfinite(eta)):
+            raise SettingError(f"finetune.rfm_eta must be a number or 'optimal', got {eta!r}")
+        if self.bound_std is not None:
+            check_real(self.bound_std, "finetune.bound_std", 0.0, strict=True)
+        check_real(self.prior_std, "finetune.prior_std", 0.0, strict=True)
+        check_int(self.target_samples, "finetune.target_samples", 1)
+        check_real(self.utd, "finetune.utd", 0.0, strict=True)
+        check_int(self.start_training, "finetune.start_training", 0)
+        check_int(self.num_envs, "finetune.num_envs", 1)
+        check_int(self.seed, "finetune.seed", 0)
+        check_int(self.start_step, "finetune.start_step", 0)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "OnlineConfig":
+        """The config of a ``finetune`` section (plain dict): ``SettingError`` for a key it does not have."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise SettingError(f"unknown finetune.{unknown[0]}; expected one of {sorted(known)}")
+        return cls(**settings)
+
+
+def check_offline_fraction(fraction: float | None, key: str = "finetune.offline_fraction") -> float | None:
+    """``fraction`` if it is None (batches drawn uniformly over the replay) or a share in [0, 1] of each batch drawn
+    from the offline data; a SettingError naming ``key`` otherwise."""
+    return None if fraction is None else check_real(fraction, key, 0.0, maximum=1.0)
 
 
 @contextlib.contextmanager
@@ -158,7 +193,7 @@ class ManipModule(L.LightningModule):
         self.register_buffer("obs_mean", mean)
         # Constant dimensions (std ~ 0) pass through centred instead of blowing up.
         self.register_buffer("obs_scale", torch.where(std > 1e-6, std, torch.ones_like(std)))
-        self.online = OnlineConfig(**online) if online else None
+        self.online = OnlineConfig.from_settings(online) if online else None
         self.ema_actor: AveragedModel | None = None
         if actor_ema is not None:
             if not 0.0 < actor_ema < 1.0:

@@ -20,15 +20,35 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO
 from manip.data.datamodule import ReplayDataModule
-from manip.evaluation import check_noise_scale, evaluate_policy
-from manip.module import ManipModule
+from manip.evaluation import check_int, check_noise_scale, evaluate_policy
+from manip.module import ManipModule, OnlineConfig, check_offline_fraction
 
 
 # Manual optimisation checkpoints the state after the update; that is what we want.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always ends at the final global step.
+
+    Lightning's step-interval checkpointing saves nothing when training stops between two intervals
+    (``max_steps`` not a multiple of ``every_n_train_steps``); :meth:`save_final` then saves ``last`` at the
+    current step. It runs at the end of training, and :class:`PeriodicEvaluation` calls it before its final
+    evaluation, so a failing evaluation never loses the trained weights.
+    """
+
+    def save_final(self, trainer: L.Trainer) -> None:
+        """Saves ``last`` at ``trainer.global_step`` unless it is already saved there (every rank must call it)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_final(trainer)
+        super().on_train_end(trainer, pl_module)
 
 
 class PeriodicEvaluation(Callback):
@@ -38,12 +58,19 @@ class PeriodicEvaluation(Callback):
     appends each result with its env-step count and ``wall_s`` (seconds since this process started
     training, evaluations included) to ``<run_dir>/eval.jsonl``. ``noise_scale``: std of the policy's
     initial noise while evaluating (see ``ManipModule.predict_chunks``). ``seed`` seeds the episodes' resets and
-    the policy's noise alike at every evaluation, so checkpoints are compared on the same draws.
+    the policy's noise alike at every evaluation, so checkpoints are compared on the same draws. Settings out of
+    range raise ``SettingError`` naming their ``eval.`` key when the callback is built, before any training.
+    The final checkpoint (``LastCheckpoint.save_final``) is written before the end-of-training evaluation runs.
     """
 
     def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
                  seed: int = 1000, final_episodes: int = 0, phase: str = "offline",
                  noise_scale: float = 1.0) -> None:
+        every_n_steps = check_int(every_n_steps, "eval.every_n_steps", 0)
+        episodes = check_int(episodes, "eval.episodes", 1 if every_n_steps > 0 else 0)
+        final_episodes = check_int(final_episodes, "eval.final_episodes", 0)
+        num_envs = check_int(num_envs, "eval.num_envs", 1)
+        seed = check_int(seed, "eval.seed", 0)
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
         self.noise_scale = check_noise_scale(noise_scale, "eval.noise_scale")
@@ -91,6 +118,10 @@ class PeriodicEvaluation(Callback):
             self._evaluate(trainer, module, self.episodes)
 
     def on_train_end(self, trainer, module) -> None:
+        # Lightning runs checkpoint callbacks last: save the final weights here, before evaluating.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, LastCheckpoint):
+                callback.save_final(trainer)
         self._evaluate(trainer, module, self.final_episodes)
         if self.env is not None:
             self.env.close()
@@ -155,11 +186,32 @@ def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
+def check_settings(cfg: DictConfig, phase: str) -> None:
+    """Raise ``SettingError`` naming the key of the first run setting out of range, before any data or training.
+
+    Checks ``checkpoint.every_n_steps``, the agent's settings (``algo.horizon``, ``algo.agent.*``, see
+    :func:`manip.algos.base.check_agent_settings`) and, for ``phase="online"``, the ``finetune`` section
+    (:class:`manip.module.OnlineConfig`, ``finetune.offline_fraction``). The ``eval`` settings are checked by
+    :class:`PeriodicEvaluation`.
+    """
+    check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 1)
+    algo = cfg.get("algo")
+    if algo is not None:
+        agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
+        check_agent_settings(algo.get("horizon"), **{k: v for k, v in agent.items() if not k.startswith("_")})
+    if phase == "online":
+        online = plain(cfg.finetune)
+        check_offline_fraction(online.pop("offline_fraction", None))
+        OnlineConfig.from_settings(online)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:
-    """The configured Trainer with manip's checkpointing (atomic writes), evaluation and loggers."""
+    """The configured Trainer with manip's checkpointing (atomic writes; ``last.ckpt`` always at the final step),
+    evaluation and loggers. Settings out of range raise ``SettingError`` first (:func:`check_settings`)."""
+    check_settings(cfg, phase)
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
+        LastCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+                       every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
                            cfg.eval.seed, cfg.eval.final_episodes, phase, cfg.eval.get("noise_scale", 1.0)),
     ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,12 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from manip.checkpoint import load_checkpoint, load_module
+from manip import finetune, fit
+from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
+from manip.data.errors import DatasetError
+from manip.evaluation import SettingError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
@@ -121,6 +127,11 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
         rates = [float(row["online/env_steps_per_s"]) for row in csv.DictReader(f)
                  if row.get("online/env_steps_per_s")]
     assert rates and all(rate > 0 for rate in rates)
+    # like fit's run directories: the dataset statistics and the composed config
+    assert json.loads((run_dir / "dataset_stats.json").read_text()) == last["hyper_parameters"]["stats"]
+    recorded = OmegaConf.load(run_dir / "hydra" / "config.yaml")
+    assert recorded.finetune.target == target and recorded.offline_ckpt == str(ckpt.resolve())
+    assert f"finetune.target={target}" in OmegaConf.load(run_dir / "hydra" / "overrides.yaml")
     module, _ = load_module(run_dir / "checkpoints" / "last.ckpt")
     chunks = module.predict_chunks(np.zeros((3, module.obs_dim), np.float32))
     assert chunks.shape == (3, module.horizon, action_dim) and np.abs(chunks).max() <= 1
@@ -279,3 +290,200 @@ def test_python_m_manip_lists_runnable_entry_points():
     modules = re.findall(r"python -m (manip[\w.]*)", out)
     assert {"manip.fit", "manip.finetune", "manip.evaluate", "manip.data.generate", "manip.bench"} <= set(modules)
     assert all(importlib.util.find_spec(module) is not None for module in modules), modules
+
+
+# ------------------------------------------------------------------------------- user errors and run records
+QUICK = [*TINY, "trainer.max_steps=2", "eval.every_n_steps=0", "eval.final_episodes=0", "checkpoint.every_n_steps=2"]
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _finetune_config(ckpt: Path, *overrides: str):
+    """``finetune.compose`` of ``python -m manip.finetune ckpt=CKPT OVERRIDES`` (the config fine-tuning would run)."""
+    items = [f"ckpt={ckpt}", *overrides]
+    return finetune.compose(_compose("finetune", items), items)[0]
+
+
+@pytest.fixture(scope="module")
+def lift_run(lift_hdf5, tmp_path_factory) -> Path:
+    """The run directory of a 2-update MVP fit on the lift file, started from the data root with a relative
+    ``data.path``."""
+    run_dir = tmp_path_factory.mktemp("lift_run") / "run"
+    cwd = os.getcwd()
+    os.chdir(lift_hdf5.parents[2])
+    try:
+        module, dm, trainer, resume = fit.build(_compose(
+            "fit", ["data=robomimic", "data.path=lift/mh/low_dim_v15.hdf5", f"run_dir={run_dir}", *QUICK]))
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    finally:
+        os.chdir(cwd)
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    return run_dir
+
+
+def test_presets_leave_eval_num_envs_to_env_num_envs():
+    """``env.num_envs`` on the command line sets the evaluation's simulator processes under every preset."""
+    for preset in sorted(p.stem for p in (Path(CONF) / "conf").glob("*.yaml")):
+        cfg = _compose("fit", [f"conf={preset}"])
+        assert OmegaConf.to_container(cfg.eval)["num_envs"] == "${env.num_envs}", preset
+        assert _compose("fit", [f"conf={preset}", "env.num_envs=3"]).eval.num_envs == 3, preset
+    assert _compose("fit", ["conf=robomimic_lift"]).eval.num_envs == 2
+    assert _compose("fit", ["conf=ogbench_cube_single"]).eval.num_envs == 2
+
+
+def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
+    """The entry points exit with status 1 and one line naming the problem; a refused fit leaves no run
+    directory behind (here its default, timestamped one)."""
+    commands = {"fit": ["data.batch_size=0", "trainer.accelerator=cpu"],
+                "finetune": [f"ckpt={tmp_path / 'missing.ckpt'}"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", f"manip.{name}", *args], cwd=tmp_path,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    expected = {"fit": "manip.fit: data.batch_size must be >= 1, got 0",
+                "finetune": f"manip.finetune: checkpoint not found: {tmp_path / 'missing.ckpt'}"}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1, stderr
+        assert stderr.strip().splitlines()[-1] == expected[name] and "Traceback" not in stderr, stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() or p.name not in ("runs",)], list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["data.path=/nope/x.hdf5"], DatasetError, "Robomimic dataset not found: /nope/x.hdf5"),
+    (["data.obs_keys=[robot0_eef_pos,objectt]"], DatasetError, "objectt"),
+    (["data.reward_mode=foo"], DatasetError, "unknown reward_mode 'foo'"),
+    (["eval.noise_scale=-1"], SettingError, "eval.noise_scale must be >= 0"),
+    (["resume=maybe"], SettingError, "resume must be auto, true or false, got 'maybe'"),
+    (["resume=true"], CheckpointError, "resume=true but {run_dir}/checkpoints/last.ckpt does not exist"),
+    (["data.batch_size=0"], SettingError, "data.batch_size must be >= 1, got 0"),
+    (["data.batch_size=-4"], SettingError, "data.batch_size must be >= 1, got -4"),
+    (["data.discount=1.5"], SettingError, "data.discount must be in [0.0, 1.0], got 1.5"),
+    (["algo.horizon=0"], SettingError, "algo.horizon must be >= 1, got 0"),
+    (["data.task=lfit", "data.path={tmp}/lfit/mh/low_dim_v15.hdf5"], SettingError,
+     "data.task='lfit': {tmp}/lfit/mh/low_dim_v15.hdf5 does not exist and the scripted generator knows only lift, "
+     "can, square"),
+])
+def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_path, overrides, error, message):
+    run_dir = tmp_path / "run"
+    overrides = [item.format(tmp=tmp_path) for item in overrides]
+    with pytest.raises(error, match=re.escape(message.format(tmp=tmp_path, run_dir=run_dir))):
+        fit.build(_compose("fit", ["data=robomimic", f"data.path={lift_hdf5}", f"run_dir={run_dir}", *QUICK,
+                                   *overrides]))
+    assert list(tmp_path.iterdir()) == []  # no run directory, no data directory
+
+
+def test_fit_checkpoint_records_the_dataset_file_as_an_absolute_path(lift_run, lift_hdf5):
+    cfg = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]
+    for recorded in (cfg["data_info"]["path"], cfg["data"]["path"]):
+        assert Path(recorded).is_absolute() and Path(recorded).resolve() == lift_hdf5.resolve()
+
+
+def test_finetune_reads_the_checkpoints_dataset_from_any_directory(lift_run, lift_hdf5, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    final = _finetune_config(lift_run / "checkpoints" / "last.ckpt")
+    assert Path(final.data.path).resolve() == lift_hdf5.resolve() and final.data.generate_demos == 0
+
+
+def test_finetune_finds_an_old_checkpoints_relative_dataset_or_names_it(lift_run, lift_hdf5, tmp_path, monkeypatch):
+    """Older checkpoints recorded ``data.path`` relative to the directory their run started from: the run's
+    hydra/hydra.yaml names that directory; without it the current one is tried, and a missing file is an error
+    naming it as the checkpoint's dataset (no dataset is generated in its place)."""
+    ckpt = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")
+    cfg = ckpt["hyper_parameters"]["cfg"]
+    cfg["data_info"]["path"] = cfg["data"]["path"] = "lift/mh/low_dim_v15.hdf5"
+    old = tmp_path / "old_run" / "checkpoints" / "last.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save(ckpt, old)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{Path.cwd() / 'lift/mh/low_dim_v15.hdf5'} does not exist: it is the dataset checkpoint {old} was "
+            f"trained on")):
+        _finetune_config(old)
+    assert list(elsewhere.iterdir()) == []
+    (old.parents[1] / "hydra").mkdir()
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(lift_hdf5.parents[2])}}}, old.parents[1] / "hydra" / "hydra.yaml")
+    assert Path(_finetune_config(old).data.path).resolve() == lift_hdf5.resolve()
+
+
+def test_resuming_a_run_with_another_algorithm_or_network_is_refused(lift_run, lift_hdf5):
+    """The run directory's checkpoint and its recorded config stay as they were; the same command resumes."""
+    recorded = (lift_run / "hydra" / "config.yaml").read_text()
+    command = ["data=robomimic", f"data.path={lift_hdf5}", f"run_dir={lift_run}", "data.batch_size=32",
+               "trainer.accelerator=cpu", "trainer.max_steps=4", "eval.every_n_steps=0", "eval.final_episodes=0"]
+    for extra, difference in [(["algo.agent.hidden_dims=[32,32]", "algo.agent.num_samples=4"],
+                               "algo.agent.hidden_dims=[64, 64] (this command: [32, 32])"),
+                              (["algo=fql"], "algo.name=mvp (this command: fql)"),
+                              ([*TINY, "data.reward_mode=r"], "data.reward_mode=r-1 (this command: r)"),
+                              ([*TINY, "seed=1"], "seed=0 (this command: 1)")]:
+        with pytest.raises(CheckpointError) as info:
+            fit.build(_compose("fit", [*command, *extra]))
+        assert str(info.value) == f"{lift_run} holds a mvp run with {difference}; use another run_dir or resume=false"
+    assert (lift_run / "hydra" / "config.yaml").read_text() == recorded
+    assert fit.build(_compose("fit", [*command, *TINY]))[3] == lift_run / "checkpoints" / "last.ckpt"
+
+
+def test_chunk_length_mismatch_names_the_algorithms_horizon(lift_run):
+    last = lift_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint {last} has horizon=5 (action chunk length) but this run's algo.horizon=1")):
+        check_compatible(load_checkpoint(last), last, 19, 7, None, 1, where="dataset x")
+
+
+def test_finetune_overrides_top_level_keys_of_the_checkpoints_config(lift_run):
+    """``+seed`` / ``+discount`` also set the keys fit resolved from them."""
+    final = _finetune_config(lift_run / "checkpoints" / "last.ckpt", "+seed=3", "+threads=2", "+discount=0.9")
+    assert (final.seed, final.data.seed, final.module.seed, final.threads) == (3, 3, 3, 2)
+    assert final.discount == final.data.discount == final.algo.agent.discount == 0.9
+
+
+def test_spread_names_every_key_fit_derives_from_seed_and_discount():
+    found: dict[str, set[str]] = {key: set() for key in finetune.SPREAD}
+
+    def visit(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                visit(value, f"{prefix}{key}.")
+            for top in found:
+                if value == f"${{{top}}}":
+                    found[top].add(f"{prefix}{key}")
+
+    for data in ("robomimic", "ogbench"):
+        for algo in sorted(p.stem for p in (Path(CONF) / "algo").glob("*.yaml")):
+            visit(OmegaConf.to_container(_compose("fit", [f"data={data}", f"algo={algo}"])), "")
+    assert found == {key: set(keys) for key, keys in finetune.SPREAD.items()}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+data=ogbench", "override '+data=ogbench' would replace the checkpoint's whole 'data' section"),
+    ("+algo.agent.num_sampels=2", "override '+algo.agent.num_sampels=2': the checkpoint's config has no key "
+                                  "'algo.agent.num_sampels'"),
+    ("+foo=1", "override '+foo=1': the checkpoint's config has no top-level key 'foo'"),
+    ("+eval.episods=3", "override '+eval.episods=3': eval has no key 'episods' (its keys: every_n_steps, episodes,"),
+    ("resume=maybe", "resume must be auto, true or false, got 'maybe'"),
+])
+def test_finetune_refuses_overrides_it_cannot_apply(lift_run, override, message):
+    with pytest.raises(SettingError, match=re.escape(message)):
+        _finetune_config(lift_run / "checkpoints" / "last.ckpt", override)
+
+
+class _Foreign:
+    """An object safe loading refuses."""
+
+
+def test_files_that_are_not_manip_checkpoints_are_named_in_one_line(tmp_path):
+    stats = tmp_path / "dataset_stats.json"
+    stats.write_text(json.dumps({"obs_mean": [0.0]}))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "thing": _Foreign()}, foreign)
+    expected = {stats: f"{stats} is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with ",
+                foreign: f"cannot read checkpoint {foreign}: it holds a {_Foreign.__module__}._Foreign object, "
+                         f"which loading with weights_only=True refuses"}
+    for path, start in expected.items():
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value).startswith(start) and "\n" not in str(info.value) and len(str(info.value)) < 250

@@ -12,6 +12,7 @@ import imageio.v2 as iio
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import manip
 from manip.evaluate import evaluate_checkpoint, main
@@ -164,6 +165,43 @@ def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={tmp_path / 'nope.ckpt'}")
     assert exit_info.value.code == f"manip.evaluate: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+
+
+@pytest.mark.parametrize("where", ["existing directory", "path under a file"])
+def test_cli_checks_the_output_path_before_evaluating(checkpoints, tmp_path, monkeypatch, where):
+    """An ``out`` the result could not be written to is refused by name before any episode runs."""
+    import manip.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", lambda *args, **kwargs: pytest.fail("the evaluation ran"))
+    (tmp_path / "file.json").write_text("{}")
+    out, message = {
+        "existing directory": (tmp_path, f"out={tmp_path} is a directory; name the JSON file to write"),
+        "path under a file": (tmp_path / "file.json" / "x.json",
+                              f"out={tmp_path / 'file.json' / 'x.json'}: {tmp_path / 'file.json'} is a file"),
+    }[where]
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['fql']}", "episodes=1", f"out={out}")
+    assert exit_info.value.code.startswith(f"manip.evaluate: {message}")
+    assert (tmp_path / "file.json").read_text() == "{}"
+
+
+def test_cli_names_a_file_that_is_not_a_checkpoint(checkpoints, tmp_path):
+    stats = checkpoints["mvp"].parents[1] / "dataset_stats.json"
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={stats}", f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code.startswith(f"manip.evaluate: {stats} is not a PyTorch checkpoint (")
+    assert "weights_only" not in exit_info.value.code and not (tmp_path / "r.json").exists()
+
+
+def test_multirun_jobs_record_their_config_in_their_run_dir(checkpoints):
+    """``fit --multirun``: each job's composed config lands in its own run_dir; the sweep directory keeps only
+    Hydra's multirun.yaml."""
+    root = checkpoints["mvp"].parents[2]
+    for algo in ("mvp", "fql"):
+        assert OmegaConf.load(root / algo / "hydra" / "config.yaml").algo.name == algo
+        assert f"algo={algo}" in OmegaConf.load(root / algo / "hydra" / "overrides.yaml")
+        assert (root / algo / "dataset_stats.json").exists()
+    assert sorted(p.name for p in (root / "sweep").iterdir()) == ["multirun.yaml"]
 
 
 def test_cli_without_renderer_fails_in_one_line(checkpoints, tmp_path):

@@ -282,7 +282,7 @@ def test_incompatible_checkpoint_is_refused(offline_run, cube_single_npz):
     with pytest.raises(CheckpointError, match=f"{last} has obs_dim={obs_dim} but the dataset x has obs_dim=29"):
         check_compatible(ckpt, last, 29, action_dim, None, 5, where="dataset x")
     # Resuming a run with a different chunk length stops before training, naming both lengths.
-    with pytest.raises(CheckpointError, match="has horizon=5 but the dataset .* has horizon=4"):
+    with pytest.raises(CheckpointError, match=r"holds a mvp run with algo.horizon=5 \(this command: 4\)"):
         fit.build(config("fit", fit_overrides(cube_single_npz, offline_run, STEPS, "algo.horizon=4")))
 
 

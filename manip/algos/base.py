@@ -14,11 +14,41 @@ from torch import nn
 
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
 from manip.algos.networks import CriticEnsemble
+from manip.evaluation import SettingError, check_int, check_real
 
-__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "flatten_chunk", "masked_mean"]
+__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "check_agent_settings", "flatten_chunk", "masked_mean"]
 
 Batch = dict[str, torch.Tensor]
 Q_AGGREGATES = ("mean", "min")
+# Agent settings that count something (samples, networks, integration steps, units): integers >= 1.
+_COUNTS = ("num_samples", "num_critics", "flow_steps", "sample_steps", "time_dim")
+_FRACTIONS = ("boundary_fraction", "full_interval_fraction")
+
+
+def check_agent_settings(horizon: int | None = None, **settings) -> None:
+    """Raise ``SettingError`` naming ``algo.horizon`` or ``algo.agent.<key>`` for the first setting out of range.
+
+    Checked when given: horizon, num_samples, num_critics, flow_steps, sample_steps, time_dim (integers >= 1),
+    hidden_dims (a non-empty list of integers >= 1), boundary_fraction and full_interval_fraction (in [0, 1]) and
+    q_agg (one of ``Q_AGGREGATES``); other keys pass unchecked. The agents call it in their constructors, and the
+    entry points with the composed ``algo`` config before any data is loaded.
+    """
+    if horizon is not None:
+        check_int(horizon, "algo.horizon", 1)
+    for key in _COUNTS:
+        if key in settings:
+            check_int(settings[key], f"algo.agent.{key}", 1)
+    if "hidden_dims" in settings:
+        dims = settings["hidden_dims"]
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+            raise SettingError(f"algo.agent.hidden_dims must be a non-empty list of layer sizes, got {dims!r}")
+        for i, dim in enumerate(dims):
+            check_int(dim, f"algo.agent.hidden_dims[{i}]", 1)
+    for key in _FRACTIONS:
+        if key in settings:
+            check_real(settings[key], f"algo.agent.{key}", 0.0, maximum=1.0)
+    if "q_agg" in settings and settings["q_agg"] not in Q_AGGREGATES:
+        raise SettingError(f"unknown algo.agent.q_agg {settings['q_agg']!r}; expected one of {Q_AGGREGATES}")
 
 
 def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,8 +98,8 @@ class ActorCriticAgent(nn.Module):
         q_agg: str = "mean",
     ):
         super().__init__()
-        if q_agg not in Q_AGGREGATES:
-            raise ValueError(f"unknown algo.agent.q_agg {q_agg!r}; expected one of {Q_AGGREGATES}")
+        check_agent_settings(horizon, hidden_dims=hidden_dims, num_critics=num_critics, num_samples=num_samples,
+                             q_agg=q_agg)
         self.q_agg = q_agg
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
         self.act_dim_flat = horizon * action_dim

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from manip.algos.base import ActorCriticAgent, Batch, flatten_chunk, masked_mean
+from manip.algos.base import ActorCriticAgent, Batch, check_agent_settings, flatten_chunk, masked_mean
 from manip.algos.networks import VelocityNet
 
 __all__ = ["flow_matching_loss", "euler_sample", "FlowBoNAgent"]
@@ -75,6 +75,7 @@ class FlowBoNAgent(ActorCriticAgent):
         time_dim: int = 32,
         q_agg: str = "mean",
     ):
+        check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
         self.flow_steps = flow_steps
         self.actor = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)

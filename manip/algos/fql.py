@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from manip.algos.base import ActorCriticAgent, Batch, flatten_chunk
+from manip.algos.base import ActorCriticAgent, Batch, check_agent_settings, flatten_chunk
 from manip.algos.flow import euler_sample, flow_matching_loss
 from manip.algos.networks import OneStepNet, VelocityNet
 
@@ -93,6 +93,7 @@ class FQLAgent(ActorCriticAgent):
         time_dim: int = 32,
         q_agg: str = "mean",
     ):
+        check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples=1, discount=discount,
                          q_agg=q_agg)
         self.alpha, self.flow_steps, self.normalize_q = alpha, flow_steps, normalize_q

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from manip.algos.base import ActorCriticAgent, Batch, flatten_chunk, masked_mean
+from manip.algos.base import ActorCriticAgent, Batch, check_agent_settings, flatten_chunk, masked_mean
 from manip.algos.networks import MeanVelocityNet
 
 __all__ = [
@@ -260,6 +260,8 @@ class MVPAgent(ActorCriticAgent):
         full_interval_fraction: float = 0.0,
         q_agg: str = "mean",
     ):
+        check_agent_settings(sample_steps=sample_steps, time_dim=time_dim, boundary_fraction=boundary_fraction,
+                             full_interval_fraction=full_interval_fraction)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
         self.sample_steps = sample_steps
         self.lambda_ivc = lambda_ivc

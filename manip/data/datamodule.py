@@ -2,12 +2,15 @@
 
 Both modules hold one ``ChunkReplay`` that ``fit`` samples from and ``finetune`` appends online
 episodes to, dataset statistics that checkpoints carry, and the ``EnvSpec`` of the matching
-simulator. When the default dataset file is absent a small one is generated there once.
+simulator. When the default dataset file is absent a small one is generated there once. Sizes and
+shares out of range raise ``SettingError`` naming their ``data.`` key when a module is built, before any
+file is read or written; checkpoints record the dataset file as an absolute path (``info["path"]``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec
+from manip.evaluation import SettingError, check_int, check_real
 
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
@@ -75,16 +79,44 @@ class _ReplayStream(IterableDataset):
             yield batch
 
 
+def instantiate(data_cfg) -> "ReplayDataModule":
+    """``hydra.utils.instantiate`` of a ``data`` config (nothing is loaded yet). A ``SettingError`` or
+    ``DatasetError`` of the module's constructor is raised as itself, not inside Hydra's ``InstantiationException``."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(data_cfg)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (SettingError, DatasetError)):
+            raise exc.__cause__ from None
+        raise
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded, made absolute against the current directory (symlinks kept)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 class ReplayDataModule(L.LightningDataModule):
     """Offline transitions in a ``ChunkReplay`` plus the simulator they came from.
 
-    Subclasses implement ``_load() -> (Transitions, EnvSpec, info dict)``.
+    Subclasses implement ``_load() -> (Transitions, EnvSpec, info dict)``. ``batch_size``, ``horizon`` and
+    ``max_transitions`` must be >= 1, ``discount`` and ``offline_fraction`` in [0, 1] (``SettingError`` naming
+    ``data.<key>`` otherwise).
     """
 
     def __init__(self, batch_size: int = 256, horizon: int = 5, discount: float = 0.99,
                  offline_fraction: float | None = None, seed: int = 0,
                  max_transitions: int | None = None) -> None:
         super().__init__()
+        check_int(batch_size, "data.batch_size", 1)
+        check_int(horizon, "data.horizon", 1)
+        check_real(discount, "data.discount", 0.0, maximum=1.0)
+        if offline_fraction is not None:
+            check_real(offline_fraction, "data.offline_fraction", 0.0, maximum=1.0)
+        if max_transitions is not None:
+            check_int(max_transitions, "data.max_transitions", 1)
         self.batch_size, self.horizon, self.discount = batch_size, horizon, discount
         self.offline_fraction, self.seed = offline_fraction, seed
         self.max_transitions = max_transitions
@@ -161,7 +193,8 @@ class RobomimicDataModule(ReplayDataModule):
 
     obs_keys: keys concatenated in this order; filter_key: ``mask/<filter_key>`` demo subset.
     generate_demos: when ``path`` is absent and named like a robomimic low-dim file, a scripted
-    dataset of this many demos of ``task`` is generated there first (0 disables it).
+    dataset of this many demos of ``task`` is generated there first (0 disables it); a ``task`` the generator
+    does not know then raises ``SettingError`` at once, before any directory is made.
     env_horizon: rollout length in the simulator (None: QC's per-task value).
     """
 
@@ -172,13 +205,20 @@ class RobomimicDataModule(ReplayDataModule):
         super().__init__(**kwargs)
         self.path, self.task = Path(path).expanduser(), task
         self.obs_keys, self.filter_key, self.reward_mode = tuple(obs_keys), filter_key, reward_mode
-        self.generate_demos, self.env_horizon = generate_demos, env_horizon
+        self.generate_demos, self.env_horizon = check_int(generate_demos, "data.generate_demos", 0), env_horizon
+        if env_horizon is not None:
+            check_int(env_horizon, "data.env_horizon", 1)
+        if self._generates() and task not in ROBOMIMIC_TASKS:
+            raise SettingError(f"data.task={task!r}: {self.path} does not exist and the scripted generator "
+                               f"knows only {', '.join(ROBOMIMIC_TASKS)}")
+
+    def _generates(self) -> bool:
+        """Whether ``prepare_data`` generates the file: absent, generation on, named like a low-dim file."""
+        return bool(self.generate_demos) and self.path.name.startswith("low_dim") and not self.path.exists()
 
     def prepare_data(self) -> None:
-        if self.path.exists() or not self.generate_demos:
-            return
-        if not self.path.name.startswith("low_dim"):
-            return  # a custom path that does not exist: _load reports it
+        if not self._generates():
+            return  # present, or a custom path that does not exist: _load reports it
         from manip.data.generate.robomimic_scripted import generate
 
         print(f"[manip] {self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
@@ -194,7 +234,7 @@ class RobomimicDataModule(ReplayDataModule):
         horizon = self.env_horizon or ROBOMIMIC_HORIZONS.get(env_name, 400)
         spec = EnvSpec("robosuite", {"env_args": data.env_args, "obs_keys": list(data.obs_keys),
                                      "horizon": horizon, "reward_mode": self.reward_mode})
-        info = {"source": "robomimic", "path": str(self.path), "env_name": env_name,
+        info = {"source": "robomimic", "path": str(absolute(self.path)), "env_name": env_name,
                 "obs_keys": list(data.obs_keys), "obs_key_dims": data.obs_key_dims,
                 "num_demos": len(data.demos), "num_transitions": len(data.transitions)}
         return data.transitions, spec, info
@@ -219,7 +259,10 @@ class OGBenchDataModule(ReplayDataModule):
         self.env_name, stem, self.task_id = split_singletask_name(dataset_name)
         self.path = Path(path).expanduser() if path else Path(data_dir) / f"{stem}.npz"
         self.stem = stem
-        self.generate_episodes, self.generate_episode_length = generate_episodes, generate_episode_length
+        self.generate_episodes = check_int(generate_episodes, "data.generate_episodes", 0)
+        self.generate_episode_length = check_int(generate_episode_length, "data.generate_episode_length", 2)
+        if env_horizon is not None:
+            check_int(env_horizon, "data.env_horizon", 1)
         self.env_horizon = env_horizon
         self.val: Transitions | None = None
 
@@ -243,6 +286,6 @@ class OGBenchDataModule(ReplayDataModule):
         data = load_ogbench(self.dataset_name, self.path)
         self.val = data.val
         spec = EnvSpec("ogbench", {"env_name": data.env_name, "horizon": self.env_horizon})
-        info = {"source": "ogbench", "path": str(self.path), "env_name": data.env_name,
+        info = {"source": "ogbench", "path": str(absolute(self.path)), "env_name": data.env_name,
                 "dataset_name": self.dataset_name, "num_transitions": len(data.train)}
         return data.train, spec, info

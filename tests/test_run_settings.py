@@ -1,0 +1,260 @@
+"""Run settings of ``fit`` / ``finetune``: ``last.ckpt`` at the final step (also when the final evaluation fails),
+and out-of-range settings refused by their config key before any data is loaded or any update is made.
+
+Runs are in-process builds of the entry points (``fit.build`` / ``finetune.build`` on the Hydra configs they
+compose) with tiny networks on the session's small cube-single file.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import manip
+import manip.envs
+from manip import finetune, fit
+from manip.checkpoint import load_checkpoint
+from manip.evaluation import SettingError
+
+CONF = Path(manip.__file__).resolve().parent.parent / "conf"
+SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
+         "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0", "data.env_horizon=10",
+         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
+EVERY = 10  # checkpoint.every_n_steps of every run here
+OFFLINE_STEPS = 15  # not a multiple of EVERY
+
+
+def fit_overrides(npz: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["data=ogbench", f"data.path={npz}", f"run_dir={run_dir}", f"trainer.max_steps={steps}",
+            f"checkpoint.every_n_steps={EVERY}", *SMALL, *extra]
+
+
+def finetune_overrides(ckpt: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [f"ckpt={ckpt}", f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"checkpoint.every_n_steps={EVERY}",
+            "eval.every_n_steps=0", "eval.final_episodes=0", "finetune.start_training=20",
+            "finetune.target_samples=4", *extra]
+
+
+def config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def run_fit(overrides: list[str]):
+    module, dm, trainer, resume = fit.build(config("fit", overrides))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    return trainer
+
+
+def run_finetune(overrides: list[str]):
+    module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+def last_step(run_dir: Path) -> int:
+    return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+
+
+def logged_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (actor loss, critic loss) from metrics.csv (a later row for the same step wins)."""
+    losses = {}
+    with open(run_dir / "offline" / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/actor_loss"):
+                losses[int(row["step"])] = (float(row["train/actor_loss"]), float(row["train/critic_loss"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def offline_run(cube_single_npz, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory of a 15-update fit with checkpoints every 10 updates, a copy of its last.ckpt then)."""
+    run_dir = tmp_path_factory.mktemp("offline") / "run"
+    trainer = run_fit(fit_overrides(cube_single_npz, run_dir, OFFLINE_STEPS))
+    assert trainer.global_step == OFFLINE_STEPS
+    kept = run_dir.parent / "kept" / "last.ckpt"
+    kept.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", kept)
+    return run_dir, kept
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Fails a test whose entry point starts preparing or reading the dataset; the attempts are listed."""
+    from manip.data.datamodule import OGBenchDataModule
+
+    calls = []
+
+    def refuse(self, *args, **kwargs):
+        calls.append(self)
+        raise AssertionError("data loading started before the settings were checked")
+
+    monkeypatch.setattr(OGBenchDataModule, "prepare_data", refuse)
+    monkeypatch.setattr(OGBenchDataModule, "setup", refuse)
+    return calls
+
+
+# ------------------------------------------------------------------------------------ last.ckpt at the end
+def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offline_run, cube_single_npz, tmp_path,
+                                                                          capsys):
+    run_dir, _ = offline_run
+    checkpoints = run_dir / "checkpoints"
+    assert last_step(run_dir) == OFFLINE_STEPS
+    assert load_checkpoint(checkpoints / f"step{EVERY}.ckpt")["global_step"] == EVERY  # the interval saves stay
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", f"step{EVERY}.ckpt"]
+
+    # The same command with more updates continues from step 15, exactly as an uninterrupted run does.
+    steps = 25
+    capsys.readouterr()
+    trainer = run_fit(fit_overrides(cube_single_npz, run_dir, steps))
+    assert f"resuming from {checkpoints / 'last.ckpt'} at step {OFFLINE_STEPS}" in capsys.readouterr().out
+    assert trainer.global_step == steps and last_step(run_dir) == steps
+    assert not list(checkpoints.glob("last-v*.ckpt"))
+    run_fit(fit_overrides(cube_single_npz, tmp_path / "straight", steps))
+    assert logged_losses(run_dir) == logged_losses(tmp_path / "straight")
+    assert sorted(logged_losses(run_dir)) == list(range(steps))
+
+
+def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path):
+    _, offline_ckpt = offline_run
+    start, updates = load_checkpoint(offline_ckpt)["global_step"], 12
+    assert (start + updates) % EVERY  # global steps 15 -> 27: the interval saves at 20 only
+    trainer = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
+    assert trainer.global_step == start + updates
+    last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == start + updates
+    assert last["manip"]["env_steps"] >= 20 + updates
+
+
+def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulator crashed")
+
+    monkeypatch.setattr(manip.envs, "make_vector_env", crash)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulator crashed"):
+        run_fit(fit_overrides(cube_single_npz, run_dir, OFFLINE_STEPS, "eval.final_episodes=2"))
+    assert last_step(run_dir) == OFFLINE_STEPS
+
+
+# ------------------------------------------------------------------------------- settings out of range
+BAD_RUN_SETTINGS = [
+    ("eval.num_envs=0", "eval.num_envs must be >= 1, got 0"),
+    ("eval.every_n_steps=-1", "eval.every_n_steps must be >= 0, got -1"),
+    ("eval.episodes=0", "eval.episodes must be >= 1, got 0"),  # with periodic evaluation on
+    ("eval.final_episodes=-1", "eval.final_episodes must be >= 0, got -1"),
+    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps must be >= 1, got 0"),
+    ("algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),
+    ("algo.agent.num_samples=-2", "algo.agent.num_samples must be >= 1, got -2"),
+    ("algo.horizon=0", "algo.horizon must be >= 1, got 0"),
+    ("algo.agent.hidden_dims=[]", "algo.agent.hidden_dims must be a non-empty list of layer sizes, got []"),
+    ("algo.agent.hidden_dims=[64,0]", "algo.agent.hidden_dims[1] must be >= 1, got 0"),
+    ("algo.agent.sample_steps=0", "algo.agent.sample_steps must be >= 1, got 0"),
+    ("algo.agent.boundary_fraction=1.5", "algo.agent.boundary_fraction must be in [0.0, 1.0], got 1.5"),
+]
+
+
+@pytest.mark.parametrize("setting,message", BAD_RUN_SETTINGS, ids=[s for s, _ in BAD_RUN_SETTINGS])
+def test_fit_refuses_a_bad_setting_by_key_before_loading_data(setting, message, cube_single_npz, tmp_path,
+                                                              no_data_loading):
+    run_dir = tmp_path / "run"
+    periodic = ["eval.every_n_steps=2"] if setting.startswith("eval.episodes") else []
+    overrides = fit_overrides(cube_single_npz, run_dir, 3, "eval.final_episodes=1", *periodic, setting)
+    with pytest.raises(SettingError, match=re.escape(message)):
+        run_fit(overrides)
+    assert not no_data_loading and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("algo,setting,message", [
+    ("qc", "algo.agent.flow_steps=0", "algo.agent.flow_steps must be >= 1, got 0"),
+    ("fql", "algo.agent.flow_steps=-1", "algo.agent.flow_steps must be >= 1, got -1"),
+    ("bfn", "algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),
+])
+def test_other_agents_refuse_bad_settings_by_key(algo, setting, message, cube_single_npz, tmp_path, no_data_loading):
+    overrides = fit_overrides(cube_single_npz, tmp_path, 3, f"algo={algo}", setting)
+    if algo == "fql":  # FQL acts with its one-step student: its agent has no num_samples
+        overrides.remove("algo.agent.num_samples=4")
+    with pytest.raises(SettingError, match=re.escape(message)):
+        run_fit(overrides)
+    assert not no_data_loading
+
+
+BAD_FINETUNE_SETTINGS = [
+    ("finetune.utd=0", "finetune.utd must be > 0.0, got 0"),
+    ("finetune.utd=-1", "finetune.utd must be > 0.0, got -1"),
+    ("finetune.target_samples=0", "finetune.target_samples must be >= 1, got 0"),
+    ("finetune.offline_fraction=1.5", "finetune.offline_fraction must be in [0.0, 1.0], got 1.5"),
+    ("finetune.alpha=-1", "finetune.alpha must be >= 0.0, got -1"),
+    ("finetune.alpha_final=-2", "finetune.alpha_final must be >= 0.0, got -2"),
+    ("finetune.start_training=-1", "finetune.start_training must be >= 0, got -1"),
+    ("finetune.num_envs=0", "finetune.num_envs must be >= 1, got 0"),
+    ("finetune.alpha_steps=0", "finetune.alpha_steps must be >= 1, got 0"),
+    ("finetune.bc_weight=-0.5", "finetune.bc_weight must be >= 0.0, got -0.5"),
+    ("finetune.prior_std=0", "finetune.prior_std must be > 0.0, got 0"),
+    ("finetune.bound_std=0", "finetune.bound_std must be > 0.0, got 0"),
+    ("finetune.rfm_eta=best", "finetune.rfm_eta must be a number or 'optimal', got 'best'"),
+    ("+finetune.utd_ratio=2", "utd_ratio"),
+    ("eval.num_envs=0", "eval.num_envs must be >= 1, got 0"),
+    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps must be >= 1, got 0"),
+    ("+algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),  # applied to the checkpoint's config
+]
+
+
+@pytest.mark.parametrize("setting,message", BAD_FINETUNE_SETTINGS, ids=[s for s, _ in BAD_FINETUNE_SETTINGS])
+def test_finetune_refuses_a_bad_setting_by_key_before_loading_data(setting, message, offline_run, tmp_path,
+                                                                   no_data_loading):
+    _, offline_ckpt = offline_run
+    run_dir = tmp_path / "ft"
+    overrides = finetune_overrides(offline_ckpt, run_dir, 5, setting)
+    with pytest.raises(SettingError, match=re.escape(message)):
+        run_finetune(overrides)
+    assert not no_data_loading and not (run_dir / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------ the objects themselves
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_samples": 0}, "algo.agent.num_samples must be >= 1, got 0"),
+    ({"horizon": 0}, "algo.horizon must be >= 1, got 0"),
+    ({"hidden_dims": ()}, "algo.agent.hidden_dims must be a non-empty list"),
+    ({"sample_steps": 0}, "algo.agent.sample_steps must be >= 1, got 0"),
+    ({"num_critics": 0}, "algo.agent.num_critics must be >= 1, got 0"),
+    ({"num_samples": 2.5}, "algo.agent.num_samples must be an integer >= 1, got 2.5"),
+])
+def test_agent_constructor_names_the_bad_key(kwargs, message):
+    from manip.algos import MVPAgent
+
+    with pytest.raises(SettingError, match=re.escape(message)):
+        MVPAgent(**{"obs_dim": 3, "action_dim": 2, "horizon": 2, "hidden_dims": (8,), **kwargs})
+
+
+@pytest.mark.parametrize("agent", ["FlowBoNAgent", "FQLAgent"])
+def test_flow_agents_name_flow_steps(agent):
+    import manip.algos
+
+    with pytest.raises(SettingError, match="algo.agent.flow_steps must be >= 1, got 0"):
+        getattr(manip.algos, agent)(obs_dim=3, action_dim=2, horizon=1, hidden_dims=(8,), flow_steps=0)
+
+
+@pytest.mark.parametrize("online,message", [
+    ({"utd": 0}, "finetune.utd must be > 0.0, got 0"),
+    ({"target_samples": 0}, "finetune.target_samples must be >= 1, got 0"),
+    ({"bound_std": -0.1}, "finetune.bound_std must be > 0.0, got -0.1"),
+    ({"target": "best"}, "unknown finetune.target 'best'"),
+    ({"offline_fraction": 0.5}, "unknown finetune.offline_fraction"),  # the datamodule's, not the module's
+])
+def test_module_online_settings_name_the_bad_key(online, message):
+    from functools import partial
+
+    from manip.algos import MVPAgent
+    from manip.module import ManipModule
+
+    agent = partial(MVPAgent, hidden_dims=(8,), num_samples=2)
+    stats = {"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3}
+    with pytest.raises(SettingError, match=re.escape(message)):
+        ManipModule(agent, obs_dim=3, action_dim=2, horizon=2, stats=stats, online=online)
