@@ -27,9 +27,8 @@ from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
 from manip.evaluation import SettingError
-from manip.fit import USER_ERRORS, record_config, resume_path
 from manip.module import ManipModule
-from manip.run import build_trainer, plain, run_info, seed_everything
+from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
 _OWN = ("finetune", "eval", "checkpoint", "trainer", "env")

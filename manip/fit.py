@@ -29,14 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
-from manip.data.errors import DatasetError
-from manip.envs import EnvMismatchError
-from manip.evaluation import SettingError, check_int
+from manip.evaluation import check_int
 from manip.module import ManipModule
-from manip.run import build_trainer, plain, run_info, seed_everything
-
-# Errors a user's command or files cause: reported in one line, without a traceback.
-USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError)
+from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
 _DDP_CHILD_JOB = "train_ddp_process_"
@@ -54,19 +49,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().job.name.startswith(_DDP_CHILD_JOB):
         return Path(HydraConfig.get().run.dir)
     return Path(cfg.run_dir)
-
-
-def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` unless resume is false.
-
-    ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` for ``resume=true``
-    without that file."""
-    if resume not in ("auto", True, False):
-        raise SettingError(f"resume must be auto, true or false, got {resume!r}")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume is True and not last.exists():
-        raise CheckpointError(f"resume=true but {last} does not exist")
-    return last if resume and last.exists() else None
 
 
 _UNSET = object()
@@ -119,21 +101,6 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
         algo = (saved.get("algo") or {}).get("name", "manip")
         raise CheckpointError(f"{run_dir} holds a {algo} run with {', '.join(differences)}; use another run_dir "
                               f"or resume=false")
-
-
-def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str] | None = None) -> None:
-    """``<run_dir>/hydra/config.yaml`` (``config``), ``overrides.yaml`` (the command line's overrides) and, under
-    a Hydra app, ``hydra.yaml``: what Hydra's ``output_subdir`` holds, written once the run's checks passed."""
-    out = run_dir / "hydra"
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, out / "config.yaml")
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.instance().cfg
-        OmegaConf.save(hydra_cfg, out / "hydra.yaml")
-        if overrides is None:
-            overrides = list(hydra_cfg.hydra.overrides.task)
-    if overrides is not None:
-        OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
 
 
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:

@@ -17,15 +17,21 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.base import check_agent_settings
-from manip.checkpoint import AtomicCheckpointIO
+from manip.checkpoint import AtomicCheckpointIO, CheckpointError
 from manip.data.datamodule import ReplayDataModule
-from manip.evaluation import check_int, check_noise_scale, evaluate_policy
+from manip.data.errors import DatasetError
+from manip.envs import EnvMismatchError
+from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
 from manip.module import ManipModule, OnlineConfig, check_offline_fraction
 
+
+# Errors a user's command or files cause: reported in one line, without a traceback.
+USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError)
 
 # Manual optimisation checkpoints the state after the update; that is what we want.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
@@ -203,6 +209,34 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
         online = plain(cfg.finetune)
         check_offline_fraction(online.pop("offline_fraction", None))
         OnlineConfig.from_settings(online)
+
+
+def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` unless resume is false.
+
+    ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` for ``resume=true``
+    without that file."""
+    if resume not in ("auto", True, False):
+        raise SettingError(f"resume must be auto, true or false, got {resume!r}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume is True and not last.exists():
+        raise CheckpointError(f"resume=true but {last} does not exist")
+    return last if resume and last.exists() else None
+
+
+def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str] | None = None) -> None:
+    """``<run_dir>/hydra/config.yaml`` (``config``), ``overrides.yaml`` (the command line's overrides) and, under
+    a Hydra app, ``hydra.yaml``: what Hydra's ``output_subdir`` holds, written once the run's checks passed."""
+    out = run_dir / "hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, out / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.instance().cfg
+        OmegaConf.save(hydra_cfg, out / "hydra.yaml")
+        if overrides is None:
+            overrides = list(hydra_cfg.hydra.overrides.task)
+    if overrides is not None:
+        OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:
