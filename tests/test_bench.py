@@ -105,36 +105,27 @@ def test_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, fla
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("args", "flag", "accepted"), [
-    (["--batch-size", "0"], "--batch-size", ">= 1, got 0"),
-    (["--horizon", "0"], "--horizon", ">= 1, got 0"),
-    (["--seconds", "0"], "--seconds", "> 0, got 0.0"),
-    (["--seconds", "nan"], "--seconds", "> 0, got nan"),
-    (["--path", "missing.hdf5"], "--path", "no file missing.hdf5"),
+@pytest.mark.parametrize(("module", "measure", "args", "flag", "accepted"), [
+    ("manip.data.bench", "synthetic", ["--batch-size", "0"], "--batch-size", ">= 1, got 0"),
+    ("manip.data.bench", "synthetic", ["--horizon", "0"], "--horizon", ">= 1, got 0"),
+    ("manip.data.bench", "synthetic", ["--seconds", "0"], "--seconds", "> 0, got 0.0"),
+    ("manip.data.bench", "synthetic", ["--seconds", "nan"], "--seconds", "> 0, got nan"),
+    ("manip.data.bench", "synthetic", ["--path", "missing.hdf5"], "--path", "no file missing.hdf5"),
+    ("manip.bench_envs", "measure", ["--workers", "1", "0"], "--workers", ">= 1, got 0"),
+    ("manip.bench_envs", "measure", ["--steps", "0"], "--steps", ">= 1, got 0"),
+    ("manip.bench_envs", "measure", ["--warmup", "-1"], "--warmup", ">= 0, got -1"),
+    ("manip.bench_envs", "measure", ["--out", "missing/e.json"], "--out", "does not exist"),
 ])
-def test_data_bench_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, flag, accepted):
-    from manip.data import bench as data_bench
+def test_other_benchmarks_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, module, measure, args, flag,
+                                                         accepted):
+    """manip.data.bench (chunk sampling) and manip.bench_envs (simulator throughput) check their flags before
+    measuring anything."""
+    import importlib
 
+    bench_module = importlib.import_module(module)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data_bench, "synthetic", _must_not_run)
+    monkeypatch.setattr(bench_module, measure, _must_not_run)
     with pytest.raises(SystemExit) as exit_info:
-        data_bench.main(args)
+        bench_module.main(args)
     assert exit_info.value.code == 2
-    assert accepted in _one_error_line(capsys.readouterr().err, "python -m manip.data.bench", flag)
-
-
-@pytest.mark.parametrize(("args", "flag", "accepted"), [
-    (["--workers", "1", "0"], "--workers", ">= 1, got 0"),
-    (["--steps", "0"], "--steps", ">= 1, got 0"),
-    (["--warmup", "-1"], "--warmup", ">= 0, got -1"),
-    (["--out", "missing/e.json"], "--out", "does not exist"),
-])
-def test_bench_envs_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, flag, accepted):
-    from manip import bench_envs
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench_envs, "measure", _must_not_run)
-    with pytest.raises(SystemExit) as exit_info:
-        bench_envs.main(args)
-    assert exit_info.value.code == 2
-    assert accepted in _one_error_line(capsys.readouterr().err, "python -m manip.bench_envs", flag)
+    assert accepted in _one_error_line(capsys.readouterr().err, f"python -m {module}", flag)

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import manip
 from manip import finetune, fit
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, check_compatible, load_checkpoint
 
-CONF = Path(manip.__file__).resolve().parent.parent / "conf"
+from entry_points import CONF, config, run_fit
+
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0",
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
@@ -43,18 +42,6 @@ def finetune_overrides(ckpt: Path, run_dir: Path) -> list[str]:
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=10",
             "eval.every_n_steps=0", "eval.final_episodes=0", "finetune.start_training=20",
             "finetune.target_samples=4", "+data.env_horizon=10"]
-
-
-def config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
-def run_fit(overrides: list[str]):
-    """``python -m manip.fit`` in-process: the trainer and module after ``trainer.fit``."""
-    module, dm, trainer, resume = fit.build(config("fit", overrides))
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-    return trainer, module
 
 
 def logged_losses(run_dir: Path, phase: str = "offline") -> dict[int, tuple[float, float]]:
@@ -169,7 +156,6 @@ import sys
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 
 from manip import fit
 

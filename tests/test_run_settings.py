@@ -13,15 +13,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import manip
 import manip.envs
-from manip import finetune, fit
 from manip.checkpoint import load_checkpoint
 from manip.evaluation import SettingError
 
-CONF = Path(manip.__file__).resolve().parent.parent / "conf"
+from entry_points import run_finetune, run_fit
+
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0", "data.env_horizon=10",
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
@@ -39,23 +38,6 @@ def finetune_overrides(ckpt: Path, run_dir: Path, steps: int, *extra: str) -> li
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"checkpoint.every_n_steps={EVERY}",
             "eval.every_n_steps=0", "eval.final_episodes=0", "finetune.start_training=20",
             "finetune.target_samples=4", *extra]
-
-
-def config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides)
-
-
-def run_fit(overrides: list[str]):
-    module, dm, trainer, resume = fit.build(config("fit", overrides))
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-    return trainer
-
-
-def run_finetune(overrides: list[str]):
-    module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    return trainer
 
 
 def last_step(run_dir: Path) -> int:
@@ -76,7 +58,7 @@ def logged_losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 def offline_run(cube_single_npz, tmp_path_factory) -> tuple[Path, Path]:
     """(run directory of a 15-update fit with checkpoints every 10 updates, a copy of its last.ckpt then)."""
     run_dir = tmp_path_factory.mktemp("offline") / "run"
-    trainer = run_fit(fit_overrides(cube_single_npz, run_dir, OFFLINE_STEPS))
+    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, OFFLINE_STEPS))
     assert trainer.global_step == OFFLINE_STEPS
     kept = run_dir.parent / "kept" / "last.ckpt"
     kept.parent.mkdir()
@@ -112,7 +94,7 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
     # The same command with more updates continues from step 15, exactly as an uninterrupted run does.
     steps = 25
     capsys.readouterr()
-    trainer = run_fit(fit_overrides(cube_single_npz, run_dir, steps))
+    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, steps))
     assert f"resuming from {checkpoints / 'last.ckpt'} at step {OFFLINE_STEPS}" in capsys.readouterr().out
     assert trainer.global_step == steps and last_step(run_dir) == steps
     assert not list(checkpoints.glob("last-v*.ckpt"))
@@ -125,7 +107,7 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     _, offline_ckpt = offline_run
     start, updates = load_checkpoint(offline_ckpt)["global_step"], 12
     assert (start + updates) % EVERY  # global steps 15 -> 27: the interval saves at 20 only
-    trainer = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
+    trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
     assert trainer.global_step == start + updates
     last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == start + updates
