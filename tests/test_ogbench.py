@@ -298,6 +298,12 @@ def test_action_width_must_match_env(tmp_path, play_files, change):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 
 
+def test_unnormalised_actions_are_refused(tmp_path, play_files):
+    path = _write_changed(tmp_path, play_files["cube-single"], lambda a: {**a, "actions": 3.0 * a["actions"]})
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: key 'actions' holds actions outside \[-1, 1\]"):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (_drop_rows({"observations", "actions", "terminals", "qpos", "qvel"}, 5),
      "'terminals'.*last episode is incomplete"),

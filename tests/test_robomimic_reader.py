@@ -179,7 +179,13 @@ def _shift_rewards(f):
      r"'data/demo_1/obs/object' has shape \(\d+, 9\), but 'data/demo_0/obs/object' has shape \(\d+, 10\)"),
     (lambda f: replace(f, "data/demo_0/next_obs/object", lambda a: a[:, :9]),
      r"'data/demo_0/next_obs/object' has shape \(\d+, 9\), but 'data/demo_0/obs/object' has shape \(\d+, 10\)"),
-], ids=["actions-1d", "rewards-shifted", "dones-short", "action-width", "obs-width", "next-obs-width"])
+    (lambda f: replace(f, "data/demo_1/actions", lambda a: 5.0 * a),
+     r"'data/demo_1/actions' holds actions outside \[-1, 1\] \(max \|a\| = [\d.]+, \d+ rows, first row \d+\)"),
+    (lambda f: [replace(f, f"data/{d}/{g}/object", lambda a: a.reshape(len(a), 2, 5)) for d in f["data"]
+                for g in ("obs", "next_obs")],
+     r"'data/demo_0/obs/object' has shape \(\d+, 2, 5\), an image per step; manip reads low-dim"),
+], ids=["actions-1d", "rewards-shifted", "dones-short", "action-width", "obs-width", "next-obs-width",
+        "actions-unnormalised", "image-key"])
 def test_per_demo_shapes_are_checked(lift_copy, mutate, message):
     with h5py.File(lift_copy, "a") as f:
         mutate(f)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from manip.data.errors import DatasetError
+from manip.data.errors import DatasetError, check_action_range
 from manip.data.generate.ogbench_play import DATASETS, val_path_for
 from manip.data.replay import Transitions
 from manip.envs.ogbench_env import quiet_space_casts
@@ -211,6 +211,7 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
             f"but {env_name} actions have {action_dim} dims (is this the right dataset file?)"
         )
     _check_finite(path, data)
+    check_action_range(path, "key 'actions'", data["actions"])
     relabel_dataset(env_name, env, data)
     return Transitions(
         observations=data["observations"],

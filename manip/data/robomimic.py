@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from manip.data.errors import DatasetError
+from manip.data.errors import DatasetError, check_action_range
 from manip.data.replay import Transitions
 
 DEFAULT_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
@@ -160,6 +160,7 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                 raise DatasetError(f"{path}: 'data/{demo}/actions' has shape {actions.shape}; "
                                    f"expected (N, action_dim) with N >= 1")
             n = len(actions)
+            check_action_range(path, f"'data/{demo}/actions'", actions)
             _same_width(path, f"data/{demo}/actions", actions.shape,
                         *first.setdefault("actions", (f"data/{demo}/actions", actions.shape)))
             # rewards/dones are per step; a length off by one would misalign every later demo
@@ -182,6 +183,9 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                     if shape[:1] != (n,):
                         raise DatasetError(f"{path}: '{name}' has shape {shape}; expected ({n}, ...), "
                                            f"one row per step of 'data/{demo}/actions' {actions.shape}")
+                    if len(shape) > 2:
+                        raise DatasetError(f"{path}: '{name}' has shape {shape}, an image per step; manip reads "
+                                           f"low-dim observation keys (one vector per step)")
                     shapes[group] = shape
                     out.append(np.asarray(g[group][key], dtype=np.float32).reshape(n, -1))
                 _same_width(path, f"data/{demo}/obs/{key}", shapes["obs"],
