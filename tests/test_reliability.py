@@ -156,6 +156,7 @@ import sys
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 
 from manip import fit
 
