@@ -2,7 +2,8 @@
 
 Rolls the policy out in the simulator the checkpoint was trained against (robosuite or OGBench,
 rebuilt from the checkpoint alone) and reports the success rate with its Wilson 95% interval, the
-mean episode length, every episode's outcome and length, and the policy's latency per action.
+mean episode length, every episode's outcome and length, and the policy's time per call (one chunk for the envs
+that need one) and per executed action.
 The result goes to ``<run_dir>/eval/<ckpt name>.json`` (or ``out=...``); with ``video=true``,
 ``video_episodes`` extra episodes (seeds ``seed``, ``seed + 1``, ...) are rendered offscreen to
 ``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure). ``act_dtype=bfloat16
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
-from manip.evaluation import SettingError, check_noise_scale, evaluate_policy
+from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -52,7 +53,7 @@ def check_output(out: str | Path) -> Path:
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,
-                   sample_steps: int | None = None) -> None:
+                   sample_steps: int | None = None, seed: int = 0) -> None:
     """Raise ``SettingError`` naming the first setting out of range (None: the checkpoint's own value)."""
     for key, value in (("episodes", episodes), ("num_envs", num_envs), ("num_samples", num_samples),
                        ("sample_steps", sample_steps)):
@@ -60,6 +61,7 @@ def check_settings(episodes: int, num_envs: int, num_samples: int | None = None,
             raise SettingError(f"{key} must be >= 1, got {value}")
     if noise_scale is not None:
         check_noise_scale(noise_scale)
+    check_int(seed, "seed", 0)
 
 
 def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1, seed: int = 1000,
@@ -81,7 +83,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
     the statistics, plus ``videos``).
     """
-    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps)  # before the checkpoint is loaded
+    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed)  # before the checkpoint is loaded
     if act_dtype not in ACT_DTYPES:
         raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
     if video_episodes and video_prefix is None:
@@ -127,7 +129,8 @@ def summary(result: dict, out: Path) -> str:
     lines = [
         f"success rate {result['success_rate']:.3f}  95% CI [{result['ci_low']:.3f}, {result['ci_high']:.3f}]  "
         f"over {result['episodes']} episodes of {result['task']} ({result['algo']})",
-        f"mean episode length {result['mean_length']:.1f}  action latency {result['action_latency_ms']:.2f} ms  "
+        f"mean episode length {result['mean_length']:.1f}  policy {result['chunk_latency_ms']:.2f} ms per call, "
+        f"{result['action_latency_ms']:.2f} ms per action  "
         f"wall {result['seconds']:.1f} s  -> {out}",
     ]
     for video in result["videos"]:

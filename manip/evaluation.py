@@ -55,15 +55,17 @@ class SuccessRate(torchmetrics.Metric):
         k, n = float(self.successes), float(self.episodes)
         low, high = wilson_interval(k, n, self.z)
         rate = k / n if n else float("nan")
-        return {"success_rate": torch.tensor(rate), "ci_low": torch.tensor(low),
-                "ci_high": torch.tensor(high), "episodes": torch.tensor(n)}
+        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731 (exact in the JSON records)
+        return {"success_rate": as_tensor(rate), "ci_low": as_tensor(low), "ci_high": as_tensor(high),
+                "episodes": as_tensor(n)}
 
 
 class ChunkPolicy:
     """Per-env action queues over a chunk predictor (LeRobot's ``select_action``).
 
     predict_chunks(obs (B, O) float32 np) -> (B, h, A) np. A queue is refilled only when empty, so
-    chunks run open-loop; ``reset(mask)`` clears the queues of envs whose episode ended.
+    chunks run open-loop; ``reset(mask)`` clears the queues of envs whose episode ended. ``latencies``: seconds
+    of each ``predict_chunks`` call (one batched call refills every empty queue); ``actions``: actions returned.
     """
 
     def __init__(self, predict_chunks: Callable[[np.ndarray], np.ndarray], num_envs: int,
@@ -72,6 +74,7 @@ class ChunkPolicy:
         self.execute_steps = execute_steps
         self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         self.latencies: list[float] = []
+        self.actions = 0
 
     def reset(self, mask: np.ndarray | None = None) -> None:
         for i in range(self.num_envs):
@@ -84,10 +87,11 @@ class ChunkPolicy:
         if empty:
             start = time.perf_counter()
             chunks = self.predict_chunks(obs[empty])
-            self.latencies.append((time.perf_counter() - start) / len(empty))
+            self.latencies.append(time.perf_counter() - start)
             steps = chunks.shape[1] if self.execute_steps is None else self.execute_steps
             for i, chunk in zip(empty, chunks):
                 self.queues[i] = list(chunk[:steps])
+        self.actions += self.num_envs
         return np.stack([q.pop(0) for q in self.queues])
 
 
@@ -175,6 +179,7 @@ class EvalResult:
     mean_length: float
     outcomes: list[bool]
     lengths: list[int]
+    chunk_latency_ms: float
     action_latency_ms: float
     env_steps: int
     seconds: float
@@ -224,7 +229,9 @@ def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num
     """Success rate of ``predict_chunks`` over ``num_episodes`` episodes of a vector env.
 
     Episode quotas are fixed per env up front (env i runs episodes i, i + E, ...), so short
-    episodes are not over-counted when envs finish at different speeds.
+    episodes are not over-counted when envs finish at different speeds. ``chunk_latency_ms``: median wall time
+    of one policy call (what the step that refills a queue waits); ``action_latency_ms``: the policy's time
+    per executed action (all calls over all actions the envs took; a call for several envs counts once).
     """
     start = time.perf_counter()
     policy = ChunkPolicy(predict_chunks, env.num_envs)
@@ -241,7 +248,8 @@ def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num
                 lengths.append(end.length)
                 metric.update(torch.tensor([end.success]))
     stats = {k: float(v) for k, v in metric.compute().items()}
-    latency = float(np.median(policy.latencies)) * 1e3 if policy.latencies else float("nan")
+    chunk_ms = float(np.median(policy.latencies)) * 1e3 if policy.latencies else float("nan")
+    action_ms = float(np.sum(policy.latencies)) * 1e3 / policy.actions if policy.actions else float("nan")
     return EvalResult(stats["success_rate"], stats["ci_low"], stats["ci_high"], num_episodes,
-                      float(np.mean(lengths)), outcomes, lengths, latency, rollout.env_steps,
+                      float(np.mean(lengths)), outcomes, lengths, chunk_ms, action_ms, rollout.env_steps,
                       time.perf_counter() - start)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -153,13 +154,16 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     for log in sorted(Path(root).rglob("eval.jsonl")):
         run_dir = log.parent
         phase = "online" if (run_dir / "online" / "hparams.yaml").exists() else "offline"
+        if not (run_dir / phase / "hparams.yaml").exists():
+            warnings.warn(f"{run_dir} has an eval.jsonl but no offline/ or online/hparams.yaml; skipped")
+            continue
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / phase / "hparams.yaml"))["cfg"]
         algo = cfg["algo"]["name"]
         finetune = cfg.get("finetune") if phase == "online" else None
         rows.append({
             "run_dir": str(run_dir), "task": task_name(cfg), "algo": algo,
             "target": finetune["target"] if finetune else None, "seed": cfg["seed"],
-            "parent": str(Path(cfg["offline_ckpt"]).parent.parent) if finetune else None,
+            "parent": _offline_run(run_dir, cfg["offline_ckpt"]) if finetune else None,
             "start_step": cfg["finetune_start_step"] if finetune else None,
             "label": f"{algo} ({_target_label(finetune)})" if finetune else algo,
         })
@@ -173,10 +177,31 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     return runs
 
 
+def _offline_run(run_dir: Path, offline_ckpt: str) -> str:
+    """The offline run a fine-tuning run started from: the recorded checkpoint's run directory, or, when runs were
+    moved or copied since (the record is an absolute path), the directory ``finetune`` puts its runs in by default
+    (``<offline run>/finetune_<target>``)."""
+    recorded = Path(offline_ckpt).parent.parent
+    if recorded.is_dir() or not run_dir.name.startswith("finetune_"):
+        return str(recorded)
+    return str(run_dir.parent)
+
+
 def read_evaluations(run_dir: str | Path) -> pd.DataFrame:
-    """A run's ``eval.jsonl`` as a frame (a step evaluated twice, e.g. after a resume, keeps its last line)."""
-    lines = (Path(run_dir) / "eval.jsonl").read_text().splitlines()
-    records = pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+    """A run's ``eval.jsonl`` as a frame (a step evaluated twice, e.g. after a resume, keeps its last line). A line
+    that does not parse (a process killed while appending it) is skipped with a warning."""
+    path = Path(run_dir) / "eval.jsonl"
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number} is not a JSON record; skipped")
+    if not records:
+        return pd.DataFrame(columns=["step"])
+    records = pd.DataFrame(records)
     return records.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
 
 
@@ -194,6 +219,8 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
         if not online and run.run_dir in fine_tuned:
             continue
         records = read_evaluations(run.run_dir)
+        if records.empty:
+            continue
         if online and (Path(run.parent) / "eval.jsonl").exists():
             offline = read_evaluations(run.parent)
             records = pd.concat([offline[offline["step"] <= run.start_step], records], ignore_index=True)
@@ -278,21 +305,23 @@ def _fmt(mean: float, std: float) -> str:
 def comparison_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Final success per (task, label) next to the paper's Table 1 number for the same method.
 
-    offline / final: mean over seeds of each run's last offline / last evaluation (final_std: the
-    std over seeds, NaN for one seed); paper: Table 1 mean and std; ``ours`` and ``paper_text``
+    offline / final: mean over seeds of each run's last offline evaluation / its evaluation at ``last_step``, the
+    last step every run of the group reached, so that a run still going or stopped early is compared at a step
+    the others also report (final_std: the std over seeds, NaN for one seed); paper: Table 1 mean and std; ``ours`` and ``paper_text``
     are the same as ``mean ± std`` strings.
     """
     rows = []
     for (task, label), group in curves.groupby(["task", "label"], sort=True):
         group = group.sort_values("step")
-        final = group.groupby("run_dir")["success_rate"].last().to_numpy(dtype=float)
+        last_step = int(group.groupby("run_dir")["step"].max().min())
+        final = group[group["step"] <= last_step].groupby("run_dir")["success_rate"].last().to_numpy(dtype=float)
         offline = group[group["phase"] == "offline"].groupby("run_dir")["success_rate"].last()
         algo = group["algo"].iloc[0]
         paper = _paper_entry(task, algo)
         rows.append({
             "task": task, "label": label, "runs": len(final), "seeds": group["seed"].nunique(),
             "episodes": int(group["episodes"].iloc[-1]),
-            "last_step": int(group["step"].max()),
+            "last_step": last_step,
             "offline": offline.mean() if len(offline) else np.nan, "final": final.mean(),
             "final_std": final.std(ddof=1) if len(final) > 1 else np.nan,
             "paper": paper[0] if paper else np.nan,

@@ -105,7 +105,8 @@ class PeriodicEvaluation(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         record = {"step": trainer.global_step, "env_steps": module.env_steps, "phase": self.phase,
                   **{k.split("/")[1]: v for k, v in metrics.items()}, "episodes": episodes,
-                  "noise_scale": self.noise_scale, "action_latency_ms": result.action_latency_ms,
+                  "noise_scale": self.noise_scale, "chunk_latency_ms": result.chunk_latency_ms,
+                  "action_latency_ms": result.action_latency_ms,
                   "seconds": result.seconds,
                   "wall_s": time.perf_counter() - self.started}
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import manip
 from manip.evaluate import evaluate_checkpoint, main
-from manip.evaluation import wilson_interval
+from manip.evaluation import ChunkPolicy, wilson_interval
 from manip.video import DEFAULT_FPS, FAILURE_RGB, SUCCESS_RGB, mark_outcome, write_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")]
@@ -138,6 +138,7 @@ def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
     ("num_samples=0", "num_samples must be >= 1, got 0"),
     ("episodes=0", "episodes must be >= 1, got 0"),
     ("num_envs=0", "num_envs must be >= 1, got 0"),
+    ("seed=-1", "seed must be >= 0, got -1"),
     ("act_dtype=float16", "act_dtype='float16': expected one of float32, bfloat16"),
 ])
 def test_cli_settings_out_of_range_are_one_line_errors(tmp_path, setting, message):
@@ -285,3 +286,22 @@ def test_fast_acting_evaluation(checkpoints, tmp_path, monkeypatch):
     result = json.loads((tmp_path / "bf16.json").read_text())
     _check_statistics(result, 2)
     assert (result["act_dtype"], result["act_compile"]) == ("bfloat16", False)
+
+
+@pytest.mark.parametrize("num_envs", [1, 4])
+def test_policy_time_is_per_call_and_per_executed_action(num_envs):
+    """A call that takes 20 ms is 20 ms per call whatever the number of envs it serves; per executed action
+    the time is the calls' total over all actions the envs took (chunks of 5: 20 / 5 / num_envs ms)."""
+    import time
+
+    def predict(obs):
+        time.sleep(0.02)
+        return np.zeros((len(obs), 5, 2), dtype=np.float32)
+
+    policy = ChunkPolicy(predict, num_envs)
+    for _ in range(10):
+        policy.select_action(np.zeros((num_envs, 3), dtype=np.float32))
+    assert len(policy.latencies) == 2 and policy.actions == 10 * num_envs
+    assert 0.02 <= np.median(policy.latencies) < 0.03
+    per_action = sum(policy.latencies) / policy.actions
+    assert 0.02 / 5 / num_envs <= per_action < 0.03 / 5 / num_envs

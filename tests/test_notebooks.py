@@ -198,3 +198,45 @@ def test_setting_names_are_the_shortest_unambiguous_key_suffix():
     keys = ["algo.agent.adaptive_p", "finetune.p", "module.lr", "algo.agent.lr"]
     assert plots._short_keys(keys) == {"algo.agent.adaptive_p": "adaptive_p", "finetune.p": "p",
                                        "module.lr": "module.lr", "algo.agent.lr": "agent.lr"}
+
+
+def test_final_success_is_compared_at_the_last_step_every_run_reached():
+    curves = _synthetic_curves("lift", "mvp", "mvp", [0.6, 0.2])
+    curves = curves[~((curves["seed"] == 1) & (curves["step"] == 300))]  # seed 1 stopped after step 200
+    row = plots.comparison_table(curves).iloc[0]
+    assert (row["last_step"], row["final"]) == (200, pytest.approx(0.3))  # both seeds at step 200, not 0.6 and 0.3
+
+
+def test_broken_run_directories_are_skipped_with_a_warning(tmp_path):
+    _write_run(tmp_path / "good", "mvp", 0)
+    _write_run(tmp_path / "killed", "mvp", 1)
+    with open(tmp_path / "killed" / "eval.jsonl", "a") as f:  # killed while appending its second record
+        f.write('{"step": 20, "env_steps": 0, "pha')
+    _write_run(tmp_path / "empty", "mvp", 2)
+    (tmp_path / "empty" / "eval.jsonl").write_text("")
+    (tmp_path / "no_hparams").mkdir()
+    (tmp_path / "no_hparams" / "eval.jsonl").write_text('{"step": 1}\n')
+    with pytest.warns(UserWarning) as caught:
+        runs = plots.find_runs(tmp_path)
+        curves = plots.load_curves(runs)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no_hparams has an eval.jsonl but no" in messages and "killed/eval.jsonl:2 is not a JSON record" in messages
+    assert sorted(Path(p).name for p in runs["run_dir"]) == ["empty", "good", "killed"]
+    assert sorted(Path(p).name for p in curves["run_dir"]) == ["good", "killed"]
+
+
+def test_moved_fine_tuning_runs_find_their_offline_run(tmp_path):
+    """The recorded offline checkpoint is an absolute path; a copied runs/ tree still pairs runs by layout."""
+    from omegaconf import OmegaConf
+
+    _write_run(tmp_path / "mvp_0", "mvp", 0)
+    online = tmp_path / "mvp_0" / "finetune_bon"
+    _write_run(online, "mvp", 0)
+    cfg = OmegaConf.load(online / "offline" / "hparams.yaml")
+    cfg.cfg.finetune = {"target": "bon"}
+    cfg.cfg.offline_ckpt = "/elsewhere/runs/mvp_0/checkpoints/last.ckpt"
+    cfg.cfg.finetune_start_step = 10
+    (online / "online").mkdir()
+    OmegaConf.save(cfg, online / "online" / "hparams.yaml")
+    runs = plots.find_runs(tmp_path).set_index("target")
+    assert runs.loc["bon", "parent"] == str(tmp_path / "mvp_0")
