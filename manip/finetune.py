@@ -88,10 +88,13 @@ def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, use
     """Points ``final.data`` at the dataset file the checkpoint at ``base_path`` was trained on (or at the
     command's ``+data.path``), as an absolute path, with generation off; raises when that file is missing."""
     overridden = any(item.split("=")[0].lstrip("+") == "data.path" for item in user_overrides)
+    if overridden and not final.data.path:
+        raise DatasetError(f"data.path={final.data.path}: fine-tuning needs a dataset file")
     path = absolute(final.data.path) if overridden else dataset_path(base_ckpt, base_path)
     if not path.is_file():
         if overridden:
-            raise DatasetError(f"data.path={final.data.path}: {path} does not exist")
+            raise DatasetError(f"data.path={final.data.path}: {path} "
+                               f"{'is a directory, not a dataset file' if path.is_dir() else 'does not exist'}")
         raise CheckpointError(f"{path} does not exist: it is the dataset checkpoint {base_path} was trained on, "
                               f"which fine-tuning refills its replay with (restore it, or pass +data.path=<its copy>)")
     final.data.path = str(path)

@@ -2,7 +2,7 @@
 
 With ``resume=auto`` (the default) a run whose ``run_dir`` already holds ``checkpoints/last.ckpt``
 continues from it (global step, optimizer, RNG and sampler states); ``resume=true`` insists on it,
-``resume=false`` starts over. Resuming is refused when the command's algorithm or data differ from the
+``resume=false`` insists on a fresh run (refused where ``run_dir`` already holds one). Resuming is refused when the command's algorithm or data differ from the
 run's (``run_differences``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
 
 A user error (a setting out of range, a missing or malformed dataset, an incompatible checkpoint or
@@ -81,8 +81,9 @@ def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path) ->
     if old_algo.get("name") != new_algo.get("name"):
         pairs.append(("algo.name", old_algo.get("name", _UNSET), new_algo.get("name", _UNSET)))
     else:
+        # a key the run's config lacks is a setting added since the run started: it continues with the default
         old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
-        pairs += [(key, old.get(key, _UNSET), new.get(key, _UNSET)) for key in sorted(old.keys() | new.keys())]
+        pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old)]
     if os.path.normpath(saved_data) != os.path.normpath(new_data):
         pairs.append(("data.path", saved_data, new_data))
     old_data, new_data_cfg = saved.get("data") or {}, cfg.get("data") or {}
@@ -99,8 +100,8 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
     differences = run_differences(saved, cfg, dataset_path(ckpt, ckpt_path), data_file)
     if differences:
         algo = (saved.get("algo") or {}).get("name", "manip")
-        raise CheckpointError(f"{run_dir} holds a {algo} run with {', '.join(differences)}; use another run_dir "
-                              f"or resume=false")
+        raise CheckpointError(f"{run_dir} holds a {algo} run with {', '.join(differences)}; continue it with the "
+                              f"run's values, or give this command another run_dir")
 
 
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:
@@ -142,12 +143,13 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
 
 
 def discard_if_empty(directory: str | Path) -> None:
-    """Removes ``directory`` when it holds nothing (or only an empty Hydra job log): Hydra makes the job's
-    output directory before the job starts, so a command refused by its checks leaves no run directory."""
+    """Removes ``directory`` when it holds nothing but the refused command's own Hydra job log (``fit.log``):
+    Hydra makes the job's output directory and log before the job starts, so a command refused by its checks
+    leaves no run directory."""
     directory = Path(directory)
     try:
         entries = list(directory.iterdir())
-        if len(entries) == 1 and entries[0].suffix == ".log" and entries[0].stat().st_size == 0:
+        if [entry.name for entry in entries] == [f"{HydraConfig.get().job.name}.log"]:
             entries[0].unlink()
         directory.rmdir()
     except OSError:

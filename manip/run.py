@@ -47,6 +47,11 @@ class LastCheckpoint(ModelCheckpoint):
     evaluation, so a failing evaluation never loses the trained weights.
     """
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that checkpoints written with the plain callback restore this one's state
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def save_final(self, trainer: L.Trainer) -> None:
         """Saves ``last`` at ``trainer.global_step`` unless it is already saved there (every rank must call it)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
@@ -201,7 +206,7 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     (:class:`manip.module.OnlineConfig`, ``finetune.offline_fraction``). The ``eval`` settings are checked by
     :class:`PeriodicEvaluation`.
     """
-    check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 1)
+    check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
     algo = cfg.get("algo")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
@@ -213,15 +218,20 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
 
 
 def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` unless resume is false.
+    """The checkpoint to continue from: ``<run_dir>/checkpoints/last.ckpt`` when it exists (``resume=auto``);
+    ``resume=true`` requires it, ``resume=false`` requires a run directory without one (a fresh run never writes
+    its checkpoints, logs and config over another run's).
 
-    ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` for ``resume=true``
-    without that file."""
+    ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` when the file's presence
+    does not match."""
     if resume not in ("auto", True, False):
         raise SettingError(f"resume must be auto, true or false, got {resume!r}")
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is True and not last.exists():
         raise CheckpointError(f"resume=true but {last} does not exist")
+    if resume is False and last.exists():
+        raise CheckpointError(f"resume=false but {run_dir} already holds a run ({last}); give this command another "
+                              f"run_dir, or remove that one to start over")
     return last if resume and last.exists() else None
 
 
@@ -246,7 +256,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
     check_settings(cfg, phase)
     callbacks = [
         LastCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
-                       every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1),
+                       every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1,
+                       enable_version_counter=False),  # a resumed run overwrites its last.ckpt, never last-v1
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
                            cfg.eval.seed, cfg.eval.final_episodes, phase, cfg.eval.get("noise_scale", 1.0)),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -422,7 +423,10 @@ def test_resuming_a_run_with_another_algorithm_or_network_is_refused(lift_run, l
                               ([*TINY, "seed=1"], "seed=0 (this command: 1)")]:
         with pytest.raises(CheckpointError) as info:
             fit.build(_compose("fit", [*command, *extra]))
-        assert str(info.value) == f"{lift_run} holds a mvp run with {difference}; use another run_dir or resume=false"
+        assert str(info.value) == (f"{lift_run} holds a mvp run with {difference}; continue it with the run's "
+                                   f"values, or give this command another run_dir")
+    with pytest.raises(CheckpointError, match=re.escape(f"resume=false but {lift_run} already holds a run")):
+        fit.build(_compose("fit", [*command, *TINY, "resume=false"]))
     assert (lift_run / "hydra" / "config.yaml").read_text() == recorded
     assert fit.build(_compose("fit", [*command, *TINY]))[3] == lift_run / "checkpoints" / "last.ckpt"
 
@@ -469,6 +473,25 @@ def test_spread_names_every_key_fit_derives_from_seed_and_discount():
 def test_finetune_refuses_overrides_it_cannot_apply(lift_run, override, message):
     with pytest.raises(SettingError, match=re.escape(message)):
         _finetune_config(lift_run / "checkpoints" / "last.ckpt", override)
+
+
+@pytest.mark.parametrize("value, message", [("null", "data.path=None: fine-tuning needs a dataset file"),
+                                            ("DIR", "is a directory, not a dataset file")])
+def test_finetune_data_path_must_be_a_file(lift_run, tmp_path, value, message):
+    value = str(tmp_path) if value == "DIR" else value
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        _finetune_config(lift_run / "checkpoints" / "last.ckpt", f"+data.path={value}")
+
+
+def test_a_run_predating_an_agent_setting_resumes_with_its_default(lift_run, lift_hdf5, tmp_path):
+    """A key the run's recorded config lacks (added to the agent since) is no difference; a changed one is."""
+    saved = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]
+    older = copy.deepcopy(saved)
+    del older["algo"]["agent"]["q_agg"]
+    assert fit.run_differences(older, saved, lift_hdf5, lift_hdf5) == []
+    changed = copy.deepcopy(saved)
+    changed["algo"]["agent"]["q_agg"] = "min"
+    assert fit.run_differences(saved, changed, lift_hdf5, lift_hdf5) == ["algo.agent.q_agg=mean (this command: min)"]
 
 
 class _Foreign:

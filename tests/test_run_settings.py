@@ -101,6 +101,21 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
     run_fit(fit_overrides(cube_single_npz, tmp_path / "straight", steps))
     assert logged_losses(run_dir) == logged_losses(tmp_path / "straight")
     assert sorted(logged_losses(run_dir)) == list(range(steps))
+    # Another checkpoint interval (a callback state the run did not save) still continues last.ckpt, not last-v1;
+    # 0 saves last.ckpt at the end only.
+    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, steps + 5, "checkpoint.every_n_steps=0"))
+    assert last_step(run_dir) == steps + 5 and not list(checkpoints.glob("last-v*.ckpt"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", f"step{EVERY}.ckpt", f"step{2 * EVERY}.ckpt"]
+
+
+def test_checkpoint_state_keeps_model_checkpoints_key():
+    """Checkpoints written with Lightning's plain ModelCheckpoint restore LastCheckpoint's state (last_model_path)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from manip.run import LastCheckpoint
+
+    settings = {"every_n_train_steps": 10, "save_last": True, "save_top_k": -1}
+    assert LastCheckpoint(**settings).state_key == ModelCheckpoint(**settings).state_key
 
 
 def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path):
@@ -131,7 +146,7 @@ BAD_RUN_SETTINGS = [
     ("eval.every_n_steps=-1", "eval.every_n_steps must be >= 0, got -1"),
     ("eval.episodes=0", "eval.episodes must be >= 1, got 0"),  # with periodic evaluation on
     ("eval.final_episodes=-1", "eval.final_episodes must be >= 0, got -1"),
-    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps must be >= 1, got 0"),
+    ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps must be >= 0, got -1"),
     ("algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),
     ("algo.agent.num_samples=-2", "algo.agent.num_samples must be >= 1, got -2"),
     ("algo.horizon=0", "algo.horizon must be >= 1, got 0"),
@@ -183,7 +198,7 @@ BAD_FINETUNE_SETTINGS = [
     ("finetune.rfm_eta=best", "finetune.rfm_eta must be a number or 'optimal', got 'best'"),
     ("+finetune.utd_ratio=2", "utd_ratio"),
     ("eval.num_envs=0", "eval.num_envs must be >= 1, got 0"),
-    ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps must be >= 1, got 0"),
+    ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps must be >= 0, got -1"),
     ("+algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),  # applied to the checkpoint's config
 ]
 
