@@ -194,7 +194,10 @@ class SettingError(ValueError):
 
 
 def check_int(value, key: str, minimum: int) -> int:
-    """``value`` if it is an integer >= ``minimum``; a SettingError naming ``key`` otherwise."""
+    """``value`` as an int if it is an integer >= ``minimum`` (a float with an integer value, such as Hydra's
+    ``1e5``, counts); a SettingError naming ``key`` otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SettingError(f"{key} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:

@@ -26,7 +26,7 @@ from manip.checkpoint import CheckpointError, check_compatible, dataset_path, lo
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
-from manip.evaluation import SettingError
+from manip.evaluation import SettingError, check_int
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
 
@@ -146,7 +146,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     Once the checks passed, the main process writes ``dataset_stats.json`` (the checkpoint's statistics)
     and ``hydra/config.yaml`` (the final config) with ``hydra/overrides.yaml`` into the run directory."""
     final, offline_ckpt, resume = compose(cfg, user_overrides)
-    seed_everything(final.seed + 1, final.get("threads"))
+    seed_everything(check_int(final.seed, "seed", 0) + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
     dm = instantiate_data(final.data)  # checks the data settings; reads nothing yet
     trainer = build_trainer(final, run_dir, phase="online",  # before the data: a bad setting costs no loading

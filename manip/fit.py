@@ -111,7 +111,7 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     directory's checkpoint against this command, the trainer / evaluation / agent settings, then the
     dataset itself. Writes ``dataset_stats.json`` and ``hydra/`` into ``run_dir`` last (main process)."""
     composed = copy.deepcopy(cfg)  # as Hydra composed it, for hydra/config.yaml
-    seed_everything(cfg.seed, cfg.get("threads"))
+    seed_everything(check_int(cfg.seed, "seed", 0), cfg.get("threads"))
     run_dir = run_dir_of(cfg)
     cfg.run_dir = str(run_dir)
     resume = resume_path(cfg.resume, run_dir)

@@ -101,7 +101,7 @@ class OnlineConfig:
         check_real(self.alpha, "finetune.alpha", 0.0)
         if self.alpha_final is not None:
             check_real(self.alpha_final, "finetune.alpha_final", 0.0)
-        check_int(self.alpha_steps, "finetune.alpha_steps", 1)
+        self.alpha_steps = check_int(self.alpha_steps, "finetune.alpha_steps", 1)
         eta = self.rfm_eta
         if eta != "optimal" and (isinstance(eta, (str, bool)) or not isinstance(eta, numbers.Real)
                                  or not math.isfinite(eta)):
@@ -109,12 +109,12 @@ class OnlineConfig:
         if self.bound_std is not None:
             check_real(self.bound_std, "finetune.bound_std", 0.0, strict=True)
         check_real(self.prior_std, "finetune.prior_std", 0.0, strict=True)
-        check_int(self.target_samples, "finetune.target_samples", 1)
+        self.target_samples = check_int(self.target_samples, "finetune.target_samples", 1)
         check_real(self.utd, "finetune.utd", 0.0, strict=True)
-        check_int(self.start_training, "finetune.start_training", 0)
-        check_int(self.num_envs, "finetune.num_envs", 1)
-        check_int(self.seed, "finetune.seed", 0)
-        check_int(self.start_step, "finetune.start_step", 0)
+        self.start_training = check_int(self.start_training, "finetune.start_training", 0)
+        self.num_envs = check_int(self.num_envs, "finetune.num_envs", 1)
+        self.seed = check_int(self.seed, "finetune.seed", 0)
+        self.start_step = check_int(self.start_step, "finetune.start_step", 0)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "OnlineConfig":

@@ -26,7 +26,7 @@ from manip.checkpoint import AtomicCheckpointIO, CheckpointError
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
-from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
+from manip.evaluation import SettingError, check_int, check_noise_scale, check_real, evaluate_policy
 from manip.module import ManipModule, OnlineConfig, check_offline_fraction
 
 
@@ -207,7 +207,22 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     :class:`PeriodicEvaluation`.
     """
     check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
+    if "seed" in cfg:
+        check_int(cfg.seed, "seed", 0)
+    module = cfg.get("module") or {}
+    if module.get("obs_norm", "standard") not in ("standard", "none"):
+        raise SettingError(f"module.obs_norm must be standard or none, got {module.obs_norm!r}")
+    if module.get("actor_ema") is not None and not 0.0 < module.actor_ema < 1.0:
+        raise SettingError(f"module.actor_ema must be in (0, 1) or null, got {module.actor_ema}")
+    if module.get("lr") is not None:
+        check_real(module.lr, "module.lr", 0.0, strict=True)
+    if module.get("tau") is not None:
+        check_real(module.tau, "module.tau", 0.0, strict=True, maximum=1.0)
     algo = cfg.get("algo")
+    data_horizon = (cfg.get("data") or {}).get("horizon")
+    if algo is not None and data_horizon is not None and data_horizon != algo.get("horizon"):
+        raise SettingError(f"data.horizon={data_horizon} but algo.horizon={algo.get('horizon')}: the replay's chunks "
+                           f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
         check_agent_settings(algo.get("horizon"), **{k: v for k, v in agent.items() if not k.startswith("_")})

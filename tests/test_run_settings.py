@@ -154,6 +154,12 @@ BAD_RUN_SETTINGS = [
     ("algo.agent.hidden_dims=[64,0]", "algo.agent.hidden_dims[1] must be >= 1, got 0"),
     ("algo.agent.sample_steps=0", "algo.agent.sample_steps must be >= 1, got 0"),
     ("algo.agent.boundary_fraction=1.5", "algo.agent.boundary_fraction must be in [0.0, 1.0], got 1.5"),
+    ("seed=-1", "seed must be >= 0, got -1"),
+    ("module.obs_norm=foo", "module.obs_norm must be standard or none, got 'foo'"),
+    ("module.actor_ema=2", "module.actor_ema must be in (0, 1) or null, got 2"),
+    ("module.lr=0", "module.lr must be > 0.0, got 0"),
+    ("module.tau=1.5", "module.tau must be in (0.0, 1.0], got 1.5"),
+    ("data.horizon=3", "data.horizon=3 but algo.horizon=5: the replay's chunks are the agent's chunks"),
 ]
 
 
@@ -255,3 +261,15 @@ def test_module_online_settings_name_the_bad_key(online, message):
     stats = {"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3}
     with pytest.raises(SettingError, match=re.escape(message)):
         ManipModule(agent, obs_dim=3, action_dim=2, horizon=2, stats=stats, online=online)
+
+
+def test_integer_settings_take_integral_floats():
+    """Hydra reads ``finetune.alpha_steps=1e5`` as a float: an integral one is that integer, 2.5 is not."""
+    from manip.evaluation import check_int
+    from manip.module import OnlineConfig
+
+    config = OnlineConfig.from_settings({"alpha_steps": 1e5, "start_training": 1e3})
+    assert (config.alpha_steps, config.start_training) == (100_000, 1000)
+    assert isinstance(config.alpha_steps, int)
+    with pytest.raises(SettingError, match=re.escape("finetune.alpha_steps must be an integer >= 1, got 2.5")):
+        check_int(2.5, "finetune.alpha_steps", 1)
