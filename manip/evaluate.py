@@ -57,8 +57,8 @@ def check_settings(episodes: int, num_envs: int, num_samples: int | None = None,
     """Raise ``SettingError`` naming the first setting out of range (None: the checkpoint's own value)."""
     for key, value in (("episodes", episodes), ("num_envs", num_envs), ("num_samples", num_samples),
                        ("sample_steps", sample_steps)):
-        if value is not None and value < 1:
-            raise SettingError(f"{key} must be >= 1, got {value}")
+        if value is not None:
+            check_int(value, key, 1)
     if noise_scale is not None:
         check_noise_scale(noise_scale)
     check_int(seed, "seed", 0)

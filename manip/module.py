@@ -126,6 +126,20 @@ class OnlineConfig:
         return cls(**settings)
 
 
+def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = None, lr: float | None = None,
+                          tau: float | None = None) -> None:
+    """Raise ``SettingError`` naming ``module.<key>`` for the first module setting out of range (None: not checked,
+    except ``actor_ema``, where None turns the weight average off)."""
+    if obs_norm not in ("standard", "none"):
+        raise SettingError(f"module.obs_norm must be standard or none, got {obs_norm!r}")
+    if actor_ema is not None and not 0.0 < actor_ema < 1.0:
+        raise SettingError(f"module.actor_ema must be in (0, 1) or null, got {actor_ema}")
+    if lr is not None:
+        check_real(lr, "module.lr", 0.0, strict=True)
+    if tau is not None:
+        check_real(tau, "module.tau", 0.0, strict=True, maximum=1.0)
+
+
 def check_offline_fraction(fraction: float | None, key: str = "finetune.offline_fraction") -> float | None:
     """``fraction`` if it is None (batches drawn uniformly over the replay) or a share in [0, 1] of each batch drawn
     from the offline data; a SettingError naming ``key`` otherwise."""
@@ -181,9 +195,8 @@ class ManipModule(L.LightningModule):
                                    "horizon": horizon, "stats": stats})
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
         self.lr, self.tau, self.grad_clip, self.seed = lr, tau, grad_clip, seed
+        check_module_settings(obs_norm, actor_ema, lr, tau)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, horizon=horizon)
-        if obs_norm not in ("standard", "none"):
-            raise ValueError(f"unknown obs_norm {obs_norm!r}; expected 'standard' or 'none'")
         mean = torch.tensor(stats["obs_mean"], dtype=torch.float32)
         std = torch.tensor(stats["obs_std"], dtype=torch.float32)
         if obs_norm == "none":
@@ -196,8 +209,6 @@ class ManipModule(L.LightningModule):
         self.online = OnlineConfig.from_settings(online) if online else None
         self.ema_actor: AveragedModel | None = None
         if actor_ema is not None:
-            if not 0.0 < actor_ema < 1.0:
-                raise ValueError(f"module.actor_ema must be in (0, 1) or null, got {actor_ema}")
             self.ema_actor = AveragedModel(getattr(self.agent, self.agent.acting_net), use_buffers=True,
                                            multi_avg_fn=get_ema_multi_avg_fn(actor_ema))
             self.ema_actor.requires_grad_(False)  # averaged, never optimised (and ignored by DDP)

@@ -26,8 +26,8 @@ from manip.checkpoint import AtomicCheckpointIO, CheckpointError
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
-from manip.evaluation import SettingError, check_int, check_noise_scale, check_real, evaluate_policy
-from manip.module import ManipModule, OnlineConfig, check_offline_fraction
+from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
+from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -164,13 +164,6 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def build_datamodule(cfg: DictConfig) -> ReplayDataModule:
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id kept in ``<run_dir>/wandb_run_id`` (made on first use): a resumed run continues its W&B run."""
     path = run_dir / "wandb_run_id"
@@ -201,23 +194,16 @@ def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
 def check_settings(cfg: DictConfig, phase: str) -> None:
     """Raise ``SettingError`` naming the key of the first run setting out of range, before any data or training.
 
-    Checks ``checkpoint.every_n_steps``, the agent's settings (``algo.horizon``, ``algo.agent.*``, see
+    Checks ``checkpoint.every_n_steps``, the ``module`` settings (:func:`manip.module.check_module_settings`),
+    ``data.horizon`` against ``algo.horizon``, the agent's settings (``algo.horizon``, ``algo.agent.*``, see
     :func:`manip.algos.base.check_agent_settings`) and, for ``phase="online"``, the ``finetune`` section
     (:class:`manip.module.OnlineConfig`, ``finetune.offline_fraction``). The ``eval`` settings are checked by
     :class:`PeriodicEvaluation`.
     """
     check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
-    if "seed" in cfg:
-        check_int(cfg.seed, "seed", 0)
     module = cfg.get("module") or {}
-    if module.get("obs_norm", "standard") not in ("standard", "none"):
-        raise SettingError(f"module.obs_norm must be standard or none, got {module.obs_norm!r}")
-    if module.get("actor_ema") is not None and not 0.0 < module.actor_ema < 1.0:
-        raise SettingError(f"module.actor_ema must be in (0, 1) or null, got {module.actor_ema}")
-    if module.get("lr") is not None:
-        check_real(module.lr, "module.lr", 0.0, strict=True)
-    if module.get("tau") is not None:
-        check_real(module.tau, "module.tau", 0.0, strict=True, maximum=1.0)
+    check_module_settings(module.get("obs_norm", "standard"), module.get("actor_ema"), module.get("lr"),
+                          module.get("tau"))
     algo = cfg.get("algo")
     data_horizon = (cfg.get("data") or {}).get("horizon")
     if algo is not None and data_horizon is not None and data_horizon != algo.get("horizon"):
