@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import resource
@@ -51,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from manip.algos import ActorCriticAgent, FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
 from manip.algos.acting import ACT_DTYPES, fast_sampler
+from manip.cli_args import at_least, in_existing_dir
 from manip.data.replay import random_chunk_batch
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
@@ -213,36 +213,26 @@ def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> st
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line's settings; an unusable value exits with ``parser.error`` (usage and one line, status 2)."""
     parser = argparse.ArgumentParser(prog="python -m manip.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench.json", help="JSON output path (its directory must exist)")
+    parser.add_argument("--out", default="bench.json", type=in_existing_dir,
+                        help="JSON output path (its directory must exist)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=list(AGENTS),
                         help="agents to measure, each in its own process (default: %(default)s); settings of "
                              "conf/algo/<name>.yaml, except that fql runs on h = 5 chunks as in qc_fql.yaml")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[512] * 4, help="hidden sizes of every MLP")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads")
+    parser.add_argument("--hidden", type=at_least(1), nargs="+", default=[512] * 4, help="hidden sizes of every MLP")
     parser.add_argument("--fast-act", action="store_true",
                         help="also time act() through a frozen, compiled copy (manip.algos.acting.fast_sampler)")
     parser.add_argument("--fast-act-dtype", default="bfloat16", choices=list(ACT_DTYPES),
                         help="precision of that copy's networks")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--act-calls", type=int, default=200, help="timed act() calls (median reported)")
-    parser.add_argument("--actor-calls", type=int, default=20, help="timed MVP / flow-matching actor steps")
-    parser.add_argument("--update-warmup", type=int, default=2)
-    parser.add_argument("--min-update-iters", type=int, default=3)
-    parser.add_argument("--update-seconds", type=float, default=10.0, help="minimum timed update duration")
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
+    parser.add_argument("--act-calls", type=at_least(1), default=200, help="timed act() calls (median reported)")
+    parser.add_argument("--actor-calls", type=at_least(1), default=20, help="timed MVP / flow-matching actor steps")
+    parser.add_argument("--update-warmup", type=at_least(0), default=2)
+    parser.add_argument("--min-update-iters", type=at_least(1), default=3)
+    parser.add_argument("--update-seconds", type=at_least(0.0, float), default=10.0,
+                        help="minimum timed update duration")
     args = parser.parse_args(argv)
-
-    minimums = {"--threads": 1, "--hidden": 1, "--batch-size": 1, "--act-calls": 1, "--actor-calls": 1,
-                "--update-warmup": 0, "--min-update-iters": 1, "--update-seconds": 0.0}
-    for flag, low in minimums.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        for v in value if isinstance(value, list) else [value]:
-            if not (math.isfinite(v) and v >= low):  # NaN fails both
-                parser.error(f"argument {flag}: must be {'a finite number ' if isinstance(low, float) else ''}"
-                             f">= {low:g}, got {v}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        parser.error(f"argument --out: directory {out_dir} does not exist")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
 
+from manip.cli_args import at_least, in_existing_dir
 from manip.envs import EnvSpec, make_vector_env
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
@@ -64,18 +64,11 @@ def measure(spec: EnvSpec, workers: int, asynchronous: bool, steps: int, warmup:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m manip.bench_envs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=ENVS)
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="AsyncVectorEnv sizes (>= 1)")
-    parser.add_argument("--steps", type=int, default=300, help="timed vector steps per configuration (>= 1)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed vector steps first (>= 0)")
-    parser.add_argument("--out", default=None, help="also write the JSON here (its directory must exist)")
+    parser.add_argument("--workers", nargs="+", type=at_least(1), default=[1, 2], help="AsyncVectorEnv sizes (>= 1)")
+    parser.add_argument("--steps", type=at_least(1), default=300, help="timed vector steps per configuration (>= 1)")
+    parser.add_argument("--warmup", type=at_least(0), default=20, help="untimed vector steps first (>= 0)")
+    parser.add_argument("--out", default=None, type=in_existing_dir, help="also write the JSON here (its directory must exist)")
     args = parser.parse_args(argv)
-    for flag, low in {"--workers": 1, "--steps": 1, "--warmup": 0}.items():
-        value = getattr(args, flag[2:])
-        for v in value if isinstance(value, list) else [value]:
-            if v < low:
-                parser.error(f"argument {flag}: must be >= {low}, got {v}")
-    if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"argument --out: directory {os.path.dirname(os.path.abspath(args.out))} does not exist")
 
     results = []
     print(f"{'env':<22}{'vector':<8}{'workers':>8}{'env steps':>11}{'seconds':>9}{'steps/s':>10}"

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
 import numpy as np
 import torch
 
+from manip.cli_args import at_least
 from manip.data.replay import ChunkReplay, Transitions
 
 
@@ -47,16 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--path", default=None, help="robomimic .hdf5 or ogbench .npz (default: synthetic)")
     parser.add_argument("--dataset-name", default="cube-single-play-singletask-task1-v0",
                         help="singletask name for an ogbench file")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per batch (>= 1)")
-    parser.add_argument("--horizon", type=int, default=5, help="chunk length (>= 1)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed sampling duration (> 0)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="samples per batch (>= 1)")
+    parser.add_argument("--horizon", type=at_least(1), default=5, help="chunk length (>= 1)")
+    parser.add_argument("--seconds", type=at_least(0.0, float, strict=True), default=3.0, help="timed sampling duration (> 0)")
     args = parser.parse_args(argv)
-    for flag in ("--batch-size", "--horizon"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value < 1:
-            parser.error(f"argument {flag}: must be >= 1, got {value}")
-    if not (math.isfinite(args.seconds) and args.seconds > 0):  # NaN fails both
-        parser.error(f"argument --seconds: must be a finite number > 0, got {args.seconds}")
     if args.path is not None and not os.path.isfile(args.path):
         parser.error(f"argument --path: no file {args.path}")
     torch.set_num_threads(1)

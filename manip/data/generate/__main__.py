@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from manip.cli_args import at_least
 from manip.data.generate import ogbench_play, robomimic_scripted
 
 
@@ -21,21 +22,21 @@ def main(argv: list[str] | None = None) -> dict:
     sub = parser.add_subparsers(dest="kind", required=True)
     rm = sub.add_parser("robomimic", help="scripted robosuite demos in robomimic low-dim HDF5 format")
     rm.add_argument("--task", choices=list(robomimic_scripted.TASKS), default="lift")
-    rm.add_argument("--demos", type=int, default=100, help="successful demos to collect (>= 1)")
+    rm.add_argument("--demos", type=at_least(1), default=100, help="successful demos to collect (>= 1)")
     rm.add_argument("--out", default=None, help=f"a {' or '.join(robomimic_scripted.SUFFIXES)} path; "
                                                 "default: data/robomimic/<task>/mh/low_dim_v15.hdf5")
     og = sub.add_parser("ogbench", help="oracle play data in OGBench npz format (+ -val.npz)")
     og.add_argument("--dataset", choices=ogbench_play.DATASETS, default="cube-single-play-v0", metavar="DATASET",
                     help=f"one of {', '.join(ogbench_play.DATASETS)} (default: %(default)s)")
-    og.add_argument("--episodes", type=int, default=100, help="training episodes (>= 1)")
-    og.add_argument("--episode-length", type=int, default=501, help="steps per episode (>= 2)")
+    og.add_argument("--episodes", type=at_least(1), default=100, help="training episodes (>= 1)")
+    og.add_argument("--episode-length", type=at_least(2), default=501, help="steps per episode (>= 2)")
     og.add_argument("--out", default=None, help="an .npz path; default: data/ogbench/<dataset>.npz")
     task_ids = ogbench_play.TASK_IDS
     og.add_argument("--task-demos", type=int, default=None, choices=task_ids, metavar="TASK_ID",
                     help=f"{' or '.join(ogbench_play.TASK_DEMO_DATASETS)}: oracle demonstrations of evaluation "
                          f"task TASK_ID ({task_ids[0]}-{task_ids[-1]}) instead of play data")
     for p in (rm, og):
-        p.add_argument("--seed", type=int, default=0, help="seeds every random draw (>= 0)")
+        p.add_argument("--seed", type=at_least(0), default=0, help="seeds every random draw (>= 0)")
         p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     _check(sub.choices[args.kind], args)
@@ -49,14 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Report the first value the generator would reject as ``parser.error`` (usage and one line, exit status 2)."""
-    if args.kind == "robomimic":
-        minimums, suffixes = {"--demos": 1, "--seed": 0}, robomimic_scripted.SUFFIXES
-    else:
-        minimums, suffixes = {"--episodes": 1, "--episode-length": 2, "--seed": 0}, (".npz",)
-    for flag, low in minimums.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value < low:
-            parser.error(f"argument {flag}: must be >= {low}, got {value}")
+    suffixes = robomimic_scripted.SUFFIXES if args.kind == "robomimic" else (".npz",)
     if args.out is not None and Path(args.out).suffix not in suffixes:
         parser.error(f"argument --out: must end in {' or '.join(suffixes)}, got {args.out}")
     demo_datasets = ogbench_play.TASK_DEMO_DATASETS

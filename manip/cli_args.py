@@ -1,0 +1,32 @@
+"""argparse value types shared by the command-line tools (``manip.bench``, ``manip.bench_envs``,
+``manip.data.bench``, ``manip.data.generate``): a value out of range is a usage error naming the flag,
+``argument --batch-size: must be >= 1, got 0``, raised while the command line is parsed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+
+
+def at_least(minimum: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
+    """A type converting with ``kind`` and requiring a finite value >= ``minimum`` (> with ``strict``)."""
+
+    def convert(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):  # NaN fails both
+            finite = "a finite number " if kind is float else ""
+            raise argparse.ArgumentTypeError(f"must be {finite}{'>' if strict else '>='} {minimum:g}, got {value}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names a value kind(text) cannot convert by it: "invalid int value"
+    return convert
+
+
+def in_existing_dir(path: str) -> str:
+    """A type for an output file: its directory must exist (the result is written after the work)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"directory {directory} does not exist")
+    return path
