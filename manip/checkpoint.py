@@ -42,7 +42,8 @@ def _first_sentence(exc: BaseException) -> str:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
     a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
-    containers (which safe loading refuses), or a PyTorch file without a manip config and weights."""
+    containers (which safe loading refuses), or a PyTorch file without a manip config and weights. A config
+    written before an agent setting existed gets that setting's earlier value (``EARLIER_AGENT_SETTINGS``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -65,7 +66,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hp.get("cfg"), dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a manip checkpoint (no config / state_dict inside)")
+    agent = (hp["cfg"].get("algo") or {}).get("agent")
+    if isinstance(agent, dict):
+        for key, value in EARLIER_AGENT_SETTINGS.items():
+            agent.setdefault(key, value)
     return ckpt
+
+
+# Agent settings added after checkpoints were first written, with the value that rebuilds the networks of a
+# checkpoint whose config lacks them (today's default may differ): load_checkpoint fills them in.
+EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu"}
 
 
 def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, action_dim: int,

@@ -103,8 +103,9 @@ def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, use
             final.data[key] = 0
 
 
-def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, str | None]:
-    """(final config, checkpoint to start from, checkpoint to resume from or None).
+def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None]:
+    """(final config, checkpoint to start from, its contents as ``load_checkpoint`` read them, checkpoint to
+    resume from or None).
 
     ``user_overrides``: the command line's ``key=value`` items. Fine-tuning's own sections (``_OWN``) come
     from ``cfg``; the checkpoint's keys take a leading ``+`` (a top-level scalar such as ``+seed=3`` too, which
@@ -136,7 +137,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
-    return final, str(cfg.ckpt), None if resume is None else str(resume)
+    return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume)
 
 
 def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, ReplayDataModule, L.Trainer, str]:
@@ -145,7 +146,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
     Once the checks passed, the main process writes ``dataset_stats.json`` (the checkpoint's statistics)
     and ``hydra/config.yaml`` (the final config) with ``hydra/overrides.yaml`` into the run directory."""
-    final, offline_ckpt, resume = compose(cfg, user_overrides)
+    final, offline_ckpt, ckpt, resume = compose(cfg, user_overrides)
     seed_everything(check_int(final.seed, "seed", 0) + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
     dm = instantiate_data(final.data)  # checks the data settings; reads nothing yet
@@ -154,7 +155,6 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     dm.prepare_data()
     dm.setup("fit")
     dm.offline_fraction = final.finetune.offline_fraction
-    ckpt = load_checkpoint(offline_ckpt)
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}

@@ -30,10 +30,11 @@ def _perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> Non
             p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
-@pytest.mark.parametrize("layer_norm", [True, False])
-def test_critic_members_equal_the_ensemble_and_are_a_copy(layer_norm):
+@pytest.mark.parametrize("layer_norm,block", [(True, "linear_gelu_norm"), (True, "linear_norm_gelu"),
+                                              (False, "linear_gelu_norm")])
+def test_critic_members_equal_the_ensemble_and_are_a_copy(layer_norm, block):
     torch.manual_seed(0)
-    ensemble = CriticEnsemble(OBS, ACT * H, num_critics=3, hidden_dims=(16, 8), layer_norm=layer_norm)
+    ensemble = CriticEnsemble(OBS, ACT * H, num_critics=3, hidden_dims=(16, 8), layer_norm=layer_norm, block=block)
     _perturb_(ensemble)
     obs, actions = torch.randn(5, OBS), torch.randn(5, ACT * H)
     members = CriticMembers(ensemble)

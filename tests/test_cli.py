@@ -494,6 +494,31 @@ def test_a_run_predating_an_agent_setting_resumes_with_its_default(lift_run, lif
     assert fit.run_differences(saved, changed, lift_hdf5, lift_hdf5) == ["algo.agent.q_agg=mean (this command: min)"]
 
 
+def test_a_checkpoint_predating_the_critic_block_setting_keeps_its_layer_order(lift_run, lift_hdf5, tmp_path):
+    """Checkpoints written before ``algo.agent.critic_block`` existed hold LayerNorm-before-GELU critics: loading
+    rebuilds that order (not today's default); resuming such a run asks for the run's value by name."""
+    ckpt = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["cfg"]["algo"]["agent"]["critic_block"] == "linear_gelu_norm"
+    del ckpt["hyper_parameters"]["cfg"]["algo"]["agent"]["critic_block"]
+    old_run = tmp_path / "old_run"
+    (old_run / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, old_run / "checkpoints" / "last.ckpt")
+    old = old_run / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(old)["hyper_parameters"]["cfg"]["algo"]["agent"]["critic_block"] == "linear_norm_gelu"
+    module, _ = load_module(old)
+    assert module.agent.critic.block == module.agent.target_critic.block == "linear_norm_gelu"
+    current, _ = load_module(lift_run / "checkpoints" / "last.ckpt")
+    obs, actions = torch.randn(4, module.obs_dim), torch.rand(4, module.agent.act_dim_flat) * 2 - 1
+    with torch.no_grad():  # same weights, another function
+        assert not torch.allclose(module.agent.critic(obs, actions), current.agent.critic(obs, actions))
+    assert _finetune_config(old).algo.agent.critic_block == "linear_norm_gelu"
+    command = ["data=robomimic", f"data.path={lift_hdf5}", f"run_dir={old_run}", *QUICK]
+    with pytest.raises(CheckpointError, match=re.escape(
+            "algo.agent.critic_block=linear_norm_gelu (this command: linear_gelu_norm)")):
+        fit.build(_compose("fit", command))
+    assert fit.build(_compose("fit", [*command, "algo.agent.critic_block=linear_norm_gelu"]))[3] == old
+
+
 class _Foreign:
     """An object safe loading refuses."""
 

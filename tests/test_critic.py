@@ -67,29 +67,47 @@ def test_soft_update_math():
         torch.testing.assert_close(new, src)
 
 
-def _member_forward(critic: CriticEnsemble, e: int, obs, actions):
-    """Reference: member e of the ensemble evaluated as a plain MLP."""
+def _member_forward(critic: CriticEnsemble, e: int, obs, actions, norm_first: bool = False):
+    """Reference: member e of the ensemble evaluated as a plain MLP, Dense -> GELU -> LayerNorm per hidden layer
+    as in FQL's and QC's networks (``norm_first``: LayerNorm before the GELU)."""
     h = torch.cat([obs, actions], -1)
     for i, layer in enumerate(critic.hidden):
         h = h @ layer.weight[e] + layer.bias[e, 0]
+        if not norm_first:
+            h = F.gelu(h)
         h = F.layer_norm(h, h.shape[-1:]) * critic.norm_scales[i][e, 0] + critic.norm_shifts[i][e, 0]
-        h = F.gelu(h)
+        if norm_first:
+            h = F.gelu(h)
     return (h @ critic.out.weight[e] + critic.out.bias[e, 0]).squeeze(-1)
 
 
-def test_critic_ensemble_matches_independent_members():
+@pytest.mark.parametrize("block", ["linear_gelu_norm", "linear_norm_gelu"])
+def test_critic_ensemble_matches_independent_members(block):
     torch.manual_seed(0)
-    critic = CriticEnsemble(obs_dim=4, action_dim=6, num_critics=3, hidden_dims=(16, 16))
+    critic = CriticEnsemble(obs_dim=4, action_dim=6, num_critics=3, hidden_dims=(16, 16), block=block)
+    with torch.no_grad():  # away from unit scales / zero shifts, which would hide a misplaced LayerNorm
+        for scale, shift in zip(critic.norm_scales, critic.norm_shifts):
+            scale.uniform_(0.5, 1.5), shift.normal_(0.0, 0.3)
     obs, actions = torch.randn(9, 4), torch.randn(9, 6)
     q = critic(obs, actions)
     assert q.shape == (3, 9)
     for e in range(3):
-        torch.testing.assert_close(q[e], _member_forward(critic, e, obs, actions))
+        torch.testing.assert_close(q[e], _member_forward(critic, e, obs, actions, block == "linear_norm_gelu"))
+        assert not torch.allclose(q[e], _member_forward(critic, e, obs, actions, block != "linear_norm_gelu"))
     assert not torch.allclose(q[0], q[1])
     # a loss on one member only produces gradients for that member's slice
     q[1].sum().backward()
     grad = critic.hidden[0].weight.grad
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+
+
+def test_agents_build_the_configured_critic_block_and_refuse_others():
+    for agent in (MVPAgent(5, 2, 3, hidden_dims=(8,)), FlowBoNAgent(5, 2, 3, hidden_dims=(8,)),
+                  FQLAgent(5, 2, 3, hidden_dims=(8,))):
+        assert agent.critic.block == agent.target_critic.block == "linear_gelu_norm"
+    assert MVPAgent(5, 2, 3, hidden_dims=(8,), critic_block="linear_norm_gelu").critic.block == "linear_norm_gelu"
+    with pytest.raises(ValueError, match="algo.agent.critic_block 'gelu_first'"):
+        FQLAgent(5, 2, 3, hidden_dims=(8,), critic_block="gelu_first")
 
 
 def _toy_batch(obs_dim, action_dim, horizon, batch=16, seed=0):

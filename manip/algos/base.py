@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
-from manip.algos.networks import CriticEnsemble
+from manip.algos.networks import CRITIC_BLOCKS, CriticEnsemble
 from manip.evaluation import SettingError, check_int, check_real
 
 __all__ = ["ActorCriticAgent", "Q_AGGREGATES", "check_agent_settings", "flatten_chunk", "masked_mean"]
@@ -29,8 +29,8 @@ def check_agent_settings(horizon: int | None = None, **settings) -> None:
     """Raise ``SettingError`` naming ``algo.horizon`` or ``algo.agent.<key>`` for the first setting out of range.
 
     Checked when given: horizon, num_samples, num_critics, flow_steps, sample_steps, time_dim (integers >= 1),
-    hidden_dims (a non-empty list of integers >= 1), boundary_fraction and full_interval_fraction (in [0, 1]) and
-    q_agg (one of ``Q_AGGREGATES``); other keys pass unchecked. The agents call it in their constructors, and the
+    hidden_dims (a non-empty list of integers >= 1), boundary_fraction and full_interval_fraction (in [0, 1]),
+    q_agg (one of ``Q_AGGREGATES``) and critic_block (one of ``CRITIC_BLOCKS``); other keys pass unchecked. The agents call it in their constructors, and the
     entry points with the composed ``algo`` config before any data is loaded.
     """
     if horizon is not None:
@@ -49,6 +49,9 @@ def check_agent_settings(horizon: int | None = None, **settings) -> None:
             check_real(settings[key], f"algo.agent.{key}", 0.0, maximum=1.0)
     if "q_agg" in settings and settings["q_agg"] not in Q_AGGREGATES:
         raise SettingError(f"unknown algo.agent.q_agg {settings['q_agg']!r}; expected one of {Q_AGGREGATES}")
+    if "critic_block" in settings and settings["critic_block"] not in CRITIC_BLOCKS:
+        raise SettingError(f"unknown algo.agent.critic_block {settings['critic_block']!r}; expected one of "
+                           f"{CRITIC_BLOCKS}")
 
 
 def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,6 +85,7 @@ class ActorCriticAgent(nn.Module):
     The target critic is a frozen copy (``requires_grad=False``) that only :meth:`soft_update` changes; it is
     part of the state dict but not of :meth:`critic_parameters` or :meth:`actor_parameters`.
     ``acting_net`` names the network that generates actions when acting (weight averaging applies to it).
+    ``critic_block``: the order of the critic's hidden layers (see :class:`~manip.algos.networks.CriticEnsemble`).
     """
 
     acting_net = "actor"
@@ -96,16 +100,18 @@ class ActorCriticAgent(nn.Module):
         num_samples: int = 32,
         discount: float = 0.99,
         q_agg: str = "mean",
+        critic_block: str = "linear_gelu_norm",
     ):
         super().__init__()
         check_agent_settings(horizon, hidden_dims=hidden_dims, num_critics=num_critics, num_samples=num_samples,
-                             q_agg=q_agg)
+                             q_agg=q_agg, critic_block=critic_block)
         self.q_agg = q_agg
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
         self.act_dim_flat = horizon * action_dim
         self.num_samples = num_samples
         self.discount = discount
-        self.critic = CriticEnsemble(obs_dim, self.act_dim_flat, num_critics, hidden_dims, layer_norm=True)
+        self.critic = CriticEnsemble(obs_dim, self.act_dim_flat, num_critics, hidden_dims, layer_norm=True,
+                                     block=critic_block)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
 
     # -- parameters -------------------------------------------------------------------------------------

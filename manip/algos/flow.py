@@ -74,9 +74,11 @@ class FlowBoNAgent(ActorCriticAgent):
         flow_steps: int = 10,
         time_dim: int = 32,
         q_agg: str = "mean",
+        critic_block: str = "linear_gelu_norm",
     ):
         check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
-        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
+                         critic_block)
         self.flow_steps = flow_steps
         self.actor = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
 

@@ -92,10 +92,11 @@ class FQLAgent(ActorCriticAgent):
         normalize_q: bool = False,
         time_dim: int = 32,
         q_agg: str = "mean",
+        critic_block: str = "linear_gelu_norm",
     ):
         check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples=1, discount=discount,
-                         q_agg=q_agg)
+                         q_agg=q_agg, critic_block=critic_block)
         self.alpha, self.flow_steps, self.normalize_q = alpha, flow_steps, normalize_q
         self.flow = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
         self.onestep = OneStepNet(obs_dim, self.act_dim_flat, hidden_dims)

@@ -259,10 +259,12 @@ class MVPAgent(ActorCriticAgent):
         sample_steps: int = 1,
         full_interval_fraction: float = 0.0,
         q_agg: str = "mean",
+        critic_block: str = "linear_gelu_norm",
     ):
         check_agent_settings(sample_steps=sample_steps, time_dim=time_dim, boundary_fraction=boundary_fraction,
                              full_interval_fraction=full_interval_fraction)
-        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg)
+        super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
+                         critic_block)
         self.sample_steps = sample_steps
         self.lambda_ivc = lambda_ivc
         self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction

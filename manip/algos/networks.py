@@ -34,7 +34,12 @@ __all__ = [
     "EnsembleLinear",
     "CriticEnsemble",
     "CriticMembers",
+    "CRITIC_BLOCKS",
 ]
+
+# Hidden-layer orders of the critic: FQL's and QC's ``Dense -> GELU -> LayerNorm``, and ``Linear -> LayerNorm ->
+# GELU`` (the order of manip checkpoints whose config predates the choice).
+CRITIC_BLOCKS = ("linear_gelu_norm", "linear_norm_gelu")
 
 MAX_TIME_FREQUENCY = 3.0
 
@@ -183,8 +188,10 @@ class EnsembleLinear(nn.Module):
 class CriticEnsemble(nn.Module):
     """Ensemble of E Q-functions ``Q_e(s, a)`` on flattened action chunks, evaluated in one batched pass.
 
-    Each member: MLP ``[obs, actions] -> 1`` with ``Linear -> LayerNorm -> GELU`` hidden layers (LayerNorm
-    with per-member affine parameters when ``layer_norm``).
+    Each member: MLP ``[obs, actions] -> 1`` whose hidden layers are ``Linear -> GELU -> LayerNorm`` (``block``
+    ``"linear_gelu_norm"``, FQL's and QC's order: the output head reads normalised features) or ``Linear ->
+    LayerNorm -> GELU`` (``"linear_norm_gelu"``); LayerNorm with per-member affine parameters, left out when not
+    ``layer_norm``.
     """
 
     def __init__(
@@ -194,9 +201,13 @@ class CriticEnsemble(nn.Module):
         num_critics: int = 2,
         hidden_dims: Sequence[int] = (512,) * 4,
         layer_norm: bool = True,
+        block: str = "linear_gelu_norm",
     ):
         super().__init__()
+        if block not in CRITIC_BLOCKS:
+            raise ValueError(f"unknown critic block {block!r}; expected one of {CRITIC_BLOCKS}")
         self.obs_dim, self.action_dim, self.num_critics = obs_dim, action_dim, num_critics
+        self.block = block
         dims = [obs_dim + action_dim, *hidden_dims]
         self.hidden = nn.ModuleList(EnsembleLinear(num_critics, a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.norm_scales = nn.ParameterList(
@@ -211,11 +222,15 @@ class CriticEnsemble(nn.Module):
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """obs (B, O), actions (B, D) -> Q values (E, B)."""
         h = torch.cat([obs, actions], dim=-1)
+        norm_first = self.block == "linear_norm_gelu"
         for i, layer in enumerate(self.hidden):
             h = layer(h)
+            if not norm_first:
+                h = F.gelu(h)
             if self.layer_norm:
                 h = torch.addcmul(self.norm_shifts[i], F.layer_norm(h, h.shape[-1:]), self.norm_scales[i])
-            h = F.gelu(h)
+            if norm_first:
+                h = F.gelu(h)
         return self.out(h).squeeze(-1)
 
 
@@ -244,13 +259,14 @@ class CriticMembers(nn.Module):
                 layers.append(linear)
                 if batched is ensemble.out:
                     break
+                block = [nn.GELU()]
                 if ensemble.layer_norm:
                     norm = nn.LayerNorm(out_dim)
                     with torch.no_grad():
                         norm.weight.copy_(ensemble.norm_scales[i][e, 0])
                         norm.bias.copy_(ensemble.norm_shifts[i][e, 0])
-                    layers.append(norm)
-                layers.append(nn.GELU())
+                    block = [norm, *block] if ensemble.block == "linear_norm_gelu" else [*block, norm]
+                layers += block
             members.append(nn.Sequential(*layers))
         self.members = nn.ModuleList(members).to(ensemble.out.weight.device, ensemble.out.weight.dtype)
 
