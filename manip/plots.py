@@ -8,8 +8,10 @@ followed by its own.
 
 Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
 best-of-N target, or ``mvp [adaptive_p=0.5]`` where runs of one algo differ in a setting); runs
-sharing both are seeds of one method. The band around a curve is the 95% bootstrap interval of the
-mean over seeds, or the Wilson 95% interval over episodes when a label has a single run.
+sharing both are seeds of one method. The band around a curve spans two 95% intervals: the bootstrap
+interval of the mean over seeds (seed-to-seed variation) and the Wilson interval of the runs' episodes pooled
+(episode sampling, all a single run has), so that a few seeds that agree, e.g. all at 1.0, do not shrink it
+below what their episodes support.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
+
+from manip.evaluation import wilson_interval
 
 # Paper (MVP, arXiv 2602.13810) Table 1: success after 1M offline + 1M online updates, mean and std
 # over 5 seeds (std None where unpublished). Entries in PAPER_TABLE1_INFERRED are split from
@@ -243,12 +247,18 @@ def bootstrap_interval(values: np.ndarray, level: float = 0.95, resamples: int =
 
 def aggregate(curves: pd.DataFrame) -> pd.DataFrame:
     """Mean success per (task, label, step) with its band: columns mean, low, high, runs, seeds (distinct seed
-    values among the runs: a repeated seed is a second run, not a second seed), phase."""
+    values among the runs: a repeated seed is a second run, not a second seed), phase.
+
+    The band of one run is its Wilson interval; of several, the hull of the bootstrap interval of the mean over
+    runs and the Wilson interval of their episodes pooled."""
     rows = []
     for (task, label, step), group in curves.groupby(["task", "label", "step"], sort=True):
         values = group["success_rate"].to_numpy(dtype=float)
         if len(values) > 1:
             low, high = bootstrap_interval(values)
+            episodes = group["episodes"].to_numpy(dtype=float)
+            pooled_low, pooled_high = wilson_interval(float((values * episodes).sum()), float(episodes.sum()))
+            low, high = min(low, pooled_low), max(high, pooled_high)
         else:
             low, high = float(group["ci_low"].iloc[0]), float(group["ci_high"].iloc[0])
         rows.append({"task": task, "label": label, "step": step, "mean": values.mean(), "low": low,

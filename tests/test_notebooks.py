@@ -151,6 +151,18 @@ def test_comparison_table_lines_up_with_table1():
     assert (single["low"], single["high"]) == pytest.approx(wilson_interval(10, 50))  # one seed: Wilson band
 
 
+def test_band_over_seeds_keeps_the_uncertainty_of_their_episodes():
+    """Seeds that agree leave the bootstrap over seeds with zero width; the pooled episodes' Wilson interval
+    keeps the band honest. Seeds far apart are governed by the bootstrap."""
+    agree = plots.aggregate(_synthetic_curves("lift", "mvp", "mvp", [1.0, 1.0]))
+    final = agree[agree["step"] == 300].iloc[0]
+    assert plots.bootstrap_interval(np.array([1.0, 1.0])) == (1.0, 1.0)
+    assert (final["low"], final["high"]) == pytest.approx(wilson_interval(100, 100)) and final["low"] < 0.97
+    apart = plots.aggregate(_synthetic_curves("lift", "mvp", "mvp", [0.2, 0.9, 0.6]))
+    final = apart[apart["step"] == 300].iloc[0]
+    assert (final["low"], final["high"]) == pytest.approx(plots.bootstrap_interval(np.array([0.2, 0.9, 0.6])))
+
+
 def test_bootstrap_interval_brackets_the_mean():
     values = np.array([0.2, 0.4, 0.9])
     low, high = plots.bootstrap_interval(values)
