@@ -220,6 +220,23 @@ def test_mean_flow_and_ivc_loss_arithmetic():
     assert math.isclose(ivc_loss(u, v, adaptive_p=0.5).item(), adaptive, rel_tol=1e-5)
 
 
+def test_total_loss_weights_the_ivc_term_by_lambda():
+    obs, actions = torch.zeros(32, 1), torch.rand(32, 3) * 2 - 1
+    net = lambda o, x, t, r: torch.sin(2 * x) + (r - t).unsqueeze(-1) * x  # noqa: E731
+    loss, info = mvp_policy_loss(net, obs, actions, lambda_ivc=0.5, generator=torch.Generator().manual_seed(2))
+    assert info["actor/mf_loss"] > 0 and info["actor/ivc_loss"] > 0
+    torch.testing.assert_close(loss, info["actor/mf_loss"] + 0.5 * info["actor/ivc_loss"])
+
+
+def test_adaptive_weight_is_a_stop_gradient_scale():
+    """d/du of sg(1 / (e + c)^p) * e with e = (u - v)^2 is 2 (u - v) / (e + c)^p: the weight carries no gradient."""
+    u = torch.tensor([[0.0, 1.0], [3.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([[0.5, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    ivc_loss(u, v, adaptive_p=0.5).backward()
+    err = (u.detach() - v).square()
+    torch.testing.assert_close(u.grad, 2 * (u.detach() - v) / (err + 1e-3).sqrt() / u.numel())
+
+
 def test_mean_flow_target_is_stop_gradient():
     u = torch.randn(3, 2, requires_grad=True)
     dudt = torch.randn(3, 2, requires_grad=True)
@@ -269,6 +286,29 @@ def test_invalid_chunk_steps_do_not_affect_the_loss():
     assert other > base + 1.0
 
 
+def test_invalid_steps_are_masked_row_by_row_in_both_terms():
+    """Rows end their chunks at different steps, and the boundary (r = t) rows come first: each row's own mask
+    must reach both the IVC rows and the mean-flow rows."""
+    def elementwise_u(obs, x, t, r):
+        return torch.sin(3 * x) * (1 + r - t).unsqueeze(-1) + t.unsqueeze(-1)
+
+    obs = torch.zeros(32, 1)
+    actions = torch.rand(32, 6) * 2 - 1
+    valid = torch.ones(32, 6)
+    valid[:8, 3:] = 0.0    # boundary rows 0-7 end after 3 steps
+    valid[20:, 5:] = 0.0   # mean-flow rows 20-31 after 5
+    changed = actions.clone()
+    changed[valid == 0] = 5.0
+    _, base = mvp_policy_loss(elementwise_u, obs, actions, valid, generator=torch.Generator().manual_seed(4))
+    _, same = mvp_policy_loss(elementwise_u, obs, changed, valid, generator=torch.Generator().manual_seed(4))
+    for key in ("actor/ivc_loss", "actor/mf_loss"):
+        torch.testing.assert_close(base[key], same[key])
+    tampered = actions.clone()
+    tampered[8:16, 3:] = 5.0  # valid entries of rows the boundary rows' mask would cover if misaligned
+    _, other = mvp_policy_loss(elementwise_u, obs, tampered, valid, generator=torch.Generator().manual_seed(4))
+    assert other["actor/ivc_loss"] > base["actor/ivc_loss"] + 1.0
+
+
 def test_target_velocity_fn_replaces_conditional_velocity():
     obs, actions = torch.zeros(16, 1), torch.rand(16, 2)
     zero_u = lambda o, x, t, r: torch.zeros_like(x)  # noqa: E731
@@ -303,3 +343,23 @@ def test_few_step_sampling_is_exact_for_the_closed_form_mean_velocity():
     assert (one_inst - one).abs().max() > 0.1 and (many_inst - one).abs().max() < 0.015
     with pytest.raises(ValueError, match="sample_steps"):
         sample_few_step(flow, obs, noise, 0)
+
+
+def test_time_features_are_sin_and_cos_of_low_frequencies():
+    from manip.algos.networks import time_embedding
+
+    torch.testing.assert_close(time_embedding(torch.zeros(1), 4), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    t = torch.tensor([0.3])
+    expected = torch.tensor([[math.sin(0.3), math.sin(0.9), math.cos(0.3), math.cos(0.9)]])
+    torch.testing.assert_close(time_embedding(t, 4), expected)
+
+
+def test_mean_velocity_net_embeds_t_and_the_interval_length():
+    """u(x, t, r | s) reads [s, x, emb(t), emb(r - t)]: the interval length, not r, is the second time input."""
+    net = _random_net()
+    g = torch.Generator().manual_seed(5)
+    obs, x = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.2, 0.5, 0.0], dtype=torch.float64)
+    r = torch.tensor([0.4, 0.2, 0.9, 1.0], dtype=torch.float64)
+    features = torch.cat([obs, x, net.time_embed(t), net.time_embed(r - t)], dim=-1)
+    torch.testing.assert_close(net(obs, x, t, r), net.mlp(features))

@@ -44,6 +44,10 @@ def test_rewards_stop_after_termination_inside_chunk():
     replay = ChunkReplay.from_transitions(t, horizon=4, discount=1.0)
     out = replay.gather(torch.tensor([0]))
     assert out["rewards"].item() == -1.0 and out["masks"].item() == 0.0
+    # the terminating step's own reward counts (discounted); what follows it does not
+    t.rewards = np.array([-1, 3, 5, 5], np.float32)
+    out = ChunkReplay.from_transitions(t, horizon=4, discount=0.5).gather(torch.tensor([0]))
+    assert out["rewards"].item() == pytest.approx(-1 + 0.5 * 3) and out["masks"].item() == 0.0
 
 
 def test_online_append_and_balanced_sampling():

@@ -216,6 +216,42 @@ def test_proposals_stay_near_the_box():
     assert actions.abs().max() > 1.0  # the tail is sampled too
 
 
+def test_proposals_cover_the_posterior_tail_outside_the_box():
+    """Where x / t lies outside the box, the noise posterior's part beyond the box is Gaussian (the likelihood
+    N(x / t, s^2), s = (1 - t) / t, times the box tail N(1, BOUND_STD^2)); the truncated proposals must reach
+    well into it, not stop short of its bulk."""
+    t, x = 0.95, 1.25
+    obs = torch.zeros(64, 1, dtype=torch.float64)
+    xs, ts = torch.full((64, 1), x, dtype=torch.float64), torch.full((64,), t, dtype=torch.float64)
+    _, info = rfm_noise_posterior_mean(bimodal_q_1d, obs, xs, ts, 1.0, 1024, eta=0.0,
+                                       generator=torch.Generator().manual_seed(9))
+    actions = (xs[:, None] - (1 - t) * info["per_sample"]) / t
+    s2, b2 = ((1 - t) / t) ** 2, BOUND_STD**2
+    tail_mean, tail_std = (x / t * b2 + s2) / (s2 + b2), math.sqrt(s2 * b2 / (s2 + b2))
+    assert actions.max() > tail_mean + 3.5 * tail_std
+
+
+def test_optimal_eta_stays_in_the_unit_interval():
+    """The estimated blend is clamped to [0, 1]: with few samples the raw ratio -cov / var overshoots."""
+    x = (0.8 * torch.linspace(-1, 1, 256, dtype=torch.float64))[:, None]
+    t = torch.full((256,), 0.8, dtype=torch.float64)
+    _, info = rfm_noise_posterior_mean(bimodal_q_1d, torch.zeros(256, 1, dtype=torch.float64), x, t, 1.0, 4,
+                                       eta="optimal", generator=torch.Generator().manual_seed(0))
+    assert info["eta"].min() >= 0.0 and info["eta"].max() <= 1.0 and info["eta"].max() > 0.5
+
+
+def test_policy_prior_target_is_finite_at_the_end_of_the_path():
+    """At t = 1 the (a - x) / (1 - t) velocity is evaluated at t = 1 - t_min instead of dividing by zero."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    actions = torch.randn(3, 16, 2, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    at_end = policy_prior_target_velocity(x, torch.ones(3, dtype=torch.float64), actions, q, 1.0)
+    assert torch.isfinite(at_end).all()
+    torch.testing.assert_close(at_end, policy_prior_target_velocity(
+        x, torch.full((3,), 1 - T_MIN, dtype=torch.float64), actions, q, 1.0))
+
+
 def test_small_t_is_clamped_to_the_default_t_min():
     obs = torch.zeros(1, 1, dtype=torch.float64)
     x = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
