@@ -298,3 +298,114 @@ def test_one_step_mvp_matches_flow_policy_on_a_state_conditioned_ring():
     assert w1["mvp"] < 1.5 * w1["flow"]
     assert w1["mvp"] < 0.5 * w1["gaussian"]
     assert discrepancy["mvp"] < 0.5 * discrepancy["gaussian"]
+
+
+# -- flow matching, Euler sampling and the FQL actor loss, term by term -----------------------------------------------
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_field_of_a_point_mass():
+    """x_t = (1 - t) x0 + t a and target a - x0: for a point mass at a the field (a - x) / (1 - t) is exact."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([0.5, -0.3, 0.8], dtype=torch.float64)
+    actions = a.expand(256, -1).clone()
+    obs = torch.zeros(256, OBS_DIM, dtype=torch.float64)
+
+    def exact(obs, x, t):
+        return (a - x) / (1 - t).unsqueeze(-1)
+
+    def wrong(obs, x, t):  # right direction, wrong speed
+        return a - x
+
+    loss = flow_matching_loss(exact, obs, actions, generator=torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-10
+    assert flow_matching_loss(wrong, obs, actions, generator=g).item() > 0.1
+
+
+def test_euler_sampler_evaluates_the_field_at_the_start_of_each_step():
+    """Step i uses t = i * dt: integrating v = t from 0 with 10 steps gives sum_i 0.1 * i / 10 = 0.45 (not 0.55)."""
+
+    def time_field(obs, x, t):
+        return t.unsqueeze(-1).expand_as(x)
+
+    out = euler_sample(time_field, torch.zeros(4, OBS_DIM), torch.zeros(4, 2), steps=10)
+    torch.testing.assert_close(out, torch.full((4, 2), 0.45))
+
+
+def _fql_inputs(seed=0):
+    torch.manual_seed(seed)
+    agent = AGENTS["qc_fql"]()  # flow_steps=4, alpha=10
+    batch = _toy_batch(agent, batch=32, seed=seed)
+    return agent, batch["observations"], batch["actions"].flatten(1)
+
+
+def _fql_noise(agent, obs, actions, seed):
+    """The student's z inside fql_actor_loss: drawn right after the BC loss's noise and times."""
+    g = torch.Generator().manual_seed(seed)
+    flow_matching_loss(agent.flow, obs, actions, None, g)
+    return torch.randn(actions.shape, generator=g)
+
+
+def test_fql_teacher_is_detached_so_the_flow_gets_only_the_bc_gradient():
+    """The multi-step teacher is a fixed target: the flow's gradient of the FQL loss equals that of the BC loss."""
+    from manip.algos.fql import fql_actor_loss
+
+    agent, obs, actions = _fql_inputs()
+    loss, _ = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, agent.alpha,
+                             agent.flow_steps, generator=torch.Generator().manual_seed(3))
+    fql_grads = torch.autograd.grad(loss, list(agent.flow.parameters()), allow_unused=True)
+    bc = flow_matching_loss(agent.flow, obs, actions, None, torch.Generator().manual_seed(3))
+    bc_grads = torch.autograd.grad(bc, list(agent.flow.parameters()))
+    for fql_grad, bc_grad in zip(fql_grads, bc_grads):
+        torch.testing.assert_close(fql_grad, bc_grad)
+
+
+def test_fql_q_term_is_evaluated_on_the_clipped_student_action():
+    """Q(s, clip(mu(s, z))), not Q(s, mu(s, z)), with the student pushed well outside [-1, 1]."""
+    from manip.algos.fql import fql_actor_loss
+
+    agent, obs, actions = _fql_inputs()
+    with torch.no_grad():
+        agent.onestep.mlp.net[-1].weight.mul_(20.0)
+        agent.onestep.mlp.net[-1].bias.fill_(0.5)
+    _, info = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, agent.alpha,
+                             agent.flow_steps, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        student = agent.onestep(obs, _fql_noise(agent, obs, actions, 4))
+        assert (student.abs() > 1).float().mean() > 0.5
+        clipped_q = agent.critic(obs, student.clamp(-1, 1)).mean(0).mean()
+        raw_q = agent.critic(obs, student).mean(0).mean()
+    assert (clipped_q - raw_q).abs() > 1e-2
+    torch.testing.assert_close(info["actor/q_mean"], clipped_q)
+    torch.testing.assert_close(info["actor/q_loss"], -clipped_q)
+
+
+def test_fql_loss_is_bc_plus_alpha_distill_plus_q_term():
+    """alpha weights the distillation term only: loss = bc + alpha * distill + q_loss (alpha = 7 here)."""
+    from manip.algos.fql import fql_actor_loss
+
+    agent, obs, actions = _fql_inputs()
+    loss, info = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, 7.0,
+                                agent.flow_steps, generator=torch.Generator().manual_seed(5))
+    assert info["actor/distill_loss"] > 1e-2
+    expected = info["actor/bc_loss"] + 7.0 * info["actor/distill_loss"] + info["actor/q_loss"]
+    torch.testing.assert_close(loss.detach(), expected)
+    torch.testing.assert_close(info["actor/loss"], expected)
+
+
+def test_fql_teacher_uses_flow_steps_euler_steps():
+    """distill = mean((mu(s, z) - euler(flow, s, z, flow_steps))^2) with the agent's flow_steps (4), not 10."""
+    from manip.algos.fql import fql_actor_loss
+
+    agent, obs, actions = _fql_inputs()
+    with torch.no_grad():  # a stronger, state-dependent field, so that 4 and 10 Euler steps land apart
+        agent.flow.mlp.net[-1].weight.mul_(5.0)
+    assert agent.flow_steps == 4
+    _, info = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, agent.alpha,
+                             agent.flow_steps, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        z = _fql_noise(agent, obs, actions, 6)
+        student = agent.onestep(obs, z)
+        expected = (student - euler_sample(agent.flow, obs, z, 4)).square().mean()
+        ten_steps = (student - euler_sample(agent.flow, obs, z, 10)).square().mean()
+    assert (expected - ten_steps).abs() > 1e-3 * expected
+    torch.testing.assert_close(info["actor/distill_loss"], expected)

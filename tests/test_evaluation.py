@@ -1,0 +1,81 @@
+"""Success statistics and the evaluation rollout loop on a scripted fake vector env (no simulator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from manip.evaluation import evaluate_policy, wilson_interval
+
+ACTION_DIM = 2
+
+
+def test_wilson_interval_matches_known_values():
+    """95% Wilson score bounds (published values, found independently as the roots of |k/n - p| = z se(p))."""
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+
+
+class ScriptedVectorEnv:
+    """Gymnasium-style vector env with same-step autoreset.
+
+    Env i's episodes last ``lengths[i]`` steps; ``success(i, step)`` (step = 1, 2, ... within the episode) is the
+    success flag reported after that step. On the last step of an episode the step's info comes from the reset
+    (success False) and the finished episode's info is under ``final_info``, its last observation under
+    ``final_obs``, as Gymnasium's ``SyncVectorEnv`` reports them.
+    """
+
+    def __init__(self, lengths, success):
+        self.lengths, self.success = list(lengths), success
+        self.num_envs = len(self.lengths)
+        self.steps = np.zeros(self.num_envs, dtype=int)
+
+    def _obs(self):
+        return np.stack([np.arange(self.num_envs), self.steps], axis=1).astype(np.float32)
+
+    def reset(self, seed=None):
+        self.steps[:] = 0
+        return self._obs(), {}
+
+    def step(self, actions):
+        assert actions.shape == (self.num_envs, ACTION_DIM)
+        self.steps += 1
+        success = np.array([self.success(i, int(s)) for i, s in enumerate(self.steps)])
+        done = self.steps >= np.asarray(self.lengths)
+        final_obs = np.empty(self.num_envs, dtype=object)
+        for i in np.flatnonzero(done):
+            final_obs[i] = self._obs()[i]
+        self.steps[done] = 0
+        info = {"success": np.where(done, False, success)}
+        if done.any():
+            info["final_obs"] = final_obs
+            info["final_info"] = {"success": np.where(done, success, False)}
+        rewards = success.astype(np.float32)
+        return self._obs(), rewards, np.zeros(self.num_envs, bool), done, info
+
+
+def _zero_chunks(obs):
+    return np.zeros((obs.shape[0], 3, ACTION_DIM), dtype=np.float32)
+
+
+def test_evaluate_policy_counts_a_fixed_quota_of_episodes_per_env():
+    """Env i runs episodes i, i + E, ...: with 4 episodes on 2 envs each env gives 2, even though the short env
+    (2 steps, always failing) finishes 3 episodes before the long one (5 steps, always succeeding) finishes 2."""
+    env = ScriptedVectorEnv([2, 5], lambda i, step: i == 1 and step == 5)
+    result = evaluate_policy(env, _zero_chunks, num_episodes=4)
+    assert result.episodes == 4
+    assert sorted(result.lengths) == [2, 2, 5, 5]
+    assert sorted(result.outcomes) == [False, False, True, True]
+    assert result.success_rate == pytest.approx(0.5)
+    assert result.mean_length == pytest.approx(3.5)
+    assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(2, 4))
+
+
+def test_success_at_any_step_of_an_episode_counts():
+    """An episode that succeeds mid-way (step 3 of 5) but not at its last step is a success."""
+    env = ScriptedVectorEnv([5], lambda i, step: step == 3)
+    result = evaluate_policy(env, _zero_chunks, num_episodes=2)
+    assert result.outcomes == [True, True]
+    assert result.lengths == [5, 5]
+    assert result.success_rate == 1.0
