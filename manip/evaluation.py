@@ -232,7 +232,9 @@ def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num
     """Success rate of ``predict_chunks`` over ``num_episodes`` episodes of a vector env.
 
     Episode quotas are fixed per env up front (env i runs episodes i, i + E, ...), so short
-    episodes are not over-counted when envs finish at different speeds. ``chunk_latency_ms``: median wall time
+    episodes are not over-counted when envs finish at different speeds; ``outcomes[k]`` and ``lengths[k]`` are
+    episode k's. In a vector env from :func:`manip.envs.make_vector_env` episode k starts from seed ``seed + k``,
+    so the episodes do not depend on the number of envs. ``chunk_latency_ms``: median wall time
     of one policy call (what the step that refills a queue waits); ``action_latency_ms``: the policy's time
     per executed action (all calls over all actions the envs took; a call for several envs counts once).
     """
@@ -242,13 +244,14 @@ def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num
     quota = [len(range(i, num_episodes, env.num_envs)) for i in range(env.num_envs)]
     counts = [0] * env.num_envs
     metric = SuccessRate()
-    outcomes, lengths = [], []
+    outcomes, lengths = [False] * num_episodes, [0] * num_episodes
     while sum(counts) < num_episodes:
         for end in rollout.step():
-            if counts[end.env_index] < quota[end.env_index]:
-                counts[end.env_index] += 1
-                outcomes.append(end.success)
-                lengths.append(end.length)
+            i = end.env_index
+            if counts[i] < quota[i]:
+                episode = i + counts[i] * env.num_envs
+                counts[i] += 1
+                outcomes[episode], lengths[episode] = end.success, end.length
                 metric.update(torch.tensor([end.success]))
     stats = {k: float(v) for k, v in metric.compute().items()}
     chunk_ms = float(np.median(policy.latencies)) * 1e3 if policy.latencies else float("nan")

@@ -1,9 +1,10 @@
 """EnvSpec / vector-env construction and the dataset-vs-simulator dimension check."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
-from manip.envs import EnvMismatchError, EnvSpec, make_vector_env
+from manip.envs import EnvMismatchError, EnvSpec, EpisodeSeeds, make_vector_env
 
 
 def test_action_and_obs_dim_mismatch_named():
@@ -28,3 +29,51 @@ def test_same_step_autoreset_reports_final_observation():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown env kind 'isaac'"):
         EnvSpec("isaac").make()
+
+
+class _SeedRecorder(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (1,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def __init__(self):
+        self.seeds = []
+
+    def reset(self, *, seed=None, options=None):
+        self.seeds.append(seed)
+        return np.zeros(1, np.float32), {}
+
+
+def test_episode_seeds_continue_from_the_last_explicit_seed():
+    env = EpisodeSeeds(_SeedRecorder(), stride=3)
+    env.reset()  # nothing to continue from: unseeded
+    env.reset(seed=10)
+    env.reset()
+    env.reset()
+    env.reset(seed=4)
+    env.reset()
+    assert env.unwrapped.seeds == [None, 10, 13, 16, 4, 7]
+
+
+def _episode_starts(num_envs: int, episodes: int) -> list[np.ndarray]:
+    """First observation of each episode k = 0..episodes-1 of a vector env reset with seed 7 (3-step episodes)."""
+    spec = EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 3})
+    env = make_vector_env(spec, num_envs, asynchronous=False)
+    obs, _ = env.reset(seed=7)
+    starts, started = {}, [0] * num_envs  # started[i]: episodes env i has begun
+    for i in range(num_envs):
+        starts[i] = obs[i]
+    while len(starts) < episodes + num_envs:
+        obs, _, terminated, truncated, _ = env.step(np.zeros((num_envs, 5), np.float32))
+        for i in np.flatnonzero(terminated | truncated):
+            started[i] += 1
+            starts[i + started[i] * num_envs] = obs[i]
+    env.close()
+    return [starts[k] for k in range(episodes)]
+
+
+def test_episode_k_starts_from_the_same_state_whatever_the_number_of_envs():
+    one = _episode_starts(1, 6)
+    assert not np.allclose(one[0], one[1])  # episodes differ
+    for num_envs in (2, 3):
+        for k, (a, b) in enumerate(zip(one, _episode_starts(num_envs, 6))):
+            np.testing.assert_array_equal(a, b, err_msg=f"episode {k} with {num_envs} envs")

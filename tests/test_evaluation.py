@@ -65,11 +65,18 @@ def test_evaluate_policy_counts_a_fixed_quota_of_episodes_per_env():
     env = ScriptedVectorEnv([2, 5], lambda i, step: i == 1 and step == 5)
     result = evaluate_policy(env, _zero_chunks, num_episodes=4)
     assert result.episodes == 4
-    assert sorted(result.lengths) == [2, 2, 5, 5]
-    assert sorted(result.outcomes) == [False, False, True, True]
+    # outcomes[k] / lengths[k] belong to episode k, which env k % 2 ran
+    assert result.lengths == [2, 5, 2, 5]
+    assert result.outcomes == [False, True, False, True]
     assert result.success_rate == pytest.approx(0.5)
     assert result.mean_length == pytest.approx(3.5)
     assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(2, 4))
+
+
+def test_an_odd_episode_count_gives_the_first_envs_one_more():
+    env = ScriptedVectorEnv([5, 2], lambda i, step: i == 0 and step == 5)
+    result = evaluate_policy(env, _zero_chunks, num_episodes=5)
+    assert result.lengths == [5, 2, 5, 2, 5] and result.outcomes == [True, False, True, False, True]
 
 
 def test_success_at_any_step_of_an_episode_counts():

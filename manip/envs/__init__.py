@@ -57,18 +57,41 @@ def check_dims(env: gym.Env | gym.vector.VectorEnv, obs_dim: int | None, action_
                                    f"the simulator ({getattr(env, 'spec', None) or type(env).__name__}) has {have}")
 
 
+class EpisodeSeeds(gym.Wrapper):
+    """Seeds every episode of one env of a vector env: after ``reset(seed=s)``, its j-th reset without a seed (the
+    vector env's autoreset) uses ``s + j * stride``.
+
+    With ``stride = num_envs`` and the vector env's ``reset(seed=S)`` (env i gets ``S + i``), env i's episodes are
+    the vector env's episodes ``k = i, i + E, i + 2E, ...`` and episode k starts from seed ``S + k``, whatever
+    ``num_envs``: an evaluation meets the same initial states with one simulator process or eight.
+    """
+
+    def __init__(self, env: gym.Env, stride: int):
+        super().__init__(env)
+        self.stride = stride
+        self._next_seed: int | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is None:
+            seed = self._next_seed
+        if seed is not None:
+            self._next_seed = int(seed) + self.stride
+        return self.env.reset(seed=seed, options=options)
+
+
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
                     obs_dim: int | None = None, action_dim: int | None = None,
                     **overrides: Any) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``spec`` in one vector env (a process per env when asynchronous).
 
     Uses same-step autoreset: an episode's last observation is in ``info["final_obs"]`` and the
-    returned observation is already the next episode's first one. ``obs_dim`` / ``action_dim``,
-    when given, are checked against the simulator (``EnvMismatchError`` on a difference).
+    returned observation is already the next episode's first one. After ``reset(seed=S)`` episode k (env
+    ``k % num_envs``'s ``k // num_envs``-th) starts from seed ``S + k`` (:class:`EpisodeSeeds`). ``obs_dim`` /
+    ``action_dim``, when given, are checked against the simulator (``EnvMismatchError`` on a difference).
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    fns = [lambda: spec.make(**overrides) for _ in range(num_envs)]
+    fns = [lambda: EpisodeSeeds(spec.make(**overrides), num_envs) for _ in range(num_envs)]
     asynchronous = num_envs > 1 if asynchronous is None else asynchronous
     mode = gym.vector.AutoresetMode.SAME_STEP
     if asynchronous:
