@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
-from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
+from manip.evaluation import evaluate_policy
+from manip.settings import SettingError, check_int, check_noise_scale
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 

@@ -8,7 +8,6 @@ episodes as ``Transitions``. ``SuccessRate`` is a torchmetrics metric with a Wil
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -186,45 +185,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class SettingError(ValueError):
-    """A user setting (evaluation, checkpointing, fine-tuning, agent) is out of range or does not apply to the
-    checkpoint; the message names it by its config key."""
-
-
-def check_int(value, key: str, minimum: int) -> int:
-    """``value`` as an int if it is an integer >= ``minimum`` (a float with an integer value, such as Hydra's
-    ``1e5``, counts); a SettingError naming ``key`` otherwise."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SettingError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise SettingError(f"{key} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_real(value, key: str, minimum: float, strict: bool = False, maximum: float | None = None) -> float:
-    """``value`` if it is a finite number >= ``minimum`` (> with ``strict``) and <= ``maximum`` (when given); a
-    SettingError naming ``key`` otherwise."""
-    if strict:
-        bound = f"> {minimum}" if maximum is None else f"in ({minimum}, {maximum}]"
-    else:
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SettingError(f"{key} must be a number {bound}, got {value!r}")
-    low_ok = value > minimum if strict else value >= minimum
-    if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
-        raise SettingError(f"{key} must be {bound}, got {value}")
-    return float(value)
-
-
-def check_noise_scale(noise_scale: float, key: str = "noise_scale") -> float:
-    """``noise_scale`` if it is a valid std of the policy's initial noise (>= 0); a SettingError naming ``key``."""
-    if noise_scale < 0:
-        raise SettingError(f"{key} must be >= 0, got {noise_scale}")
-    return noise_scale
 
 
 def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num_episodes: int,

@@ -26,9 +26,9 @@ from manip.checkpoint import CheckpointError, check_compatible, dataset_path, lo
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
-from manip.evaluation import SettingError, check_int
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
+from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
 _OWN = ("finetune", "eval", "checkpoint", "trainer", "env")

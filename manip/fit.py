@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
-from manip.evaluation import check_int
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
+from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
 _DDP_CHILD_JOB = "train_ddp_process_"

@@ -34,7 +34,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
 from manip.checkpoint import gather_rank_states, rank_state
-from manip.evaluation import ChunkPolicy, SettingError, VectorRollout, check_int, check_real
+from manip.evaluation import ChunkPolicy, VectorRollout
+from manip.settings import SettingError, check_int, check_real
 
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")

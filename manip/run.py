@@ -26,8 +26,9 @@ from manip.checkpoint import AtomicCheckpointIO, CheckpointError
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
-from manip.evaluation import SettingError, check_int, check_noise_scale, evaluate_policy
+from manip.evaluation import evaluate_policy
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
+from manip.settings import SettingError, check_int, check_noise_scale
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.

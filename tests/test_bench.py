@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,15 @@ def test_other_benchmarks_bad_values_are_one_usage_error(tmp_path, monkeypatch, 
         bench_module.main(args)
     assert exit_info.value.code == 2
     assert accepted in _one_error_line(capsys.readouterr().err, f"python -m {module}", flag)
+
+
+def test_the_benchmark_needs_only_torch_and_numpy():
+    """``.ci/device_check`` runs on a GPU machine whose Python has PyTorch (and NumPy) but nothing this project
+    installs: importing the benchmark must not pull in Lightning, torchmetrics, Hydra or the simulators."""
+    code = ("import sys, manip.bench; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                 .stdout.split())
+    assert "manip" in loaded and "torch" in loaded
+    heavy = {"lightning", "pytorch_lightning", "lightning_utilities", "torchmetrics", "hydra", "omegaconf",
+             "gymnasium", "mujoco", "robosuite", "ogbench", "h5py", "pandas"}
+    assert not loaded & heavy, sorted(loaded & heavy)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
-from manip.evaluation import SettingError
+from manip.settings import SettingError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",

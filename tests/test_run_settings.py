@@ -17,7 +17,7 @@ import pytest
 import manip
 import manip.envs
 from manip.checkpoint import load_checkpoint
-from manip.evaluation import SettingError
+from manip.settings import SettingError
 
 from entry_points import run_finetune, run_fit
 
@@ -265,7 +265,7 @@ def test_module_online_settings_name_the_bad_key(online, message):
 
 def test_integer_settings_take_integral_floats():
     """Hydra reads ``finetune.alpha_steps=1e5`` as a float: an integral one is that integer, 2.5 is not."""
-    from manip.evaluation import check_int
+    from manip.settings import check_int
     from manip.module import OnlineConfig
 
     config = OnlineConfig.from_settings({"alpha_steps": 1e5, "start_training": 1e3})

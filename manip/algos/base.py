@@ -14,7 +14,7 @@ from torch import nn
 
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
 from manip.algos.networks import CRITIC_BLOCKS, CriticEnsemble
-from manip.evaluation import SettingError, check_int, check_real
+from manip.settings import SettingError, check_int, check_real
 
 __all__ = ["ActorCriticAgent", "Q_AGGREGATES", "check_agent_settings", "flatten_chunk", "masked_mean"]
 

@@ -25,7 +25,7 @@ from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec
-from manip.evaluation import SettingError, check_int, check_real
+from manip.settings import SettingError, check_int, check_real
 
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
