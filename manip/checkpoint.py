@@ -39,6 +39,11 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0]
 
 
+# Agent settings added after checkpoints were first written, with the value that rebuilds the networks of a
+# checkpoint whose config lacks them (today's default may differ): load_checkpoint fills them in.
+EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu"}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
     a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
@@ -71,11 +76,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         for key, value in EARLIER_AGENT_SETTINGS.items():
             agent.setdefault(key, value)
     return ckpt
-
-
-# Agent settings added after checkpoints were first written, with the value that rebuilds the networks of a
-# checkpoint whose config lacks them (today's default may differ): load_checkpoint fills them in.
-EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu"}
 
 
 def check_compatible(ckpt: dict[str, Any], path: str | Path, obs_dim: int, action_dim: int,

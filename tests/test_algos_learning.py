@@ -8,6 +8,7 @@ import torch
 
 from manip.algos import FQLAgent, FlowBoNAgent, MVPAgent
 from manip.algos.flow import euler_sample, flow_matching_loss
+from manip.algos.fql import fql_actor_loss
 from manip.algos.mvp import mvp_policy_loss, sample_one_step
 from manip.algos.networks import MLP, MeanVelocityNet, VelocityNet
 
@@ -96,8 +97,6 @@ def test_actor_loss_does_not_touch_the_critic():
 @pytest.mark.parametrize("normalize_q", [False, True])
 def test_fql_q_term_is_minus_mean_q_scaled_only_when_asked(normalize_q):
     """FQL's and QC's code leave the Q term unscaled by default (alpha is tuned against it)."""
-    from manip.algos.fql import fql_actor_loss
-
     agent = AGENTS["qc_fql"]()
     with torch.no_grad():  # a critic far from zero, where the scaling matters
         agent.critic.out.bias.fill_(-40.0)
@@ -347,8 +346,6 @@ def _fql_noise(agent, obs, actions, seed):
 
 def test_fql_teacher_is_detached_so_the_flow_gets_only_the_bc_gradient():
     """The multi-step teacher is a fixed target: the flow's gradient of the FQL loss equals that of the BC loss."""
-    from manip.algos.fql import fql_actor_loss
-
     agent, obs, actions = _fql_inputs()
     loss, _ = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, agent.alpha,
                              agent.flow_steps, generator=torch.Generator().manual_seed(3))
@@ -361,8 +358,6 @@ def test_fql_teacher_is_detached_so_the_flow_gets_only_the_bc_gradient():
 
 def test_fql_q_term_is_evaluated_on_the_clipped_student_action():
     """Q(s, clip(mu(s, z))), not Q(s, mu(s, z)), with the student pushed well outside [-1, 1]."""
-    from manip.algos.fql import fql_actor_loss
-
     agent, obs, actions = _fql_inputs()
     with torch.no_grad():
         agent.onestep.mlp.net[-1].weight.mul_(20.0)
@@ -381,8 +376,6 @@ def test_fql_q_term_is_evaluated_on_the_clipped_student_action():
 
 def test_fql_loss_is_bc_plus_alpha_distill_plus_q_term():
     """alpha weights the distillation term only: loss = bc + alpha * distill + q_loss (alpha = 7 here)."""
-    from manip.algos.fql import fql_actor_loss
-
     agent, obs, actions = _fql_inputs()
     loss, info = fql_actor_loss(agent.flow, agent.onestep, agent.critic, obs, actions, None, 7.0,
                                 agent.flow_steps, generator=torch.Generator().manual_seed(5))
@@ -394,8 +387,6 @@ def test_fql_loss_is_bc_plus_alpha_distill_plus_q_term():
 
 def test_fql_teacher_uses_flow_steps_euler_steps():
     """distill = mean((mu(s, z) - euler(flow, s, z, flow_steps))^2) with the agent's flow_steps (4), not 10."""
-    from manip.algos.fql import fql_actor_loss
-
     agent, obs, actions = _fql_inputs()
     with torch.no_grad():  # a stronger, state-dependent field, so that 4 and 10 Euler steps land apart
         agent.flow.mlp.net[-1].weight.mul_(5.0)
