@@ -26,7 +26,7 @@ from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_int, check_noise_scale
+from manip.settings import SettingError, check_int, check_real
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -61,7 +61,7 @@ def check_settings(episodes: int, num_envs: int, num_samples: int | None = None,
         if value is not None:
             check_int(value, key, 1)
     if noise_scale is not None:
-        check_noise_scale(noise_scale)
+        check_real(noise_scale, "noise_scale", 0)
     check_int(seed, "seed", 0)
 
 
@@ -92,7 +92,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     module, cfg = load_module(ckpt)
     spec = env_spec_of(cfg)
     if noise_scale is None:
-        noise_scale = check_noise_scale(float(cfg.get("eval", {}).get("noise_scale", 1.0)))
+        noise_scale = check_real(cfg.get("eval", {}).get("noise_scale", 1.0), "eval.noise_scale", 0)
     if sample_steps is not None:
         if not hasattr(module.agent, "sample_steps"):
             raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "

@@ -28,7 +28,7 @@ from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import SettingError, check_int, check_noise_scale
+from manip.settings import SettingError, check_int, check_real
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -85,7 +85,7 @@ class PeriodicEvaluation(Callback):
         seed = check_int(seed, "eval.seed", 0)
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
-        self.noise_scale = check_noise_scale(noise_scale, "eval.noise_scale")
+        self.noise_scale = check_real(noise_scale, "eval.noise_scale", 0)
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
         self.started = time.perf_counter()

@@ -40,9 +40,3 @@ def check_real(value, key: str, minimum: float, strict: bool = False, maximum: f
         raise SettingError(f"{key} must be {bound}, got {value}")
     return float(value)
 
-
-def check_noise_scale(noise_scale: float, key: str = "noise_scale") -> float:
-    """``noise_scale`` if it is a valid std of the policy's initial noise (>= 0); a SettingError naming ``key``."""
-    if noise_scale < 0:
-        raise SettingError(f"{key} must be >= 0, got {noise_scale}")
-    return noise_scale

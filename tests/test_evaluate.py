@@ -127,10 +127,12 @@ def test_cli_sample_steps_override(checkpoints, tmp_path, monkeypatch):
     assert not (tmp_path / "zero.json").exists()
 
 
-def test_cli_negative_noise_scale_is_one_line_error(checkpoints, tmp_path):
+@pytest.mark.parametrize("value, message", [("-0.5", "noise_scale must be >= 0, got -0.5"),
+                                            ("nan", "noise_scale must be >= 0, got nan")])
+def test_cli_bad_noise_scale_is_one_line_error(checkpoints, tmp_path, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        _cli(f"ckpt={checkpoints['fql']}", "noise_scale=-0.5", f"out={tmp_path / 'r.json'}")
-    assert exit_info.value.code == "manip.evaluate: noise_scale must be >= 0, got -0.5"
+        _cli(f"ckpt={checkpoints['fql']}", f"noise_scale={value}", f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code == f"manip.evaluate: {message}"
     assert not (tmp_path / "r.json").exists()
 
 
