@@ -8,6 +8,8 @@ weights_only=True)``).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 import zipfile
@@ -39,16 +41,28 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0]
 
 
-# Agent settings added after checkpoints were first written, with the value that rebuilds the networks of a
-# checkpoint whose config lacks them (today's default may differ): load_checkpoint fills them in.
-EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu"}
+# Agent settings added after checkpoints were first written, with the value that rebuilds the agent of a
+# checkpoint whose config lacks them (today's default may differ): load_checkpoint fills them in for the agents
+# that take them.
+EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu", "td_select": "target"}
+
+
+def _agent_takes(target: Any, key: str) -> bool:
+    """Whether the agent class named by a config's ``_target_`` has a constructor argument ``key``."""
+    module_name, _, class_name = str(target).rpartition(".")
+    try:
+        agent_class = getattr(importlib.import_module(module_name), class_name)
+        return key in inspect.signature(agent_class).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):  # instantiating it will name the problem
+        return False
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
     a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
     containers (which safe loading refuses), or a PyTorch file without a manip config and weights. A config
-    written before an agent setting existed gets that setting's earlier value (``EARLIER_AGENT_SETTINGS``)."""
+    written before an agent setting existed gets that setting's earlier value (``EARLIER_AGENT_SETTINGS``) where
+    its agent takes the setting."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -74,7 +88,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     agent = (hp["cfg"].get("algo") or {}).get("agent")
     if isinstance(agent, dict):
         for key, value in EARLIER_AGENT_SETTINGS.items():
-            agent.setdefault(key, value)
+            if key not in agent and _agent_takes(agent.get("_target_"), key):
+                agent[key] = value
     return ckpt
 
 

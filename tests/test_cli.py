@@ -519,6 +519,23 @@ def test_a_checkpoint_predating_the_critic_block_setting_keeps_its_layer_order(l
     assert fit.build(_compose("fit", [*command, "algo.agent.critic_block=linear_norm_gelu"]))[3] == old
 
 
+@pytest.mark.parametrize("target, filled", [
+    ("manip.algos.mvp.MVPAgent", {"critic_block": "linear_norm_gelu", "td_select": "target"}),
+    ("manip.algos.flow.FlowBoNAgent", {"critic_block": "linear_norm_gelu", "td_select": "target"}),
+    ("manip.algos.fql.FQLAgent", {"critic_block": "linear_norm_gelu"}),  # FQL selects no TD candidates
+    ("nowhere.Agent", {}),  # instantiating it names the problem
+])
+def test_settings_added_since_a_checkpoint_get_their_earlier_values_where_the_agent_takes_them(tmp_path, target,
+                                                                                                 filled):
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {"algo": {"agent": {"_target_": target}}}}}, path)
+    assert load_checkpoint(path)["hyper_parameters"]["cfg"]["algo"]["agent"] == {"_target_": target, **filled}
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {"algo": {"agent": {
+        "_target_": target, "critic_block": "linear_gelu_norm", "td_select": "online"}}}}}, path)  # kept as written
+    agent = load_checkpoint(path)["hyper_parameters"]["cfg"]["algo"]["agent"]
+    assert (agent["critic_block"], agent["td_select"]) == ("linear_gelu_norm", "online")
+
+
 class _Foreign:
     """An object safe loading refuses."""
 

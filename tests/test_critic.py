@@ -177,14 +177,40 @@ def test_agent_soft_update_moves_target_towards_critic():
         torch.testing.assert_close(new, 0.75 * old + 0.25 * src)
 
 
-def test_target_actions_are_best_of_n_under_the_target_critic():
-    agent = _agents()[0]
-    obs = torch.randn(6, 5)
-    n = agent.num_samples
+@pytest.mark.parametrize("agent_class", [MVPAgent, FlowBoNAgent])
+@pytest.mark.parametrize("td_select", ["target", "online"])
+def test_target_actions_are_best_of_n_under_the_critic_td_select_names(agent_class, td_select):
+    """The named critic ranks the candidates (the other ranks them differently here); the target critic scores
+    the winner in the TD target either way."""
+    torch.manual_seed(0)
+    agent = agent_class(5, 2, 3, num_samples=8, hidden_dims=(32, 32), td_select=td_select)
+    with torch.no_grad():  # online and target critic disagree, as after training
+        for p in agent.critic.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs, n = torch.randn(6, 5), agent.num_samples
     chosen = agent.target_actions(obs, torch.Generator().manual_seed(4))
     candidates = agent.generate(obs.repeat_interleave(n, 0), torch.Generator().manual_seed(4)).view(6, n, -1)
-    scores = agent.target_critic(obs.repeat_interleave(n, 0), candidates.reshape(6 * n, -1)).mean(0).view(6, n)
-    torch.testing.assert_close(chosen, best_of_n(candidates, scores)[0])
+    with torch.no_grad():
+        ranks = {name: best_of_n(candidates, critic(obs.repeat_interleave(n, 0), candidates.reshape(6 * n, -1))
+                                 .mean(0).view(6, n)) for name, critic in
+                 (("target", agent.target_critic), ("online", agent.critic))}
+    torch.testing.assert_close(chosen, ranks[td_select][0])
+    assert not torch.equal(ranks["target"][1], ranks["online"][1])
+
+    batch = _toy_batch(5, 2, 3)
+    batch["masks"] = torch.ones(16)
+    with torch.no_grad():
+        next_actions = agent.target_actions(batch["next_observations"], torch.Generator().manual_seed(7))
+        next_q = agent.target_critic(batch["next_observations"], next_actions).mean(0)
+    _, info = agent.critic_loss(batch, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(info["critic/target_mean"],
+                               (batch["rewards"] + agent.discount**agent.horizon * next_q).mean())
+
+
+def test_td_select_defaults_and_refusal():
+    assert MVPAgent(5, 2, 3, hidden_dims=(8,)).td_select == FlowBoNAgent(5, 2, 3, hidden_dims=(8,)).td_select == "target"
+    with pytest.raises(ValueError, match="algo.agent.td_select 'both'"):
+        FlowBoNAgent(5, 2, 3, hidden_dims=(8,), td_select="both")
 
 
 def test_q_agg_min_selects_and_bootstraps_with_the_pessimistic_member():

@@ -16,10 +16,13 @@ from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_upd
 from manip.algos.networks import CRITIC_BLOCKS, CriticEnsemble
 from manip.settings import SettingError, check_int, check_real
 
-__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "check_agent_settings", "flatten_chunk", "masked_mean"]
+__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "TD_SELECTORS", "check_agent_settings", "flatten_chunk",
+           "masked_mean"]
 
 Batch = dict[str, torch.Tensor]
 Q_AGGREGATES = ("mean", "min")
+# Which critic ranks the N candidates of the TD target's next action (the target critic then scores the winner).
+TD_SELECTORS = ("target", "online")
 # Agent settings that count something (samples, networks, integration steps, units): integers >= 1.
 _COUNTS = ("num_samples", "num_critics", "flow_steps", "sample_steps", "time_dim")
 _FRACTIONS = ("boundary_fraction", "full_interval_fraction")
@@ -30,7 +33,8 @@ def check_agent_settings(horizon: int | None = None, **settings) -> None:
 
     Checked when given: horizon, num_samples, num_critics, flow_steps, sample_steps, time_dim (integers >= 1),
     hidden_dims (a non-empty list of integers >= 1), boundary_fraction and full_interval_fraction (in [0, 1]),
-    q_agg (one of ``Q_AGGREGATES``) and critic_block (one of ``CRITIC_BLOCKS``); other keys pass unchecked. The agents call it in their constructors, and the
+    q_agg (one of ``Q_AGGREGATES``), critic_block (one of ``CRITIC_BLOCKS``) and td_select (one of ``TD_SELECTORS``);
+    other keys pass unchecked. The agents call it in their constructors, and the
     entry points with the composed ``algo`` config before any data is loaded.
     """
     if horizon is not None:
@@ -52,6 +56,8 @@ def check_agent_settings(horizon: int | None = None, **settings) -> None:
     if "critic_block" in settings and settings["critic_block"] not in CRITIC_BLOCKS:
         raise SettingError(f"unknown algo.agent.critic_block {settings['critic_block']!r}; expected one of "
                            f"{CRITIC_BLOCKS}")
+    if "td_select" in settings and settings["td_select"] not in TD_SELECTORS:
+        raise SettingError(f"unknown algo.agent.td_select {settings['td_select']!r}; expected one of {TD_SELECTORS}")
 
 
 def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,6 +92,9 @@ class ActorCriticAgent(nn.Module):
     part of the state dict but not of :meth:`critic_parameters` or :meth:`actor_parameters`.
     ``acting_net`` names the network that generates actions when acting (weight averaging applies to it).
     ``critic_block``: the order of the critic's hidden layers (see :class:`~manip.algos.networks.CriticEnsemble`).
+    ``td_select``: the critic whose ensemble ranks the best-of-N candidates of the TD target's next action,
+    ``"target"`` (the MVP paper's ``argmax Q_phi'``) or ``"online"`` (QC's code); the target critic scores the
+    chosen one either way.
     """
 
     acting_net = "actor"
@@ -101,11 +110,12 @@ class ActorCriticAgent(nn.Module):
         discount: float = 0.99,
         q_agg: str = "mean",
         critic_block: str = "linear_gelu_norm",
+        td_select: str = "target",
     ):
         super().__init__()
         check_agent_settings(horizon, hidden_dims=hidden_dims, num_critics=num_critics, num_samples=num_samples,
-                             q_agg=q_agg, critic_block=critic_block)
-        self.q_agg = q_agg
+                             q_agg=q_agg, critic_block=critic_block, td_select=td_select)
+        self.q_agg, self.td_select = q_agg, td_select
         self.obs_dim, self.action_dim, self.horizon = obs_dim, action_dim, horizon
         self.act_dim_flat = horizon * action_dim
         self.num_samples = num_samples
@@ -195,8 +205,9 @@ class ActorCriticAgent(nn.Module):
         return self.select(obs, n, self.critic, generator, noise_scale, noise)
 
     def target_actions(self, next_obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Actions a' for the TD target: best-of-N at s' scored by the target critic. (B, O) -> (B, D)."""
-        return self.select(next_obs, self.num_samples, self.target_critic, generator)
+        """Actions a' for the TD target: best-of-N at s' ranked by the critic ``td_select`` names. (B, O) -> (B, D)."""
+        ranking = self.target_critic if self.td_select == "target" else self.critic
+        return self.select(next_obs, self.num_samples, ranking, generator)
 
     # -- critic ---------------------------------------------------------------------------------------------
     def critic_loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:

@@ -57,8 +57,8 @@ def euler_sample(vel_net: VelocityFn, obs: torch.Tensor, noise: torch.Tensor, st
 class FlowBoNAgent(ActorCriticAgent):
     """Flow BC policy with best-of-N selection (QC: ``horizon=5, num_samples=32``; BFN: ``horizon=1, num_samples=4``).
 
-    critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N flow samples at ``s'`` under
-    the target critic. actor_loss: :func:`flow_matching_loss` on the batch's chunks. sample_actions: N
+    critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N flow samples at ``s'``
+    ranked by the critic ``td_select`` names (QC's code: the online one). actor_loss: :func:`flow_matching_loss` on the batch's chunks. sample_actions: N
     ``flow_steps``-step Euler samples, argmax of the aggregated critic (``q_agg``, default the mean).
     """
 
@@ -75,10 +75,11 @@ class FlowBoNAgent(ActorCriticAgent):
         time_dim: int = 32,
         q_agg: str = "mean",
         critic_block: str = "linear_gelu_norm",
+        td_select: str = "target",
     ):
         check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
-                         critic_block)
+                         critic_block, td_select)
         self.flow_steps = flow_steps
         self.actor = VelocityNet(obs_dim, self.act_dim_flat, hidden_dims, time_dim)
 

@@ -236,7 +236,7 @@ class MVPAgent(ActorCriticAgent):
     """Mean velocity policy with best-of-N selection over one-step candidates.
 
     critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N one-step candidates at
-    ``s'`` under the target critic. actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
+    ``s'`` ranked by the critic ``td_select`` names (default the target critic, the paper's Eq. 20). actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
     sample_actions: N one-step candidates, argmax of the aggregated critic (``q_agg``, default the mean).
     ``lambda_ivc = 0`` is the no-IVC ablation.
     """
@@ -260,11 +260,12 @@ class MVPAgent(ActorCriticAgent):
         full_interval_fraction: float = 0.0,
         q_agg: str = "mean",
         critic_block: str = "linear_gelu_norm",
+        td_select: str = "target",
     ):
         check_agent_settings(sample_steps=sample_steps, time_dim=time_dim, boundary_fraction=boundary_fraction,
                              full_interval_fraction=full_interval_fraction)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
-                         critic_block)
+                         critic_block, td_select)
         self.sample_steps = sample_steps
         self.lambda_ivc = lambda_ivc
         self.boundary_fraction = 0.0 if lambda_ivc == 0 else boundary_fraction
