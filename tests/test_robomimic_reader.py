@@ -10,6 +10,7 @@ import pytest
 from manip.data.datamodule import RobomimicDataModule
 from manip.data.errors import DatasetError
 from manip.data.robomimic import DEFAULT_OBS_KEYS, load_robomimic, read_env_args
+from manip.envs import EnvMismatchError
 
 
 def digest(path) -> str:
@@ -96,8 +97,45 @@ def test_nan_names_the_demo(lift_copy):
         values = obs[:]
         values[3, 0] = np.nan
         obs[...] = values
-    with pytest.raises(DatasetError, match=r"NaN or inf in 'data/demo_2/obs'.*row 3"):
+    with pytest.raises(DatasetError, match=r"NaN or inf in 'data/demo_2/obs/object' \(first bad row 3\)"):
         load_robomimic(lift_copy)
+
+
+@pytest.mark.parametrize("value", [np.nan, 2.0])
+def test_dones_that_are_not_flags_are_refused(lift_copy, value):
+    """A NaN done would otherwise read as True (a spurious terminal with mask 0)."""
+    with h5py.File(lift_copy, "a") as f:
+        replace(f, "data/demo_1/dones", lambda d: np.where(np.arange(len(d)) == 4, value, d).astype(np.float64))
+    with pytest.raises(DatasetError, match=rf"'data/demo_1/dones' holds {value!r} at row 4; dones must be 0 or 1"):
+        load_robomimic(lift_copy)
+
+
+def test_a_file_its_simulator_cannot_play_fails_when_loaded(lift_copy, tmp_path):
+    """env_args naming no robosuite env, a non-robosuite env type, or actions narrower than the simulator's: the
+    DataModule refuses the file at setup (before training), naming it."""
+    import json
+
+    def with_env_args(change):
+        with h5py.File(lift_copy, "a") as f:
+            env_args = json.loads(f["data"].attrs["env_args"])
+            change(env_args)
+            f["data"].attrs["env_args"] = json.dumps(env_args)
+
+    original = read_env_args(lift_copy)
+    with_env_args(lambda args: args.update(env_name="Lfit"))
+    with pytest.raises(DatasetError, match=rf"{lift_copy}: the simulator its data.attrs\['env_args'\] describe "
+                                           rf"\(env_name 'Lfit'\) cannot be built: .*Lfit"):
+        RobomimicDataModule(path=str(lift_copy)).setup()
+    with_env_args(lambda args: args.update(original, type=2))
+    with pytest.raises(DatasetError, match=r"env_args'\] has type 2; only robosuite datasets \(type 1\)"):
+        RobomimicDataModule(path=str(lift_copy)).setup()
+    with_env_args(lambda args: args.update(original))
+    with h5py.File(lift_copy, "a") as f:
+        for demo in f["data"]:
+            replace(f, f"data/{demo}/actions", lambda a: a[:, :6])
+    with pytest.raises(EnvMismatchError, match=rf"action dimension mismatch: the dataset {lift_copy} has 6, "
+                                               rf"the simulator .* has 7"):
+        RobomimicDataModule(path=str(lift_copy)).setup()
 
 
 def test_empty_and_unknown_filter_key(lift_copy):

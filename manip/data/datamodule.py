@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
-from manip.envs import EnvSpec
+from manip.envs import EnvSpec, check_dims
 from manip.settings import SettingError, check_int, check_real
 
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
@@ -237,7 +237,24 @@ class RobomimicDataModule(ReplayDataModule):
         info = {"source": "robomimic", "path": str(absolute(self.path)), "env_name": env_name,
                 "obs_keys": list(data.obs_keys), "obs_key_dims": data.obs_key_dims,
                 "num_demos": len(data.demos), "num_transitions": len(data.transitions)}
+        self._check_simulator(spec, data.transitions)
         return data.transitions, spec, info
+
+    def _check_simulator(self, spec: EnvSpec, transitions: Transitions) -> None:
+        """Build the simulator the file's ``env_args`` describe once and compare its observation / action sizes
+        with the data's, so that a file the simulator cannot play fails before training rather than at the first
+        evaluation. Raises ``DatasetError`` (robosuite refused the env) or ``EnvMismatchError`` naming the file."""
+        try:
+            env = spec.make()
+        except Exception as err:  # robosuite's own words: unknown env name, controller, robot or observation key
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DatasetError(f"{self.path}: the simulator its data.attrs['env_args'] describe (env_name "
+                               f"{spec.kwargs['env_args'].get('env_name')!r}) cannot be built: {first_line}") from err
+        try:
+            check_dims(env, transitions.observations.shape[1], transitions.actions.shape[1],
+                       source=f"dataset {self.path}")
+        finally:
+            env.close()
 
 
 class OGBenchDataModule(ReplayDataModule):

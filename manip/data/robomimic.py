@@ -28,6 +28,7 @@ from manip.data.replay import Transitions
 
 DEFAULT_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 REWARD_MODES = ("r-1", "r")
+ROBOSUITE_ENV_TYPE = 1  # env_args["type"] of robosuite datasets (robomimic EnvType.ROBOSUITE_TYPE)
 
 
 @dataclass
@@ -85,6 +86,9 @@ def _env_args(path: Path, f) -> dict:
         raise DatasetError(f"{path}: data.attrs['env_args'] is not valid JSON ({err}): {str(raw)[:80]!r}") from err
     if not isinstance(env_args, dict) or "env_name" not in env_args:
         raise DatasetError(f"{path}: data.attrs['env_args'] has no 'env_name': {str(raw)[:80]!r}")
+    if env_args.get("type", ROBOSUITE_ENV_TYPE) != ROBOSUITE_ENV_TYPE:
+        raise DatasetError(f"{path}: data.attrs['env_args'] has type {env_args['type']!r}; only robosuite datasets "
+                           f"(type {ROBOSUITE_ENV_TYPE}) are supported")
     return env_args
 
 
@@ -93,6 +97,14 @@ def read_env_args(path: str | Path) -> dict:
     path = _existing(path)
     with _open(path) as f:
         return _env_args(path, f)
+
+
+def _finite(path: Path, key: str, values: np.ndarray) -> np.ndarray:
+    """``values`` (rows first) if all are finite; a DatasetError naming ``key`` and the first bad row otherwise."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DatasetError(f"{path}: NaN or inf in '{key}' (first bad row {int(np.argwhere(bad)[0][0])})")
+    return values
 
 
 def _existing(path: str | Path) -> Path:
@@ -187,20 +199,24 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                         raise DatasetError(f"{path}: '{name}' has shape {shape}, an image per step; manip reads "
                                            f"low-dim observation keys (one vector per step)")
                     shapes[group] = shape
-                    out.append(np.asarray(g[group][key], dtype=np.float32).reshape(n, -1))
+                    out.append(_finite(path, name, np.asarray(g[group][key], dtype=np.float32).reshape(n, -1)))
                 _same_width(path, f"data/{demo}/obs/{key}", shapes["obs"],
                             *first.setdefault(key, (f"data/{demo}/obs/{key}", shapes["obs"])))
                 _same_width(path, f"data/{demo}/next_obs/{key}", shapes["next_obs"],
                             f"data/{demo}/obs/{key}", shapes["obs"])
                 key_dims.setdefault(key, obs[-1].shape[1])
+            dones = np.asarray(g["dones"]).reshape(-1)
+            not_flag = ~np.isin(dones, (0, 1))  # NaN included: a cast to bool would read it as done
+            if not_flag.any():
+                row = int(np.argwhere(not_flag)[0][0])
+                raise DatasetError(f"{path}: 'data/{demo}/dones' holds {dones[row]!r} at row {row}; dones must be "
+                                   f"0 or 1")
             arrays = {"obs": np.concatenate(obs, 1), "next_obs": np.concatenate(next_obs, 1),
-                      "actions": actions,
-                      "rewards": np.asarray(g["rewards"], dtype=np.float32).reshape(-1),
-                      "dones": np.asarray(g["dones"]).astype(bool).reshape(-1)}
+                      "actions": _finite(path, f"data/{demo}/actions", actions),
+                      "rewards": _finite(path, f"data/{demo}/rewards",
+                                         np.asarray(g["rewards"], dtype=np.float32).reshape(-1)),
+                      "dones": dones.astype(bool)}
             for name, value in arrays.items():
-                if not np.isfinite(value).all():
-                    raise DatasetError(f"{path}: NaN or inf in 'data/{demo}/{name}' "
-                                       f"(first bad row {int(np.argwhere(~np.isfinite(value))[0][0])})")
                 parts[name].append(value)
             ends = np.zeros(len(arrays["actions"]), dtype=bool)
             ends[-1] = True
