@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import ogbench
 import pytest
 
+from manip.data.datamodule import OGBenchDataModule
 from manip.data.errors import DatasetError
 from manip.data.generate.ogbench_play import DATASETS, generate
 from manip.data.ogbench import load_ogbench, split_singletask_name
@@ -88,7 +90,10 @@ def _cube_single_oracle_rollout(task: int, seed: int, steps: int):
 def test_generated_file_layout(play_files):
     with np.load(play_files["cube-single"]) as f:
         data = {k: f[k] for k in f.files}
-    assert set(data) == {"observations", "actions", "terminals", "qpos", "qvel"}
+    assert set(data) == {"observations", "actions", "terminals", "qpos", "qvel", "manip_generated"}
+    assert json.loads(data["manip_generated"].item()) == {
+        "generator": "manip OGBench oracle play data", "dataset": "cube-single-play-v0", "task_id": None,
+        "episodes": EPISODES, "episode_length": LENGTH, "seed": 0}
     n = EPISODES * LENGTH
     assert data["observations"].shape == (n, 28) and data["observations"].dtype == np.float32
     assert data["actions"].shape == (n, 5) and data["actions"].dtype == np.float32
@@ -343,6 +348,22 @@ def test_nan_in_relabelling_state(tmp_path, play_files, key):
     message = rf"{re.escape(str(path))}: key '{key}' contains NaN/inf, first in episode 2\b"
     with pytest.raises(DatasetError, match=message):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
+
+
+def test_a_generated_file_says_so_and_a_released_one_does_not(tmp_path, play_files, capsys):
+    """The generator's marker reaches the DataModule's info (and so the checkpoints) and a line on every load."""
+    name = "cube-single-play-singletask-task1-v0"
+    dm = OGBenchDataModule(dataset_name=name, path=str(play_files["cube-single"]))
+    dm.setup()
+    assert dm.info["generated"]["generator"] == "manip OGBench oracle play data"
+    assert "is a stand-in manip generated (generator manip OGBench oracle play data, dataset cube-single-play-v0, " \
+           f"episodes {EPISODES}, episode_length {LENGTH}, seed 0), not the released dataset" in capsys.readouterr().out
+    released = _write_changed(tmp_path, play_files["cube-single"],
+                              lambda a: {k: v for k, v in a.items() if k != "manip_generated"})
+    assert load_ogbench(name, released).generated is None
+    dm = OGBenchDataModule(dataset_name=name, path=str(released))
+    dm.setup()
+    assert "generated" not in dm.info and "stand-in" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dataset_name", ["cube-double-noisy-singletask-task2-v0",

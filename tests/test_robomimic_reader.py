@@ -61,6 +61,23 @@ def test_custom_obs_keys_and_filter(lift_hdf5):
     assert data.demos == sorted(valid, key=lambda d: int(d[5:]))
 
 
+def test_a_generated_file_says_so_and_a_released_one_does_not(lift_hdf5, lift_copy, capsys):
+    """The generator's marker reaches the DataModule's info (and so the checkpoints) and a line on every load."""
+    assert load_robomimic(lift_hdf5).generated == {"generator": "manip scripted robosuite demos", "task": "lift",
+                                                   "demos": 6, "seed": 0}
+    dm = RobomimicDataModule(path=str(lift_hdf5))
+    dm.setup()
+    assert dm.info["generated"]["demos"] == 6
+    assert (f"{lift_hdf5} is a stand-in manip generated (generator manip scripted robosuite demos, task lift, demos 6, "
+            f"seed 0), not the released dataset") in capsys.readouterr().out
+    with h5py.File(lift_copy, "a") as f:
+        del f["data"].attrs["manip_generated"]
+    assert load_robomimic(lift_copy).generated is None
+    dm = RobomimicDataModule(path=str(lift_copy))
+    dm.setup()
+    assert "generated" not in dm.info and "stand-in" not in capsys.readouterr().out
+
+
 def test_missing_file_names_path_and_where_data_goes(tmp_path):
     with pytest.raises(DatasetError, match="not found.*nothing.hdf5.*generate"):
         load_robomimic(tmp_path / "nothing.hdf5")

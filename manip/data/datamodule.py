@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -138,6 +139,9 @@ class ReplayDataModule(L.LightningDataModule):
         if self.replay is not None:
             return
         transitions, self.env_spec, self.info = self._load()
+        if self.info.get("generated") and rank_zero_only.rank == 0:
+            print(f"[manip] {self.info['path']} is a stand-in manip generated ({_describe(self.info['generated'])}), "
+                  f"not the released dataset: results on it are not comparable with published ones.")
         if self.max_transitions is not None and len(transitions) > self.max_transitions:
             transitions = _first_episodes(transitions, self.max_transitions)
         self.stats = DatasetStats.from_transitions(transitions)
@@ -177,6 +181,10 @@ class ReplayDataModule(L.LightningDataModule):
         mine = rank_state(state.get("generators"), self.trainer)
         if mine is not None:
             self._set_sampler_state(mine["state"])
+
+
+def _describe(generated: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in generated.items() if value is not None)
 
 
 def _first_episodes(t: Transitions, max_transitions: int) -> Transitions:
@@ -237,6 +245,8 @@ class RobomimicDataModule(ReplayDataModule):
         info = {"source": "robomimic", "path": str(absolute(self.path)), "env_name": env_name,
                 "obs_keys": list(data.obs_keys), "obs_key_dims": data.obs_key_dims,
                 "num_demos": len(data.demos), "num_transitions": len(data.transitions)}
+        if data.generated:
+            info["generated"] = data.generated
         self._check_simulator(spec, data.transitions)
         return data.transitions, spec, info
 
@@ -305,4 +315,6 @@ class OGBenchDataModule(ReplayDataModule):
         spec = EnvSpec("ogbench", {"env_name": data.env_name, "horizon": self.env_horizon})
         info = {"source": "ogbench", "path": str(absolute(self.path)), "env_name": data.env_name,
                 "dataset_name": self.dataset_name, "num_transitions": len(data.train)}
+        if data.generated:
+            info["generated"] = data.generated
         return data.train, spec, info

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from manip.data.errors import DatasetError, check_action_range
+from manip.data.errors import GENERATED_MARKER, DatasetError, check_action_range, generated_description
 from manip.data.generate.ogbench_play import DATASETS, val_path_for
 from manip.data.replay import Transitions
 from manip.envs.ogbench_env import quiet_space_casts
@@ -79,6 +79,7 @@ class OGBenchData:
     dataset_name: str
     obs_dim: int
     action_dim: int
+    generated: dict | None = None  # the marker of a file manip generated (None: a released file)
 
 
 def _valid_names_message() -> str:
@@ -270,4 +271,11 @@ def load_ogbench(dataset_name: str, path: str | Path) -> OGBenchData:
         dataset_name=dataset_name,
         obs_dim=train.obs_dim,
         action_dim=train.action_dim,
+        generated=_generated(path),
     )
+
+
+def _generated(path: Path) -> dict | None:
+    """The ``manip_generated`` marker of a file manip generated; None for a released file."""
+    with np.load(path) as file:
+        return generated_description(file[GENERATED_MARKER]) if GENERATED_MARKER in file.files else None

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from manip.data.errors import DatasetError, check_action_range
+from manip.data.errors import GENERATED_MARKER, DatasetError, check_action_range, generated_description
 from manip.data.replay import Transitions
 
 DEFAULT_OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
@@ -44,6 +44,7 @@ class RobomimicData:
     obs_key_dims: dict[str, int]
     demos: list[str] = field(default_factory=list)
     path: str = ""
+    generated: dict | None = None  # the marker of a file manip generated (None: a released file)
 
     @property
     def env_name(self) -> str:
@@ -143,6 +144,7 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
     with _open(path) as f:
         env_args = _env_args(path, f)
         data = f["data"]
+        generated = generated_description(data.attrs.get(GENERATED_MARKER))
         if filter_key is None:
             demos = _sorted_demos(path, data.keys(), "group 'data'")
         else:
@@ -228,4 +230,4 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
         observations=cat["obs"], actions=np.clip(cat["actions"], -action_clip, action_clip),
         rewards=rewards.astype(np.float32), masks=(~cat["dones"]).astype(np.float32),
         terminals=cat["dones"] | cat["ends"], next_observations=cat["next_obs"])
-    return RobomimicData(transitions, env_args, obs_keys, key_dims, demos, str(path))
+    return RobomimicData(transitions, env_args, obs_keys, key_dims, demos, str(path), generated)

@@ -19,7 +19,9 @@ of each episode) and the pre-step simulator state ``qpos``/``qvel`` (``info['pre
 ``button_states`` (``info['prev_button_states']``) for scene and puzzle. Arrays are float32
 (``terminals`` bool, ``button_states`` int64) and written with ``np.savez_compressed`` to
 ``<name>.npz`` (``num_episodes`` episodes) and ``<name>-val.npz`` (``max(1, num_episodes // 10)``
-episodes), the layout ``ogbench.make_env_and_datasets(..., dataset_path=...)`` reads.
+episodes), the layout ``ogbench.make_env_and_datasets(..., dataset_path=...)`` reads, plus a
+``manip_generated`` array (JSON: generator, dataset, size, seed) that OGBench's loader ignores and manip's
+reports.
 
 Episode length: the official datasets use 1001 steps (1000 transitions after the loader drops each
 episode's last state) and 1000 episodes (3000 for cube-triple). A shorter length such as 501 keeps
@@ -36,6 +38,7 @@ file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -44,6 +47,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
+from manip.data.errors import GENERATED_MARKER
 from manip.data.generate.files import temp_file_next_to
 from manip.envs.ogbench_env import quiet_space_casts
 
@@ -291,7 +295,11 @@ def generate(
     tmp_files = {}
     try:
         for p, eps in splits.items():
-            tmp_files[p] = _write_npz_to_temp(p, {k: np.concatenate([e[k] for e in eps]) for k in eps[0]})
+            origin = {"generator": "manip OGBench oracle " + ("play data" if task_id is None else "task demos"),
+                      "dataset": dataset, "task_id": task_id, "episodes": len(eps), "episode_length": episode_length,
+                      "seed": seed}
+            arrays = {k: np.concatenate([e[k] for e in eps]) for k in eps[0]}
+            tmp_files[p] = _write_npz_to_temp(p, {**arrays, GENERATED_MARKER: np.array(json.dumps(origin))})
         # The validation file goes into place first, so a present training file implies a complete pair.
         for p in (val_path, path):
             os.replace(tmp_files.pop(p), p)

@@ -12,7 +12,8 @@ kept, and an episode ends once success has held for ``SUCCESS_HOLD_STEPS`` conse
 of robosuite's demonstration collector.
 
 File layout (see Robomimic's ``dataset_states_to_obs.py``), N = transitions of one demo:
-    data.attrs: total (int), env_args (JSON: env_name, env_version, type=1, env_kwargs)
+    data.attrs: total (int), env_args (JSON: env_name, env_version, type=1, env_kwargs), manip_generated (JSON:
+        generator, task, demos, seed; released files lack it, so manip can say a run used a stand-in)
     data/demo_<i>.attrs: num_samples (N), model_file (MJCF XML of the episode), ep_meta (JSON)
     data/demo_<i>/obs/<key>, next_obs/<key>: (N, k) float64, next_obs[t] == obs[t + 1]
     data/demo_<i>/actions (N, 7) float64; rewards (N,) float64, 1.0 where the state after the step is a success;
@@ -43,6 +44,7 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from manip.data.errors import GENERATED_MARKER
 from manip.data.generate.files import temp_file_next_to
 from manip.envs.robosuite_env import make_robosuite, quiet_robosuite, restore_state, seed_placement
 
@@ -526,8 +528,8 @@ def _run_episode(env, task: str, horizon: int, rng: np.random.Generator) -> _Dem
     return None
 
 
-def _write(path: Path, demos: list[_Demo], args: dict, rng: np.random.Generator) -> None:
-    """Write ``demos`` to ``path`` in Robomimic's layout (see module docstring)."""
+def _write(path: Path, demos: list[_Demo], args: dict, rng: np.random.Generator, origin: dict) -> None:
+    """Write ``demos`` to ``path`` in Robomimic's layout (see module docstring), marked as generated (``origin``)."""
     names = [f"demo_{i}" for i in range(len(demos))]
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
@@ -545,6 +547,7 @@ def _write(path: Path, demos: list[_Demo], args: dict, rng: np.random.Generator)
             group.create_dataset("states", data=demo.states)
         data.attrs["total"] = sum(len(demo.actions) for demo in demos)
         data.attrs["env_args"] = json.dumps(args)
+        data.attrs[GENERATED_MARKER] = json.dumps(origin)
 
         num_valid = max(1, round(VALID_FRACTION * len(names))) if len(names) > 1 else 0
         valid = set(rng.choice(len(names), size=num_valid, replace=False).tolist())
@@ -603,7 +606,8 @@ def generate(
 
     tmp = temp_file_next_to(path)
     try:
-        _write(tmp, demos, args, rng)
+        _write(tmp, demos, args, rng, {"generator": "manip scripted robosuite demos", "task": task,
+                                       "demos": len(demos), "seed": seed})
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         os.replace(tmp, path)
