@@ -57,6 +57,15 @@ def _agent_takes(target: Any, key: str) -> bool:
         return False
 
 
+def require_ckpt(cfg: Any) -> str:
+    """A command's ``ckpt`` setting, or a CheckpointError saying it is required (its config default is ``???``)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise CheckpointError("ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt")
+    return str(cfg.ckpt)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
     a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
@@ -65,6 +74,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     its agent takes the setting."""
     path = Path(path).expanduser()
     if not path.is_file():
+        if path.is_dir():
+            candidates = [path / "checkpoints" / "last.ckpt", path / "last.ckpt"]
+            hint = next((f"; its run's last checkpoint is {c}" for c in candidates if c.is_file()),
+                        "; pass a checkpoint file (runs/<run>/checkpoints/last.ckpt)")
+            raise CheckpointError(f"ckpt={path} is a directory{hint}")
         raise CheckpointError(f"checkpoint not found: {path}")
     reason = _not_a_checkpoint(path)
     if reason is not None:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from manip.algos.acting import ACT_DTYPES
-from manip.checkpoint import CheckpointError, env_spec_of, load_module
+from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
 from manip.settings import SettingError, check_int, check_real
@@ -145,8 +145,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        out = check_output(cfg.out if cfg.out else default_output(cfg.ckpt))  # before the evaluation: keeps its result
-        result = evaluate_checkpoint(cfg.ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
+        ckpt = require_ckpt(cfg)
+        out = check_output(cfg.out if cfg.out else default_output(ckpt))  # before the evaluation: keeps its result
+        result = evaluate_checkpoint(ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),

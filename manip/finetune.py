@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
+from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint, require_ckpt
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
@@ -113,6 +113,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     key neither config has or that would replace the checkpoint's data / algorithm, ``CheckpointError`` for
     an unreadable checkpoint or a missing dataset file, before any data is read.
     """
+    require_ckpt(cfg)
     target = cfg.finetune.target
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.ckpt).resolve().parent.parent / f"finetune_{target}"
     resume = resume_path(cfg.resume, run_dir)

@@ -31,7 +31,7 @@ from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
-from manip.settings import check_int
+from manip.settings import SettingError, check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
 _DDP_CHILD_JOB = "train_ddp_process_"
@@ -123,6 +123,9 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if resume is not None:
         ckpt = load_checkpoint(resume)
         check_same_run(ckpt, resume, plain(cfg), data_file, run_dir)
+        if ckpt["global_step"] > cfg.trainer.max_steps:
+            raise SettingError(f"trainer.max_steps={cfg.trainer.max_steps} but {resume} is already at step "
+                               f"{ckpt['global_step']}: nothing to train (a larger max_steps continues the run)")
     trainer = build_trainer(cfg, run_dir, phase="offline")  # before the data: a bad setting costs no loading
     dm.prepare_data()
     dm.setup("fit")

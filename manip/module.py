@@ -50,8 +50,8 @@ class OnlineConfig:
     velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
     temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
     to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
-    som_normalize_score: SOM with the unit-normalised Monte-Carlo score (a greediness heuristic of
-    SOM's practice; on this path it is no longer the target's marginal velocity); bound_std: scale of
+    som_score_norm: None (default: the Monte-Carlo score, the target's marginal velocity) or w > 0: SOM with
+    the score rescaled to length w (a greediness knob of SOM's practice, ``manip.algos.targets``); bound_std: scale of
     the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
     prior: "auto" (default: som -> "data", rfm -> "policy"; bon uses none), "box" (the Boltzmann
     target over the action box), "policy" (rfm only: the target
@@ -71,7 +71,7 @@ class OnlineConfig:
     alpha_steps: int = 100_000
     rfm_eta: float | str = "optimal"
     q_scale: str = "mean_abs"
-    som_normalize_score: bool = False
+    som_score_norm: float | None = None
     bound_std: float | None = 0.1
     prior: str = "auto"
     prior_std: float = 0.2
@@ -109,6 +109,8 @@ class OnlineConfig:
             raise SettingError(f"finetune.rfm_eta must be a number or 'optimal', got {eta!r}")
         if self.bound_std is not None:
             check_real(self.bound_std, "finetune.bound_std", 0.0, strict=True)
+        if self.som_score_norm is not None:
+            check_real(self.som_score_norm, "finetune.som_score_norm", 0.0, strict=True)
         check_real(self.prior_std, "finetune.prior_std", 0.0, strict=True)
         self.target_samples = check_int(self.target_samples, "finetune.target_samples", 1)
         check_real(self.utd, "finetune.utd", 0.0, strict=True)
@@ -121,6 +123,10 @@ class OnlineConfig:
     def from_settings(cls, settings: dict[str, Any]) -> "OnlineConfig":
         """The config of a ``finetune`` section (plain dict): ``SettingError`` for a key it does not have."""
         known = {f.name for f in dataclasses.fields(cls)}
+        settings = dict(settings)
+        if settings.pop("som_normalize_score", False):  # the earlier boolean, false in every default config
+            raise SettingError("finetune.som_normalize_score is replaced by finetune.som_score_norm=<w>, the length "
+                               "the score is rescaled to")
         unknown = sorted(set(settings) - known)
         if unknown:
             raise SettingError(f"unknown finetune.{unknown[0]}; expected one of {sorted(known)}")
@@ -221,6 +227,7 @@ class ManipModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         self._pending_online_replay: dict[str, torch.Tensor] | None = None
+        self.checkpoint_online_replay = True  # False while the step checkpoints are written (run.LastCheckpoint)
 
     # ---------------------------------------------------------------------------------- acting
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -356,6 +363,8 @@ class ManipModule(L.LightningModule):
         if cfg.prior == "data":
             # path points around the replay chunks, where the trust-region target lives
             target_actions, target_valid = batch["actions"], batch.get("valid")
+            if target_valid is not None:  # Q of a chunk running past its episode's end is untrained (critic weight
+                target_valid = target_valid * target_valid[:, -1:]  # valid[:, -1] = 0): such rows get no target
         else:
             with torch.no_grad():
                 num_samples = cfg.target_samples if cfg.target == "bon" else 1
@@ -371,7 +380,7 @@ class ManipModule(L.LightningModule):
             if cfg.prior == "policy":
                 target_fn = self._policy_prior_target(obs, alpha, generator)
             else:
-                extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"normalize_score": cfg.som_normalize_score}
+                extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"score_norm": cfg.som_score_norm}
                 if cfg.prior == "data":
                     extra.update(prior_mean=batch["actions"].reshape(len(obs), -1), prior_std=cfg.prior_std)
                 target_fn = targets.make_target_fn(cfg.target, self.q_value, obs, alpha, bound_std=cfg.bound_std,
@@ -455,14 +464,14 @@ class ManipModule(L.LightningModule):
         """Adds env steps, every rank's RNG states and (online) the collected episodes.
 
         Under DDP the episodes are rank 0's: a resumed multi-process run restarts every rank's
-        online buffer from them.
+        online buffer from them. ``checkpoint_online_replay = False`` leaves them out (the step checkpoints).
         """
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint["manip"] = {"env_steps": self.env_steps, "rng": gather_rank_states(self._trainer, rng)}
         dm = self._trainer.datamodule if self._trainer is not None else None
-        if self.online is not None and dm is not None and dm.replay is not None:
+        if self.online is not None and dm is not None and dm.replay is not None and self.checkpoint_online_replay:
             checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -470,6 +479,11 @@ class ManipModule(L.LightningModule):
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
         self._pending_online_replay = state.get("online_replay")
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if self._pending_online_replay is not None and self.online is not None and getattr(dm, "replay", None) is not None:
+            # now, not at train start: the fit loop draws its first batch before on_train_start
+            dm.replay.load_online_state_dict(self._pending_online_replay)
+            self._pending_online_replay = None
         rng = rank_state(state.get("rng"), self._trainer)
         if rng is not None:
             torch.set_rng_state(rng["torch"])
@@ -492,6 +506,10 @@ class ManipModule(L.LightningModule):
             state_dict["ema_actor.n_averaged"] = torch.tensor(1, dtype=torch.long)
 
     def on_train_start(self) -> None:
+        # A restored optimizer brings back its run's learning rate; the configured one (module.lr) applies.
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
         if self._pending_online_replay is not None and self.online is not None:
             self.trainer.datamodule.replay.load_online_state_dict(self._pending_online_replay)
         self._pending_online_replay = None

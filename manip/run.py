@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import difflib
+import inspect
 import json
 import secrets
 import time
@@ -14,11 +16,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.base import check_agent_settings
@@ -45,7 +49,9 @@ class LastCheckpoint(ModelCheckpoint):
     Lightning's step-interval checkpointing saves nothing when training stops between two intervals
     (``max_steps`` not a multiple of ``every_n_train_steps``); :meth:`save_final` then saves ``last`` at the
     current step. It runs at the end of training, and :class:`PeriodicEvaluation` calls it before its final
-    evaluation, so a failing evaluation never loses the trained weights.
+    evaluation, so a failing evaluation never loses the trained weights. Only ``last.ckpt``, which a run resumes
+    from, carries the online replay (``ManipModule.checkpoint_online_replay``): the step checkpoints keep the
+    networks, optimizer and RNG states without the growing buffer of collected episodes.
     """
 
     @property
@@ -61,6 +67,14 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_final(trainer)
         super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        module = trainer.lightning_module
+        module.checkpoint_online_replay = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        finally:
+            module.checkpoint_online_replay = True
 
 
 class PeriodicEvaluation(Callback):
@@ -90,13 +104,15 @@ class PeriodicEvaluation(Callback):
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
         self.started = time.perf_counter()
 
-    def _evaluate(self, trainer: L.Trainer, module: ManipModule, episodes: int) -> None:
+    def _evaluate(self, trainer: L.Trainer, module: ManipModule, episodes: int, key: str = "eval.episodes") -> None:
         from manip.envs import make_vector_env
 
         # The end-of-training evaluation still runs when a periodic one just ran with fewer episodes.
         if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
         self.last = (trainer.global_step, episodes)
+        print(f"[manip] step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
+              f"simulator{'s' if self.num_envs > 1 else ''}", flush=True)
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
                                        action_dim=module.action_dim)
@@ -135,7 +151,7 @@ class PeriodicEvaluation(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.save_final(trainer)
-        self._evaluate(trainer, module, self.final_episodes)
+        self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
         if self.env is not None:
             self.env.close()
             self.env = None
@@ -212,11 +228,33 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
-        check_agent_settings(algo.get("horizon"), **{k: v for k, v in agent.items() if not k.startswith("_")})
+        settings = {k: v for k, v in agent.items() if not k.startswith("_")}
+        if "_target_" in agent:
+            check_known_keys(hydra.utils.get_class(agent["_target_"]), settings, "algo.agent",
+                             given=("obs_dim", "action_dim", "horizon"))
+        check_agent_settings(algo.get("horizon"), **settings)
+    trainer = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
+    if trainer.get("_target_"):
+        check_known_keys(hydra.utils.get_class(trainer["_target_"]), {k: v for k, v in trainer.items()
+                                                                      if not k.startswith("_")}, "trainer")
     if phase == "online":
         online = plain(cfg.finetune)
         check_offline_fraction(online.pop("offline_fraction", None))
         OnlineConfig.from_settings(online)
+
+
+def check_known_keys(target: type, settings: dict, section: str, given: tuple[str, ...] = ()) -> None:
+    """``SettingError`` naming the first key of ``settings`` that ``target``'s constructor does not take (keys in
+    ``given`` are passed by the entry points, not by the config)."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    takes = [name for name in parameters if name not in given and name != "self"]
+    unknown = sorted(set(settings) - set(takes))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        hint = f"did you mean {section}.{close[0]}?" if close else f"{target.__name__} takes {', '.join(sorted(takes))}"
+        raise SettingError(f"unknown {section}.{unknown[0]}; {hint}")
 
 
 def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
@@ -271,7 +309,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:
         overrides["max_steps"] = max_steps
-    return hydra.utils.instantiate(cfg.trainer, **overrides)
+    try:
+        return hydra.utils.instantiate(cfg.trainer, **overrides)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, MisconfigurationException):
+            raise
+        # Lightning's own check of a value (max_steps=-5, devices=0, ...)
+        raise SettingError(f"trainer: {str(cause).strip().splitlines()[0]}") from err
 
 
 def plain(cfg: DictConfig) -> dict:

@@ -363,6 +363,10 @@ def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
     (["data.batch_size=-4"], SettingError, "data.batch_size must be >= 1, got -4"),
     (["data.discount=1.5"], SettingError, "data.discount must be in [0.0, 1.0], got 1.5"),
     (["algo.horizon=0"], SettingError, "algo.horizon must be >= 1, got 0"),
+    (["+algo.agent.num_sample=4"], SettingError, "unknown algo.agent.num_sample; did you mean algo.agent.num_samples?"),
+    (["+trainer.max_step=5"], SettingError, "unknown trainer.max_step; did you mean trainer.max_steps?"),
+    (["trainer.max_steps=-5"], SettingError, "trainer: `max_steps` must be a non-negative integer or -1"),
+    (["data.path={tmp}"], DatasetError, "Robomimic dataset {tmp} is a directory; data.path names the .hdf5 file"),
     (["data.task=lfit", "data.path={tmp}/lfit/mh/low_dim_v15.hdf5"], SettingError,
      "data.task='lfit': {tmp}/lfit/mh/low_dim_v15.hdf5 does not exist and the scripted generator knows only lift, "
      "can, square"),
@@ -443,6 +447,12 @@ def test_finetune_overrides_top_level_keys_of_the_checkpoints_config(lift_run):
     final = _finetune_config(lift_run / "checkpoints" / "last.ckpt", "+seed=3", "+threads=2", "+discount=0.9")
     assert (final.seed, final.data.seed, final.module.seed, final.threads) == (3, 3, 3, 2)
     assert final.discount == final.data.discount == final.algo.agent.discount == 0.9
+    # the collection envs follow the run's seed, so fine-tuning one checkpoint under several seeds meets other episodes
+    assert final.finetune.seed == 3
+    default = _finetune_config(lift_run / "checkpoints" / "last.ckpt")
+    assert default.finetune.seed == default.seed == load_checkpoint(lift_run / "checkpoints" / "last.ckpt")[
+        "hyper_parameters"]["cfg"]["seed"]
+    assert _finetune_config(lift_run / "checkpoints" / "last.ckpt", "finetune.seed=7").finetune.seed == 7
 
 
 def test_spread_names_every_key_fit_derives_from_seed_and_discount():

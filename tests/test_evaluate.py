@@ -168,6 +168,20 @@ def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={tmp_path / 'nope.ckpt'}")
     assert exit_info.value.code == f"manip.evaluate: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+    with pytest.raises(SystemExit) as exit_info:
+        _cli("episodes=1")
+    assert exit_info.value.code == "manip.evaluate: ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={run}")
+    assert exit_info.value.code == (f"manip.evaluate: ckpt={run} is a directory; pass a checkpoint file "
+                                    f"(runs/<run>/checkpoints/last.ckpt)")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={run}")
+    assert exit_info.value.code == (f"manip.evaluate: ckpt={run} is a directory; its run's last checkpoint is "
+                                    f"{run / 'checkpoints' / 'last.ckpt'}")
 
 
 @pytest.mark.parametrize("where", ["existing directory", "path under a file"])

@@ -185,9 +185,15 @@ def test_absent_default_file_is_generated_once(tmp_path, capsys):
     dm.prepare_data()
     out = capsys.readouterr().out
     assert path.exists() and out.count("not found: generating 2 scripted lift demos") == 1
+    assert "lift: 2/2 demos" in out  # the generator's progress
     before = digest(path)
     RobomimicDataModule(path=str(path), generate_demos=2).prepare_data()
     assert digest(path) == before and "generating" not in capsys.readouterr().out
+    # a config that would have generated another size, or another task, uses the file and says so
+    RobomimicDataModule(path=str(path), generate_demos=3, task="can").setup()
+    out = capsys.readouterr().out
+    assert f"note: {path} was generated with 2 demos, this config generates 3 (data.generate_demos)" in out
+    assert f"note: {path} holds Lift episodes, not PickPlaceCan (data.task=can only chooses what to generate)" in out
 
 
 def test_absent_custom_path_is_an_error(tmp_path):

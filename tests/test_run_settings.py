@@ -106,6 +106,15 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
     trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, steps + 5, "checkpoint.every_n_steps=0"))
     assert last_step(run_dir) == steps + 5 and not list(checkpoints.glob("last-v*.ckpt"))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", f"step{EVERY}.ckpt", f"step{2 * EVERY}.ckpt"]
+    # A smaller budget than the run's step is refused, before anything is written.
+    with pytest.raises(SettingError, match=rf"trainer.max_steps=5 but .*last.ckpt is already at step {steps + 5}: "
+                                           rf"nothing to train"):
+        run_fit(fit_overrides(cube_single_npz, run_dir, 5))
+    assert last_step(run_dir) == steps + 5
+    # A resumed run trains with the learning rate it is given, not the one its restored optimizer held.
+    assert {g["lr"] for g in load_checkpoint(checkpoints / "last.ckpt")["optimizer_states"][0]["param_groups"]} == {3e-4}
+    run_fit(fit_overrides(cube_single_npz, run_dir, steps + 7, "module.lr=1e-4"))
+    assert {g["lr"] for g in load_checkpoint(checkpoints / "last.ckpt")["optimizer_states"][0]["param_groups"]} == {1e-4}
 
 
 def test_checkpoint_state_keeps_model_checkpoints_key():

@@ -263,13 +263,18 @@ def test_small_t_is_clamped_to_the_default_t_min():
         torch.testing.assert_close(rows[1], rows[2])
 
 
-def test_normalized_score_has_unit_norm():
+@pytest.mark.parametrize("w", [1.0, 2.5])
+def test_score_norm_rescales_the_score_to_length_w_in_its_own_direction(w):
     x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     t = torch.full((16,), 0.7, dtype=torch.float64)
     obs = torch.zeros(16, 1, dtype=torch.float64)
-    v = som_target_velocity(quadratic_q, obs, x, t, 1.0, 32, normalize_score=True)
-    score = (t[:, None] * v - x) / (1 - t[:, None])
-    torch.testing.assert_close(score.norm(dim=-1), torch.ones(16, dtype=torch.float64))
+    scores = {}
+    for norm in (None, w):
+        v = som_target_velocity(quadratic_q, obs, x, t, 1.0, 32, generator=torch.Generator().manual_seed(3),
+                                score_norm=norm)
+        scores[norm] = (t[:, None] * v - x) / (1 - t[:, None])
+    torch.testing.assert_close(scores[w].norm(dim=-1), torch.full((16,), w, dtype=torch.float64))
+    torch.testing.assert_close(scores[w], w * scores[None] / scores[None].norm(dim=-1, keepdim=True))
 
 
 def test_boltzmann_log_density_box_tail():
@@ -537,3 +542,20 @@ def test_data_prior_module_target_and_validation(target):
         "bon": "box", "som": "data", "rfm": "policy"}
     with pytest.raises(ValueError, match="prior_std"):
         _online_module(target, prior="data", prior_std=0.0)
+
+
+@pytest.mark.parametrize("target", ["som", "rfm"])
+def test_data_prior_targets_skip_chunks_running_past_their_episode(target):
+    """The critic never trains on a chunk whose last step lies past the episode's end (its TD weight is
+    valid[:, -1] = 0), so such replay chunks give the critic-driven term no target; the others do."""
+    from manip.data.replay import random_chunk_batch
+
+    batch = random_chunk_batch(16, 5, 2, 3)
+    batch["valid"][:4, 1:] = 0.0  # episodes ending after the first step of the chunk
+    module = _online_module(target, prior="data", bc_weight=0.0, q_scale="none")  # alpha from no batch statistic
+    loss, _ = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    for rows, changes in ((slice(0, 4), False), (slice(4, 8), True)):
+        moved = {**batch, "actions": batch["actions"].clone()}
+        moved["actions"][rows] = -moved["actions"][rows]
+        other, _ = module.actor_loss(moved, torch.Generator().manual_seed(0))
+        assert bool(not torch.isclose(loss, other)) == changes

@@ -232,7 +232,7 @@ class RobomimicDataModule(ReplayDataModule):
         print(f"[manip] {self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
               f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=False)
+        generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=rank_zero_only.rank == 0)
 
     def _load(self) -> tuple[Transitions, EnvSpec, dict]:
         from manip.data.robomimic import load_robomimic
@@ -248,7 +248,21 @@ class RobomimicDataModule(ReplayDataModule):
         if data.generated:
             info["generated"] = data.generated
         self._check_simulator(spec, data.transitions)
+        if rank_zero_only.rank == 0:
+            for note in self._notes(env_name, data.generated):
+                print(f"[manip] note: {note}")
         return data.transitions, spec, info
+
+    def _notes(self, env_name: str, generated: dict | None) -> list[str]:
+        """Where the file differs from what ``data.task`` / ``data.generate_demos`` would have generated."""
+        notes = []
+        if ROBOMIMIC_TASKS.get(self.task, env_name) != env_name:
+            notes.append(f"{self.path} holds {env_name} episodes, not {ROBOMIMIC_TASKS[self.task]} (data.task="
+                         f"{self.task} only chooses what to generate): the run trains and evaluates {env_name}")
+        if generated and self.generate_demos and generated.get("demos") not in (None, self.generate_demos):
+            notes.append(f"{self.path} was generated with {generated['demos']} demos, this config generates "
+                         f"{self.generate_demos} (data.generate_demos); remove the file to generate it anew")
+        return notes
 
     def _check_simulator(self, spec: EnvSpec, transitions: Transitions) -> None:
         """Build the simulator the file's ``env_args`` describe once and compare its observation / action sizes
@@ -305,7 +319,7 @@ class OGBenchDataModule(ReplayDataModule):
               f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,
-                 seed=self.seed, verbose=False)
+                 seed=self.seed, verbose=rank_zero_only.rank == 0)
 
     def _load(self) -> tuple[Transitions, EnvSpec, dict]:
         from manip.data.ogbench import load_ogbench

@@ -110,6 +110,9 @@ def _finite(path: Path, key: str, values: np.ndarray) -> np.ndarray:
 
 def _existing(path: str | Path) -> Path:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DatasetError(f"Robomimic dataset {path} is a directory; data.path names the .hdf5 file "
+                           f"(e.g. data/robomimic/lift/mh/low_dim_v15.hdf5)")
     if not path.is_file():
         raise DatasetError(
             f"Robomimic dataset not found: {path}. Put the real file there (e.g. "

@@ -601,6 +601,9 @@ def generate(
             demo = _run_episode(env, task, TASKS[task]["horizon"], rng)
             if demo is not None:
                 demos.append(demo)
+                if verbose and (len(demos) % max(1, num_demos // 10) == 0 or len(demos) == num_demos):
+                    print(f"{task}: {len(demos)}/{num_demos} demos ({attempts} episodes, "
+                          f"{time.perf_counter() - start:.0f} s)", flush=True)
     finally:
         env.close()
 
