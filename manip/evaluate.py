@@ -113,7 +113,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             if render_env is not None:
                 prefix = Path(video_prefix)
                 videos = record_videos(render_env, predict, video_episodes, seed, prefix.parent, prefix.name,
-                                       video_fps)
+                                       video_fps, verbose=True)
     finally:
         if render_env is not None:
             render_env.close()

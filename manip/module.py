@@ -427,6 +427,9 @@ class ManipModule(L.LightningModule):
         if self.rollout is None:
             self._start_rollout()
             self._online_clock = (time.perf_counter(), self.env_steps)
+            if self.env_steps < self.online.start_training and self.global_rank == 0:
+                print(f"[manip] collecting {self.online.start_training - self.env_steps} env steps "
+                      f"(finetune.start_training) before the first online update", flush=True)
         updates = self.global_step - self.online.start_step + 1
         # QC: start_training env steps first, then utd updates per env step.
         target = self.online.start_training + updates / self.online.utd
@@ -480,9 +483,10 @@ class ManipModule(L.LightningModule):
         self.env_steps = int(state.get("env_steps", 0))
         self._pending_online_replay = state.get("online_replay")
         dm = self._trainer.datamodule if self._trainer is not None else None
-        if self._pending_online_replay is not None and self.online is not None and getattr(dm, "replay", None) is not None:
+        replay = getattr(dm, "replay", None)
+        if self._pending_online_replay is not None and self.online is not None and replay is not None:
             # now, not at train start: the fit loop draws its first batch before on_train_start
-            dm.replay.load_online_state_dict(self._pending_online_replay)
+            replay.load_online_state_dict(self._pending_online_replay)
             self._pending_online_replay = None
         rng = rank_state(state.get("rng"), self._trainer)
         if rng is not None:

@@ -132,11 +132,13 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_F
 
 
 def record_videos(env, predict_chunks: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,
-                  out_dir: str | Path, stem: str, fps: int = DEFAULT_FPS) -> list[Video]:
+                  out_dir: str | Path, stem: str, fps: int = DEFAULT_FPS, verbose: bool = False) -> list[Video]:
     """Record ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) of a render-enabled env
-    into ``<out_dir>/<stem>_ep<i>.mp4``."""
+    into ``<out_dir>/<stem>_ep<i>.mp4`` (``verbose``: a line as each one starts; rendering is slow on a CPU)."""
     videos = []
     for i in range(episodes):
+        if verbose:
+            print(f"[manip] rendering video {i + 1}/{episodes} (seed {seed + i})", flush=True)
         frames, success, length = record_episode(env, predict_chunks, seed + i)
         path = write_video(Path(out_dir) / f"{stem}_ep{i}.mp4", mark_outcome(frames, success, fps), fps)
         videos.append(Video(str(path), seed + i, success, length, path.stat().st_size))

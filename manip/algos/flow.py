@@ -58,8 +58,9 @@ class FlowBoNAgent(ActorCriticAgent):
     """Flow BC policy with best-of-N selection (QC: ``horizon=5, num_samples=32``; BFN: ``horizon=1, num_samples=4``).
 
     critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N flow samples at ``s'``
-    ranked by the critic ``td_select`` names (QC's code: the online one). actor_loss: :func:`flow_matching_loss` on the batch's chunks. sample_actions: N
-    ``flow_steps``-step Euler samples, argmax of the aggregated critic (``q_agg``, default the mean).
+    ranked by the critic ``td_select`` names (QC's code: the online one). actor_loss: :func:`flow_matching_loss` on
+    the batch's chunks. sample_actions: N ``flow_steps``-step Euler samples, argmax of the aggregated critic
+    (``q_agg``, default the mean).
     """
 
     def __init__(

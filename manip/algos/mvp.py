@@ -236,7 +236,8 @@ class MVPAgent(ActorCriticAgent):
     """Mean velocity policy with best-of-N selection over one-step candidates.
 
     critic_loss (from :class:`ActorCriticAgent`): chunked TD loss, ``a'`` = best-of-N one-step candidates at
-    ``s'`` ranked by the critic ``td_select`` names (default the target critic, the paper's Eq. 20). actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
+    ``s'`` ranked by the critic ``td_select`` names (default the target critic, the paper's Eq. 20).
+    actor_loss: :func:`mvp_policy_loss` on the batch's action chunks.
     sample_actions: N one-step candidates, argmax of the aggregated critic (``q_agg``, default the mean).
     ``lambda_ivc = 0`` is the no-IVC ablation.
     """

@@ -28,7 +28,8 @@ The end-effector velocity keys follow robosuite 1.4's definition, which robosuit
 ``states[0]``), so training data matches what a policy sees at evaluation time. Every random draw comes from
 one ``numpy.random.Generator`` seeded by ``seed``, and each episode starts exactly as
 ``RobosuiteEnv.reset_to(states[0], model_xml=model_file)`` does, so replaying ``actions`` after it reproduces
-the demo bit for bit.
+the demo bit for bit. Evaluation starts with robosuite's plain reset instead, whose controller posture target
+differs slightly (``manip.envs.robosuite_env``).
 """
 
 from __future__ import annotations
