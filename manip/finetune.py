@@ -156,6 +156,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     dm.prepare_data()
     dm.setup("fit")
     dm.offline_fraction = final.finetune.offline_fraction
+    dm.restore_sampler = resume is not None  # a new fine-tuning run samples from its own seed
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}

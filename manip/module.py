@@ -488,7 +488,12 @@ class ManipModule(L.LightningModule):
             # now, not at train start: the fit loop draws its first batch before on_train_start
             replay.load_online_state_dict(self._pending_online_replay)
             self._pending_online_replay = None
-        rng = rank_state(state.get("rng"), self._trainer)
+        # Fine-tuning started from an offline checkpoint draws from its own seed (finetune.build seeded the global
+        # generators, the loss noise starts from module.seed), not from the offline run's random states; a resumed
+        # fine-tuning run (its config records finetune_start_step) continues its own.
+        hyper = (checkpoint.get("hyper_parameters") or {}).get("cfg") or {}
+        starts_online = self.online is not None and "finetune_start_step" not in hyper
+        rng = None if starts_online else rank_state(state.get("rng"), self._trainer)
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():

@@ -127,6 +127,9 @@ class ReplayDataModule(L.LightningDataModule):
         self._states_after_draw: deque[torch.Tensor] = deque(maxlen=64)
         self._resume_state: torch.Tensor | None = None
         self.replay: ChunkReplay | None = None
+        # False: a checkpoint's sampler state is not restored (fine-tuning started from an offline checkpoint
+        # samples from its own seed)
+        self.restore_sampler = True
         self.stats: DatasetStats | None = None
         self.env_spec: EnvSpec | None = None
         self.info: dict = {}
@@ -178,6 +181,8 @@ class ReplayDataModule(L.LightningDataModule):
         return {"generators": gather_rank_states(self.trainer, {"state": state})}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self.restore_sampler:
+            return
         mine = rank_state(state.get("generators"), self.trainer)
         if mine is not None:
             self._set_sampler_state(mine["state"])
