@@ -156,7 +156,6 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     dm.prepare_data()
     dm.setup("fit")
     dm.offline_fraction = final.finetune.offline_fraction
-    dm.restore_sampler = resume is not None  # a new fine-tuning run samples from its own seed
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
@@ -165,6 +164,9 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=final.algo.horizon, stats=stats, cfg=plain(final) | run_info(dm), online=online)
+    # A new fine-tuning run draws its loss noise and batches from its own seed, not from the offline run's random
+    # states (seed_everything above seeded the global generators); a resumed one continues its own.
+    module.restore_random_states = dm.restore_sampler = resume is not None
     if rank_zero_only.rank == 0:
         if resume:
             print(f"[manip] resuming fine-tuning from {resume}")

@@ -226,7 +226,8 @@ class ManipModule(L.LightningModule):
         self._sample_fn = _compiled(self.agent.sample_actions, compile)
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
-        self._pending_online_replay: dict[str, torch.Tensor] | None = None
+        # False: a checkpoint's random states are not restored (a new fine-tuning run draws from its own seed)
+        self.restore_random_states = True
         self.checkpoint_online_replay = True  # False while the step checkpoints are written (run.LastCheckpoint)
 
     # ---------------------------------------------------------------------------------- acting
@@ -481,19 +482,13 @@ class ManipModule(L.LightningModule):
         self._match_weight_average(checkpoint["state_dict"])
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
-        self._pending_online_replay = state.get("online_replay")
+        online_replay = state.get("online_replay")
         dm = self._trainer.datamodule if self._trainer is not None else None
-        replay = getattr(dm, "replay", None)
-        if self._pending_online_replay is not None and self.online is not None and replay is not None:
-            # now, not at train start: the fit loop draws its first batch before on_train_start
-            replay.load_online_state_dict(self._pending_online_replay)
-            self._pending_online_replay = None
-        # Fine-tuning started from an offline checkpoint draws from its own seed (finetune.build seeded the global
-        # generators, the loss noise starts from module.seed), not from the offline run's random states; a resumed
-        # fine-tuning run (its config records finetune_start_step) continues its own.
-        hyper = (checkpoint.get("hyper_parameters") or {}).get("cfg") or {}
-        starts_online = self.online is not None and "finetune_start_step" not in hyper
-        rng = None if starts_online else rank_state(state.get("rng"), self._trainer)
+        replay = getattr(dm, "replay", None)  # the trainer sets the data up before it restores a checkpoint
+        if online_replay is not None and self.online is not None and replay is not None:
+            # here, not at train start: the fit loop draws its first batch before on_train_start
+            replay.load_online_state_dict(online_replay)
+        rng = rank_state(state.get("rng"), self._trainer) if self.restore_random_states else None
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
@@ -519,6 +514,3 @@ class ManipModule(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = self.lr
-        if self._pending_online_replay is not None and self.online is not None:
-            self.trainer.datamodule.replay.load_online_state_dict(self._pending_online_replay)
-        self._pending_online_replay = None

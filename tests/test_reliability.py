@@ -132,6 +132,7 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, capsys):
 
     module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
     assert ckpt_path == str(last)
+    assert module.restore_random_states and dm.restore_sampler  # the resumed run continues its random states
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     assert f"resuming fine-tuning from {last}" in capsys.readouterr().out
     final = load_checkpoint(last)

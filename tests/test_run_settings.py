@@ -131,8 +131,10 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     _, offline_ckpt = offline_run
     start, updates = load_checkpoint(offline_ckpt)["global_step"], 12
     assert (start + updates) % EVERY  # global steps 15 -> 27: the interval saves at 20 only
-    trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
+    trainer, module = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
     assert trainer.global_step == start + updates
+    # a new fine-tuning run draws from its own seed, not from the offline run's random states
+    assert not module.restore_random_states and not trainer.datamodule.restore_sampler
     last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == start + updates
     assert last["manip"]["env_steps"] >= 20 + updates

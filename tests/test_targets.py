@@ -562,13 +562,13 @@ def test_data_prior_targets_skip_chunks_running_past_their_episode(target):
 
 
 def test_fine_tuning_from_an_offline_checkpoint_draws_from_its_own_seed():
-    """An offline checkpoint's random states are not restored into a new fine-tuning run (its loss noise starts
-    from ``module.seed``); a fine-tuning checkpoint's (resumed run) are."""
+    """A new fine-tuning run (``restore_random_states = False``, as finetune.build sets it) does not take the
+    checkpoint's random states (its loss noise starts from ``module.seed``); a resumed run (True) does."""
     offline_state = torch.Generator().manual_seed(123).get_state()
-    for cfg, expected in (({}, torch.Generator().manual_seed(0).get_state()),
-                          ({"finetune_start_step": 10}, offline_state)):
+    for restore, expected in ((False, torch.Generator().manual_seed(0).get_state()), (True, offline_state)):
         module = _online_module("bon")
-        checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {"cfg": cfg},
+        module.restore_random_states = restore
+        checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {"cfg": {}},
                       "manip": {"rng": [{"torch": torch.get_rng_state(), "generator": offline_state}]}}
         module.on_load_checkpoint(checkpoint)
         assert module.seed == 0 and torch.equal(module.generator.get_state(), expected)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
 from manip.checkpoint import gather_rank_states, rank_state
