@@ -26,6 +26,7 @@ from manip.checkpoint import CheckpointError, check_compatible, dataset_path, lo
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
+from manip.logs import LOG, RunLog
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
 from manip.settings import SettingError, check_int
@@ -169,7 +170,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     module.restore_random_states = dm.restore_sampler = resume is not None
     if rank_zero_only.rank == 0:
         if resume:
-            print(f"[manip] resuming fine-tuning from {resume}")
+            LOG.info(f"resuming fine-tuning from {resume}")
         run_dir.mkdir(parents=True, exist_ok=True)
         DatasetStats(**stats).save(run_dir / "dataset_stats.json")
         record_config(run_dir, final, user_overrides)
@@ -178,14 +179,18 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    try:
-        module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-        sys.exit(f"manip.finetune: {err}")
-    checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-    if trainer.is_global_zero and checkpoints.is_dir():
-        print(f"[manip] checkpoints in {checkpoints}")
+    with RunLog("finetune") as log:
+        try:
+            module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
+            if rank_zero_only.rank == 0:
+                log.keep_in(trainer.default_root_dir)
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
+            log.error(f"manip.finetune: {err}")
+            sys.exit(f"manip.finetune: {err}")
+        checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.is_global_zero and checkpoints.is_dir():
+            LOG.info(f"checkpoints in {checkpoints}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
+from manip.logs import LOG, RunLog
 from manip.module import ManipModule
 from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
 from manip.settings import SettingError, check_int
@@ -137,7 +138,7 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
         check_compatible(ckpt, resume, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"), cfg.algo.horizon,
                          where=f"dataset {dm.info['path']}")
         if main_process:
-            print(f"[manip] resuming from {resume} at step {ckpt['global_step']}")
+            LOG.info(f"resuming from {resume} at step {ckpt['global_step']}")
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dm.stats.save(run_dir / "dataset_stats.json")
@@ -146,31 +147,30 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
 
 
 def discard_if_empty(directory: str | Path) -> None:
-    """Removes ``directory`` when it holds nothing but the refused command's own Hydra job log (``fit.log``):
-    Hydra makes the job's output directory and log before the job starts, so a command refused by its checks
-    leaves no run directory."""
-    directory = Path(directory)
+    """Removes ``directory`` when it is empty: Hydra makes the job's output directory before the job starts, so a
+    command refused by its checks leaves no run directory."""
     try:
-        entries = list(directory.iterdir())
-        if [entry.name for entry in entries] == [f"{HydraConfig.get().job.name}.log"]:
-            entries[0].unlink()
-        directory.rmdir()
+        Path(directory).rmdir()
     except OSError:
         pass
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    try:
-        module, dm, trainer, resume = build(cfg)
-        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-    except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-        if rank_zero_only.rank == 0:
-            discard_if_empty(HydraConfig.get().runtime.output_dir)
-        sys.exit(f"manip.fit: {err}")
-    checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-    if trainer.is_global_zero and checkpoints.is_dir():
-        print(f"[manip] checkpoints in {checkpoints}")
+    with RunLog("fit") as log:
+        try:
+            module, dm, trainer, resume = build(cfg)
+            if rank_zero_only.rank == 0:
+                log.keep_in(trainer.default_root_dir)
+            trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+        except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
+            log.error(f"manip.fit: {err}")
+            if rank_zero_only.rank == 0:
+                discard_if_empty(HydraConfig.get().runtime.output_dir)
+            sys.exit(f"manip.fit: {err}")
+        checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.is_global_zero and checkpoints.is_dir():
+            LOG.info(f"checkpoints in {checkpoints}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from manip.algos.acting import fast_sampler
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
+from manip.logs import LOG
 from manip.settings import SettingError, check_int, check_real
 
 TARGETS = ("bon", "som", "rfm")
@@ -429,8 +430,8 @@ class ManipModule(L.LightningModule):
             self._start_rollout()
             self._online_clock = (time.perf_counter(), self.env_steps)
             if self.env_steps < self.online.start_training and self.global_rank == 0:
-                print(f"[manip] collecting {self.online.start_training - self.env_steps} env steps "
-                      f"(finetune.start_training) before the first online update", flush=True)
+                LOG.info(f"collecting {self.online.start_training - self.env_steps} env steps "
+                      f"(finetune.start_training) before the first online update")
         updates = self.global_step - self.online.start_step + 1
         # QC: start_training env steps first, then utd updates per env step.
         target = self.online.start_training + updates / self.online.utd

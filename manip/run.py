@@ -31,6 +31,7 @@ from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
+from manip.logs import LOG
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
 from manip.settings import SettingError, check_int, check_real
 
@@ -111,8 +112,8 @@ class PeriodicEvaluation(Callback):
         if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
         self.last = (trainer.global_step, episodes)
-        print(f"[manip] step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
-              f"simulator{'s' if self.num_envs > 1 else ''}", flush=True)
+        LOG.info(f"step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
+              f"simulator{'s' if self.num_envs > 1 else ''}")
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
                                        action_dim=module.action_dim)
@@ -134,7 +135,7 @@ class PeriodicEvaluation(Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"[manip] step {trainer.global_step}: success {result.success_rate:.2f} "
+        LOG.info(f"step {trainer.global_step}: success {result.success_rate:.2f} "
               f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
               f"({result.seconds:.0f}s)")
 

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from manip.evaluation import ChunkPolicy
+from manip.logs import LOG
 
 SUCCESS_RGB = (40, 180, 70)
 FAILURE_RGB = (215, 45, 40)
@@ -138,7 +139,7 @@ def record_videos(env, predict_chunks: Callable[[np.ndarray], np.ndarray], episo
     videos = []
     for i in range(episodes):
         if verbose:
-            print(f"[manip] rendering video {i + 1}/{episodes} (seed {seed + i})", flush=True)
+            LOG.info(f"rendering video {i + 1}/{episodes} (seed {seed + i})")
         frames, success, length = record_episode(env, predict_chunks, seed + i)
         path = write_video(Path(out_dir) / f"{stem}_ep{i}.mp4", mark_outcome(frames, success, fps), fps)
         videos.append(Video(str(path), seed + i, success, length, path.stat().st_size))

@@ -3,6 +3,7 @@ and ``fit.build`` / ``finetune.build`` make the module, data and Trainer that ``
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -31,3 +32,9 @@ def run_finetune(overrides: list[str]):
     module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     return trainer, module
+
+
+def warnings_logged(caplog) -> str:
+    """The WARNING lines ``caplog`` captured (a stand-in dataset's notice is a warning: it reaches a library user's
+    stderr without any logging set up)."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)

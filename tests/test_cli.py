@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
+import logging.handlers
 import os
 import re
 import subprocess
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
+from manip.logs import LOG, RunLog
 from manip.settings import SettingError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -27,11 +30,12 @@ TINY = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batc
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"]
 
 
-def run(module: str, *overrides: str, timeout: int = 600) -> str:
+def run(module: str, *overrides: str, timeout: int = 600) -> tuple[str, str]:
+    """``python -m MODULE OVERRIDES``'s (stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
+    return proc.stdout, proc.stderr
 
 
 def test_presets_compose():
@@ -97,18 +101,31 @@ def test_readme_paper_loop_composes():
 
 def _fit(tmp_path: Path, data: list[str], steps: int = 200) -> Path:
     run_dir = tmp_path / "run"
-    run("manip.fit", *data, *TINY, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
-        "eval.every_n_steps=0", "eval.final_episodes=2", "eval.num_envs=1", f"checkpoint.every_n_steps={steps}")
+    out = run("manip.fit", *data, *TINY, f"run_dir={run_dir}", f"trainer.max_steps={steps}",
+              "eval.every_n_steps=0", "eval.final_episodes=2", "eval.num_envs=1", f"checkpoint.every_n_steps={steps}")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
+    _check_logs(out, run_dir / "fit.log", steps)
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps and records[-1]["episodes"] == 2 and records[-1]["phase"] == "offline"
     return ckpt
 
 
+def _check_logs(output: tuple[str, str], log_file: Path, step: int) -> None:
+    """The run's "[manip]" lines reach stdout and, timestamped with Lightning's, its log file; import-time notices
+    and advertisements do not."""
+    stdout, stderr = output
+    assert f"[manip] step {step}: success " in stdout and f"[manip] checkpoints in {log_file.parent}" in stdout
+    log = log_file.read_text()
+    assert f"[manip][INFO] step {step}: success " in log and "[manip][INFO] checkpoints in" in log
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] `Trainer.fit` stopped" in log
+    for noise in ("No private macro file", "robosuite_models", "OpenGL_accelerate", "💡"):
+        assert noise not in stdout + stderr and noise not in log, noise
+
+
 def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, action_dim: int,
                         noise_scale: float = 1.0) -> Path:
-    run("manip.finetune", f"ckpt={ckpt}", f"finetune.target={target}", f"trainer.max_steps={updates}",
+    out = run("manip.finetune", f"ckpt={ckpt}", f"finetune.target={target}", f"trainer.max_steps={updates}",
         f"finetune.start_training={env_steps}", "finetune.target_samples=8", "eval.every_n_steps=0",
         "eval.final_episodes=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "checkpoint.every_n_steps=1000", "trainer.log_every_n_steps=10")
@@ -116,6 +133,9 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     offline_step = load_checkpoint(ckpt)["global_step"]
     assert last["global_step"] == offline_step + updates
+    _check_logs(out, run_dir / "finetune.log", offline_step + updates)
+    log = (run_dir / "finetune.log").read_text()
+    assert f"[manip][INFO] collecting {env_steps} env steps (finetune.start_training)" in log
     online = last["manip"]["online_replay"]
     # QC schedule: start_training env steps, then one env step per update; only whole episodes enter the buffer.
     assert last["manip"]["env_steps"] >= env_steps + updates
@@ -350,6 +370,31 @@ def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
         assert proc.returncode == 1, stderr
         assert stderr.strip().splitlines()[-1] == expected[name] and "Traceback" not in stderr, stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() or p.name not in ("runs",)], list(tmp_path.rglob("*"))
+
+
+def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_path):
+    with RunLog("fit") as log:
+        LOG.info("dataset line")
+        assert list(tmp_path.iterdir()) == []  # nothing written before keep_in
+        log.keep_in(tmp_path)
+        LOG.info("evaluation line")
+        log.error("manip.fit: an error the command reports on stderr")
+    LOG.info("after the command")
+    lines = (tmp_path / "fit.log").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "dataset line", "evaluation line", "manip.fit: an error the command reports on stderr"]
+    assert lines[2].endswith("[manip][ERROR] manip.fit: an error the command reports on stderr")
+
+    with pytest.raises(ZeroDivisionError), RunLog("fit") as log:  # a bug: its traceback joins the run's log
+        log.keep_in(tmp_path)
+        _ = 1 / 0
+    assert "the command failed\nTraceback" in (tmp_path / "fit.log").read_text()
+    with pytest.raises(SystemExit), RunLog("refused"):  # refused before the run directory: no log
+        LOG.info("dataset line")
+        sys.exit("manip.fit: refused")
+    assert not (tmp_path / "refused.log").exists()
+    root = logging.getLogger()
+    assert not [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]
 
 
 @pytest.mark.parametrize("overrides, error, message", [

@@ -22,6 +22,8 @@ from manip.data.ogbench import load_ogbench, split_singletask_name
 from manip.data.replay import Transitions
 from manip.envs.ogbench_env import OGBenchEnv
 
+from entry_points import warnings_logged
+
 # ogbench builds float32 Boxes from float64 bounds; gymnasium warns about the harmless cast.
 pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered by casting to float32")
 
@@ -350,31 +352,32 @@ def test_nan_in_relabelling_state(tmp_path, play_files, key):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 
 
-def test_a_generated_file_says_so_and_a_released_one_does_not(tmp_path, play_files, capsys):
+def test_a_generated_file_says_so_and_a_released_one_does_not(tmp_path, play_files, caplog):
     """The generator's marker reaches the DataModule's info (and so the checkpoints) and a line on every load."""
     name = "cube-single-play-singletask-task1-v0"
     dm = OGBenchDataModule(dataset_name=name, path=str(play_files["cube-single"]))
     dm.setup()
     assert dm.info["generated"]["generator"] == "manip OGBench oracle play data"
     assert "is a stand-in manip generated (generator manip OGBench oracle play data, dataset cube-single-play-v0, " \
-           f"episodes {EPISODES}, episode_length {LENGTH}, seed 0), not the released dataset" in capsys.readouterr().out
+           f"episodes {EPISODES}, episode_length {LENGTH}, seed 0), not the released dataset" in warnings_logged(caplog)
+    caplog.clear()
     released = _write_changed(tmp_path, play_files["cube-single"],
                               lambda a: {k: v for k, v in a.items() if k != "manip_generated"})
     assert load_ogbench(name, released).generated is None
     dm = OGBenchDataModule(dataset_name=name, path=str(released))
     dm.setup()
-    assert "generated" not in dm.info and "stand-in" not in capsys.readouterr().out
+    assert "generated" not in dm.info and "stand-in" not in caplog.text
 
 
 @pytest.mark.parametrize("dataset_name", ["cube-double-noisy-singletask-task2-v0",
                                           "puzzle-4x4-play-singletask-v0"])
-def test_datamodule_does_not_generate_unsupported_datasets(tmp_path, capsys, dataset_name):
+def test_datamodule_does_not_generate_unsupported_datasets(tmp_path, caplog, dataset_name):
     from manip.data.datamodule import OGBenchDataModule
 
     data_dir = tmp_path / "ogbench"
     dm = OGBenchDataModule(dataset_name, data_dir=str(data_dir), generate_episodes=2)
     dm.prepare_data()
-    assert "generating" not in capsys.readouterr().out and not data_dir.exists()
+    assert "generating" not in caplog.text and not data_dir.exists()
     message = rf"not found: {re.escape(str(dm.path))}.*only .*cube-single-play-v0.* can be generated"
     with pytest.raises(DatasetError, match=message):
         dm.setup("fit")

@@ -102,7 +102,7 @@ def test_same_seed_gives_identical_losses(offline_run, cube_single_npz, tmp_path
 
 
 # --------------------------------------------------------------------------------------------- resume
-def test_fit_resumes_after_sigkill(offline_run, cube_single_npz, tmp_path, capsys):
+def test_fit_resumes_after_sigkill(offline_run, cube_single_npz, tmp_path, caplog):
     run_dir = tmp_path / "run"
     overrides = fit_overrides(cube_single_npz, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -111,7 +111,7 @@ def test_fit_resumes_after_sigkill(offline_run, cube_single_npz, tmp_path, capsy
     assert 10 <= k < STEPS and adam_steps(killed) == {k}
 
     trainer, _ = run_fit(overrides)  # the same command again
-    assert f"resuming from {last} at step {k}" in capsys.readouterr().out
+    assert f"resuming from {last} at step {k}" in caplog.text
     assert trainer.global_step == STEPS
     final = load_checkpoint(last)
     assert final["global_step"] == STEPS and adam_steps(final) == {STEPS}
@@ -120,7 +120,7 @@ def test_fit_resumes_after_sigkill(offline_run, cube_single_npz, tmp_path, capsy
     assert logged_losses(run_dir) == logged_losses(offline_run)
 
 
-def test_finetune_resumes_after_sigkill(offline_run, tmp_path, capsys):
+def test_finetune_resumes_after_sigkill(offline_run, tmp_path, caplog):
     start = load_checkpoint(offline_run / "checkpoints" / "last.ckpt")["global_step"]
     run_dir = tmp_path / "ft"
     overrides = finetune_overrides(offline_run / "checkpoints" / "last.ckpt", run_dir)
@@ -134,7 +134,7 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, capsys):
     assert ckpt_path == str(last)
     assert module.restore_random_states and dm.restore_sampler  # the resumed run continues its random states
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    assert f"resuming fine-tuning from {last}" in capsys.readouterr().out
+    assert f"resuming fine-tuning from {last}" in caplog.text
     final = load_checkpoint(last)
     assert final["global_step"] == start + 60 and adam_steps(final) == {start + 60}
     # The online buffer continues where the killed run's checkpoint left it, and env steps keep

@@ -84,7 +84,7 @@ def no_data_loading(monkeypatch):
 
 # ------------------------------------------------------------------------------------ last.ckpt at the end
 def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offline_run, cube_single_npz, tmp_path,
-                                                                          capsys):
+                                                                          caplog):
     run_dir, _ = offline_run
     checkpoints = run_dir / "checkpoints"
     assert last_step(run_dir) == OFFLINE_STEPS
@@ -93,9 +93,9 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
 
     # The same command with more updates continues from step 15, exactly as an uninterrupted run does.
     steps = 25
-    capsys.readouterr()
+    caplog.clear()
     trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, steps))
-    assert f"resuming from {checkpoints / 'last.ckpt'} at step {OFFLINE_STEPS}" in capsys.readouterr().out
+    assert f"resuming from {checkpoints / 'last.ckpt'} at step {OFFLINE_STEPS}" in caplog.text
     assert trainer.global_step == steps and last_step(run_dir) == steps
     assert not list(checkpoints.glob("last-v*.ckpt"))
     run_fit(fit_overrides(cube_single_npz, tmp_path / "straight", steps))

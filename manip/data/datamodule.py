@@ -26,6 +26,7 @@ from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec, check_dims
+from manip.logs import LOG
 from manip.settings import SettingError, check_int, check_real
 
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
@@ -143,7 +144,7 @@ class ReplayDataModule(L.LightningDataModule):
             return
         transitions, self.env_spec, self.info = self._load()
         if self.info.get("generated") and rank_zero_only.rank == 0:
-            print(f"[manip] {self.info['path']} is a stand-in manip generated ({_describe(self.info['generated'])}), "
+            LOG.warning(f"{self.info['path']} is a stand-in manip generated ({_describe(self.info['generated'])}), "
                   f"not the released dataset: results on it are not comparable with published ones.")
         if self.max_transitions is not None and len(transitions) > self.max_transitions:
             transitions = _first_episodes(transitions, self.max_transitions)
@@ -234,7 +235,7 @@ class RobomimicDataModule(ReplayDataModule):
             return  # present, or a custom path that does not exist: _load reports it
         from manip.data.generate.robomimic_scripted import generate
 
-        print(f"[manip] {self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
+        LOG.info(f"{self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
               f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=rank_zero_only.rank == 0)
@@ -255,7 +256,7 @@ class RobomimicDataModule(ReplayDataModule):
         self._check_simulator(spec, data.transitions)
         if rank_zero_only.rank == 0:
             for note in self._notes(env_name, data.generated):
-                print(f"[manip] note: {note}")
+                LOG.info(f"note: {note}")
         return data.transitions, spec, info
 
     def _notes(self, env_name: str, generated: dict | None) -> list[str]:
@@ -320,7 +321,7 @@ class OGBenchDataModule(ReplayDataModule):
         if self.stem not in DATASETS:
             return  # no oracle generator for this dataset: _load reports the missing file
 
-        print(f"[manip] {self.path} not found: generating {self.generate_episodes} oracle play episodes "
+        LOG.info(f"{self.path} not found: generating {self.generate_episodes} oracle play episodes "
               f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,

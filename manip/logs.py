@@ -1,0 +1,80 @@
+"""manip's log: the lines a run reports (``[manip] step 5000: success 0.92 ...``) go to the ``manip`` logger.
+
+The entry points configure Python logging through Hydra (``conf/hydra/job_logging/manip.yaml``: ``[name] message``
+on stdout) and keep the whole report in ``<run_dir>/<entry point>.log`` (:class:`RunLog`), timestamped, with
+Lightning's own lines. Used as a library, ``manip`` configures no handler: INFO lines appear where the application
+routes them (``logging.basicConfig(level=logging.INFO)``), warnings (a stand-in dataset) reach stderr regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from pathlib import Path
+
+LOG = logging.getLogger("manip")
+LOG.setLevel(logging.INFO)
+
+FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+
+# Loggers that do not propagate to the root logger but whose lines belong in a run's log.
+_OWN_HANDLER_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing ..." lines advertise services, they say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropAdverts())
+
+
+class RunLog:
+    """The log of one command, ``<run_dir>/<name>.log``: a context manager around the command.
+
+    It keeps what is logged (root logger, Lightning's) while the block runs. The run directory is known, and may be
+    written, only once a command's checks passed (``finetune`` reads it from the checkpoint), so the lines logged
+    before (the dataset, the resume target) wait in memory until :meth:`keep_in` names it; a command refused before
+    writes no log. The file is appended to (a resumed run continues its log), and the handlers are removed when the
+    block ends (``--multirun`` jobs share one process)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1,
+                                                     flushOnClose=False)
+        self.loggers = [logging.getLogger(), *(logger for logger in map(logging.getLogger, _OWN_HANDLER_LOGGERS)
+                                               if not logger.propagate)]
+        self.file: logging.FileHandler | None = None
+
+    def keep_in(self, run_dir: str | Path) -> None:
+        if self.file is not None:
+            return
+        self.file = logging.FileHandler(Path(run_dir) / f"{self.name}.log", encoding="utf-8")
+        self.file.setFormatter(logging.Formatter(FILE_FORMAT))
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        self.buffer.capacity = 0  # from now on every record is written as it comes
+
+    def error(self, message: str) -> None:
+        """``message`` in the log file only (the command reports it on stderr itself)."""
+        self.buffer.handle(LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, message, None, None))
+
+    def __enter__(self) -> "RunLog":
+        for logger in self.loggers:
+            logger.addHandler(self.buffer)
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None and not issubclass(kind, SystemExit):  # a bug's traceback, kept beside the run's lines
+            self.buffer.handle(LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, "the command failed", None,
+                                              (kind, error, trace)))
+        for logger in self.loggers:
+            logger.removeHandler(self.buffer)
+        if self.file is not None:
+            self.buffer.flush()
+            self.file.close()
+        self.buffer.close()
+
