@@ -8,7 +8,6 @@ weights_only=True)``).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import re
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from manip.settings import SettingError, find_class
 
 
 class CheckpointError(ValueError):
@@ -49,11 +50,9 @@ EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu", "td_select": "targ
 
 def _agent_takes(target: Any, key: str) -> bool:
     """Whether the agent class named by a config's ``_target_`` has a constructor argument ``key``."""
-    module_name, _, class_name = str(target).rpartition(".")
     try:
-        agent_class = getattr(importlib.import_module(module_name), class_name)
-        return key in inspect.signature(agent_class).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):  # instantiating it will name the problem
+        return key in inspect.signature(find_class(target, "algo.agent._target_")).parameters
+    except SettingError:  # instantiating it will name the problem
         return False
 
 

@@ -188,6 +188,10 @@ def main(cfg: DictConfig) -> None:
         except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
             log.error(f"manip.finetune: {err}")
             sys.exit(f"manip.finetune: {err}")
+        except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
+            log.error("manip.finetune: interrupted")
+            print("manip.finetune: interrupted", file=sys.stderr)
+            sys.exit(130)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

@@ -168,6 +168,12 @@ def main(cfg: DictConfig) -> None:
             if rank_zero_only.rank == 0:
                 discard_if_empty(HydraConfig.get().runtime.output_dir)
             sys.exit(f"manip.fit: {err}")
+        except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
+            log.error("manip.fit: interrupted")
+            if rank_zero_only.rank == 0:
+                discard_if_empty(HydraConfig.get().runtime.output_dir)
+            print("manip.fit: interrupted", file=sys.stderr)
+            sys.exit(130)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

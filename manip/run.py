@@ -33,7 +33,7 @@ from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import SettingError, check_int, check_real
+from manip.settings import SettingError, check_int, check_real, find_class
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -231,12 +231,12 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
         settings = {k: v for k, v in agent.items() if not k.startswith("_")}
         if "_target_" in agent:
-            check_known_keys(hydra.utils.get_class(agent["_target_"]), settings, "algo.agent",
+            check_known_keys(find_class(agent["_target_"], "algo.agent._target_"), settings, "algo.agent",
                              given=("obs_dim", "action_dim", "horizon"))
         check_agent_settings(algo.get("horizon"), **settings)
     trainer = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
     if trainer.get("_target_"):
-        check_known_keys(hydra.utils.get_class(trainer["_target_"]), {k: v for k, v in trainer.items()
+        check_known_keys(find_class(trainer["_target_"], "trainer._target_"), {k: v for k, v in trainer.items()
                                                                       if not k.startswith("_")}, "trainer")
     if phase == "online":
         online = plain(cfg.finetune)

@@ -5,6 +5,7 @@ Pure Python, so that modules needing only torch (the agents, ``manip.bench``) ca
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 
@@ -40,3 +41,19 @@ def check_real(value, key: str, minimum: float, strict: bool = False, maximum: f
         raise SettingError(f"{key} must be {bound}, got {value}")
     return float(value)
 
+
+
+def find_class(target, key: str) -> type:
+    """The class a config's ``_target_`` names (``package.module.Class``); a SettingError naming ``key`` when it
+    cannot be imported (Hydra's own lookup would end the command in a traceback)."""
+    module_name, _, class_name = str(target).rpartition(".")
+    if not module_name:
+        raise SettingError(f"{key} must be a dotted path package.module.Class, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SettingError(f"{key}={target}: cannot import {module_name} ({err})") from None
+    found = getattr(module, class_name, None)
+    if not isinstance(found, type):
+        raise SettingError(f"{key}={target}: {module_name} has no class {class_name}")
+    return found

@@ -9,8 +9,10 @@ import logging
 import logging.handlers
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -372,6 +374,23 @@ def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file() or p.name not in ("runs",)], list(tmp_path.rglob("*"))
 
 
+def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothing(tmp_path):
+    data = tmp_path / "lift" / "mh" / "low_dim_v15.hdf5"
+    proc = subprocess.Popen([sys.executable, "-m", "manip.fit", "conf=robomimic_lift", f"data.path={data}",
+                             "data.generate_demos=200", f"run_dir={tmp_path / 'run'}", "trainer.accelerator=cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "not found: generating 200 scripted lift demos" in line:
+            break
+    time.sleep(2)  # inside the generator's episodes
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "manip.fit: interrupted", stderr
+    assert "Traceback" not in stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial dataset, no run directory files
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_path):
     with RunLog("fit") as log:
         LOG.info("dataset line")
@@ -410,6 +429,12 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     (["algo.horizon=0"], SettingError, "algo.horizon must be >= 1, got 0"),
     (["+algo.agent.num_sample=4"], SettingError, "unknown algo.agent.num_sample; did you mean algo.agent.num_samples?"),
     (["+trainer.max_step=5"], SettingError, "unknown trainer.max_step; did you mean trainer.max_steps?"),
+    (["algo.agent._target_=manip.algos.mvp.MVPAgnt"], SettingError,
+     "algo.agent._target_=manip.algos.mvp.MVPAgnt: manip.algos.mvp has no class MVPAgnt"),
+    (["algo.agent._target_=manip.algos.mvq.MVPAgent"], SettingError,
+     "algo.agent._target_=manip.algos.mvq.MVPAgent: cannot import manip.algos.mvq (No module named 'manip.algos.mvq')"),
+    (["trainer._target_=Trainer"], SettingError,
+     "trainer._target_ must be a dotted path package.module.Class, got 'Trainer'"),
     (["trainer.max_steps=-5"], SettingError, "trainer: `max_steps` must be a non-negative integer or -1"),
     (["data.path={tmp}"], DatasetError, "Robomimic dataset {tmp} is a directory; data.path names the .hdf5 file"),
     (["data.task=lfit", "data.path={tmp}/lfit/mh/low_dim_v15.hdf5"], SettingError,
