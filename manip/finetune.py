@@ -28,7 +28,8 @@ from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule
-from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
+from manip.run import (USER_ERRORS, build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path,
+                       run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -139,6 +140,11 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
+    if resume is not None:  # the same fine-tuning run, and something left to train
+        check_same_run(base_ckpt, resume, plain(final), Path(final.data.path), run_dir, phase="online")
+        if isinstance(final.trainer.max_steps, int):  # else build_trainer names the bad value
+            check_steps_left(base_ckpt, resume, start_step + final.trainer.max_steps,
+                             f"trainer.max_steps={final.trainer.max_steps} (online updates after step {start_step})")
     return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume)
 
 

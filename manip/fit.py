@@ -18,7 +18,6 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -26,19 +25,17 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint
+from manip.checkpoint import check_compatible, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule
-from manip.run import USER_ERRORS, build_trainer, plain, record_config, resume_path, run_info, seed_everything
-from manip.settings import SettingError, check_int
+from manip.run import (USER_ERRORS, build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path, run_info,
+                       seed_everything)
+from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
 _DDP_CHILD_JOB = "train_ddp_process_"
-
-# Data settings that select or relabel a run's transitions (the dataset file itself is compared by path).
-_DATA_KEYS = ("_target_", "obs_keys", "filter_key", "reward_mode", "dataset_name", "max_transitions", "discount")
 
 # fit.yaml's hydra.sweep.subdir: each --multirun job's Hydra output (fit.log) goes to its own run_dir.
 OmegaConf.register_new_resolver("manip.abspath", lambda path: os.path.abspath(str(path)), replace=True)
@@ -50,59 +47,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().job.name.startswith(_DDP_CHILD_JOB):
         return Path(HydraConfig.get().run.dir)
     return Path(cfg.run_dir)
-
-
-_UNSET = object()
-
-
-def _leaves(tree: dict | None, prefix: str) -> dict[str, Any]:
-    flat = {}
-    for key, value in (tree or {}).items():
-        if isinstance(value, dict) and value:
-            flat.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _show(value: Any) -> str:
-    return "unset" if value is _UNSET else str(value)
-
-
-def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path) -> list[str]:
-    """The settings a run's weights and optimizer state depend on where its checkpoint's config ``saved``
-    (trained on ``saved_data``) and this command's plain config ``cfg`` (reading ``new_data``) disagree, as
-    ``"key=<run's value> (this command: <value>)"``: the algorithm (``algo.name``; for the same algorithm
-    ``algo.horizon`` and every ``algo.agent`` key), the dataset file, the data keys that select or relabel
-    transitions, ``module.obs_norm`` and ``seed`` (a resumed run restores its own random states, so another seed
-    would be ignored: two seeds in one ``run_dir``, e.g. a ``--multirun seed=0,1`` without ``${seed}`` in
-    ``run_dir``, must not share a run)."""
-    pairs: list[tuple[str, Any, Any]] = [("seed", saved.get("seed", _UNSET), cfg.get("seed", _UNSET))]
-    old_algo, new_algo = saved.get("algo") or {}, cfg.get("algo") or {}
-    if old_algo.get("name") != new_algo.get("name"):
-        pairs.append(("algo.name", old_algo.get("name", _UNSET), new_algo.get("name", _UNSET)))
-    else:
-        # a key the run's config lacks is a setting added since the run started: it continues with the default
-        old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
-        pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old)]
-    if os.path.normpath(saved_data) != os.path.normpath(new_data):
-        pairs.append(("data.path", saved_data, new_data))
-    old_data, new_data_cfg = saved.get("data") or {}, cfg.get("data") or {}
-    pairs += [(f"data.{key}", old_data.get(key, _UNSET), new_data_cfg.get(key, _UNSET)) for key in _DATA_KEYS]
-    old_module, new_module = saved.get("module") or {}, cfg.get("module") or {}
-    pairs.append(("module.obs_norm", old_module.get("obs_norm", _UNSET), new_module.get("obs_norm", _UNSET)))
-    return [f"{key}={_show(old)} (this command: {_show(new)})" for key, old, new in pairs if old != new]
-
-
-def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_dir: Path) -> None:
-    """``CheckpointError`` when ``run_dir``'s checkpoint belongs to a run that differs from this command in
-    what its weights depend on (:func:`run_differences`)."""
-    saved = ckpt["hyper_parameters"]["cfg"]
-    differences = run_differences(saved, cfg, dataset_path(ckpt, ckpt_path), data_file)
-    if differences:
-        algo = (saved.get("algo") or {}).get("name", "manip")
-        raise CheckpointError(f"{run_dir} holds a {algo} run with {', '.join(differences)}; continue it with the "
-                              f"run's values, or give this command another run_dir")
 
 
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:
@@ -124,9 +68,8 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if resume is not None:
         ckpt = load_checkpoint(resume)
         check_same_run(ckpt, resume, plain(cfg), data_file, run_dir)
-        if ckpt["global_step"] > cfg.trainer.max_steps:
-            raise SettingError(f"trainer.max_steps={cfg.trainer.max_steps} but {resume} is already at step "
-                               f"{ckpt['global_step']}: nothing to train (a larger max_steps continues the run)")
+        if isinstance(cfg.trainer.max_steps, int):  # else build_trainer names the bad value
+            check_steps_left(ckpt, resume, cfg.trainer.max_steps, f"trainer.max_steps={cfg.trainer.max_steps}")
     trainer = build_trainer(cfg, run_dir, phase="offline")  # before the data: a bad setting costs no loading
     dm.prepare_data()
     dm.setup("fit")

@@ -6,6 +6,7 @@ import csv
 import difflib
 import inspect
 import json
+import os
 import secrets
 import time
 import warnings
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.base import check_agent_settings
-from manip.checkpoint import AtomicCheckpointIO, CheckpointError
+from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
@@ -256,6 +257,86 @@ def check_known_keys(target: type, settings: dict, section: str, given: tuple[st
         close = difflib.get_close_matches(unknown[0], takes, n=1)
         hint = f"did you mean {section}.{close[0]}?" if close else f"{target.__name__} takes {', '.join(sorted(takes))}"
         raise SettingError(f"unknown {section}.{unknown[0]}; {hint}")
+
+
+# Data settings that select or relabel a run's transitions (the dataset file itself is compared by path).
+_DATA_KEYS = ("_target_", "obs_keys", "filter_key", "reward_mode", "dataset_name", "max_transitions", "discount")
+
+_UNSET = object()
+
+
+def _leaves(tree: dict | None, prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else str(value)
+
+
+def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path, sections: tuple[str, ...] = (),
+                    free: tuple[str, ...] = ()) -> list[str]:
+    """The settings a run's weights and optimizer state depend on where its checkpoint's config ``saved``
+    (trained on ``saved_data``) and this command's plain config ``cfg`` (reading ``new_data``) disagree, as
+    ``"key=<run's value> (this command: <value>)"``: the algorithm (``algo.name``; for the same algorithm
+    ``algo.horizon`` and every ``algo.agent`` key), the dataset file, the data keys that select or relabel
+    transitions, ``module.obs_norm`` and ``seed`` (a resumed run restores its own random states, so another seed
+    would be ignored: two seeds in one ``run_dir``, e.g. a ``--multirun seed=0,1`` without ``${seed}`` in
+    ``run_dir``, must not share a run); and every key of ``sections`` (fine-tuning's ``finetune``) but those in
+    ``free``."""
+    pairs: list[tuple[str, Any, Any]] = [("seed", saved.get("seed", _UNSET), cfg.get("seed", _UNSET))]
+    old_algo, new_algo = saved.get("algo") or {}, cfg.get("algo") or {}
+    if old_algo.get("name") != new_algo.get("name"):
+        pairs.append(("algo.name", old_algo.get("name", _UNSET), new_algo.get("name", _UNSET)))
+    else:
+        # a key the run's config lacks is a setting added since the run started: it continues with the default
+        old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
+        pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old)]
+    if os.path.normpath(saved_data) != os.path.normpath(new_data):
+        pairs.append(("data.path", saved_data, new_data))
+    old_data, new_data_cfg = saved.get("data") or {}, cfg.get("data") or {}
+    pairs += [(f"data.{key}", old_data.get(key, _UNSET), new_data_cfg.get(key, _UNSET)) for key in _DATA_KEYS]
+    old_module, new_module = saved.get("module") or {}, cfg.get("module") or {}
+    pairs.append(("module.obs_norm", old_module.get("obs_norm", _UNSET), new_module.get("obs_norm", _UNSET)))
+    for section in sections:
+        old, new = _leaves(saved.get(section), f"{section}."), _leaves(cfg.get(section), f"{section}.")
+        pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old) if key not in free]
+    return [f"{key}={_show(old)} (this command: {_show(new)})" for key, old, new in pairs if old != new]
+
+
+def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_dir: Path,
+                   phase: str = "offline") -> None:
+    """``CheckpointError`` when ``run_dir``'s checkpoint belongs to a run that differs from this command in
+    what its weights depend on (:func:`run_differences`; for a fine-tuning run, ``phase="online"``, also in its
+    ``finetune`` settings but the number of collection simulators)."""
+    saved = ckpt["hyper_parameters"]["cfg"]
+    online = phase == "online"
+    differences = run_differences(saved, cfg, dataset_path(ckpt, ckpt_path), data_file,
+                                  sections=("finetune",) if online else (), free=("finetune.num_envs",))
+    if differences:
+        algo = (saved.get("algo") or {}).get("name", "manip")
+        raise CheckpointError(f"{run_dir} holds a {algo} {'fine-tuning ' if online else ''}run with "
+                              f"{', '.join(differences)}; continue it with the run's values, or give this command "
+                              f"another run_dir")
+
+
+def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str) -> None:
+    """``SettingError`` when the run to resume is already past ``last_step`` (the step ``setting``, e.g.
+    ``trainer.max_steps=5000``, trains to): the command would train nothing and say nothing. A line when it is exactly
+    there (a finished command run again, e.g. a relaunched sweep)."""
+    step = int(ckpt["global_step"])
+    if last_step < 0:  # max_steps=-1: Lightning's "no limit"
+        return
+    if step > last_step:
+        raise SettingError(f"{setting} but {ckpt_path} is already at step {step}: nothing to train (a larger "
+                           f"trainer.max_steps continues the run)")
+    if step == last_step:
+        LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train")
 
 
 def resume_path(resume: bool | str, run_dir: Path) -> Path | None:

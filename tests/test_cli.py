@@ -25,6 +25,7 @@ from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
 from manip.logs import LOG, RunLog
+from manip.run import run_differences
 from manip.settings import SettingError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -568,10 +569,10 @@ def test_a_run_predating_an_agent_setting_resumes_with_its_default(lift_run, lif
     saved = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]
     older = copy.deepcopy(saved)
     del older["algo"]["agent"]["q_agg"]
-    assert fit.run_differences(older, saved, lift_hdf5, lift_hdf5) == []
+    assert run_differences(older, saved, lift_hdf5, lift_hdf5) == []
     changed = copy.deepcopy(saved)
     changed["algo"]["agent"]["q_agg"] = "min"
-    assert fit.run_differences(saved, changed, lift_hdf5, lift_hdf5) == ["algo.agent.q_agg=mean (this command: min)"]
+    assert run_differences(saved, changed, lift_hdf5, lift_hdf5) == ["algo.agent.q_agg=mean (this command: min)"]
 
 
 def test_a_checkpoint_predating_the_critic_block_setting_keeps_its_layer_order(lift_run, lift_hdf5, tmp_path):

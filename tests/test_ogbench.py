@@ -369,6 +369,16 @@ def test_a_generated_file_says_so_and_a_released_one_does_not(tmp_path, play_fil
     assert "generated" not in dm.info and "stand-in" not in caplog.text
 
 
+def test_datamodule_generates_only_where_data_dir_leads(tmp_path):
+    """An explicit data.path that does not exist is reported (a typo is never filled with a stand-in)."""
+    path = tmp_path / "typo" / "cube-single-play-v0.npz"
+    dm = OGBenchDataModule("cube-single-play-singletask-task1-v0", path=str(path), generate_episodes=2)
+    dm.prepare_data()
+    with pytest.raises(DatasetError, match=re.escape(f"OGBench dataset file not found: {path}")):
+        dm.setup("fit")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("dataset_name", ["cube-double-noisy-singletask-task2-v0",
                                           "puzzle-4x4-play-singletask-v0"])
 def test_datamodule_does_not_generate_unsupported_datasets(tmp_path, caplog, dataset_name):

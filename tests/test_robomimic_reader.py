@@ -1,6 +1,7 @@
 """Robomimic reader and DataModule on a generated file: layout, conventions, every bad input."""
 
 import hashlib
+import re
 import shutil
 
 import h5py
@@ -199,12 +200,17 @@ def test_absent_default_file_is_generated_once(tmp_path, capsys, caplog):
     assert f"note: {path} holds Lift episodes, not PickPlaceCan (data.task=can only chooses what to generate)" in out
 
 
-def test_absent_custom_path_is_an_error(tmp_path):
-    dm = RobomimicDataModule(path=str(tmp_path / "my_demos.hdf5"), generate_demos=5)
+@pytest.mark.parametrize("name", ["my_demos.hdf5", "lift/mh/low_dim.hdf5", "can/mh/low_dim_v15.hdf5",
+                                  "lift/ph/low_dim_v15.hdf5"])
+def test_absent_path_off_the_tasks_layout_is_an_error_not_a_stand_in(tmp_path, name):
+    """A typo in data.path, or another task's file, is reported: a stand-in lift dataset is generated only at
+    <dir>/lift/mh/low_dim_v15.hdf5."""
+    dm = RobomimicDataModule(path=str(tmp_path / name), generate_demos=5, task="lift")
     dm.prepare_data()
-    with pytest.raises(DatasetError, match="my_demos.hdf5"):
+    with pytest.raises(DatasetError, match=re.escape(f"Robomimic dataset not found: {tmp_path / name}. A stand-in is "
+                                                     "generated only at <dir>/lift/mh/low_dim_v15.hdf5")):
         dm.setup("fit")
-    assert not (tmp_path / "my_demos.hdf5").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("group", ["obs", "next_obs"])

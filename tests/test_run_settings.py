@@ -16,7 +16,7 @@ import pytest
 
 import manip
 import manip.envs
-from manip.checkpoint import load_checkpoint
+from manip.checkpoint import CheckpointError, load_checkpoint
 from manip.settings import SettingError
 
 from entry_points import run_finetune, run_fit
@@ -138,6 +138,22 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == start + updates
     assert last["manip"]["env_steps"] >= 20 + updates
+
+    # The same command again with other fine-tuning settings is another run: refused, its record untouched.
+    record = (tmp_path / "ft" / "hydra" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'ft'} holds a mvp fine-tuning run with finetune.alpha=10.0 (this command: 3), "
+            f"finetune.target_samples=4 (this command: 8); continue it")):
+        run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates + 5, "finetune.alpha=3",
+                                        "finetune.target_samples=8"))
+    # ... as is a budget the run already passed; the simulator count is free
+    with pytest.raises(SettingError, match=re.escape(
+            f"trainer.max_steps={updates - 2} (online updates after step {start}) but "
+            f"{tmp_path / 'ft' / 'checkpoints' / 'last.ckpt'} is already at step {start + updates}: nothing to train")):
+        run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates - 2))
+    assert (tmp_path / "ft" / "hydra" / "config.yaml").read_text() == record
+    trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates + 3, "finetune.num_envs=2"))
+    assert trainer.global_step == start + updates + 3
 
 
 def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tmp_path, monkeypatch):

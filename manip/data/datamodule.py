@@ -206,9 +206,10 @@ class RobomimicDataModule(ReplayDataModule):
     """Robomimic low-dim HDF5 (``data/robomimic/<task>/mh/low_dim_v15.hdf5`` by default).
 
     obs_keys: keys concatenated in this order; filter_key: ``mask/<filter_key>`` demo subset.
-    generate_demos: when ``path`` is absent and named like a robomimic low-dim file, a scripted
-    dataset of this many demos of ``task`` is generated there first (0 disables it); a ``task`` the generator
-    does not know then raises ``SettingError`` at once, before any directory is made.
+    generate_demos: when ``path`` is absent and at the released layout for ``task``
+    (``<dir>/<task>/mh/low_dim_v15.hdf5``), a scripted dataset of this many demos of ``task`` is generated there
+    first (0 disables it); a ``task`` the generator does not know then raises ``SettingError`` at once, before any
+    directory is made. Any other absent path is a ``DatasetError``.
     env_horizon: rollout length in the simulator (None: QC's per-task value).
     """
 
@@ -227,8 +228,13 @@ class RobomimicDataModule(ReplayDataModule):
                                f"knows only {', '.join(ROBOMIMIC_TASKS)}")
 
     def _generates(self) -> bool:
-        """Whether ``prepare_data`` generates the file: absent, generation on, named like a low-dim file."""
-        return bool(self.generate_demos) and self.path.name.startswith("low_dim") and not self.path.exists()
+        """Whether ``prepare_data`` generates the file: absent, generation on, and at the released layout for
+        ``task`` (``<dir>/<task>/mh/low_dim_v15.hdf5``, the preset's default): any other absent path (a typo, another
+        task's file) is reported, never filled with a stand-in."""
+        return bool(self.generate_demos) and not self.path.exists() and self._at_task_layout()
+
+    def _at_task_layout(self) -> bool:
+        return self.path.parts[-3:] == (self.task, "mh", "low_dim_v15.hdf5")
 
     def prepare_data(self) -> None:
         if not self._generates():
@@ -243,6 +249,10 @@ class RobomimicDataModule(ReplayDataModule):
     def _load(self) -> tuple[Transitions, EnvSpec, dict]:
         from manip.data.robomimic import load_robomimic
 
+        if self.generate_demos and not self.path.exists() and not self._at_task_layout():
+            raise DatasetError(f"Robomimic dataset not found: {self.path}. A stand-in is generated only at "
+                               f"<dir>/{self.task}/mh/low_dim_v15.hdf5 (data.task={self.task}, the preset's default "
+                               f"path); point data.path at a real file, or leave it to the preset")
         data = load_robomimic(self.path, self.obs_keys, self.filter_key, self.reward_mode)
         env_name = data.env_name
         horizon = self.env_horizon or ROBOMIMIC_HORIZONS.get(env_name, 400)
@@ -292,8 +302,8 @@ class OGBenchDataModule(ReplayDataModule):
 
     dataset_name: e.g. ``cube-double-play-singletask-task2-v0``; path defaults to
     ``data/ogbench/cube-double-play-v0.npz``. generate_episodes: episodes generated with the
-    shipped oracles when the default file is absent and ``manip.data.generate`` supports the
-    dataset (0 disables it).
+    shipped oracles when the file ``data_dir`` leads to is absent and ``manip.data.generate`` supports the
+    dataset (0 disables it); an absent ``path`` given explicitly is a ``DatasetError``.
     """
 
     def __init__(self, dataset_name: str, path: str | None = None, data_dir: str = "data/ogbench",
@@ -305,6 +315,7 @@ class OGBenchDataModule(ReplayDataModule):
         self.dataset_name = dataset_name
         self.env_name, stem, self.task_id = split_singletask_name(dataset_name)
         self.path = Path(path).expanduser() if path else Path(data_dir) / f"{stem}.npz"
+        self.path_given = bool(path)
         self.stem = stem
         self.generate_episodes = check_int(generate_episodes, "data.generate_episodes", 0)
         self.generate_episode_length = check_int(generate_episode_length, "data.generate_episode_length", 2)
@@ -314,7 +325,9 @@ class OGBenchDataModule(ReplayDataModule):
         self.val: Transitions | None = None
 
     def prepare_data(self) -> None:
-        if self.path.exists() or not self.generate_episodes or self.path.name != f"{self.stem}.npz":
+        # Generated only where ``data_dir`` leads (as OGBench downloads into its dataset_dir); a data.path the user
+        # names must exist.
+        if self.path.exists() or not self.generate_episodes or self.path_given:
             return
         from manip.data.generate.ogbench_play import DATASETS, generate
 
