@@ -13,10 +13,12 @@ if os.environ["MUJOCO_GL"] == "egl":
 
 class _DropImportNotices(logging.Filter):
     """robosuite announces at every import (each simulator worker process too) that it found no private macro
-    file and no optional robot packages; neither matters to manip's tasks."""
+    file and no optional robot packages, and at every env it builds where its controller file lies; none of it
+    matters to manip's tasks."""
 
     NOTICES = ("No private macro file found", "It is recommended to use a private macro file", "To setup, run:",
-               "Could not import robosuite_models", "Could not load the mink-based whole-body IK")
+               "Could not import robosuite_models", "Could not load the mink-based whole-body IK",
+               "Loading controller configuration from")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOTICES)

@@ -32,7 +32,17 @@ def _not_a_checkpoint(path: Path) -> str | None:
         head = f.read(16)
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK") or zipfile.is_zipfile(path) or head[0] == 0x80:  # 0x80: a pickle's PROTO opcode
+    if head.startswith(b"PK") or zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # a damaged archive: torch.load names what it found
+        if names and not any(name.endswith("data.pkl") for name in names):  # torch.save's zip holds <name>/data.pkl
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            return f"a zip archive of {shown}, without torch's data.pkl (a NumPy .npz?)"
+        return None
+    if head[0] == 0x80:  # a pickle's PROTO opcode
         return None
     return f"neither a zip archive nor a pickle; it starts with {head!r}"
 
@@ -160,7 +170,8 @@ def dataset_path(ckpt: dict[str, Any], ckpt_path: str | Path) -> Path:
 
 
 def load_module(path: str | Path, map_location: str = "cpu"):
-    """A ``ManipModule`` (eval mode) and its run config from a checkpoint, no dataset needed."""
+    """A ``ManipModule`` (eval mode) and its run config from a checkpoint, no dataset needed; the module's
+    ``checkpoint_step`` is the checkpoint's global step."""
     import hydra
 
     from manip.module import ManipModule
@@ -175,6 +186,7 @@ def load_module(path: str | Path, map_location: str = "cpu"):
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the network its config describes: {exc}") from exc
+    module.checkpoint_step = int(ckpt.get("global_step", 0))
     return module.to(map_location).eval(), cfg
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -84,6 +85,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
     the statistics, plus ``videos``).
     """
+    started = time.perf_counter()
     check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed)  # before the checkpoint is loaded
     if act_dtype not in ACT_DTYPES:
         raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
@@ -117,23 +119,29 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     finally:
         if render_env is not None:
             render_env.close()
-    return {"ckpt": str(Path(ckpt).resolve()), "algo": cfg["algo"]["name"], "env": spec.kind,
+    generated = cfg.get("data_info", {}).get("generated")
+    return {"ckpt": str(Path(ckpt).resolve()), "step": module.checkpoint_step, "algo": cfg["algo"]["name"],
+            "env": spec.kind,
             "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
             "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
             "act_dtype": act_dtype, "act_compile": act_compile,
-            **result.to_dict(), "videos": [video.to_dict() for video in videos]}
+            "trained_on": cfg.get("data_info", {}).get("path"), "trained_on_stand_in": generated,
+            **result.to_dict(), "videos": [video.to_dict() for video in videos],
+            "total_seconds": time.perf_counter() - started}
 
 
 def summary(result: dict, out: Path) -> str:
     """The lines ``main`` prints for a result written to ``out``."""
     lines = [
         f"success rate {result['success_rate']:.3f}  95% CI [{result['ci_low']:.3f}, {result['ci_high']:.3f}]  "
-        f"over {result['episodes']} episodes of {result['task']} ({result['algo']})",
+        f"over {result['episodes']} episodes of {result['task']} ({result['algo']}, step {result['step']})",
         f"mean episode length {result['mean_length']:.1f}  policy {result['chunk_latency_ms']:.2f} ms per call, "
         f"{result['action_latency_ms']:.2f} ms per action  "
-        f"wall {result['seconds']:.1f} s  -> {out}",
+        f"episodes {result['seconds']:.1f} s of {result['total_seconds']:.1f} s  -> {out}",
     ]
+    if result.get("trained_on_stand_in"):
+        lines.append(f"trained on a stand-in dataset manip generated ({result['trained_on']}), not the released one")
     for video in result["videos"]:
         outcome = "success" if video["success"] else "failure"
         lines.append(f"video {video['path']} ({outcome}, {video['length']} steps, {video['size_bytes'] / 1024:.0f} KiB)")

@@ -13,6 +13,7 @@ line, ``manip.finetune: <message>``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     if rank_zero_only.rank == 0:
         if resume:
             LOG.info(f"resuming fine-tuning from {resume}")
+        LOG.info(f"fine-tuning {final.offline_ckpt} (step {final.finetune_start_step}) with "
+                 f"finetune.target={final.finetune.target}: {final.trainer.max_steps} online updates -> "
+                 f"{run_dir.resolve()}")
         run_dir.mkdir(parents=True, exist_ok=True)
         DatasetStats(**stats).save(run_dir / "dataset_stats.json")
         record_config(run_dir, final, user_overrides)
@@ -186,16 +190,17 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
     with RunLog("finetune") as log:
+        log.file_only(f"python -m manip.finetune {' '.join(HydraConfig.get().overrides.task)}")
         try:
             module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
             if rank_zero_only.rank == 0:
                 log.keep_in(trainer.default_root_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-            log.error(f"manip.finetune: {err}")
+            log.file_only(f"manip.finetune: {err}", logging.ERROR)
             sys.exit(f"manip.finetune: {err}")
         except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
-            log.error("manip.finetune: interrupted")
+            log.file_only("manip.finetune: interrupted", logging.ERROR)
             print("manip.finetune: interrupted", file=sys.stderr)
             sys.exit(130)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"

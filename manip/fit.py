@@ -15,6 +15,7 @@ a run directory left empty by a refused command is removed.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from pathlib import Path
@@ -83,6 +84,8 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
         if main_process:
             LOG.info(f"resuming from {resume} at step {ckpt['global_step']}")
     if main_process:
+        LOG.info(f"training {cfg.algo.name} on {dm.info['path']} ({dm.info['num_transitions']} transitions) up to "
+                 f"step {cfg.trainer.max_steps} -> {run_dir.resolve()}")
         run_dir.mkdir(parents=True, exist_ok=True)
         dm.stats.save(run_dir / "dataset_stats.json")
         record_config(run_dir, composed)
@@ -101,18 +104,19 @@ def discard_if_empty(directory: str | Path) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
     with RunLog("fit") as log:
+        log.file_only(f"python -m manip.fit {' '.join(HydraConfig.get().overrides.task)}")
         try:
             module, dm, trainer, resume = build(cfg)
             if rank_zero_only.rank == 0:
                 log.keep_in(trainer.default_root_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
         except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-            log.error(f"manip.fit: {err}")
+            log.file_only(f"manip.fit: {err}", logging.ERROR)
             if rank_zero_only.rank == 0:
                 discard_if_empty(HydraConfig.get().runtime.output_dir)
             sys.exit(f"manip.fit: {err}")
         except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
-            log.error("manip.fit: interrupted")
+            log.file_only("manip.fit: interrupted", logging.ERROR)
             if rank_zero_only.rank == 0:
                 discard_if_empty(HydraConfig.get().runtime.output_dir)
             print("manip.fit: interrupted", file=sys.stderr)

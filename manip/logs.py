@@ -58,9 +58,10 @@ class RunLog:
         self.buffer.flush()
         self.buffer.capacity = 0  # from now on every record is written as it comes
 
-    def error(self, message: str) -> None:
-        """``message`` in the log file only (the command reports it on stderr itself)."""
-        self.buffer.handle(LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, message, None, None))
+    def file_only(self, message: str, level: int = logging.INFO) -> None:
+        """``message`` in the log file only (the command line that starts a run's segment; an error the command
+        reports on stderr itself)."""
+        self.buffer.handle(LOG.makeRecord(LOG.name, level, __file__, 0, message, None, None))
 
     def __enter__(self) -> "RunLog":
         for logger in self.loggers:

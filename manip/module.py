@@ -41,6 +41,8 @@ from manip.settings import SettingError, check_int, check_real
 TARGETS = ("bon", "som", "rfm")
 Q_SCALES = ("mean_abs", "none")
 PRIORS = ("auto", "box", "policy", "data")
+# The agents' loss info repeats the two totals, logged as train/actor_loss and train/critic_loss.
+_TOTALS = ("actor/loss", "critic/loss")
 
 
 @dataclass
@@ -340,12 +342,12 @@ class ManipModule(L.LightningModule):
         if self.ema_actor is not None:
             self.ema_actor.update_parameters(getattr(self.agent, self.agent.acting_net))
         logs = {"train/actor_loss": actor_loss.detach(), "train/critic_loss": critic_loss.detach(),
-                **{f"train/{k}": v for k, v in info.items()}}
+                **{f"train/{k}": v for k, v in info.items() if k not in _TOTALS}}
         if self.online is not None:
             logs["online/env_steps"] = float(self.env_steps)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["actions"]))
-        self.log("loss", (actor_loss + critic_loss).detach(), prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=len(batch["actions"]))
+        self.log("loss", (actor_loss + critic_loss).detach(), prog_bar=True, logger=False, on_step=True,
+                 on_epoch=False, batch_size=len(batch["actions"]))  # the progress bar's figure, not a column
         return None
 
     def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
@@ -431,7 +433,7 @@ class ManipModule(L.LightningModule):
             self._online_clock = (time.perf_counter(), self.env_steps)
             if self.env_steps < self.online.start_training and self.global_rank == 0:
                 LOG.info(f"collecting {self.online.start_training - self.env_steps} env steps "
-                      f"(finetune.start_training) before the first online update")
+                         f"(finetune.start_training) before the first online update")
         updates = self.global_step - self.online.start_step + 1
         # QC: start_training env steps first, then utd updates per env step.
         target = self.online.start_training + updates / self.online.utd

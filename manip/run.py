@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
@@ -43,6 +43,21 @@ USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError)
 # Manual optimisation checkpoints the state after the update; that is what we want.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+# A resumed run writes into its own checkpoint directory, and fine-tuning into another one than the offline run's;
+# a changed checkpoint interval leaves the callback's interval state behind, which is what it asks for.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without ``v_num`` (it shows the last four characters of the logger's version,
+    "line" for offline / online)."""
+
+    def get_metrics(self, trainer, module) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -113,8 +128,9 @@ class PeriodicEvaluation(Callback):
         if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
         self.last = (trainer.global_step, episodes)
+        started = time.perf_counter()
         LOG.info(f"step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
-              f"simulator{'s' if self.num_envs > 1 else ''}")
+                 f"simulator{'s' if self.num_envs > 1 else ''}")
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
                                        action_dim=module.action_dim)
@@ -137,8 +153,8 @@ class PeriodicEvaluation(Callback):
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         LOG.info(f"step {trainer.global_step}: success {result.success_rate:.2f} "
-              f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
-              f"({result.seconds:.0f}s)")
+                 f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
+                 f"({time.perf_counter() - started:.0f} s)")
 
     def on_train_start(self, trainer, module) -> None:
         self.started = time.perf_counter()  # wall_s: seconds since this process started training
@@ -391,6 +407,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:
         overrides["max_steps"] = max_steps
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())
     try:
         return hydra.utils.instantiate(cfg.trainer, **overrides)
     except InstantiationException as err:

@@ -122,6 +122,7 @@ def _check_logs(output: tuple[str, str], log_file: Path, step: int) -> None:
     log = log_file.read_text()
     assert f"[manip][INFO] step {step}: success " in log and "[manip][INFO] checkpoints in" in log
     assert "[lightning.pytorch.utilities.rank_zero][INFO] `Trainer.fit` stopped" in log
+    assert f"[manip][INFO] python -m manip.{log_file.stem} " in log.splitlines()[0]  # the segment's command line
     for noise in ("No private macro file", "robosuite_models", "OpenGL_accelerate", "💡"):
         assert noise not in stdout + stderr and noise not in log, noise
 
@@ -200,17 +201,18 @@ def test_fit_finetune_ogbench_cube_single(cube_ckpt, target):
     assert {"train/critic_loss", "eval/success_rate", "online/env_steps_per_s"} <= _logged_columns(run_dir)
 
 
-def test_logger_group_adds_loggers_that_receive_training_and_evaluation(cube_ckpt):
+def test_logger_group_adds_loggers_that_receive_training_and_evaluation(cube_ckpt, tmp_path):
     """The `logger` entries are built next to CSV / TensorBoard with the run directory as their save_dir;
     fine-tuning inherits them from the checkpoint unless `logger=...` replaces them."""
     from manip import finetune
 
     fit_dir = cube_ckpt.parent.parent
     assert {"train/critic_loss", "train/actor_loss", "eval/success_rate"} <= _logged_columns(fit_dir)
+    command = [f"ckpt={cube_ckpt}", f"run_dir={tmp_path / 'ft'}"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        inherited = finetune.compose(compose("finetune", overrides=[f"ckpt={cube_ckpt}"]), [f"ckpt={cube_ckpt}"])[0]
-        dropped = finetune.compose(compose("finetune", overrides=[f"ckpt={cube_ckpt}", "logger=none"]),
-                                   [f"ckpt={cube_ckpt}", "logger=none"])[0]
+        inherited = finetune.compose(compose("finetune", overrides=command), command)[0]
+        dropped = finetune.compose(compose("finetune", overrides=[*command, "logger=none"]),
+                                   [*command, "logger=none"])[0]
     assert inherited.logger.extra._target_ == "lightning.pytorch.loggers.CSVLogger" and not dropped.logger
 
 
@@ -398,7 +400,7 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
         assert list(tmp_path.iterdir()) == []  # nothing written before keep_in
         log.keep_in(tmp_path)
         LOG.info("evaluation line")
-        log.error("manip.fit: an error the command reports on stderr")
+        log.file_only("manip.fit: an error the command reports on stderr", logging.ERROR)
     LOG.info("after the command")
     lines = (tmp_path / "fit.log").read_text().splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [
@@ -626,7 +628,11 @@ def test_files_that_are_not_manip_checkpoints_are_named_in_one_line(tmp_path):
     stats.write_text(json.dumps({"obs_mean": [0.0]}))
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "thing": _Foreign()}, foreign)
+    npz = tmp_path / "cube-single-play-v0.npz"
+    np.savez_compressed(npz, observations=np.zeros((2, 3)), actions=np.zeros((2, 1)))
     expected = {stats: f"{stats} is not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with ",
+                npz: f"{npz} is not a PyTorch checkpoint (a zip archive of observations.npy, actions.npy, without "
+                     f"torch's data.pkl (a NumPy .npz?))",
                 foreign: f"cannot read checkpoint {foreign}: it holds a {_Foreign.__module__}._Foreign object, "
                          f"which loading with weights_only=True refuses"}
     for path, start in expected.items():

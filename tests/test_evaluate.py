@@ -102,8 +102,11 @@ def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     result = json.loads(path.read_text())
     _check_statistics(result, 3)
     assert (result["algo"], result["seed"], result["videos"], result["noise_scale"]) == ("fql", 5, [], 0.5)
+    assert result["step"] == 2 and result["total_seconds"] > result["seconds"] > 0  # TINY: trainer.max_steps=2
+    assert result["trained_on_stand_in"]["generator"] == "manip OGBench oracle play data"
     stdout = capsys.readouterr().out
-    assert "over 3 episodes of cube-single-singletask-task1-v0 (fql)" in stdout and str(path) in stdout
+    assert "over 3 episodes of cube-single-singletask-task1-v0 (fql, step 2)" in stdout and str(path) in stdout
+    assert "trained on a stand-in dataset manip generated" in stdout
 
 
 def test_cli_sample_steps_override(checkpoints, tmp_path, monkeypatch):

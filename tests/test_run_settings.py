@@ -167,6 +167,21 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tm
     assert last_step(run_dir) == OFFLINE_STEPS
 
 
+def test_a_finished_command_run_again_trains_and_evaluates_nothing(cube_single_npz, tmp_path, caplog):
+    """A relaunched sweep: the finished run says so, and Lightning's loop runs nothing (no second final
+    evaluation)."""
+    run_dir = tmp_path / "run"
+    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=1")
+    run_fit(overrides)
+    records = (run_dir / "eval.jsonl").read_text()
+    assert len(records.splitlines()) == 1
+    caplog.clear()
+    trainer, _ = run_fit(overrides)
+    assert trainer.global_step == 5 and (run_dir / "eval.jsonl").read_text() == records
+    assert f"{run_dir / 'checkpoints' / 'last.ckpt'} is already at step 5 (trainer.max_steps=5): nothing left to " \
+           f"train" in caplog.text
+
+
 # ------------------------------------------------------------------------------- settings out of range
 BAD_RUN_SETTINGS = [
     ("eval.num_envs=0", "eval.num_envs must be >= 1, got 0"),

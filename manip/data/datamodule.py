@@ -145,7 +145,7 @@ class ReplayDataModule(L.LightningDataModule):
         transitions, self.env_spec, self.info = self._load()
         if self.info.get("generated") and rank_zero_only.rank == 0:
             LOG.warning(f"{self.info['path']} is a stand-in manip generated ({_describe(self.info['generated'])}), "
-                  f"not the released dataset: results on it are not comparable with published ones.")
+                        f"not the released dataset: results on it are not comparable with published ones.")
         if self.max_transitions is not None and len(transitions) > self.max_transitions:
             transitions = _first_episodes(transitions, self.max_transitions)
         self.stats = DatasetStats.from_transitions(transitions)
@@ -242,7 +242,7 @@ class RobomimicDataModule(ReplayDataModule):
         from manip.data.generate.robomimic_scripted import generate
 
         LOG.info(f"{self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
-              f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
+                 f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=rank_zero_only.rank == 0)
 
@@ -335,7 +335,7 @@ class OGBenchDataModule(ReplayDataModule):
             return  # no oracle generator for this dataset: _load reports the missing file
 
         LOG.info(f"{self.path} not found: generating {self.generate_episodes} oracle play episodes "
-              f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
+                 f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,
                  seed=self.seed, verbose=rank_zero_only.rank == 0)
