@@ -62,7 +62,7 @@ def _agent_takes(target: Any, key: str) -> bool:
     """Whether the agent class named by a config's ``_target_`` has a constructor argument ``key``."""
     try:
         return key in inspect.signature(find_class(target, "algo.agent._target_")).parameters
-    except SettingError:  # instantiating it will name the problem
+    except (SettingError, TypeError, ValueError):  # instantiating it will name the problem
         return False
 
 

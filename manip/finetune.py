@@ -118,11 +118,15 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     """
     require_ckpt(cfg)
     target = cfg.finetune.target
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.ckpt).resolve().parent.parent / f"finetune_{target}"
+    run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
+               else Path(cfg.ckpt).expanduser().resolve().parent.parent / f"finetune_{target}")
     resume = resume_path(cfg.resume, run_dir)
     ckpt = load_checkpoint(cfg.ckpt)
     if resume is not None:  # the interrupted run's own config, then today's overrides again
         base_path, base_ckpt = resume, load_checkpoint(resume)
+        if "finetune_start_step" not in base_ckpt["hyper_parameters"]["cfg"]:
+            raise CheckpointError(f"{run_dir} holds an offline (fit) run, not a fine-tuning run; give finetune "
+                                  f"another run_dir")
         start_step = int(base_ckpt["hyper_parameters"]["cfg"]["finetune_start_step"])
     else:
         base_path, base_ckpt = Path(cfg.ckpt), ckpt
@@ -141,11 +145,12 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
+    updates = check_int(final.trainer.max_steps, "trainer.max_steps", 0)  # -1 ("no limit") would end at once
     if resume is not None:  # the same fine-tuning run, and something left to train
         check_same_run(base_ckpt, resume, plain(final), Path(final.data.path), run_dir, phase="online")
-        if isinstance(final.trainer.max_steps, int):  # else build_trainer names the bad value
-            check_steps_left(base_ckpt, resume, start_step + final.trainer.max_steps,
-                             f"trainer.max_steps={final.trainer.max_steps} (online updates after step {start_step})")
+        check_steps_left(base_ckpt, resume, start_step + updates,
+                         f"trainer.max_steps={final.trainer.max_steps} (online updates after step {start_step})",
+                         run_dir, final.eval.final_episodes)
     return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume)
 
 
@@ -189,12 +194,11 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    with RunLog("finetune") as log:
+    with RunLog("finetune", enabled=rank_zero_only.rank == 0) as log:
         log.file_only(f"python -m manip.finetune {' '.join(HydraConfig.get().overrides.task)}")
         try:
             module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
-            if rank_zero_only.rank == 0:
-                log.keep_in(trainer.default_root_dir)
+            log.keep_in(trainer.default_root_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
             log.file_only(f"manip.finetune: {err}", logging.ERROR)

@@ -47,7 +47,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
     directory (its hydra.run.dir), so that a timestamped default names one directory for all ranks."""
     if HydraConfig.initialized() and HydraConfig.get().job.name.startswith(_DDP_CHILD_JOB):
         return Path(HydraConfig.get().run.dir)
-    return Path(cfg.run_dir)
+    return Path(cfg.run_dir).expanduser()  # as Lightning's default_root_dir, which expands it
 
 
 def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Path | None]:
@@ -70,7 +70,8 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
         ckpt = load_checkpoint(resume)
         check_same_run(ckpt, resume, plain(cfg), data_file, run_dir)
         if isinstance(cfg.trainer.max_steps, int):  # else build_trainer names the bad value
-            check_steps_left(ckpt, resume, cfg.trainer.max_steps, f"trainer.max_steps={cfg.trainer.max_steps}")
+            check_steps_left(ckpt, resume, cfg.trainer.max_steps, f"trainer.max_steps={cfg.trainer.max_steps}",
+                             run_dir, cfg.eval.final_episodes)
     trainer = build_trainer(cfg, run_dir, phase="offline")  # before the data: a bad setting costs no loading
     dm.prepare_data()
     dm.setup("fit")
@@ -103,12 +104,11 @@ def discard_if_empty(directory: str | Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    with RunLog("fit") as log:
+    with RunLog("fit", enabled=rank_zero_only.rank == 0) as log:
         log.file_only(f"python -m manip.fit {' '.join(HydraConfig.get().overrides.task)}")
         try:
             module, dm, trainer, resume = build(cfg)
-            if rank_zero_only.rank == 0:
-                log.keep_in(trainer.default_root_dir)
+            log.keep_in(trainer.default_root_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
         except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
             log.file_only(f"manip.fit: {err}", logging.ERROR)

@@ -41,8 +41,8 @@ class RunLog:
     writes no log. The file is appended to (a resumed run continues its log), and the handlers are removed when the
     block ends (``--multirun`` jobs share one process)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, enabled: bool = True):
+        self.name, self.enabled = name, enabled  # enabled=False (DDP ranks > 0): keeps and writes nothing
         self.buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1,
                                                      flushOnClose=False)
         self.loggers = [logging.getLogger(), *(logger for logger in map(logging.getLogger, _OWN_HANDLER_LOGGERS)
@@ -50,7 +50,7 @@ class RunLog:
         self.file: logging.FileHandler | None = None
 
     def keep_in(self, run_dir: str | Path) -> None:
-        if self.file is not None:
+        if self.file is not None or not self.enabled:
             return
         self.file = logging.FileHandler(Path(run_dir) / f"{self.name}.log", encoding="utf-8")
         self.file.setFormatter(logging.Formatter(FILE_FORMAT))
@@ -61,15 +61,16 @@ class RunLog:
     def file_only(self, message: str, level: int = logging.INFO) -> None:
         """``message`` in the log file only (the command line that starts a run's segment; an error the command
         reports on stderr itself)."""
-        self.buffer.handle(LOG.makeRecord(LOG.name, level, __file__, 0, message, None, None))
+        if self.enabled:
+            self.buffer.handle(LOG.makeRecord(LOG.name, level, __file__, 0, message, None, None))
 
     def __enter__(self) -> "RunLog":
-        for logger in self.loggers:
+        for logger in self.loggers if self.enabled else ():
             logger.addHandler(self.buffer)
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        if kind is not None and not issubclass(kind, SystemExit):  # a bug's traceback, kept beside the run's lines
+        if self.enabled and kind is not None and not issubclass(kind, SystemExit):  # a bug's traceback, kept
             self.buffer.handle(LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, "the command failed", None,
                                               (kind, error, trace)))
         for logger in self.loggers:

@@ -341,17 +341,27 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
                               f"another run_dir")
 
 
-def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str) -> None:
+def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str, run_dir: Path,
+                     final_episodes: Any = 0) -> None:
     """``SettingError`` when the run to resume is already past ``last_step`` (the step ``setting``, e.g.
     ``trainer.max_steps=5000``, trains to): the command would train nothing and say nothing. A line when it is exactly
-    there (a finished command run again, e.g. a relaunched sweep)."""
+    there (a finished command run again, e.g. a relaunched sweep; Lightning's loop then runs nothing), which points
+    to ``manip.evaluate`` when ``run_dir/eval.jsonl`` lacks the final evaluation (it failed after the last save)."""
     step = int(ckpt["global_step"])
     if last_step < 0:  # max_steps=-1: Lightning's "no limit"
         return
     if step > last_step:
         raise SettingError(f"{setting} but {ckpt_path} is already at step {step}: nothing to train (a larger "
                            f"trainer.max_steps continues the run)")
-    if step == last_step:
+    if step < last_step or rank_zero_only.rank != 0:
+        return
+    records = run_dir / "eval.jsonl"
+    done = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
+    if (isinstance(final_episodes, int) and final_episodes > 0
+            and not any(r.get("step") == step and r.get("episodes", 0) >= final_episodes for r in done)):
+        LOG.warning(f"{ckpt_path} is already at step {step} ({setting}) but its final evaluation is not in {records}: "
+                    f"python -m manip.evaluate ckpt={ckpt_path} episodes={final_episodes}")
+    else:
         LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train")
 
 
@@ -370,6 +380,11 @@ def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
     if resume is False and last.exists():
         raise CheckpointError(f"resume=false but {run_dir} already holds a run ({last}); give this command another "
                               f"run_dir, or remove that one to start over")
+    others = sorted(p.name for p in last.parent.glob("*.ckpt")) if not last.exists() else []
+    if others:  # every save writes last.ckpt with them: it was removed, and a fresh run would write over these
+        raise CheckpointError(f"{last.parent} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but "
+                              f"no last.ckpt, which a run continues from; copy the one to continue from to "
+                              f"{last.name}, or give this command another run_dir")
     return last if resume and last.exists() else None
 
 
@@ -407,7 +422,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:
         overrides["max_steps"] = max_steps
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.trainer.get("enable_progress_bar", True) is not False:  # Lightning takes None as True
         callbacks.append(ProgressBar())
     try:
         return hydra.utils.instantiate(cfg.trainer, **overrides)

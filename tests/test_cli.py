@@ -417,6 +417,11 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     assert not (tmp_path / "refused.log").exists()
     root = logging.getLogger()
     assert not [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    with RunLog("rank1", enabled=False) as log:  # DDP ranks > 0 keep nothing
+        assert not [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+        log.keep_in(tmp_path)
+        LOG.info("a line")
+    assert not (tmp_path / "rank1.log").exists()
 
 
 @pytest.mark.parametrize("overrides, error, message", [
@@ -451,6 +456,30 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
         fit.build(_compose("fit", ["data=robomimic", f"data.path={lift_hdf5}", f"run_dir={run_dir}", *QUICK,
                                    *overrides]))
     assert list(tmp_path.iterdir()) == []  # no run directory, no data directory
+
+
+def test_a_run_dir_under_home_is_one_directory(lift_hdf5, tmp_path, monkeypatch):
+    """run_dir=~/...: the run's records and Lightning's checkpoints share the expanded directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    module, dm, trainer, resume = fit.build(_compose("fit", ["data=robomimic", f"data.path={lift_hdf5}",
+                                                             "run_dir='~/runs/a'", *QUICK]))
+    assert trainer.default_root_dir == str(tmp_path / "runs" / "a")
+    assert (tmp_path / "runs" / "a" / "dataset_stats.json").is_file() and not Path("~").exists()
+
+
+def test_finetune_refuses_what_it_cannot_continue(lift_run, tmp_path):
+    ckpt = lift_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointError, match=re.escape(f"{lift_run} holds an offline (fit) run, not a fine-tuning "
+                                                        f"run; give finetune another run_dir")):
+        _finetune_config(ckpt, f"run_dir={lift_run}")
+    with pytest.raises(SettingError, match=re.escape("trainer.max_steps must be >= 0, got -1")):
+        _finetune_config(ckpt, f"run_dir={tmp_path / 'ft'}", "trainer.max_steps=-1")
+    # step checkpoints without the last.ckpt every save writes with them: a fresh run would write over them
+    (tmp_path / "ft" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ft" / "checkpoints" / "step10.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'ft' / 'checkpoints'} holds step10.ckpt but no "
+                                                        f"last.ckpt")):
+        _finetune_config(ckpt, f"run_dir={tmp_path / 'ft'}")
 
 
 def test_fit_checkpoint_records_the_dataset_file_as_an_absolute_path(lift_run, lift_hdf5):

@@ -19,7 +19,7 @@ import manip.envs
 from manip.checkpoint import CheckpointError, load_checkpoint
 from manip.settings import SettingError
 
-from entry_points import run_finetune, run_fit
+from entry_points import run_finetune, run_fit, warnings_logged
 
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0", "data.env_horizon=10",
@@ -180,6 +180,12 @@ def test_a_finished_command_run_again_trains_and_evaluates_nothing(cube_single_n
     assert trainer.global_step == 5 and (run_dir / "eval.jsonl").read_text() == records
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'} is already at step 5 (trainer.max_steps=5): nothing left to " \
            f"train" in caplog.text
+    # its final evaluation failed after the last save: the line says how to get it
+    (run_dir / "eval.jsonl").write_text("")
+    caplog.clear()
+    run_fit(overrides)
+    assert f"but its final evaluation is not in {run_dir / 'eval.jsonl'}: python -m manip.evaluate " \
+           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'} episodes=1" in warnings_logged(caplog)
 
 
 # ------------------------------------------------------------------------------- settings out of range
