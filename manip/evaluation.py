@@ -203,7 +203,7 @@ def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num
     rollout = VectorRollout(env, policy, seed=seed)
     quota = [len(range(i, num_episodes, env.num_envs)) for i in range(env.num_envs)]
     counts = [0] * env.num_envs
-    metric = SuccessRate()
+    metric = SuccessRate(sync_on_compute=False)  # this process's episodes: under DDP only rank 0 evaluates
     outcomes, lengths = [False] * num_episodes, [0] * num_episodes
     while sum(counts) < num_episodes:
         for end in rollout.step():

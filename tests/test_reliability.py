@@ -9,6 +9,7 @@ Hydra configs the entry points compose.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -299,3 +300,19 @@ def test_bench_envs_measures_steps_per_second():
 
     row = measure(env_spec("ogbench-cube-single"), workers=1, asynchronous=False, steps=5, warmup=1)
     assert row["env_steps"] == 5 and row["env_steps_per_s"] > 0
+
+
+def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path):
+    """``python -m manip.fit trainer.strategy=ddp trainer.devices=2`` with periodic and final evaluations: rank 0
+    evaluates alone (its success metric must not wait for the other rank), and fit.log holds each line once."""
+    run_dir = tmp_path / "ddp"
+    overrides = fit_overrides(cube_single_npz, run_dir, 20, "eval.every_n_steps=10", "eval.episodes=1",
+                              "eval.final_episodes=2", "trainer.strategy=ddp", "trainer.devices=2")
+    result = subprocess.run([sys.executable, "-m", "manip.fit", *overrides], capture_output=True, text=True,
+                            env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episodes"]) for r in records] == [(10, 1), (20, 1), (20, 2)]
+    log = (run_dir / "fit.log").read_text()
+    assert log.count("[manip][INFO] step 20: success") == 2 and log.count("training mvp on") == 1
+    assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
