@@ -119,14 +119,13 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     finally:
         if render_env is not None:
             render_env.close()
-    generated = cfg.get("data_info", {}).get("generated")
+    data_info = cfg["data_info"]
     return {"ckpt": str(Path(ckpt).resolve()), "step": module.checkpoint_step, "algo": cfg["algo"]["name"],
-            "env": spec.kind,
-            "task": cfg["data_info"].get("env_name"), "seed": seed, "num_envs": num_envs,
+            "env": spec.kind, "task": data_info.get("env_name"), "seed": seed, "num_envs": num_envs,
             "num_samples": module.agent.num_samples if num_samples is None else num_samples,
             "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
             "act_dtype": act_dtype, "act_compile": act_compile,
-            "trained_on": cfg.get("data_info", {}).get("path"), "trained_on_stand_in": generated,
+            "trained_on": data_info.get("path"), "trained_on_stand_in": data_info.get("generated"),
             **result.to_dict(), "videos": [video.to_dict() for video in videos],
             "total_seconds": time.perf_counter() - started}
 

@@ -13,8 +13,6 @@ line, ``manip.finetune: <message>``.
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -27,9 +25,9 @@ from manip.checkpoint import CheckpointError, check_compatible, dataset_path, lo
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
-from manip.logs import LOG, RunLog
+from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (USER_ERRORS, build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path,
+from manip.run import (build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path, run_command,
                        run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
@@ -194,22 +192,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    with RunLog("finetune", enabled=rank_zero_only.rank == 0) as log:
-        log.file_only(f"python -m manip.finetune {' '.join(HydraConfig.get().overrides.task)}")
-        try:
-            module, dm, trainer, ckpt_path = build(cfg, list(HydraConfig.get().overrides.task))
-            log.keep_in(trainer.default_root_dir)
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-            log.file_only(f"manip.finetune: {err}", logging.ERROR)
-            sys.exit(f"manip.finetune: {err}")
-        except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
-            log.file_only("manip.finetune: interrupted", logging.ERROR)
-            print("manip.finetune: interrupted", file=sys.stderr)
-            sys.exit(130)
-        checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-        if trainer.is_global_zero and checkpoints.is_dir():
-            LOG.info(f"checkpoints in {checkpoints}")
+    run_command("finetune", lambda: build(cfg, list(HydraConfig.get().overrides.task)))
 
 
 if __name__ == "__main__":

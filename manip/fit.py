@@ -15,9 +15,7 @@ a run directory left empty by a refused command is removed.
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -29,10 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from manip.checkpoint import check_compatible, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
-from manip.logs import LOG, RunLog
+from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (USER_ERRORS, build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path, run_info,
-                       seed_everything)
+from manip.run import (build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path, run_command,
+                       run_info, seed_everything)
 from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
@@ -104,26 +102,7 @@ def discard_if_empty(directory: str | Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
-    with RunLog("fit", enabled=rank_zero_only.rank == 0) as log:
-        log.file_only(f"python -m manip.fit {' '.join(HydraConfig.get().overrides.task)}")
-        try:
-            module, dm, trainer, resume = build(cfg)
-            log.keep_in(trainer.default_root_dir)
-            trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
-        except USER_ERRORS as err:  # anything else is a bug and keeps its traceback
-            log.file_only(f"manip.fit: {err}", logging.ERROR)
-            if rank_zero_only.rank == 0:
-                discard_if_empty(HydraConfig.get().runtime.output_dir)
-            sys.exit(f"manip.fit: {err}")
-        except KeyboardInterrupt:  # Ctrl-C before training (Lightning ends an interrupted fit itself)
-            log.file_only("manip.fit: interrupted", logging.ERROR)
-            if rank_zero_only.rank == 0:
-                discard_if_empty(HydraConfig.get().runtime.output_dir)
-            print("manip.fit: interrupted", file=sys.stderr)
-            sys.exit(130)
-        checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-        if trainer.is_global_zero and checkpoints.is_dir():
-            LOG.info(f"checkpoints in {checkpoints}")
+    run_command("fit", lambda: build(cfg), refused=lambda: discard_if_empty(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

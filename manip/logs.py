@@ -58,11 +58,11 @@ class RunLog:
         self.buffer.flush()
         self.buffer.capacity = 0  # from now on every record is written as it comes
 
-    def file_only(self, message: str, level: int = logging.INFO) -> None:
+    def file_only(self, message: str, level: int = logging.INFO, exc_info=None) -> None:
         """``message`` in the log file only (the command line that starts a run's segment; an error the command
-        reports on stderr itself)."""
+        reports on stderr itself; ``exc_info``: a traceback to keep with it)."""
         if self.enabled:
-            self.buffer.handle(LOG.makeRecord(LOG.name, level, __file__, 0, message, None, None))
+            self.buffer.handle(LOG.makeRecord(LOG.name, level, __file__, 0, message, None, exc_info))
 
     def __enter__(self) -> "RunLog":
         for logger in self.loggers if self.enabled else ():
@@ -70,9 +70,8 @@ class RunLog:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        if self.enabled and kind is not None and not issubclass(kind, SystemExit):  # a bug's traceback, kept
-            self.buffer.handle(LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, "the command failed", None,
-                                              (kind, error, trace)))
+        if kind is not None and not issubclass(kind, SystemExit):  # a bug's traceback, kept with the run's lines
+            self.file_only("the command failed", logging.ERROR, (kind, error, trace))
         for logger in self.loggers:
             logger.removeHandler(self.buffer)
         if self.file is not None:

@@ -6,12 +6,14 @@ import csv
 import difflib
 import inspect
 import json
+import logging
 import os
 import secrets
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import lightning as L
@@ -32,7 +34,7 @@ from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
-from manip.logs import LOG
+from manip.logs import LOG, RunLog
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
 from manip.settings import SettingError, check_int, check_real, find_class
 
@@ -454,3 +456,30 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")
+
+
+def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], None] = lambda: None) -> None:
+    """The body of ``python -m manip.<name>`` (fit, finetune): ``build()`` -> (module, data, trainer, checkpoint to
+    start from), then ``trainer.fit``, with the run's log (:class:`~manip.logs.RunLog`, its first line the command).
+
+    A user error (``USER_ERRORS``) ends the command with one line ``manip.<name>: <message>`` and status 1, Ctrl-C
+    before training (during the checks or the dataset's generation; Lightning ends an interrupted fit itself) with
+    ``manip.<name>: interrupted`` and status 130; ``refused()`` then runs on the main process. Anything else is a
+    bug and keeps its traceback."""
+    with RunLog(name, enabled=rank_zero_only.rank == 0) as log:
+        log.file_only(f"python -m manip.{name} {' '.join(HydraConfig.get().overrides.task)}")
+        try:
+            module, dm, trainer, ckpt_path = build()
+            log.keep_in(trainer.default_root_dir)
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        except (*USER_ERRORS, KeyboardInterrupt) as err:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            message = f"manip.{name}: {'interrupted' if interrupted else err}"
+            log.file_only(message, logging.ERROR)
+            if rank_zero_only.rank == 0:
+                refused()
+            print(message, file=sys.stderr)
+            sys.exit(130 if interrupted else 1)
+        checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+        if trainer.is_global_zero and checkpoints.is_dir():
+            LOG.info(f"checkpoints in {checkpoints}")
