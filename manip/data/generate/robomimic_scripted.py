@@ -34,6 +34,7 @@ differs slightly (``manip.envs.robosuite_env``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -605,8 +606,13 @@ def generate(
                 if verbose and (len(demos) % max(1, num_demos // 10) == 0 or len(demos) == num_demos):
                     print(f"{task}: {len(demos)}/{num_demos} demos ({attempts} episodes, "
                           f"{time.perf_counter() - start:.0f} s)", flush=True)
-    finally:
-        env.close()
+    except BaseException:
+        # Ctrl-C can land inside robosuite's own close (a reset rebuilds the sim), leaving a half-freed sim that a
+        # second close fails on: the error that stopped the run is the one to report.
+        with contextlib.suppress(Exception):
+            env.close()
+        raise
+    env.close()
 
     tmp = temp_file_next_to(path)
     try:
