@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 import warnings
@@ -474,11 +475,17 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         except (*USER_ERRORS, KeyboardInterrupt) as err:
             interrupted = isinstance(err, KeyboardInterrupt)
-            message = f"manip.{name}: {'interrupted' if interrupted else err}"
-            log.file_only(message, logging.ERROR)
-            if rank_zero_only.rank == 0:
-                refused()
-            print(message, file=sys.stderr)
+            # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
+            try:
+                message = f"manip.{name}: {'interrupted' if interrupted else err}"
+                log.file_only(message, logging.ERROR)
+                if rank_zero_only.rank == 0:
+                    refused()
+                print(message, file=sys.stderr)
+            finally:
+                if handler is not None:
+                    signal.signal(signal.SIGINT, handler)
             sys.exit(130 if interrupted else 1)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
         if trainer.is_global_zero and checkpoints.is_dir():
