@@ -287,8 +287,8 @@ def test_invalid_chunk_steps_do_not_affect_the_loss():
 
 
 def test_invalid_steps_are_masked_row_by_row_in_both_terms():
-    """Rows end their chunks at different steps, and the boundary (r = t) rows come first: each row's own mask
-    must reach both the IVC rows and the mean-flow rows."""
+    """Rows end their chunks at different steps and go to either term: each row's own mask must follow it into
+    the IVC rows and the mean-flow rows."""
     def elementwise_u(obs, x, t, r):
         return torch.sin(3 * x) * (1 + r - t).unsqueeze(-1) + t.unsqueeze(-1)
 
@@ -304,9 +304,37 @@ def test_invalid_steps_are_masked_row_by_row_in_both_terms():
     for key in ("actor/ivc_loss", "actor/mf_loss"):
         torch.testing.assert_close(base[key], same[key])
     tampered = actions.clone()
-    tampered[8:16, 3:] = 5.0  # valid entries of rows the boundary rows' mask would cover if misaligned
+    tampered[8:20, 3:] = 5.0  # entries valid in these rows (and invalid in rows 0-7): they count
     _, other = mvp_policy_loss(elementwise_u, obs, tampered, valid, generator=torch.Generator().manual_seed(4))
-    assert other["actor/ivc_loss"] > base["actor/ivc_loss"] + 1.0
+    assert other["actor/loss"] > base["actor/loss"] + 1.0
+
+
+class _RowRecordingNet:
+    """u = 0; records which rows (obs holds the row index) reach the r = t and the r > t evaluations."""
+
+    def __init__(self):
+        self.boundary_rows, self.mean_flow_rows = [], []
+
+    def __call__(self, obs, x, t, r):
+        rows = obs[:, 0].long().tolist()
+        (self.boundary_rows if bool(torch.all(r == t)) else self.mean_flow_rows).extend(rows)
+        return torch.zeros_like(x)
+
+
+def test_boundary_rows_are_drawn_at_random_not_by_position():
+    """A balanced batch is offline rows then online rows: both halves must reach both terms."""
+    batch = 256
+    obs, actions = torch.arange(batch, dtype=torch.float32).unsqueeze(-1), torch.rand(batch, 3)
+    seen = []
+    for seed in (0, 1):
+        net = _RowRecordingNet()
+        mvp_policy_loss(net, obs, actions, boundary_fraction=0.5, generator=torch.Generator().manual_seed(seed))
+        assert sorted(net.boundary_rows + net.mean_flow_rows) == list(range(batch))  # every row once
+        assert len(net.boundary_rows) == 128
+        first_half = sum(row < batch // 2 for row in net.boundary_rows)
+        assert 40 <= first_half <= 88, first_half  # ~64 expected; by position it would be 128
+        seen.append(set(net.boundary_rows))
+    assert seen[0] != seen[1]
 
 
 def test_target_velocity_fn_replaces_conditional_velocity():

@@ -166,7 +166,7 @@ def mvp_policy_loss(
 
     ``x_t = (1 - t) x0 + t a`` with ``x0 ~ N(0, I)``; the velocity is ``v = a - x0`` or, when
     ``target_velocity_fn`` is given, ``v_hat = target_velocity_fn(x_t, t)`` (detached), used in both terms and as
-    the JVP tangent.
+    the JVP tangent. A random ``round(boundary_fraction * B)`` of the rows get r = t (L_IVC), the others r >= t (L_MF).
 
     Args:
         net: mean velocity ``net(obs, x, t, r) -> (B, D)``.
@@ -191,21 +191,28 @@ def mvp_policy_loss(
         dtype=actions.dtype,
         full_interval_fraction=full_interval_fraction,
     )
-    x_t = torch.lerp(x0, actions, t.unsqueeze(-1))
-    v = actions - x0 if target_velocity_fn is None else target_velocity_fn(x_t, t).detach()
+    # Time pair j goes to row order[j]: pairs [:k] have r = t (IVC), [k:] r >= t (MeanFlow). The rows are drawn at
+    # random, not by position, so a batch with structure (a balanced batch is offline rows, then online rows)
+    # feeds both terms from all of its parts.
+    k = num_boundary_samples(batch, boundary_fraction)
+    order = torch.randperm(batch, generator=generator, device=actions.device)
+    t_rows = torch.empty_like(t).index_copy_(0, order, t)
+    x_t = torch.lerp(x0, actions, t_rows.unsqueeze(-1))
+    v = actions - x0 if target_velocity_fn is None else target_velocity_fn(x_t, t_rows).detach()
 
-    k = num_boundary_samples(batch, boundary_fraction)  # samples [:k] have r = t, [k:] have r >= t
     mf = ivc = actions.new_zeros(())
     if k < batch:
-        obs_mf = obs[k:]
+        rows = order[k:]
+        obs_mf = obs[rows]
         # Fresh (non-view) time tensors: forward-mode AD under torch.compile rejects views as primals.
         u, dudt = mean_velocity_and_derivative(
-            lambda x, t_, r_: net(obs_mf, x, t_, r_), x_t[k:], t[k:].clone(), r[k:].clone(), v[k:]
+            lambda x, t_, r_: net(obs_mf, x, t_, r_), x_t[rows], t[k:].clone(), r[k:].clone(), v[rows]
         )
-        mf = mean_flow_loss(u, dudt, v[k:], t[k:], r[k:], None if valid is None else valid[k:], adaptive_p)
+        mf = mean_flow_loss(u, dudt, v[rows], t[k:], r[k:], None if valid is None else valid[rows], adaptive_p)
     if k > 0:
-        u_boundary = net(obs[:k], x_t[:k], t[:k], t[:k])
-        ivc = ivc_loss(u_boundary, v[:k], None if valid is None else valid[:k], adaptive_p)
+        rows = order[:k]
+        u_boundary = net(obs[rows], x_t[rows], t[:k], t[:k])
+        ivc = ivc_loss(u_boundary, v[rows], None if valid is None else valid[rows], adaptive_p)
     loss = mf + lambda_ivc * ivc
     info = {"actor/loss": loss.detach(), "actor/mf_loss": mf.detach(), "actor/ivc_loss": ivc.detach()}
     return loss, info
