@@ -382,7 +382,7 @@ class ManipModule(L.LightningModule):
                     data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
                 alpha = alpha / data_q.abs().mean().clamp_min(1e-6)  # a tensor: no host sync on GPU
             if cfg.prior == "policy":
-                target_fn = self._policy_prior_target(obs, alpha, generator)
+                target_fn = self._policy_prior_target(obs, target_actions, alpha, generator)
             else:
                 extra = {"eta": cfg.rfm_eta} if cfg.target == "rfm" else {"score_norm": cfg.som_score_norm}
                 if cfg.prior == "data":
@@ -400,18 +400,18 @@ class ManipModule(L.LightningModule):
             info["bc_loss"] = bc_loss.detach()
         return loss, info
 
-    def _policy_prior_target(self, obs: torch.Tensor, alpha: float | torch.Tensor,
+    def _policy_prior_target(self, obs: torch.Tensor, actions: torch.Tensor, alpha: float | torch.Tensor,
                              generator: torch.Generator | None):
-        """RFM target under the behaviour prior: K policy samples per state, scored once by the critic."""
+        """RFM target under the behaviour prior: proposals are each row's own policy sample ``actions`` (B, D),
+        the one its x_t is built from, and K more policy samples, all scored once by the critic."""
         from manip.algos import targets
 
         batch, k = obs.shape[0], self.online.target_samples
         with torch.no_grad():
-            obs_rep = obs.repeat_interleave(k, dim=0)
-            candidates = self.agent.generate(obs_rep, generator)
-            q = self.q_value(obs_rep, candidates).view(batch, k)
-        candidates = candidates.view(batch, k, -1)
-        return lambda x_t, t: targets.policy_prior_target_velocity(x_t, t, candidates, q, alpha)
+            more = self.agent.generate(obs.repeat_interleave(k, dim=0), generator).view(batch, k, -1)
+            proposals = torch.cat([actions.detach()[:, None], more], dim=1)
+            q = self.q_value(obs.repeat_interleave(k + 1, dim=0), proposals.flatten(0, 1)).view(batch, k + 1)
+        return lambda x_t, t: targets.policy_prior_target_velocity(x_t, t, proposals, q, alpha)
 
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Aggregated critic ensemble (the agent's ``q_agg``): obs (M, O) normalised, actions (M, D) -> (M,)."""

@@ -457,6 +457,43 @@ def test_policy_prior_target_matches_closed_form(t):
     assert (wrong - exact).abs().max() > 0.05  # the critic matters: alpha = 0 is the policy's own velocity
 
 
+@pytest.mark.parametrize("t", [0.3, 0.6, 0.9])
+def test_policy_prior_target_is_unbiased_with_the_rows_own_sample_among_the_proposals(t):
+    """A chunk-sized action (35 dims), policy N(0, 0.3^2 I), alpha = 0: the target's conditional mean is the
+    policy's marginal velocity c * x. With the sample x_t is built from among the proposals the error is
+    uncorrelated with x at every t; K unrelated samples alone pick the nearest one near t = 1 (bias ~ -7 x)."""
+    g = torch.Generator().manual_seed(0)
+    rows, dim, k, std = 4096, 35, 32, 0.3
+    own = std * torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    x = (1 - t) * torch.randn(rows, dim, generator=g, dtype=torch.float64) + t * own
+    exact = (t * std**2 - (1 - t)) / ((1 - t) ** 2 + t**2 * std**2) * x
+    others = std * torch.randn(rows, k, dim, generator=g, dtype=torch.float64)
+    ts = torch.full((rows,), t, dtype=torch.float64)
+
+    def bias_coefficient(proposals):  # regression of the error on x, and its standard error
+        error = policy_prior_target_velocity(x, ts, proposals, torch.zeros(proposals.shape[:2], dtype=x.dtype), 0.0)
+        error = error - exact
+        per_row = (error * x).sum(1)
+        return float(per_row.sum() / x.square().sum()), float(per_row.std() * rows**0.5 / x.square().sum())
+
+    coef, se = bias_coefficient(torch.cat([own[:, None], others], dim=1))
+    assert abs(coef) < 4 * se + 0.01, (coef, se)
+    if t == 0.9:
+        coef, se = bias_coefficient(others)
+        assert coef < -3.0, coef
+
+
+def test_policy_prior_module_target_has_each_rows_own_sample_among_its_proposals():
+    """Near t = 1 the kernel leaves only the row's own sample: the target is its conditional velocity."""
+    module = _online_module("rfm", prior="policy", target_samples=8)
+    obs = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    own = module.agent.sample_actions(obs, num_samples=1, generator=torch.Generator().manual_seed(1))
+    target_fn = module._policy_prior_target(obs, own, 1.0, torch.Generator().manual_seed(2))
+    t = torch.full((16,), 1 - T_MIN)
+    x = T_MIN * torch.randn(16, own.shape[1], generator=torch.Generator().manual_seed(3)) + t[:, None] * own
+    torch.testing.assert_close(target_fn(x, t), (own - x) / T_MIN, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------- data prior: N(m, sigma_p^2 I) x quadratic Q, closed form
 def _data_prior_exact(x: torch.Tensor, t: float, alpha: float, m: torch.Tensor, prior_std: float) -> torch.Tensor:
     """Velocity (D,) at x of the Gaussian target N(m', S'), S' = (I / sigma_p^2 + alpha P)^-1,

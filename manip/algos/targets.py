@@ -102,9 +102,19 @@ as proposals the prior cancels from the importance weights, so no policy density
 
 (RFM's value-only posterior mean, :func:`policy_prior_target_velocity`). The critic is queried once per
 state, not per (x, t). alpha -> infinity with one candidate per kernel recovers best-of-N; alpha = 0
-is the policy's own marginal velocity (a kernel estimate of it). The gradient control variate needs
-``grad log pi``, which a one-step generator does not give, so this target is value-only (eta = 0), and
-SOM's score is the same estimate here (the x-dependence is all in the Gaussian kernel).
+is the policy's own marginal velocity (a kernel estimate of it).
+
+The proposals include the policy sample each row's x_t is built from (conditional importance sampling).
+Near t = 1 the kernel, of width (1 - t) / t, is far narrower than the spacing of K policy samples in a
+chunk's h * |A| dimensions: K unrelated samples alone make the weights pick the nearest of them, a velocity
+(a_k - x) / (1 - t) pointing the wrong way with a magnitude growing as 1 / (1 - t). With the row's own sample
+among them the estimate is the mean of an i-SIR kernel, which leaves the posterior invariant: at alpha = 0 it
+is exactly unbiased for the marginal velocity (t in [t_min, 1 - t_min]), and near t = 1 it tends to the
+conditional velocity (a - x) / (1 - t) of flow matching.
+
+The gradient control variate needs ``grad log pi``, which a one-step generator does not give, so this target
+is value-only (eta = 0), and SOM's score is the same estimate here (the x-dependence is all in the Gaussian
+kernel).
 
 Data prior (``prior_mean``, ``prior_std``)
 ------------------------------------------
@@ -472,7 +482,8 @@ def policy_prior_target_velocity(
 
     Args:
         x_t: (B, D) points on the path; t: (B,) times, evaluated in ``[t_min, 1 - t_min]``.
-        actions: (B, K, D) samples of the policy at each row's state (the proposals).
+        actions: (B, K, D) samples of the policy at each row's state (the proposals), one of them the sample
+            x_t was built from (module docstring, *Behaviour prior*).
         q: (B, K) their critic values.
         alpha: inverse temperature.
 
