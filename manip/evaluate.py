@@ -21,13 +21,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_int, check_real
+from manip.settings import SettingError, check_int, check_real, unknown_key_error
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -147,11 +147,21 @@ def summary(result: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def check_known_settings(cfg: DictConfig) -> None:
+    """Every key is one conf/evaluate.yaml declares: ``+episode=2`` is refused, not ignored."""
+    declared = [key for key in OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml")
+                if key not in ("defaults", "hydra")]
+    for key in cfg:
+        if key not in declared:
+            raise unknown_key_error(key, declared)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        check_known_settings(cfg)
         ckpt = require_ckpt(cfg)
         out = check_output(cfg.out if cfg.out else default_output(ckpt))  # before the evaluation: keeps its result
         result = evaluate_checkpoint(ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
@@ -168,4 +178,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from manip.run import check_command_line
+
+    check_command_line("evaluate")
     main()

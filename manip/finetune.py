@@ -27,8 +27,8 @@ from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_same_run, check_steps_left, plain, record_config, resume_path, run_command,
-                       run_info, seed_everything)
+from manip.run import (build_trainer, check_command_line, check_same_run, check_steps_left, plain, record_config,
+                       resume_path, run_command, run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -196,4 +196,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line("finetune", "online")
     main()

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -37,7 +38,7 @@ from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import SettingError, check_int, check_real, find_class
+from manip.settings import SettingError, check_int, check_known_keys, check_real, find_class, unknown_key_error
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -229,6 +230,87 @@ def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+_GROUPS = ("data", "algo", "trainer", "logger", "conf", "tuning")  # fit's config groups (conf/<group>/)
+# ManipModule's arguments the entry points pass themselves (the rest come from the module section).
+_MODULE_GIVEN = ("agent", "obs_dim", "action_dim", "horizon", "stats", "cfg", "online")
+
+
+def check_config_keys(cfg: DictConfig, phase: str) -> None:
+    """Every key of the run's config must be one manip reads: a key added with ``+key=value`` that nothing takes
+    (a typo such as ``+eval.episode=2``) would otherwise be ignored, or end the command in a traceback.
+
+    ``env``, ``eval`` and ``checkpoint`` have the keys ``conf/fit.yaml`` declares (``finetune``: those of
+    ``conf/finetune.yaml``), the ``module`` section
+    :class:`~manip.module.ManipModule`'s arguments, and (``phase="offline"``) the top level fit.yaml's keys and
+    groups; the data, agent and trainer sections are checked against their ``_target_`` where they are built,
+    fine-tuning's top level by :func:`manip.finetune.compose`. Raises ``SettingError`` with the closest key."""
+    declared = OmegaConf.load(CONFIG_DIR / "fit.yaml")
+    if phase == "online":
+        declared.finetune = OmegaConf.load(CONFIG_DIR / "finetune.yaml").finetune
+    for section in ("env", "eval", "checkpoint") + (("finetune",) if phase == "online" else ()):
+        for key in cfg.get(section) or {}:
+            if key not in declared[section]:
+                raise unknown_key_error(key, list(declared[section]), section)
+    if phase == "offline":
+        top = [key for key in declared if key not in ("defaults", "hydra")] + list(_GROUPS)
+        for key in cfg:
+            if key not in top:
+                raise unknown_key_error(key, top)
+    module = cfg.get("module") or {}
+    if module.get("_target_"):
+        check_known_keys(find_class(module["_target_"], "module._target_"), module, "module", given=_MODULE_GIVEN)
+
+
+def check_command_line(command: str, phase: str | None = None, args: list[str] | None = None) -> None:
+    """Before Hydra runs ``python -m manip.<command>``: a ``key=value`` whose key the config does not have ends the
+    command with one line, ``manip.<command>: unknown eval.episode; did you mean eval.episodes?``, or, for a key
+    some component takes but the config leaves out, the ``+key=value`` to write. (Hydra's own message suggests
+    ``+key=value`` for a typo too, and the typo then goes unread.) ``phase`` ("offline", "online"; None for
+    ``evaluate``) selects the checks of the ``+`` form (:func:`check_config_keys`, the sections' ``_target_``).
+    Command lines with Hydra flags (``--help``, ``-m``) and every other composition error are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    args = sys.argv[1:] if args is None else args
+    if any(arg.startswith("-") for arg in args):
+        return
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
+        try:
+            compose(command, overrides=args)
+            return
+        except ConfigCompositionException as err:
+            missing = re.match(r"Could not override '([^']+)'", str(err))
+        except Exception:  # noqa: BLE001 - Hydra reports it when it composes the config itself
+            return
+        if missing is None:
+            return
+        key = missing.group(1)
+        item = next(arg for arg in args if arg.split("=", 1)[0] == key)
+        try:
+            added = compose(command, overrides=[arg for arg in args if arg != item] + [f"+{item}"])
+        except Exception:  # noqa: BLE001
+            return
+    error: Exception | None = None
+    try:
+        if phase is None:
+            known = list(_leaves(OmegaConf.to_container(added), ""))
+            error = unknown_key_error(key, [k for k in known if k != key])
+        else:
+            check_config_keys(added, phase)
+            for section in ("data", "algo.agent", "trainer"):
+                settings = OmegaConf.select(added, section)
+                if settings is not None and settings.get("_target_"):
+                    given = ("obs_dim", "action_dim", "horizon") if section == "algo.agent" else ()
+                    check_known_keys(find_class(settings["_target_"], f"{section}._target_"), settings, section, given)
+    except SettingError as err:
+        error = err
+    if error is None or key not in str(error):
+        error = SettingError(f"{key} comes from the checkpoint's config: override it with +{item}" if phase == "online"
+                             else f"{key} is not in the config yet: set it with +{item}")
+    sys.exit(f"manip.{command}: {error}")
+
+
 def check_settings(cfg: DictConfig, phase: str) -> None:
     """Raise ``SettingError`` naming the key of the first run setting out of range, before any data or training.
 
@@ -238,6 +320,7 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     (:class:`manip.module.OnlineConfig`, ``finetune.offline_fraction``). The ``eval`` settings are checked by
     :class:`PeriodicEvaluation`.
     """
+    check_config_keys(cfg, phase)
     check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
     module = cfg.get("module") or {}
     check_module_settings(module.get("obs_norm", "standard"), module.get("actor_ema"), module.get("lr"),
@@ -262,20 +345,6 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
         online = plain(cfg.finetune)
         check_offline_fraction(online.pop("offline_fraction", None))
         OnlineConfig.from_settings(online)
-
-
-def check_known_keys(target: type, settings: dict, section: str, given: tuple[str, ...] = ()) -> None:
-    """``SettingError`` naming the first key of ``settings`` that ``target``'s constructor does not take (keys in
-    ``given`` are passed by the entry points, not by the config)."""
-    parameters = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    takes = [name for name in parameters if name not in given and name != "self"]
-    unknown = sorted(set(settings) - set(takes))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], takes, n=1)
-        hint = f"did you mean {section}.{close[0]}?" if close else f"{target.__name__} takes {', '.join(sorted(takes))}"
-        raise SettingError(f"unknown {section}.{unknown[0]}; {hint}")
 
 
 # Data settings that select or relabel a run's transitions (the dataset file itself is compared by path).

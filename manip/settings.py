@@ -5,7 +5,9 @@ Pure Python, so that modules needing only torch (the agents, ``manip.bench``) ca
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import math
 import numbers
 
@@ -42,7 +44,6 @@ def check_real(value, key: str, minimum: float, strict: bool = False, maximum: f
     return float(value)
 
 
-
 def find_class(target, key: str) -> type:
     """The class a config's ``_target_`` names (``package.module.Class``); a SettingError naming ``key`` when it
     cannot be imported (Hydra's own lookup would end the command in a traceback)."""
@@ -57,3 +58,42 @@ def find_class(target, key: str) -> type:
     if not isinstance(found, type):
         raise SettingError(f"{key}={target}: {module_name} has no class {class_name}")
     return found
+
+
+
+def unknown_key_error(key: str, known, section: str = "") -> SettingError:
+    """``unknown <section>.<key>; did you mean <section>.<closest>?``, else naming the keys ``section`` has."""
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"{section or 'the config'} has {', '.join(sorted(known))}"
+    return SettingError(f"unknown {prefix}{key}; {hint}")
+
+
+def check_known_keys(target: type, settings, section: str, given: tuple[str, ...] = ()) -> None:
+    """``SettingError`` naming the first key of ``settings`` (``_``-keys such as ``_target_`` aside) that
+    ``target``'s constructor does not take; keys in ``given`` are passed by the entry points, not by the config.
+    Hydra would end the command in a traceback instead."""
+    arguments = constructor_arguments(target)
+    if arguments is None:
+        return
+    takes = [name for name in arguments if name not in given]
+    unknown = sorted(str(k) for k in settings if not str(k).startswith("_") and k not in takes)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        hint = f"did you mean {section}.{close[0]}?" if close else f"{target.__name__} takes {', '.join(sorted(takes))}"
+        raise SettingError(f"unknown {section}.{unknown[0]}; {hint}")
+
+
+def constructor_arguments(target: type) -> list[str] | None:
+    """The keyword arguments ``target(...)`` takes, following ``**kwargs`` handed on to the base classes'
+    constructors; None when some constructor takes any keyword."""
+    names = []
+    for cls in inspect.getmro(target):
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None

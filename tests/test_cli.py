@@ -21,11 +21,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import manip
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
 from manip.logs import LOG, RunLog
-from manip.run import run_differences
+from manip.run import check_command_line, run_differences
 from manip.settings import SettingError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -437,6 +438,11 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     (["algo.horizon=0"], SettingError, "algo.horizon must be >= 1, got 0"),
     (["+algo.agent.num_sample=4"], SettingError, "unknown algo.agent.num_sample; did you mean algo.agent.num_samples?"),
     (["+trainer.max_step=5"], SettingError, "unknown trainer.max_step; did you mean trainer.max_steps?"),
+    (["+eval.episode=2"], SettingError, "unknown eval.episode; did you mean eval.episodes?"),
+    (["+module.actor_emma=0.9"], SettingError, "unknown module.actor_emma; did you mean module.actor_ema?"),
+    (["+data.batchsize=64"], SettingError, "unknown data.batchsize; did you mean data.batch_size?"),
+    (["+checkpoint.every=3"], SettingError, "unknown checkpoint.every; checkpoint has every_n_steps"),
+    (["+foo=1"], SettingError, "unknown foo; the config has algo, checkpoint, conf, data, discount"),
     (["algo.agent._target_=manip.algos.mvp.MVPAgnt"], SettingError,
      "algo.agent._target_=manip.algos.mvp.MVPAgnt: manip.algos.mvp has no class MVPAgnt"),
     (["algo.agent._target_=manip.algos.mvq.MVPAgent"], SettingError,
@@ -456,6 +462,51 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
         fit.build(_compose("fit", ["data=robomimic", f"data.path={lift_hdf5}", f"run_dir={run_dir}", *QUICK,
                                    *overrides]))
     assert list(tmp_path.iterdir()) == []  # no run directory, no data directory
+
+
+@pytest.mark.parametrize("command, phase, args, message", [
+    ("fit", "offline", ["conf=robomimic_lift", "eval.episode=2"], "unknown eval.episode; did you mean eval.episodes?"),
+    ("fit", "offline", ["trainer.max_step=5"], "unknown trainer.max_step; did you mean trainer.max_steps?"),
+    ("fit", "offline", ["data.batchsize=3"], "unknown data.batchsize; did you mean data.batch_size?"),
+    ("fit", "offline", ["algo=qc", "algo.agent.num_sample=2"],
+     "unknown algo.agent.num_sample; did you mean algo.agent.num_samples?"),
+    ("fit", "offline", ["algo.agent.time_dim=32"],  # a key the agent takes that its config leaves out
+     "algo.agent.time_dim is not in the config yet: set it with +algo.agent.time_dim=32"),
+    ("finetune", "online", ["ckpt=x", "algo.agent.num_samples=1"],
+     "algo.agent.num_samples comes from the checkpoint's config: override it with +algo.agent.num_samples=1"),
+    ("finetune", "online", ["ckpt=x", "finetune.alpah=3"], "unknown finetune.alpah; did you mean finetune.alpha?"),
+    ("evaluate", None, ["ckpt=x", "episode=2"], "unknown episode; did you mean episodes?"),
+])
+def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phase, args, message):
+    """Hydra's own answer ("To append to your config use +eval.episode=2") would make the typo a key nothing reads."""
+    with pytest.raises(SystemExit) as exit_info:
+        check_command_line(command, phase, args)
+    assert str(exit_info.value.code) == f"manip.{command}: {message}"
+
+
+@pytest.mark.parametrize("args", [["conf=robomimic_lift", "eval.episodes=2", "+module.actor_ema=0.9"],
+                                  ["algo=qcc"], ["--help"], ["-m", "seed=1,2"]])
+def test_command_lines_without_unknown_keys_are_left_to_hydra(args):
+    assert check_command_line("fit", "offline", args) is None  # composition errors such as algo=qcc: Hydra's
+
+
+@pytest.mark.parametrize("command, args", [("fit", ["conf=robomimic_lift", "eval.episode=2"]),
+                                           ("finetune", ["ckpt=x", "eval.episode=2"]),
+                                           ("evaluate", ["ckpt=x", "eval.episode=2"])])
+def test_entry_points_check_their_command_line_before_hydra(command, args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", f"manip.{command}", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(manip.__file__).parent.parent)})
+    expected = "unknown eval.episode; did you mean " + ("episodes?" if command == "evaluate" else "eval.episodes?")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"manip.{command}: {expected}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_an_added_key_it_does_not_read():
+    from manip.evaluate import check_known_settings
+
+    with pytest.raises(SettingError, match=re.escape("unknown episode; did you mean episodes?")):
+        check_known_settings(_compose("evaluate", ["ckpt=x", "+episode=2"]))
+    check_known_settings(_compose("evaluate", ["ckpt=x", "episodes=2"]))
 
 
 def test_a_run_dir_under_home_is_one_directory(lift_hdf5, tmp_path, monkeypatch):

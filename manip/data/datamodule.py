@@ -27,7 +27,7 @@ from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec, check_dims
 from manip.logs import LOG
-from manip.settings import SettingError, check_int, check_real
+from manip.settings import SettingError, check_int, check_known_keys, check_real, find_class
 
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
@@ -82,11 +82,14 @@ class _ReplayStream(IterableDataset):
 
 
 def instantiate(data_cfg) -> "ReplayDataModule":
-    """``hydra.utils.instantiate`` of a ``data`` config (nothing is loaded yet). A ``SettingError`` or
-    ``DatasetError`` of the module's constructor is raised as itself, not inside Hydra's ``InstantiationException``."""
+    """``hydra.utils.instantiate`` of a ``data`` config (nothing is loaded yet). A key the module does not take is a
+    ``SettingError``; a ``SettingError`` or ``DatasetError`` of the module's constructor is raised as itself, not
+    inside Hydra's ``InstantiationException``."""
     import hydra
     from hydra.errors import InstantiationException
 
+    if data_cfg.get("_target_"):  # a key the module does not take (+data.batchsize=64) is named, not a traceback
+        check_known_keys(find_class(data_cfg["_target_"], "data._target_"), data_cfg, "data")
     try:
         return hydra.utils.instantiate(data_cfg)
     except InstantiationException as exc:
