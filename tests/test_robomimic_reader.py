@@ -83,8 +83,13 @@ def test_a_generated_file_says_so_and_a_released_one_does_not(lift_hdf5, lift_co
 
 
 def test_missing_file_names_path_and_where_data_goes(tmp_path):
-    with pytest.raises(DatasetError, match="not found.*nothing.hdf5.*generate"):
+    with pytest.raises(DatasetError, match="not found.*nothing.hdf5.*generate.*--task {lift,can,square}"):
         load_robomimic(tmp_path / "nothing.hdf5")
+    square = tmp_path / "square" / "mh" / "low_dim_v15.hdf5"  # the release's layout names the task
+    with pytest.raises(DatasetError, match=re.escape(f"(e.g. data/robomimic/square/mh/low_dim_v15.hdf5 from robomimic's "
+                                                     f"v1.5 release) or generate one with `python -m manip.data."
+                                                     f"generate robomimic --task square --out {square}`")):
+        load_robomimic(square)
 
 
 def test_unknown_obs_key_lists_available(lift_hdf5):

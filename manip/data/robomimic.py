@@ -108,16 +108,21 @@ def _finite(path: Path, key: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
+SCRIPTED_TASKS = ("lift", "can", "square")  # the tasks manip.data.generate robomimic writes demos for
+
+
 def _existing(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise DatasetError(f"Robomimic dataset {path} is a directory; data.path names the .hdf5 file "
                            f"(e.g. data/robomimic/lift/mh/low_dim_v15.hdf5)")
     if not path.is_file():
+        # the task from the release's layout <task>/<mh|ph>/low_dim_v15.hdf5, for the advice below
+        task = next((part for part in reversed(path.parts[:-1]) if part in SCRIPTED_TASKS), None)
         raise DatasetError(
             f"Robomimic dataset not found: {path}. Put the real file there (e.g. "
-            f"data/robomimic/lift/mh/low_dim_v15.hdf5 from robomimic's v1.5 release) or generate "
-            f"one with `python -m manip.data.generate robomimic --task lift --out {path}`.")
+            f"data/robomimic/{task or 'lift'}/mh/low_dim_v15.hdf5 from robomimic's v1.5 release) or generate "
+            f"one with `python -m manip.data.generate robomimic --task {task or '{lift,can,square}'} --out {path}`.")
     return path
 
 
