@@ -172,6 +172,9 @@ def main(cfg: DictConfig) -> None:
     except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:
         # user errors in one line; anything else is a bug and keeps its traceback
         sys.exit(f"manip.evaluate: {err}")
+    except KeyboardInterrupt:
+        print("manip.evaluate: interrupted (no result written)", file=sys.stderr)
+        sys.exit(130)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(summary(result, out))

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -98,6 +99,47 @@ class LastCheckpoint(ModelCheckpoint):
             module.checkpoint_online_replay = True
 
 
+class StopOnCtrlC(Callback):
+    """Ctrl-C during training stops it after the update in progress: ``last.ckpt`` is saved at that step (the same
+    command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command with
+    ``manip.<name>: interrupted at step N ...`` and status 130. A second Ctrl-C stops at once (Lightning's shutdown:
+    nothing saved). Single-process runs only; under DDP Ctrl-C keeps Lightning's handling.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts at once
+        LOG.info("Ctrl-C: stopping after this update, then saving last.ckpt (Ctrl-C again stops at once, saving "
+                 "nothing)")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.requested:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, module) -> None:
+        self._restore()  # Ctrl-C during the final evaluation interrupts it: the weights are saved first
+
+    def teardown(self, trainer, module, stage) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
+    return any(isinstance(callback, StopOnCtrlC) and callback.requested for callback in trainer.callbacks)
+
+
 class PeriodicEvaluation(Callback):
     """Success rate in the simulator every ``every_n_steps`` updates (and at the end of training).
 
@@ -173,7 +215,8 @@ class PeriodicEvaluation(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.save_final(trainer)
-        self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
+        if not stopped_by_ctrl_c(trainer):
+            self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
         if self.env is not None:
             self.env.close()
             self.env = None
@@ -480,6 +523,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
     evaluation and loggers. Settings out of range raise ``SettingError`` first (:func:`check_settings`)."""
     check_settings(cfg, phase)
     callbacks = [
+        StopOnCtrlC(),  # first: its on_train_end restores Ctrl-C before the final evaluation
         LastCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                        every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True, save_top_k=-1,
                        enable_version_counter=False),  # a resumed run overwrites its last.ckpt, never last-v1
@@ -533,9 +577,9 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     start from), then ``trainer.fit``, with the run's log (:class:`~manip.logs.RunLog`, its first line the command).
 
     A user error (``USER_ERRORS``) ends the command with one line ``manip.<name>: <message>`` and status 1, Ctrl-C
-    before training (during the checks or the dataset's generation; Lightning ends an interrupted fit itself) with
-    ``manip.<name>: interrupted`` and status 130; ``refused()`` then runs on the main process. Anything else is a
-    bug and keeps its traceback."""
+    before training (during the checks or the dataset's generation) with ``manip.<name>: interrupted`` and status
+    130; ``refused()`` then runs on the main process. Ctrl-C during training saves the run first
+    (:class:`StopOnCtrlC`) and also ends with status 130. Anything else is a bug and keeps its traceback."""
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log:
         log.file_only(f"python -m manip.{name} {' '.join(HydraConfig.get().overrides.task)}")
         try:
@@ -557,5 +601,11 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                     signal.signal(signal.SIGINT, handler)
             sys.exit(130 if interrupted else 1)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
+        if stopped_by_ctrl_c(trainer):
+            message = (f"manip.{name}: interrupted at step {trainer.global_step}; {checkpoints / 'last.ckpt'} holds "
+                       f"it, and the same command continues the run")
+            log.file_only(message, logging.ERROR)
+            print(message, file=sys.stderr)
+            sys.exit(130)
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

@@ -77,3 +77,26 @@ def test_episode_k_starts_from_the_same_state_whatever_the_number_of_envs():
     for num_envs in (2, 3):
         for k, (a, b) in enumerate(zip(one, _episode_starts(num_envs, 6))):
             np.testing.assert_array_equal(a, b, err_msg=f"episode {k} with {num_envs} envs")
+
+
+def test_env_workers_leave_ctrl_c_to_the_main_process():
+    """A terminal's Ctrl-C reaches the workers too: they ignore it (the main process stops training and closes
+    them), and building the vector env (which makes one env in the main process) keeps the main's handler."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    spec = EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 5})
+    env = make_vector_env(spec, 2, asynchronous=True)
+    try:
+        assert signal.getsignal(signal.SIGINT) is before
+        env.reset(seed=0)
+        for process in env.processes:
+            os.kill(process.pid, signal.SIGINT)
+        try:
+            obs, *_ = env.step(np.zeros((2, 5), np.float32))
+        except KeyboardInterrupt:  # a worker's KeyboardInterrupt, raised again here
+            pytest.fail("an env worker was interrupted by Ctrl-C")
+        assert obs.shape == (2, 28) and all(process.is_alive() for process in env.processes)
+    finally:
+        env.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -316,3 +317,32 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     log = (run_dir / "fit.log").read_text()
     assert log.count("[manip][INFO] step 20: success") == 2 and log.count("training mvp on") == 1
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cube_single_npz, tmp_path):
+    """The first Ctrl-C ends training after the update in progress: last.ckpt at that step, no final evaluation,
+    one line naming the step and status 130; running the command again resumes from there."""
+    run_dir = tmp_path / "run"
+    overrides = fit_overrides(cube_single_npz, run_dir, 100000, "eval.final_episodes=2",
+                              "checkpoint.every_n_steps=0")
+    log_path = tmp_path / "fit.out"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=log, stderr=subprocess.PIPE,
+                                text=True, env=SUBPROCESS_ENV)
+        deadline = time.time() + 120
+        while not (run_dir / "offline" / "metrics.csv").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside training
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"manip\.fit: interrupted at step (\d+); (.+) holds it, and the same command continues "
+                         r"the run", last)
+    assert proc.returncode == 130 and match, stderr
+    step = int(match.group(1))
+    assert Path(match.group(2)) == run_dir / "checkpoints" / "last.ckpt"
+    assert 0 < step < 100000 and torch.load(match.group(2), weights_only=False)["global_step"] == step
+    assert "eval.final_episodes" not in log_path.read_text() and "Traceback" not in stderr
+    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, step + 5, "checkpoint.every_n_steps=0"))
+    assert trainer.global_step == step + 5  # resumed, not restarted

@@ -6,6 +6,10 @@ terminates on success, truncates at the task horizon and reports ``info["success
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +83,12 @@ class EpisodeSeeds(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
+def _ignoring_ctrl_c(make_env: Callable[[], gym.Env]) -> gym.Env:
+    if multiprocessing.parent_process() is not None:  # a worker (AsyncVectorEnv also makes one env in the parent)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return make_env()
+
+
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
                     obs_dim: int | None = None, action_dim: int | None = None,
                     **overrides: Any) -> gym.vector.VectorEnv:
@@ -95,6 +105,9 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
     asynchronous = num_envs > 1 if asynchronous is None else asynchronous
     mode = gym.vector.AutoresetMode.SAME_STEP
     if asynchronous:
+        # Ctrl-C in a terminal reaches the whole process group: the workers leave it to the main process, which
+        # decides what stops (see manip.run.StopOnCtrlC) and closes them.
+        fns = [functools.partial(_ignoring_ctrl_c, fn) for fn in fns]
         env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
     else:
         env = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
