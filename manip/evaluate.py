@@ -89,8 +89,15 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed)  # before the checkpoint is loaded
     if act_dtype not in ACT_DTYPES:
         raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
-    if video_episodes and video_prefix is None:
-        raise SettingError("video_episodes > 0 needs a video_prefix for the files")
+    check_int(video_episodes, "video_episodes", 0)
+    if video_episodes:
+        if video_prefix is None:
+            raise SettingError("video_episodes > 0 needs a video_prefix for the files")
+        if len(video_size) != 2:
+            raise SettingError(f"video_size must be [height, width], got {list(video_size)}")
+        for side in video_size:
+            check_int(side, "video_size", 16)
+        check_int(video_fps, "video_fps", 1)
     module, cfg = load_module(ckpt)
     spec = env_spec_of(cfg)
     if noise_scale is None:
@@ -166,7 +173,7 @@ def main(cfg: DictConfig) -> None:
         out = check_output(cfg.out if cfg.out else default_output(ckpt))  # before the evaluation: keeps its result
         result = evaluate_checkpoint(ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
-                                     video_episodes=cfg.video_episodes if cfg.video else 0,
+                                     video_episodes=check_int(cfg.video_episodes, "video_episodes", 0) if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps, act_dtype=cfg.act_dtype, act_compile=cfg.act_compile)
     except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:

@@ -318,6 +318,12 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     args = sys.argv[1:] if args is None else args
     if any(arg.startswith("-") for arg in args):
         return
+    for arg in args:
+        if "=" not in arg and not arg.startswith("~"):  # Hydra's answer: "mismatched input '.' expecting <EOF>"
+            if command != "fit" and (arg.endswith(".ckpt") or Path(arg).exists()):
+                sys.exit(f"manip.{command}: settings are key=value: for the checkpoint, ckpt={arg}")
+            example = "conf=robomimic_lift" if command == "fit" else "ckpt=PATH"
+            sys.exit(f"manip.{command}: settings are key=value (e.g. {example}), got {arg!r}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
         try:
             compose(command, overrides=args)
@@ -364,6 +370,8 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     :class:`PeriodicEvaluation`.
     """
     check_config_keys(cfg, phase)
+    if (cfg.get("env") or {}).get("num_envs") is not None:  # before eval.num_envs / finetune.num_envs, which repeat it
+        check_int(cfg.env.num_envs, "env.num_envs", 1)
     check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
     module = cfg.get("module") or {}
     check_module_settings(module.get("obs_norm", "standard"), module.get("actor_ema"), module.get("lr"),

@@ -443,6 +443,7 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     (["+data.batchsize=64"], SettingError, "unknown data.batchsize; did you mean data.batch_size?"),
     (["+checkpoint.every=3"], SettingError, "unknown checkpoint.every; checkpoint has every_n_steps"),
     (["+foo=1"], SettingError, "unknown foo; the config has algo, checkpoint, conf, data, discount"),
+    (["env.num_envs=0"], SettingError, "env.num_envs must be >= 1, got 0"),  # the key typed, not eval.num_envs
     (["algo.agent._target_=manip.algos.mvp.MVPAgnt"], SettingError,
      "algo.agent._target_=manip.algos.mvp.MVPAgnt: manip.algos.mvp has no class MVPAgnt"),
     (["algo.agent._target_=manip.algos.mvq.MVPAgent"], SettingError,
@@ -476,6 +477,11 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
      "algo.agent.num_samples comes from the checkpoint's config: override it with +algo.agent.num_samples=1"),
     ("finetune", "online", ["ckpt=x", "finetune.alpah=3"], "unknown finetune.alpah; did you mean finetune.alpha?"),
     ("evaluate", None, ["ckpt=x", "episode=2"], "unknown episode; did you mean episodes?"),
+    ("evaluate", None, ["runs/a/checkpoints/last.ckpt"],
+     "settings are key=value: for the checkpoint, ckpt=runs/a/checkpoints/last.ckpt"),
+    ("finetune", "online", ["runs/a/checkpoints/last.ckpt", "finetune.target=som"],
+     "settings are key=value: for the checkpoint, ckpt=runs/a/checkpoints/last.ckpt"),
+    ("fit", "offline", ["robomimic_lift"], "settings are key=value (e.g. conf=robomimic_lift), got 'robomimic_lift'"),
 ])
 def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phase, args, message):
     """Hydra's own answer ("To append to your config use +eval.episode=2") would make the typo a key nothing reads."""

@@ -145,11 +145,15 @@ def test_cli_bad_noise_scale_is_one_line_error(checkpoints, tmp_path, value, mes
     ("num_envs=0", "num_envs must be >= 1, got 0"),
     ("seed=-1", "seed must be >= 0, got -1"),
     ("act_dtype=float16", "act_dtype='float16': expected one of float32, bfloat16"),
+    ("video=true video_size=[0,0]", "video_size must be >= 16, got 0"),  # ffmpeg would fail after the episodes
+    ("video=true video_size=[64]", "video_size must be [height, width], got [64]"),
+    ("video=true video_episodes=-1", "video_episodes must be >= 0, got -1"),
+    ("video=true video_fps=0", "video_fps must be >= 1, got 0"),
 ])
 def test_cli_settings_out_of_range_are_one_line_errors(tmp_path, setting, message):
     """Checked before the checkpoint is read: the (absent) checkpoint is never reached."""
     with pytest.raises(SystemExit) as exit_info:
-        _cli(f"ckpt={tmp_path / 'nope.ckpt'}", setting, f"out={tmp_path / 'r.json'}")
+        _cli(f"ckpt={tmp_path / 'nope.ckpt'}", *setting.split(), f"out={tmp_path / 'r.json'}")
     assert exit_info.value.code == f"manip.evaluate: {message}"
     assert not (tmp_path / "r.json").exists()
 
