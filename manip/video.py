@@ -64,7 +64,9 @@ def open_render_env(spec, size: tuple[int, int]):
     """
     try:
         env = spec.make(render_size=tuple(size))
-    except RuntimeError as err:  # the adapters' own renderer errors
+    except (RuntimeError, ImportError, AttributeError, OSError) as err:
+        # the adapters' own renderer errors, and a GL backend that cannot load (MUJOCO_GL=osmesa without
+        # libOSMesa: PyOpenGL fails inside mujoco's import with an AttributeError)
         raise _unavailable(spec.kind, err) from err
     try:
         env.reset(seed=0)

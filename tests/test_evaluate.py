@@ -240,6 +240,22 @@ def test_cli_without_renderer_fails_in_one_line(checkpoints, tmp_path):
     assert "EGL_PLATFORM=surfaceless" in last and not (tmp_path / "r.json").exists()
 
 
+def test_a_gl_backend_that_cannot_load_is_a_renderer_error(monkeypatch):
+    """MUJOCO_GL=osmesa without libOSMesa: PyOpenGL fails inside the simulator's import with an AttributeError,
+    which must reach the user as the renderer advice, not as a traceback."""
+    from manip.envs import EnvSpec
+    from manip.video import RendererUnavailable, open_render_env
+
+    def broken_import(self, **overrides):
+        raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+
+    monkeypatch.setattr(EnvSpec, "make", broken_import)
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    with pytest.raises(RendererUnavailable, match=r"no offscreen renderer for robosuite \(MUJOCO_GL=osmesa\): "
+                                                  r"AttributeError: 'NoneType' object has no attribute 'glGetError'"):
+        open_render_env(EnvSpec("robosuite", {"env_name": "Lift"}), (64, 64))
+
+
 def test_mark_outcome_draws_border_and_holds_last_frame():
     frames = [np.full((40, 60, 3), i, dtype=np.uint8) for i in range(3)]
     marked = mark_outcome(frames, success=True, hold_frames=5)
