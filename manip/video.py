@@ -125,11 +125,12 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_F
             for frame in frames:
                 writer.append_data(frame)
         return mp4
-    except (ImportError, OSError, RuntimeError):
+    except (ImportError, OSError, RuntimeError) as err:
         import imageio.v3 as iio3
 
         mp4.unlink(missing_ok=True)
         gif = path.with_suffix(".gif")
+        LOG.warning(f"no mp4 ({type(err).__name__}: {err}; the imageio-ffmpeg package provides ffmpeg): writing {gif}")
         iio3.imwrite(gif, np.stack(frames), plugin="pillow", duration=1000 / fps, loop=0)
         return gif
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -266,11 +267,13 @@ def test_mark_outcome_draws_border_and_holds_last_frame():
     assert (frames[0] == 0).all()  # inputs untouched
 
 
-def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch):
+def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch, caplog):
     frames = [np.full((32, 48, 3), 50 * i, dtype=np.uint8) for i in range(4)]
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
-    path = write_video(tmp_path / "episode.mp4", mark_outcome(frames, success=False, hold_frames=2), fps=10)
+    with caplog.at_level(logging.WARNING, logger="manip"):
+        path = write_video(tmp_path / "episode.mp4", mark_outcome(frames, success=False, hold_frames=2), fps=10)
     assert path == tmp_path / "episode.gif" and not (tmp_path / "episode.mp4").exists()
+    assert "no mp4 (ModuleNotFoundError" in caplog.text and f"writing {path}" in caplog.text  # says why: a gif
     gif = iio.mimread(path)  # the held copies of the last frame merge into one longer gif frame
     assert len(gif) == 4 and gif[0].shape[:2] == (32, 48)
 
