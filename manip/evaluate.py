@@ -4,7 +4,8 @@ Rolls the policy out in the simulator the checkpoint was trained against (robosu
 rebuilt from the checkpoint alone) and reports the success rate with its Wilson 95% interval, the
 mean episode length, every episode's outcome and length, and the policy's time per call (one chunk for the envs
 that need one) and per executed action.
-The result goes to ``<run_dir>/eval/<ckpt name>.json`` (or ``out=...``); with ``video=true``,
+The result goes to ``<run_dir>/eval/<ckpt name>.json`` (``<ckpt name>.1.json``, ... next to earlier results, which
+are kept; or ``out=...``); with ``video=true``,
 ``video_episodes`` extra episodes (seeds ``seed``, ``seed + 1``, ...) are rendered offscreen to
 ``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure). ``act_dtype=bfloat16
 act_compile=true`` acts through a frozen, compiled bfloat16 copy of the networks (``ManipModule.fast_acting``).
@@ -32,9 +33,15 @@ from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, recor
 
 
 def default_output(ckpt: str | Path) -> Path:
-    """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
+    """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier
+    evaluations left their results, the first free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
     ckpt = Path(ckpt).resolve()
-    return ckpt.parent.parent / "eval" / f"{ckpt.stem}.json"
+    directory = ckpt.parent.parent / "eval"
+    out, k = directory / f"{ckpt.stem}.json", 0
+    while out.exists():
+        k += 1
+        out = directory / f"{ckpt.stem}.{k}.json"
+    return out
 
 
 def check_output(out: str | Path) -> Path:

@@ -98,8 +98,11 @@ def _cli(*overrides: str) -> None:
 
 def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     ckpt = checkpoints["fql"]
+    results = ckpt.parent.parent / "eval"
+    earlier = set(results.glob("*.json")) if results.is_dir() else set()
     _cli(f"ckpt={ckpt}", "episodes=3", "seed=5", "num_samples=1", "noise_scale=0.5")
-    path = ckpt.parent.parent / "eval" / "last.json"
+    [path] = set(results.glob("*.json")) - earlier
+    assert path.name == ("last.json" if not earlier else f"last.{len(earlier)}.json")
     result = json.loads(path.read_text())
     _check_statistics(result, 3)
     assert (result["algo"], result["seed"], result["videos"], result["noise_scale"]) == ("fql", 5, [], 0.5)
@@ -108,6 +111,9 @@ def test_cli_writes_json_next_to_the_run(checkpoints, capsys):
     stdout = capsys.readouterr().out
     assert "over 3 episodes of cube-single-singletask-task1-v0 (fql, step 2)" in stdout and str(path) in stdout
     assert "trained on a stand-in dataset manip generated" in stdout
+    first = path.read_text()
+    _cli(f"ckpt={ckpt}", "episodes=1")  # another evaluation of the checkpoint keeps this one
+    assert path.read_text() == first and len(set(results.glob("*.json")) - earlier) == 2
 
 
 def test_cli_sample_steps_override(checkpoints, tmp_path, monkeypatch):
