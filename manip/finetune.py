@@ -104,9 +104,9 @@ def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, use
             final.data[key] = 0
 
 
-def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None]:
+def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool]:
     """(final config, checkpoint to start from, its contents as ``load_checkpoint`` read them, checkpoint to
-    resume from or None).
+    resume from or None, whether that run is already finished).
 
     ``user_overrides``: the command line's ``key=value`` items. Fine-tuning's own sections (``_OWN``) come
     from ``cfg``; the checkpoint's keys take a leading ``+`` (a top-level scalar such as ``+seed=3`` too, which
@@ -144,12 +144,13 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     final.finetune_start_step = start_step
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
     updates = check_int(final.trainer.max_steps, "trainer.max_steps", 0)  # -1 ("no limit") would end at once
+    finished = False
     if resume is not None:  # the same fine-tuning run, and something left to train
         check_same_run(base_ckpt, resume, plain(final), Path(final.data.path), run_dir, phase="online")
-        check_steps_left(base_ckpt, resume, start_step + updates,
-                         f"trainer.max_steps={final.trainer.max_steps} (online updates after step {start_step})",
-                         run_dir, final.eval.final_episodes)
-    return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume)
+        finished = check_steps_left(base_ckpt, resume, start_step + updates,
+                                    f"trainer.max_steps={final.trainer.max_steps} (online updates after step "
+                                    f"{start_step})", run_dir, final.eval.final_episodes)
+    return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume), finished
 
 
 def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, ReplayDataModule, L.Trainer, str]:
@@ -158,7 +159,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
     Once the checks passed, the main process writes ``dataset_stats.json`` (the checkpoint's statistics)
     and ``hydra/config.yaml`` (the final config) with ``hydra/overrides.yaml`` into the run directory."""
-    final, offline_ckpt, ckpt, resume = compose(cfg, user_overrides)
+    final, offline_ckpt, ckpt, resume, finished = compose(cfg, user_overrides)
     seed_everything(check_int(final.seed, "seed", 0) + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
     dm = instantiate_data(final.data)  # checks the data settings; reads nothing yet
@@ -178,7 +179,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     # A new fine-tuning run draws its loss noise and batches from its own seed, not from the offline run's random
     # states (seed_everything above seeded the global generators); a resumed one continues its own.
     module.restore_random_states = dm.restore_sampler = resume is not None
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0 and not finished:
         if resume:
             LOG.info(f"resuming fine-tuning from {resume}")
         LOG.info(f"fine-tuning {final.offline_ckpt} (step {final.finetune_start_step}) with "

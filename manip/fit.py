@@ -63,13 +63,13 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     dm = instantiate_data(cfg.data)  # checks the data settings; reads nothing yet
     data_file = absolute(dm.path)
     OmegaConf.update(cfg, "data.path", str(data_file), force_add=True)  # recorded absolute in the checkpoint
-    ckpt = None
+    ckpt, finished = None, False
     if resume is not None:
         ckpt = load_checkpoint(resume)
         check_same_run(ckpt, resume, plain(cfg), data_file, run_dir)
         if isinstance(cfg.trainer.max_steps, int):  # else build_trainer names the bad value
-            check_steps_left(ckpt, resume, cfg.trainer.max_steps, f"trainer.max_steps={cfg.trainer.max_steps}",
-                             run_dir, cfg.eval.final_episodes)
+            finished = check_steps_left(ckpt, resume, cfg.trainer.max_steps,
+                                        f"trainer.max_steps={cfg.trainer.max_steps}", run_dir, cfg.eval.final_episodes)
     trainer = build_trainer(cfg, run_dir, phase="offline")  # before the data: a bad setting costs no loading
     dm.prepare_data()
     dm.setup("fit")
@@ -80,9 +80,9 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if ckpt is not None:
         check_compatible(ckpt, resume, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"), cfg.algo.horizon,
                          where=f"dataset {dm.info['path']}")
-        if main_process:
+        if main_process and not finished:
             LOG.info(f"resuming from {resume} at step {ckpt['global_step']}")
-    if main_process:
+    if main_process and not finished:
         LOG.info(f"training {cfg.algo.name} on {dm.info['path']} ({dm.info['num_transitions']} transitions) up to "
                  f"step {cfg.trainer.max_steps} -> {run_dir.resolve()}")
         run_dir.mkdir(parents=True, exist_ok=True)

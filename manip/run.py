@@ -465,19 +465,20 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
 
 
 def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str, run_dir: Path,
-                     final_episodes: Any = 0) -> None:
+                     final_episodes: Any = 0) -> bool:
     """``SettingError`` when the run to resume is already past ``last_step`` (the step ``setting``, e.g.
     ``trainer.max_steps=5000``, trains to): the command would train nothing and say nothing. A line when it is exactly
     there (a finished command run again, e.g. a relaunched sweep; Lightning's loop then runs nothing), which points
-    to ``manip.evaluate`` when ``run_dir/eval.jsonl`` lacks the final evaluation (it failed after the last save)."""
+    to ``manip.evaluate`` when ``run_dir/eval.jsonl`` lacks the final evaluation (it failed after the last save).
+    Returns whether the run is already finished."""
     step = int(ckpt["global_step"])
     if last_step < 0:  # max_steps=-1: Lightning's "no limit"
-        return
+        return False
     if step > last_step:
         raise SettingError(f"{setting} but {ckpt_path} is already at step {step}: nothing to train (a larger "
                            f"trainer.max_steps continues the run)")
     if step < last_step or rank_zero_only.rank != 0:
-        return
+        return step == last_step
     records = run_dir / "eval.jsonl"
     done = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
     if (isinstance(final_episodes, int) and final_episodes > 0
@@ -486,6 +487,7 @@ def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting:
                     f"python -m manip.evaluate ckpt={ckpt_path} episodes={final_episodes}")
     else:
         LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train")
+    return True
 
 
 def resume_path(resume: bool | str, run_dir: Path) -> Path | None:

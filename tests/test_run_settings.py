@@ -127,7 +127,7 @@ def test_checkpoint_state_keeps_model_checkpoints_key():
     assert LastCheckpoint(**settings).state_key == ModelCheckpoint(**settings).state_key
 
 
-def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path):
+def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path, caplog):
     _, offline_ckpt = offline_run
     start, updates = load_checkpoint(offline_ckpt)["global_step"], 12
     assert (start + updates) % EVERY  # global steps 15 -> 27: the interval saves at 20 only
@@ -138,6 +138,10 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == start + updates
     assert last["manip"]["env_steps"] >= 20 + updates
+    caplog.clear()  # the finished command again: it says so, and no line announces updates
+    trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
+    assert trainer.global_step == start + updates and "nothing left to train" in caplog.text
+    assert "online updates ->" not in caplog.text and "resuming fine-tuning" not in caplog.text
 
     # The same command again with other fine-tuning settings is another run: refused, its record untouched.
     record = (tmp_path / "ft" / "hydra" / "config.yaml").read_text()
@@ -180,6 +184,7 @@ def test_a_finished_command_run_again_trains_and_evaluates_nothing(cube_single_n
     assert trainer.global_step == 5 and (run_dir / "eval.jsonl").read_text() == records
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'} is already at step 5 (trainer.max_steps=5): nothing left to " \
            f"train" in caplog.text
+    assert "resuming from" not in caplog.text and "up to step" not in caplog.text  # no line says otherwise
     # its final evaluation failed after the last save: the line says how to get it
     (run_dir / "eval.jsonl").write_text("")
     caplog.clear()
