@@ -182,6 +182,9 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     if rank_zero_only.rank == 0 and not finished:
         if resume:
             LOG.info(f"resuming fine-tuning from {resume}")
+        elif "finetune_start_step" in ckpt["hyper_parameters"]["cfg"] and "online_replay" not in ckpt.get("manip", {}):
+            LOG.warning(f"{offline_ckpt} is a step checkpoint of a fine-tuning run: only last.ckpt keeps the online "
+                        f"episodes, so this run starts from the offline data alone")
         LOG.info(f"fine-tuning {final.offline_ckpt} (step {final.finetune_start_step}) with "
                  f"finetune.target={final.finetune.target}: {final.trainer.max_steps} online updates -> "
                  f"{run_dir.resolve()}")

@@ -142,6 +142,11 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
     assert trainer.global_step == start + updates and "nothing left to train" in caplog.text
     assert "online updates ->" not in caplog.text and "resuming fine-tuning" not in caplog.text
+    # a new run from a step checkpoint of this one: no online episodes come with it, and it says so
+    step_ckpt = tmp_path / "ft" / "checkpoints" / "step20.ckpt"
+    run_finetune(finetune_overrides(step_ckpt, tmp_path / "ft2", 2))
+    assert f"{step_ckpt} is a step checkpoint of a fine-tuning run: only last.ckpt keeps the online episodes" \
+        in warnings_logged(caplog)
 
     # The same command again with other fine-tuning settings is another run: refused, its record untouched.
     record = (tmp_path / "ft" / "hydra" / "config.yaml").read_text()
