@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 from pathlib import Path
 
 LOG = logging.getLogger("manip")
@@ -22,10 +23,13 @@ _OWN_HANDLER_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 
 class _DropAdverts(logging.Filter):
-    """Lightning's "💡 Tip: ... try installing ..." lines advertise services, they say nothing about the run."""
+    """Lightning's "💡 Tip: ... try installing ..." lines advertise services, they say nothing about the run; its
+    "TPU available: False, using: 0 TPU cores" kind of line lists hardware the machine does not have (the lines
+    for hardware it has stay)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        message = str(record.msg)
+        return not (message.startswith("💡 Tip") or re.match(r"[GTH]PU available: False", message))
 
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

@@ -725,3 +725,15 @@ def test_files_that_are_not_manip_checkpoints_are_named_in_one_line(tmp_path):
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path)
         assert str(info.value).startswith(start) and "\n" not in str(info.value) and len(str(info.value)) < 250
+
+
+def test_lightning_lines_about_absent_hardware_are_dropped(caplog):
+    """A refused command on a CPU machine is one line: Lightning's "TPU available: False" lines are dropped, the
+    lines for hardware a machine has are kept."""
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        for line in ("GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
+                     "HPU available: False, using: 0 HPUs", "GPU available: True (cuda), used: True",
+                     "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]"):
+            lightning_log.info(line)
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: True (cuda), used: True"]
