@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import difflib
-import inspect
 import json
 import logging
 import os
