@@ -98,37 +98,42 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class StopOnCtrlC(Callback):
-    """Ctrl-C during training stops it after the update in progress: ``last.ckpt`` is saved at that step (the same
-    command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command with
-    ``manip.<name>: interrupted at step N ...`` and status 130. A second Ctrl-C stops at once (Lightning's shutdown:
-    nothing saved). Single-process runs only; under DDP Ctrl-C keeps Lightning's handling.
+    """Ctrl-C during training stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is
+    saved at that step (the same command then continues the run) and the final evaluation is skipped;
+    ``run_command`` ends the command with ``manip.<name>: interrupted at step N ...`` and status 130. A second Ctrl-C
+    stops at once (Lightning's shutdown: nothing saved); Ctrl-C during the final evaluation, which runs after the
+    last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP Ctrl-C keeps Lightning's
+    handling), and not where SIGINT is ignored (a background job keeps running when the terminal's Ctrl-C is meant
+    for the foreground).
     """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: Any = None
+        self._trainer: L.Trainer | None = None
 
     def on_train_start(self, trainer, module) -> None:
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+        if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+            self._trainer = trainer
             self._previous = signal.signal(signal.SIGINT, self._request)
 
     def _request(self, signum, frame) -> None:
         self.requested = True
+        if self._trainer is not None:  # checked once this batch's callbacks (an evaluation among them) are done
+            self._trainer.should_stop = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts at once
-        LOG.info("Ctrl-C: stopping after this update, then saving last.ckpt (Ctrl-C again stops at once, saving "
-                 "nothing)")
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.requested:
-            trainer.should_stop = True
+        LOG.info("Ctrl-C: stopping once this update (or evaluation) ends, then saving last.ckpt (Ctrl-C again stops "
+                 "at once, saving nothing)")
 
     def on_train_end(self, trainer, module) -> None:
-        self._restore()  # Ctrl-C during the final evaluation interrupts it: the weights are saved first
+        self._restore()  # Ctrl-C during the final evaluation ends it: the weights are saved first
 
     def teardown(self, trainer, module, stage) -> None:
         self._restore()
 
     def _restore(self) -> None:
+        self._trainer = None
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -136,6 +141,10 @@ class StopOnCtrlC(Callback):
 
 def stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
     return any(isinstance(callback, StopOnCtrlC) and callback.requested for callback in trainer.callbacks)
+
+
+def final_evaluation_interrupted(trainer: L.Trainer) -> bool:
+    return any(isinstance(callback, PeriodicEvaluation) and callback.final_interrupted for callback in trainer.callbacks)
 
 
 class PeriodicEvaluation(Callback):
@@ -160,6 +169,7 @@ class PeriodicEvaluation(Callback):
         seed = check_int(seed, "eval.seed", 0)
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
+        self.final_interrupted = False
         self.noise_scale = check_real(noise_scale, "eval.noise_scale", 0)
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
@@ -213,11 +223,15 @@ class PeriodicEvaluation(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.save_final(trainer)
-        if not stopped_by_ctrl_c(trainer):
-            self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        try:
+            if not stopped_by_ctrl_c(trainer):
+                self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
+        except KeyboardInterrupt:  # the final weights are saved: run_command says how to evaluate them
+            self.final_interrupted = True
+        finally:
+            if self.env is not None:
+                self.env.close()
+                self.env = None
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -330,7 +344,7 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
             missing = re.match(r"Could not override '([^']+)'", str(err))
         except Exception:  # noqa: BLE001 - Hydra reports it when it composes the config itself
             return
-        if missing is None:
+        if missing is None or missing.group(1).startswith("hydra."):
             return
         key = missing.group(1)
         item = next(arg for arg in args if arg.split("=", 1)[0] == key)
@@ -352,10 +366,26 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
                     check_known_keys(find_class(settings["_target_"], f"{section}._target_"), settings, section, given)
     except SettingError as err:
         error = err
+    if (error is None or key not in str(error)) and phase == "online":
+        error = _checkpoint_key_error(key, item, args)
     if error is None or key not in str(error):
-        error = SettingError(f"{key} comes from the checkpoint's config: override it with +{item}" if phase == "online"
-                             else f"{key} is not in the config yet: set it with +{item}")
+        error = SettingError(f"{key} is not in the config yet: set it with +{item}")
     sys.exit(f"manip.{command}: {error}")
+
+
+def _checkpoint_key_error(key: str, item: str, args: list[str]) -> SettingError:
+    """For ``finetune``: a key its own config lacks belongs to the checkpoint's config, which the checkpoint's run
+    directory records (``hydra/config.yaml``, read here without loading the checkpoint)."""
+    ckpt = next((arg.split("=", 1)[1] for arg in args if arg.startswith("ckpt=")), None)
+    recorded = Path(ckpt).expanduser().resolve().parent.parent / "hydra" / "config.yaml" if ckpt else None
+    if recorded is None or not recorded.is_file():
+        return SettingError(f"{key} is not a fine-tuning setting; a setting of the checkpoint's config takes a "
+                            f"leading +: +{item}")
+    config = OmegaConf.to_container(OmegaConf.load(recorded))
+    known = _leaves(config, "")
+    if key in known or any(k.startswith(f"{key}.") for k in known):
+        return SettingError(f"{key} comes from the checkpoint's config: override it with +{item}")
+    return unknown_key_error(key, list(known))
 
 
 def check_settings(cfg: DictConfig, phase: str) -> None:
@@ -609,9 +639,13 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                     signal.signal(signal.SIGINT, handler)
             sys.exit(130 if interrupted else 1)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-        if stopped_by_ctrl_c(trainer):
-            message = (f"manip.{name}: interrupted at step {trainer.global_step}; {checkpoints / 'last.ckpt'} holds "
-                       f"it, and the same command continues the run")
+        interrupted = stopped_by_ctrl_c(trainer)
+        if interrupted or final_evaluation_interrupted(trainer):
+            last = checkpoints / "last.ckpt"
+            message = (f"manip.{name}: interrupted at step {trainer.global_step}; {last} holds it, and the same "
+                       f"command continues the run" if interrupted else
+                       f"manip.{name}: final evaluation interrupted; {last} holds the run's final step "
+                       f"{trainer.global_step} (python -m manip.evaluate ckpt={last} evaluates it)")
             log.file_only(message, logging.ERROR)
             print(message, file=sys.stderr)
             sys.exit(130)

@@ -473,8 +473,9 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
      "unknown algo.agent.num_sample; did you mean algo.agent.num_samples?"),
     ("fit", "offline", ["algo.agent.time_dim=32"],  # a key the agent takes that its config leaves out
      "algo.agent.time_dim is not in the config yet: set it with +algo.agent.time_dim=32"),
-    ("finetune", "online", ["ckpt=x", "algo.agent.num_samples=1"],
-     "algo.agent.num_samples comes from the checkpoint's config: override it with +algo.agent.num_samples=1"),
+    ("finetune", "online", ["ckpt=x", "algo.agent.num_samples=1"],  # no run directory recorded next to x
+     "algo.agent.num_samples is not a fine-tuning setting; a setting of the checkpoint's config takes a leading +: "
+     "+algo.agent.num_samples=1"),
     ("finetune", "online", ["ckpt=x", "finetune.alpah=3"], "unknown finetune.alpah; did you mean finetune.alpha?"),
     ("evaluate", None, ["ckpt=x", "episode=2"], "unknown episode; did you mean episodes?"),
     ("evaluate", None, ["runs/a/checkpoints/last.ckpt"],
@@ -488,6 +489,22 @@ def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phas
     with pytest.raises(SystemExit) as exit_info:
         check_command_line(command, phase, args)
     assert str(exit_info.value.code) == f"manip.{command}: {message}"
+
+
+def test_finetune_answers_a_checkpoint_key_from_the_runs_recorded_config(tmp_path):
+    """The checkpoint's run records its config (hydra/config.yaml): a key there takes a leading +, a typo of one is
+    named with the closest key (following the + advice would be refused)."""
+    (tmp_path / "hydra").mkdir()
+    OmegaConf.save({"module": {"actor_ema": None, "lr": 3e-4}, "algo": {"agent": {"num_samples": 32}}},
+                   tmp_path / "hydra" / "config.yaml")
+    ckpt = f"ckpt={tmp_path / 'checkpoints' / 'last.ckpt'}"
+    for item, message in (("algo.agent.num_samples=1", "algo.agent.num_samples comes from the checkpoint's config: "
+                                                      "override it with +algo.agent.num_samples=1"),
+                          ("module.actorema=0.9", "unknown module.actorema; did you mean module.actor_ema?")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_command_line("finetune", "online", [ckpt, item])
+        assert str(exit_info.value.code) == f"manip.finetune: {message}"
+    assert check_command_line("finetune", "online", [ckpt, "hydra.job.foo=3"]) is None  # Hydra's own key: Hydra's
 
 
 @pytest.mark.parametrize("args", [["conf=robomimic_lift", "eval.episodes=2", "+module.actor_ema=0.9"],

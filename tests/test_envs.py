@@ -100,3 +100,25 @@ def test_env_workers_leave_ctrl_c_to_the_main_process():
         assert obs.shape == (2, 28) and all(process.is_alive() for process in env.processes)
     finally:
         env.close()
+
+
+def _sigint_handler_after_building_envs(queue) -> None:
+    import signal
+
+    spec = EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 5})
+    make_vector_env(spec, 2, asynchronous=True).close()
+    queue.put(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+
+
+def test_a_process_that_is_itself_a_child_keeps_its_ctrl_c_when_it_builds_workers():
+    """Only the env workers ignore SIGINT, not a caller that is itself a multiprocessing child (ddp_spawn ranks)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_sigint_handler_after_building_envs, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=120) is True
+    finally:
+        child.join(timeout=60)

@@ -346,3 +346,60 @@ def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cu
     assert "eval.final_episodes" not in log_path.read_text() and "Traceback" not in stderr
     trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, step + 5, "checkpoint.every_n_steps=0"))
     assert trainer.global_step == step + 5  # resumed, not restarted
+
+
+def test_ctrl_c_request_stops_at_the_current_batch_and_an_ignored_sigint_stays_ignored():
+    """The handler sets should_stop itself (a Ctrl-C during a periodic evaluation stops at that step, not one later);
+    a process started with SIGINT ignored (a background job) keeps ignoring it; the handler is restored."""
+    import lightning as L
+
+    from manip.run import StopOnCtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    callback = StopOnCtrlC()
+    callback.on_train_start(trainer, None)
+    try:
+        assert not trainer.should_stop
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread at the next bytecode
+        assert callback.requested and trainer.should_stop
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next Ctrl-C stops at once
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGINT) is before
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ignoring = StopOnCtrlC()
+        ignoring.on_train_start(L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False), None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ignoring.teardown(None, None, "fit")
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_the_final_evaluation_is_recorded_after_the_last_save(tmp_path, monkeypatch):
+    """The final evaluation runs after last.ckpt is saved: Ctrl-C there ends it (run_command names the checkpoint
+    and manip.evaluate), and its simulators are closed."""
+    from manip.run import PeriodicEvaluation, final_evaluation_interrupted
+
+    class Env:
+        closed = False
+
+        def close(self):
+            Env.closed = True
+
+    evaluation = PeriodicEvaluation(str(tmp_path), 0, 1, final_episodes=5)
+    evaluation.env = Env()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "_evaluate", interrupted)
+
+    class Trainer:
+        checkpoint_callbacks, callbacks = [], [evaluation]
+
+    evaluation.on_train_end(Trainer(), None)
+    assert evaluation.final_interrupted and final_evaluation_interrupted(Trainer()) and Env.closed

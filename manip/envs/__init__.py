@@ -7,7 +7,7 @@ terminates on success, truncates at the task horizon and reports ``info["success
 from __future__ import annotations
 
 import functools
-import multiprocessing
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,8 +83,8 @@ class EpisodeSeeds(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
-def _ignoring_ctrl_c(make_env: Callable[[], gym.Env]) -> gym.Env:
-    if multiprocessing.parent_process() is not None:  # a worker (AsyncVectorEnv also makes one env in the parent)
+def _ignoring_ctrl_c(make_env: Callable[[], gym.Env], parent_pid: int) -> gym.Env:
+    if os.getpid() != parent_pid:  # a worker (AsyncVectorEnv also makes one env in the parent)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return make_env()
 
@@ -107,7 +107,7 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
     if asynchronous:
         # Ctrl-C in a terminal reaches the whole process group: the workers leave it to the main process, which
         # decides what stops (see manip.run.StopOnCtrlC) and closes them.
-        fns = [functools.partial(_ignoring_ctrl_c, fn) for fn in fns]
+        fns = [functools.partial(_ignoring_ctrl_c, fn, os.getpid()) for fn in fns]
         env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
     else:
         env = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
