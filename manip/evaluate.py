@@ -187,6 +187,9 @@ def main(cfg: DictConfig) -> None:
         # user errors in one line; anything else is a bug and keeps its traceback
         sys.exit(f"manip.evaluate: {err}")
     except KeyboardInterrupt:
+        from manip.run import quiet_finalizers
+
+        quiet_finalizers()
         print("manip.evaluate: interrupted (no result written)", file=sys.stderr)
         sys.exit(130)
     out.parent.mkdir(parents=True, exist_ok=True)

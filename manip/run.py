@@ -610,6 +610,13 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
     torch.set_float32_matmul_precision("high")
 
 
+def quiet_finalizers() -> None:
+    """After a Ctrl-C: objects a library was building when the interrupt landed (e.g. llvmlite's, inside a numba
+    compilation) can fail in ``__del__`` at exit, printing "Exception ignored in ..." tracebacks after the command's
+    one line; those errors are the interrupt's, not the library's."""
+    sys.unraisablehook = lambda unraisable: None
+
+
 def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], None] = lambda: None) -> None:
     """The body of ``python -m manip.<name>`` (fit, finetune): ``build()`` -> (module, data, trainer, checkpoint to
     start from), then ``trainer.fit``, with the run's log (:class:`~manip.logs.RunLog`, its first line the command).
@@ -628,6 +635,8 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             interrupted = isinstance(err, KeyboardInterrupt)
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).
             handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
+            if interrupted:
+                quiet_finalizers()
             try:
                 message = f"manip.{name}: {'interrupted' if interrupted else err}"
                 log.file_only(message, logging.ERROR)

@@ -754,3 +754,17 @@ def test_lightning_lines_about_absent_hardware_are_dropped(caplog):
                      "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]"):
             lightning_log.info(line)
     assert [record.getMessage() for record in caplog.records] == ["GPU available: True (cuda), used: True"]
+
+
+@pytest.mark.parametrize("after_ctrl_c", [False, True])
+def test_finalizer_errors_after_a_ctrl_c_do_not_follow_the_commands_line(after_ctrl_c):
+    """An interrupt landing inside a library's constructor (llvmlite's, under numba) leaves objects whose __del__
+    fails at exit: after a Ctrl-C those "Exception ignored" tracebacks are not printed after manip's one line."""
+    code = ("from manip.run import quiet_finalizers\n"
+            f"if {after_ctrl_c}: quiet_finalizers()\n"
+            "class HalfBuilt:\n"
+            "    def __del__(self): raise AttributeError('no _as_parameter_')\n"
+            "keep = HalfBuilt()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert ("Exception ignored" in proc.stderr) is not after_ctrl_c, proc.stderr
