@@ -28,7 +28,7 @@ from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_int, check_real, unknown_key_error
+from manip.settings import CONFIG_DIR, SettingError, check_int, check_real, unknown_key_error
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -163,8 +163,7 @@ def summary(result: dict, out: Path) -> str:
 
 def check_known_settings(cfg: DictConfig) -> None:
     """Every key is one conf/evaluate.yaml declares: ``+episode=2`` is refused, not ignored."""
-    declared = [key for key in OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml")
-                if key not in ("defaults", "hydra")]
+    declared = [key for key in OmegaConf.load(CONFIG_DIR / "evaluate.yaml") if key not in ("defaults", "hydra")]
     for key in cfg:
         if key not in declared:
             raise unknown_key_error(key, declared)
@@ -180,7 +179,7 @@ def main(cfg: DictConfig) -> None:
         out = check_output(cfg.out if cfg.out else default_output(ckpt))  # before the evaluation: keeps its result
         result = evaluate_checkpoint(ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
-                                     video_episodes=check_int(cfg.video_episodes, "video_episodes", 0) if cfg.video else 0,
+                                     video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps, act_dtype=cfg.act_dtype, act_compile=cfg.act_compile)
     except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:

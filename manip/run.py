@@ -37,7 +37,8 @@ from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import SettingError, check_int, check_known_keys, check_real, find_class, unknown_key_error
+from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, find_class,
+                            unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -285,10 +286,10 @@ def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 _GROUPS = ("data", "algo", "trainer", "logger", "conf", "tuning")  # fit's config groups (conf/<group>/)
-# ManipModule's arguments the entry points pass themselves (the rest come from the module section).
-_MODULE_GIVEN = ("agent", "obs_dim", "action_dim", "horizon", "stats", "cfg", "online")
+# The sections hydra.utils.instantiate builds, with the constructor arguments the entry points pass themselves.
+_BUILT_SECTIONS = {"data": (), "algo.agent": ("obs_dim", "action_dim", "horizon"), "trainer": (),
+                   "module": ("agent", "obs_dim", "action_dim", "horizon", "stats", "cfg", "online")}
 
 
 def check_config_keys(cfg: DictConfig, phase: str) -> None:
@@ -296,10 +297,10 @@ def check_config_keys(cfg: DictConfig, phase: str) -> None:
     (a typo such as ``+eval.episode=2``) would otherwise be ignored, or end the command in a traceback.
 
     ``env``, ``eval`` and ``checkpoint`` have the keys ``conf/fit.yaml`` declares (``finetune``: those of
-    ``conf/finetune.yaml``), the ``module`` section
-    :class:`~manip.module.ManipModule`'s arguments, and (``phase="offline"``) the top level fit.yaml's keys and
-    groups; the data, agent and trainer sections are checked against their ``_target_`` where they are built,
-    fine-tuning's top level by :func:`manip.finetune.compose`. Raises ``SettingError`` with the closest key."""
+    ``conf/finetune.yaml``), the sections ``hydra.utils.instantiate`` builds (data, algo.agent, trainer, module)
+    their ``_target_``'s constructor arguments, and (``phase="offline"``) the top level fit.yaml's keys and groups;
+    fine-tuning's top level is checked by :func:`manip.finetune.compose`. Raises ``SettingError`` with the closest
+    key."""
     declared = OmegaConf.load(CONFIG_DIR / "fit.yaml")
     if phase == "online":
         declared.finetune = OmegaConf.load(CONFIG_DIR / "finetune.yaml").finetune
@@ -312,9 +313,10 @@ def check_config_keys(cfg: DictConfig, phase: str) -> None:
         for key in cfg:
             if key not in top:
                 raise unknown_key_error(key, top)
-    module = cfg.get("module") or {}
-    if module.get("_target_"):
-        check_known_keys(find_class(module["_target_"], "module._target_"), module, "module", given=_MODULE_GIVEN)
+    for section, given in _BUILT_SECTIONS.items():
+        settings = OmegaConf.select(cfg, section)
+        if settings is not None and settings.get("_target_"):
+            check_known_keys(find_class(settings["_target_"], f"{section}._target_"), settings, section, given)
 
 
 def check_command_line(command: str, phase: str | None = None, args: list[str] | None = None) -> None:
@@ -359,11 +361,6 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
             error = unknown_key_error(key, [k for k in known if k != key])
         else:
             check_config_keys(added, phase)
-            for section in ("data", "algo.agent", "trainer"):
-                settings = OmegaConf.select(added, section)
-                if settings is not None and settings.get("_target_"):
-                    given = ("obs_dim", "action_dim", "horizon") if section == "algo.agent" else ()
-                    check_known_keys(find_class(settings["_target_"], f"{section}._target_"), settings, section, given)
     except SettingError as err:
         error = err
     if (error is None or key not in str(error)) and phase == "online":
@@ -411,15 +408,7 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
-        settings = {k: v for k, v in agent.items() if not k.startswith("_")}
-        if "_target_" in agent:
-            check_known_keys(find_class(agent["_target_"], "algo.agent._target_"), settings, "algo.agent",
-                             given=("obs_dim", "action_dim", "horizon"))
-        check_agent_settings(algo.get("horizon"), **settings)
-    trainer = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
-    if trainer.get("_target_"):
-        check_known_keys(find_class(trainer["_target_"], "trainer._target_"), {k: v for k, v in trainer.items()
-                                                                      if not k.startswith("_")}, "trainer")
+        check_agent_settings(algo.get("horizon"), **{k: v for k, v in agent.items() if not k.startswith("_")})
     if phase == "online":
         online = plain(cfg.finetune)
         check_offline_fraction(online.pop("offline_fraction", None))

@@ -10,6 +10,11 @@ import importlib
 import inspect
 import math
 import numbers
+from pathlib import Path
+
+
+# The project's Hydra configs (conf/ beside the package), whose files declare the settings the commands read.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class SettingError(ValueError):
@@ -58,7 +63,6 @@ def find_class(target, key: str) -> type:
     if not isinstance(found, type):
         raise SettingError(f"{key}={target}: {module_name} has no class {class_name}")
     return found
-
 
 
 def unknown_key_error(key: str, known, section: str = "") -> SettingError:
