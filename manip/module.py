@@ -345,6 +345,9 @@ class ManipModule(L.LightningModule):
                 **{f"train/{k}": v for k, v in info.items() if k not in _TOTALS}}
         if self.online is not None:
             logs["online/env_steps"] = float(self.env_steps)
+        # The loggers' step of these rows: the update count, as in eval rows and checkpoints (Lightning's default is
+        # its count of batches before this one, which also counts the online phase's collection-only batches).
+        logs["step"] = float(self.global_step)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["actions"]))
         self.log("loss", (actor_loss + critic_loss).detach(), prog_bar=True, logger=False, on_step=True,
                  on_epoch=False, batch_size=len(batch["actions"]))  # the progress bar's figure, not a column

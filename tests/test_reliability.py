@@ -96,11 +96,11 @@ def offline_run(cube_single_npz, tmp_path_factory) -> Path:
 def test_same_seed_gives_identical_losses(offline_run, cube_single_npz, tmp_path):
     run_fit(fit_overrides(cube_single_npz, tmp_path / "again"))
     first, again = logged_losses(offline_run), logged_losses(tmp_path / "again")
-    assert sorted(first) == list(range(STEPS))
+    assert sorted(first) == list(range(1, STEPS + 1))  # a row's step is the number of updates done, as in eval rows
     assert again == first
     run_fit(fit_overrides(cube_single_npz, tmp_path / "seed1", 3, "seed=1"))
     other = logged_losses(tmp_path / "seed1")
-    assert all(other[s] != first[s] for s in range(3))
+    assert all(other[s] != first[s] for s in range(1, 4))
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -139,6 +139,11 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, caplog):
     assert f"resuming fine-tuning from {last}" in caplog.text
     final = load_checkpoint(last)
     assert final["global_step"] == start + 60 and adam_steps(final) == {start + 60}
+    # metrics.csv's training rows count updates like the checkpoints, offline steps included (not Lightning's
+    # batch count, which also counts the batches that only collected env steps before finetune.start_training).
+    online_steps = sorted(logged_losses(run_dir, "online"))
+    assert online_steps[-1] == start + 60 and online_steps[0] > start
+    assert len(online_steps) == len(set(online_steps))
     # The online buffer continues where the killed run's checkpoint left it, and env steps keep
     # pace with online updates (utd = 1) from the killed run's count on.
     replay = final["manip"]["online_replay"]
