@@ -104,6 +104,20 @@ def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, use
             final.data[key] = 0
 
 
+def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str) -> Path:
+    """Where fine-tuning ``ckpt_path`` writes without a ``run_dir``: ``<offline run>/finetune_<target>`` for an
+    offline run's checkpoint (``<run>/checkpoints/*.ckpt``); beside a fine-tuning run's own directory,
+    ``<its run>_then_<target>``, for one of its checkpoints; ``<dir>/<name>_finetune_<target>`` for a checkpoint
+    file kept elsewhere."""
+    path = Path(ckpt_path).expanduser().resolve()
+    if path.parent.name != "checkpoints":
+        return path.parent / f"{path.stem}_finetune_{target}"
+    run = path.parent.parent
+    if "finetune_start_step" in ckpt_cfg:
+        return run.parent / f"{run.name}_then_{target}"
+    return run / f"finetune_{target}"
+
+
 def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool]:
     """(final config, checkpoint to start from, its contents as ``load_checkpoint`` read them, checkpoint to
     resume from or None, whether that run is already finished).
@@ -115,11 +129,10 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     an unreadable checkpoint or a missing dataset file, before any data is read.
     """
     require_ckpt(cfg)
-    target = cfg.finetune.target
-    run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
-               else Path(cfg.ckpt).expanduser().resolve().parent.parent / f"finetune_{target}")
-    resume = resume_path(cfg.resume, run_dir)
     ckpt = load_checkpoint(cfg.ckpt)
+    run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
+               else default_run_dir(cfg.ckpt, ckpt["hyper_parameters"]["cfg"], cfg.finetune.target))
+    resume = resume_path(cfg.resume, run_dir)
     if resume is not None:  # the interrupted run's own config, then today's overrides again
         base_path, base_ckpt = resume, load_checkpoint(resume)
         if "finetune_start_step" not in base_ckpt["hyper_parameters"]["cfg"]:

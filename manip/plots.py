@@ -4,7 +4,8 @@ Run directories are what ``manip.fit`` and ``manip.finetune`` write: ``eval.json
 evaluation: step, env_steps, phase, success_rate, ci_low, ci_high, ...) and the run config in
 ``<run_dir>/<phase>/hparams.yaml``. A fine-tuning run (``<offline run>/finetune_<target>``) records
 the checkpoint it started from, so its curve is the offline run's evaluations up to that step
-followed by its own.
+followed by its own (a run fine-tuned from a fine-tuning run, ``finetune_<target>_then_<target>``,
+goes through both).
 
 Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
 best-of-N target, or ``mvp [adaptive_p=0.5]`` where runs of one algo differ in a setting); runs
@@ -186,9 +187,13 @@ def _offline_run(run_dir: Path, offline_ckpt: str) -> str:
     moved or copied since (the record is an absolute path), the directory ``finetune`` puts its runs in by default
     (``<offline run>/finetune_<target>``)."""
     recorded = Path(offline_ckpt).parent.parent
-    if recorded.is_dir() or not run_dir.name.startswith("finetune_"):
+    if recorded.is_dir():
         return str(recorded)
-    return str(run_dir.parent)
+    if "_then_" in run_dir.name:  # fine-tuned from a fine-tuning run: <that run>_then_<target>, beside it
+        return str(run_dir.parent / run_dir.name.rsplit("_then_", 1)[0])
+    if run_dir.name.startswith("finetune_"):
+        return str(run_dir.parent)
+    return str(recorded)
 
 
 def read_evaluations(run_dir: str | Path) -> pd.DataFrame:
@@ -212,22 +217,31 @@ def read_evaluations(run_dir: str | Path) -> pd.DataFrame:
 def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Success-rate curves, one per run, in long form (one row per evaluation).
 
-    A fine-tuning run's curve starts with its parent's offline evaluations up to ``start_step``; an
-    offline run that was fine-tuned is not a curve of its own. Columns: the run's task, algo,
-    label, seed and run_dir, then the ``eval.jsonl`` fields.
+    A fine-tuning run's curve starts with its parent's curve up to ``start_step`` (the parent's offline
+    evaluations, or, for a run fine-tuned from a fine-tuning run, that run's whole curve up to there); a run
+    that was fine-tuned further is not a curve of its own. Columns: the run's task, algo, label, seed and
+    run_dir, then the ``eval.jsonl`` fields.
     """
     fine_tuned = set(runs["parent"].dropna())
+    parents = {run.run_dir: (run.parent, run.start_step) for run in runs.itertuples() if pd.notna(run.parent)}
+
+    def curve(run_dir: str, seen: frozenset = frozenset()) -> pd.DataFrame:
+        records = read_evaluations(run_dir) if (Path(run_dir) / "eval.jsonl").exists() else pd.DataFrame()
+        if run_dir not in parents or run_dir in seen or records.empty:
+            return records
+        parent, start_step = parents[run_dir]
+        before = curve(parent, seen | {run_dir})
+        if before.empty:
+            return records
+        return pd.concat([before[before["step"] <= start_step], records], ignore_index=True)
+
     curves = []
     for run in runs.itertuples():
-        online = pd.notna(run.parent)
-        if not online and run.run_dir in fine_tuned:
+        if run.run_dir in fine_tuned:
             continue
-        records = read_evaluations(run.run_dir)
+        records = curve(run.run_dir)
         if records.empty:
             continue
-        if online and (Path(run.parent) / "eval.jsonl").exists():
-            offline = read_evaluations(run.parent)
-            records = pd.concat([offline[offline["step"] <= run.start_step], records], ignore_index=True)
         curves.append(records.assign(task=run.task, algo=run.algo, label=run.label, seed=run.seed,
                                      run_dir=run.run_dir))
     columns = ["task", "algo", "label", "seed", "run_dir", "step", "env_steps", "phase", "success_rate", "ci_low",

@@ -252,3 +252,38 @@ def test_moved_fine_tuning_runs_find_their_offline_run(tmp_path):
     OmegaConf.save(cfg, online / "online" / "hparams.yaml")
     runs = plots.find_runs(tmp_path).set_index("target")
     assert runs.loc["bon", "parent"] == str(tmp_path / "mvp_0")
+
+
+def _write_fine_tuning_run(run_dir: Path, parent_ckpt: str, target: str, start_step: int, steps: list[int]) -> None:
+    """A run directory as ``manip.finetune`` leaves it: ``online/hparams.yaml`` and its online evaluations."""
+    from omegaconf import OmegaConf
+
+    _write_run(run_dir, "mvp", 0)
+    cfg = OmegaConf.load(run_dir / "offline" / "hparams.yaml")
+    cfg.cfg.finetune = {"target": target}
+    cfg.cfg.offline_ckpt = parent_ckpt
+    cfg.cfg.finetune_start_step = start_step
+    (run_dir / "online").mkdir()
+    OmegaConf.save(cfg, run_dir / "online" / "hparams.yaml")
+    (run_dir / "eval.jsonl").write_text("".join(
+        json.dumps({"step": step, "env_steps": step - start_step, "phase": "online", "success_rate": 0.9,
+                    "ci_low": 0.8, "ci_high": 1.0, "episodes": 20}) + "\n" for step in steps))
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_run_fine_tuned_from_a_fine_tuning_run_continues_that_runs_curve(tmp_path, moved):
+    """offline (eval at 10) -> finetune_bon from step 10 (evals 20, 30) -> finetune_bon_then_som from step 20 (40):
+    the last run's curve is 10, 20, 40; the runs it continues are not curves of their own."""
+    _write_run(tmp_path / "mvp_0", "mvp", 0)
+    root = "/elsewhere/runs" if moved else str(tmp_path)  # moved: the recorded paths no longer exist
+    _write_fine_tuning_run(tmp_path / "mvp_0" / "finetune_bon", f"{root}/mvp_0/checkpoints/step10.ckpt", "bon", 10,
+                           [20, 30])
+    _write_fine_tuning_run(tmp_path / "mvp_0" / "finetune_bon_then_som",
+                           f"{root}/mvp_0/finetune_bon/checkpoints/step20.ckpt", "som", 20, [40])
+    runs = plots.find_runs(tmp_path).set_index("target")
+    assert runs.loc["som", "parent"] == str(tmp_path / "mvp_0" / "finetune_bon")
+    assert runs.loc["bon", "parent"] == str(tmp_path / "mvp_0")
+    curves = plots.load_curves(runs.reset_index())
+    assert set(curves["run_dir"]) == {str(tmp_path / "mvp_0" / "finetune_bon_then_som")}
+    assert curves["step"].tolist() == [10, 20, 40]
+    assert curves["phase"].tolist() == ["offline", "online", "online"]

@@ -19,7 +19,9 @@ import manip.envs
 from manip.checkpoint import CheckpointError, load_checkpoint
 from manip.settings import SettingError
 
-from entry_points import run_finetune, run_fit, warnings_logged
+from manip import finetune
+
+from entry_points import config, run_finetune, run_fit, warnings_logged
 
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0", "data.env_horizon=10",
@@ -147,6 +149,18 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     run_finetune(finetune_overrides(step_ckpt, tmp_path / "ft2", 2))
     assert f"{step_ckpt} is a step checkpoint of a fine-tuning run: only last.ckpt keeps the online episodes" \
         in warnings_logged(caplog)
+
+    # Without a run_dir: an offline run's checkpoint fine-tunes into <run>/finetune_<target>, a fine-tuning run's
+    # beside that run (not inside it), and a checkpoint kept outside a run directory beside itself.
+    def default_dir(ckpt: Path, target: str) -> Path:
+        items = [f"ckpt={ckpt}", f"finetune.target={target}"]
+        return Path(finetune.compose(config("finetune", items), items)[0].run_dir)
+
+    offline_dir = offline_run[0]
+    assert default_dir(offline_dir / "checkpoints" / "last.ckpt", "som") == offline_dir / "finetune_som"
+    assert default_dir(step_ckpt, "som") == tmp_path / "ft_then_som"
+    assert default_dir(tmp_path / "ft" / "checkpoints" / "last.ckpt", "bon") == tmp_path / "ft_then_bon"
+    assert default_dir(offline_ckpt, "rfm") == offline_ckpt.parent / "last_finetune_rfm"  # a copy in <dir>/kept
 
     # The same command again with other fine-tuning settings is another run: refused, its record untouched.
     record = (tmp_path / "ft" / "hydra" / "config.yaml").read_text()
