@@ -532,17 +532,33 @@ def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
 
 def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str] | None = None) -> None:
     """``<run_dir>/hydra/config.yaml`` (``config``), ``overrides.yaml`` (the command line's overrides) and, under
-    a Hydra app, ``hydra.yaml``: what Hydra's ``output_subdir`` holds, written once the run's checks passed."""
+    a Hydra app, ``hydra.yaml``: what Hydra's ``output_subdir`` holds, written once the run's checks passed.
+
+    A resumed run whose command differs from the recorded one (a larger ``trainer.max_steps``, other ``env`` or
+    ``eval`` settings) keeps the earlier record as ``config.<k>.yaml`` (and ``overrides.<k>.yaml``,
+    ``hydra.<k>.yaml``), k = 1 for the first command: ``config.yaml`` is always the latest command's."""
     out = run_dir / "hydra"
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, out / "config.yaml")
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.instance().cfg
-        OmegaConf.save(hydra_cfg, out / "hydra.yaml")
-        if overrides is None:
-            overrides = list(hydra_cfg.hydra.overrides.task)
+    hydra_cfg = HydraConfig.instance().cfg if HydraConfig.initialized() else None
+    if overrides is None and hydra_cfg is not None:
+        overrides = list(hydra_cfg.hydra.overrides.task)
+    texts = {"config": OmegaConf.to_yaml(config)}
     if overrides is not None:
-        OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
+        texts["overrides"] = OmegaConf.to_yaml(OmegaConf.create(list(overrides)))
+    if hydra_cfg is not None:
+        texts["hydra"] = OmegaConf.to_yaml(hydra_cfg)
+    recorded = out / "config.yaml"
+    changed = any((out / f"{name}.yaml").exists() and (out / f"{name}.yaml").read_text() != text
+                  for name, text in texts.items() if name != "hydra")  # hydra.yaml also holds the job's cwd
+    if recorded.exists() and changed:
+        k = 1
+        while (out / f"config.{k}.yaml").exists():
+            k += 1
+        for name in ("config", "overrides", "hydra"):
+            if (out / f"{name}.yaml").exists():
+                (out / f"{name}.yaml").rename(out / f"{name}.{k}.yaml")
+    for name, text in texts.items():
+        (out / f"{name}.yaml").write_text(text)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import manip
 import manip.envs
@@ -102,7 +103,7 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
     assert not list(checkpoints.glob("last-v*.ckpt"))
     run_fit(fit_overrides(cube_single_npz, tmp_path / "straight", steps))
     assert logged_losses(run_dir) == logged_losses(tmp_path / "straight")
-    assert sorted(logged_losses(run_dir)) == list(range(steps))
+    assert sorted(logged_losses(run_dir)) == list(range(1, steps + 1))
     # Another checkpoint interval (a callback state the run did not save) still continues last.ckpt, not last-v1;
     # 0 saves last.ckpt at the end only.
     trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, steps + 5, "checkpoint.every_n_steps=0"))
@@ -177,6 +178,12 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     assert (tmp_path / "ft" / "hydra" / "config.yaml").read_text() == record
     trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates + 3, "finetune.num_envs=2"))
     assert trainer.global_step == start + updates + 3
+    # the continued run's record is this command's; the first command's is kept beside it
+    hydra_dir = tmp_path / "ft" / "hydra"
+    assert (hydra_dir / "config.1.yaml").read_text() == record and not (hydra_dir / "config.2.yaml").exists()
+    assert OmegaConf.load(hydra_dir / "config.yaml").trainer.max_steps == updates + 3
+    assert "finetune.num_envs=2" in OmegaConf.load(hydra_dir / "overrides.yaml")
+    assert "finetune.num_envs=2" not in OmegaConf.load(hydra_dir / "overrides.1.yaml")
 
 
 def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tmp_path, monkeypatch):
