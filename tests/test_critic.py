@@ -9,7 +9,7 @@ from torch import nn
 
 from manip.algos import FQLAgent, FlowBoNAgent, MVPAgent
 from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_update
-from manip.algos.networks import CriticEnsemble
+from manip.algos.networks import CriticEnsemble, CriticMembers
 from manip.data.replay import random_chunk_batch
 
 
@@ -69,13 +69,15 @@ def test_soft_update_math():
 
 def _member_forward(critic: CriticEnsemble, e: int, obs, actions, norm_first: bool = False):
     """Reference: member e of the ensemble evaluated as a plain MLP, Dense -> GELU -> LayerNorm per hidden layer
-    as in FQL's and QC's networks (``norm_first``: LayerNorm before the GELU)."""
+    as in FQL's and QC's networks (``norm_first``: LayerNorm before the GELU), with Flax's LayerNorm
+    ``(h - mean) / sqrt(var + 1e-6)``."""
     h = torch.cat([obs, actions], -1)
     for i, layer in enumerate(critic.hidden):
         h = h @ layer.weight[e] + layer.bias[e, 0]
         if not norm_first:
             h = F.gelu(h)
-        h = F.layer_norm(h, h.shape[-1:]) * critic.norm_scales[i][e, 0] + critic.norm_shifts[i][e, 0]
+        normed = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        h = normed * critic.norm_scales[i][e, 0] + critic.norm_shifts[i][e, 0]
         if norm_first:
             h = F.gelu(h)
     return (h @ critic.out.weight[e] + critic.out.bias[e, 0]).squeeze(-1)
@@ -95,6 +97,16 @@ def test_critic_ensemble_matches_independent_members(block):
         torch.testing.assert_close(q[e], _member_forward(critic, e, obs, actions, block == "linear_norm_gelu"))
         assert not torch.allclose(q[e], _member_forward(critic, e, obs, actions, block != "linear_norm_gelu"))
     assert not torch.allclose(q[0], q[1])
+    # features of small spread, where the LayerNorm's epsilon matters: Flax's 1e-6, not torch's default 1e-5
+    small = copy.deepcopy(critic)
+    with torch.no_grad():
+        small.hidden[0].weight.mul_(1e-3), small.hidden[0].bias.mul_(1e-3)
+        small_q = small(obs, actions)
+        members = CriticMembers(small)(obs, actions)
+    for e in range(3):
+        torch.testing.assert_close(small_q[e], _member_forward(small, e, obs, actions, block == "linear_norm_gelu"),
+                                   rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(members, small_q, rtol=1e-4, atol=1e-4)
     # a loss on one member only produces gradients for that member's slice
     q[1].sum().backward()
     grad = critic.hidden[0].weight.grad

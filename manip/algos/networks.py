@@ -42,6 +42,8 @@ __all__ = [
 CRITIC_BLOCKS = ("linear_gelu_norm", "linear_norm_gelu")
 
 MAX_TIME_FREQUENCY = 3.0
+# The critic's LayerNorm epsilon: Flax's nn.LayerNorm default, which FQL's and QC's critics use (torch's is 1e-5).
+LAYER_NORM_EPS = 1e-6
 
 
 def _time_frequencies(dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -228,7 +230,8 @@ class CriticEnsemble(nn.Module):
             if not norm_first:
                 h = F.gelu(h)
             if self.layer_norm:
-                h = torch.addcmul(self.norm_shifts[i], F.layer_norm(h, h.shape[-1:]), self.norm_scales[i])
+                h = torch.addcmul(self.norm_shifts[i], F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS),
+                                  self.norm_scales[i])
             if norm_first:
                 h = F.gelu(h)
         return self.out(h).squeeze(-1)
@@ -261,7 +264,7 @@ class CriticMembers(nn.Module):
                     break
                 block = [nn.GELU()]
                 if ensemble.layer_norm:
-                    norm = nn.LayerNorm(out_dim)
+                    norm = nn.LayerNorm(out_dim, eps=LAYER_NORM_EPS)
                     with torch.no_grad():
                         norm.weight.copy_(ensemble.norm_scales[i][e, 0])
                         norm.bias.copy_(ensemble.norm_shifts[i][e, 0])
