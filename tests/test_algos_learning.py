@@ -20,6 +20,9 @@ AGENTS = {
     "qc": lambda: FlowBoNAgent(OBS_DIM, ACTION_DIM, HORIZON, num_samples=8, flow_steps=4, **SMALL),
     "bfn": lambda: FlowBoNAgent(OBS_DIM, ACTION_DIM, 1, num_samples=4, flow_steps=4, **SMALL),
     "qc_fql": lambda: FQLAgent(OBS_DIM, ACTION_DIM, HORIZON, alpha=10.0, flow_steps=4, **SMALL),
+    # the flow reading t itself, as FQL's and QC's code
+    "qc_raw_t": lambda: FlowBoNAgent(OBS_DIM, ACTION_DIM, HORIZON, num_samples=8, flow_steps=4, time_dim=1, **SMALL),
+    "fql_raw_t": lambda: FQLAgent(OBS_DIM, ACTION_DIM, 1, alpha=10.0, flow_steps=4, time_dim=1, **SMALL),
 }
 
 
@@ -400,3 +403,13 @@ def test_fql_teacher_uses_flow_steps_euler_steps():
         ten_steps = (student - euler_sample(agent.flow, obs, z, 10)).square().mean()
     assert (expected - ten_steps).abs() > 1e-3 * expected
     torch.testing.assert_close(info["actor/distill_loss"], expected)
+
+
+def test_flow_time_dim_one_reads_the_time_itself():
+    """time_dim = 1: v(x, t | s) reads [s, x, t] (FQL's and QC's ActorVectorField), no sinusoidal features."""
+    net = VelocityNet(OBS_DIM, 5, (16,), time_dim=1)
+    assert net.mlp.net[0].in_features == OBS_DIM + 5 + 1
+    g = torch.Generator().manual_seed(0)
+    obs, x, t = torch.randn(7, OBS_DIM, generator=g), torch.randn(7, 5, generator=g), torch.rand(7, generator=g)
+    torch.testing.assert_close(net(obs, x, t), net.mlp(torch.cat([obs, x, t.unsqueeze(-1)], dim=-1)))
+    assert VelocityNet(OBS_DIM, 5, (16,)).mlp.net[0].in_features == OBS_DIM + 5 + 32

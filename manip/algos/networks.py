@@ -140,13 +140,21 @@ class MeanVelocityNet(nn.Module):
         return self.mlp(torch.cat([obs, x, self.time_embed(t), self.time_embed(r - t)], dim=-1))
 
 
+class RawTime(nn.Module):
+    """The time itself as the one time feature: (B,) -> (B, 1) (FQL's and QC's ``ActorVectorField`` input)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(-1)
+
+
 class VelocityNet(nn.Module):
-    """Instantaneous velocity ``v(x, t | s)`` for flow behaviour cloning. Input ``[obs, x, emb(t)]``."""
+    """Instantaneous velocity ``v(x, t | s)`` for flow behaviour cloning. Input ``[obs, x, emb(t)]``, ``emb(t)``
+    the ``time_dim`` sinusoidal features, or ``t`` itself for ``time_dim = 1`` (as FQL's and QC's code)."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (512,) * 4, time_dim: int = 32):
         super().__init__()
         self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.time_embed = TimeEmbedding(time_dim)
+        self.time_embed = RawTime() if time_dim == 1 else TimeEmbedding(time_dim)
         self.mlp = MLP(obs_dim + action_dim + time_dim, action_dim, hidden_dims)
 
     def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
