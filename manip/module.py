@@ -330,6 +330,7 @@ class ManipModule(L.LightningModule):
         if self.online is not None:
             self._collect()
             if self.env_steps < self.online.start_training:
+                self._log_update_count()
                 return None
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
         opt = self.optimizers()
@@ -345,13 +346,16 @@ class ManipModule(L.LightningModule):
                 **{f"train/{k}": v for k, v in info.items() if k not in _TOTALS}}
         if self.online is not None:
             logs["online/env_steps"] = float(self.env_steps)
-        # The loggers' step of these rows: the update count, as in eval rows and checkpoints (Lightning's default is
-        # its count of batches before this one, which also counts the online phase's collection-only batches).
-        logs["step"] = float(self.global_step)
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=len(batch["actions"]))
         self.log("loss", (actor_loss + critic_loss).detach(), prog_bar=True, logger=False, on_step=True,
                  on_epoch=False, batch_size=len(batch["actions"]))  # the progress bar's figure, not a column
+        self._log_update_count()
         return None
+
+    def _log_update_count(self) -> None:
+        """Sets the loggers' step of this batch's rows to the update count (``global_step``), as in evaluation rows
+        and checkpoints (Lightning's default, its count of earlier batches, is one less)."""
+        self.log("step", float(self.global_step), on_step=True, on_epoch=False, batch_size=1)
 
     def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, dict]:

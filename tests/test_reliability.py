@@ -144,6 +144,10 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, caplog):
     online_steps = sorted(logged_losses(run_dir, "online"))
     assert online_steps[-1] == start + 60 and online_steps[0] > start
     assert len(online_steps) == len(set(online_steps))
+    with open(run_dir / "online" / "metrics.csv", newline="") as f:
+        episode_steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("online/episode_success")]
+    # the first update's batch collects the finetune.start_training steps first: its episodes are rows of update 1
+    assert episode_steps[0] == start + 1 and all(start < step <= start + 60 for step in episode_steps)
     # The online buffer continues where the killed run's checkpoint left it, and env steps keep
     # pace with online updates (utd = 1) from the killed run's count on.
     replay = final["manip"]["online_replay"]
