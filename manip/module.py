@@ -38,7 +38,7 @@ from manip.evaluation import ChunkPolicy, VectorRollout
 from manip.logs import LOG
 from manip.settings import SettingError, check_int, check_real
 
-TARGETS = ("bon", "som", "rfm")
+TARGETS = ("bon", "som", "rfm", "replay")
 Q_SCALES = ("mean_abs", "none")
 PRIORS = ("auto", "box", "policy", "data")
 # The agents' loss info repeats the two totals, logged as train/actor_loss and train/critic_loss.
@@ -50,7 +50,8 @@ class OnlineConfig:
     """Online fine-tuning settings.
 
     target: "bon" (imitate best-of-N a* at batch states), "som" or "rfm" (critic-driven target
-    velocities); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
+    velocities), "replay" (the offline loss on the replay's chunks alone: the executed best-of-N chunks become
+    the imitation targets, QC's online design); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
     temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
     to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
     som_score_norm: None (default: the Monte-Carlo score, the target's marginal velocity) or w > 0: SOM with
@@ -99,8 +100,8 @@ class OnlineConfig:
             self.prior = AUTO_PRIOR[self.target]
         if self.prior == "policy" and self.target != "rfm":
             raise SettingError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
-        if self.prior == "data" and self.target == "bon":
-            raise SettingError("finetune.prior=data shapes the som / rfm Boltzmann target; bon has no prior")
+        if self.prior == "data" and self.target in ("bon", "replay"):
+            raise SettingError(f"finetune.prior=data shapes the som / rfm Boltzmann target; {self.target} has no prior")
         check_real(self.bc_weight, "finetune.bc_weight", 0.0)
         check_real(self.alpha, "finetune.alpha", 0.0)
         if self.alpha_final is not None:
@@ -361,11 +362,11 @@ class ManipModule(L.LightningModule):
                    ) -> tuple[torch.Tensor, dict]:
         """Offline: the agent's own actor loss. Online (MVP): the configured critic-driven target.
 
-        Agents without a mean-velocity ``policy_loss`` (QC, BFN, FQL) keep their own actor loss
-        online, on replay batches that now include online episodes (as in QC). ``batch`` has
+        ``finetune.target=replay`` and agents without a mean-velocity ``policy_loss`` (QC, BFN, FQL) keep the
+        agent's own actor loss online, on replay batches that now include online episodes (as in QC). ``batch`` has
         normalised observations; noise comes from ``generator``.
         """
-        if self.online is None or not hasattr(self.agent, "policy_loss"):
+        if self.online is None or self.online.target == "replay" or not hasattr(self.agent, "policy_loss"):
             return self.agent.actor_loss(batch, generator)
         from manip.algos import targets
 

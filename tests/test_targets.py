@@ -609,3 +609,21 @@ def test_fine_tuning_from_an_offline_checkpoint_draws_from_its_own_seed():
                       "manip": {"rng": [{"torch": torch.get_rng_state(), "generator": offline_state}]}}
         module.on_load_checkpoint(checkpoint)
         assert module.seed == 0 and torch.equal(module.generator.get_state(), expected)
+
+
+def test_replay_target_trains_the_offline_loss_on_the_replay_alone():
+    """finetune.target=replay: the actor's loss is the agent's offline loss on the batch (QC's online design: the
+    executed best-of-N chunks in the replay are the imitation targets); the critic never enters it."""
+    from manip.data.replay import random_chunk_batch
+
+    batch = random_chunk_batch(16, 5, 2, 3)
+    module = _online_module("replay")
+    loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    offline, _ = module.agent.actor_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(loss, offline) and "target_alpha" not in info
+    loss.backward()
+    assert all(p.grad is None for p in module.agent.critic.parameters())
+    bon, _ = _online_module("bon").actor_loss(batch, torch.Generator().manual_seed(0))
+    assert not torch.isclose(bon, offline)  # bon adds the best-of-N term to that loss
+    with pytest.raises(ValueError, match="replay has no prior"):
+        _online_module("replay", prior="data")

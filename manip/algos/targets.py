@@ -167,7 +167,7 @@ BOUND_STD = 0.1
 TAIL_WIDTH = 4.0
 TARGET_KINDS = ("bon", "som", "rfm")
 # finetune.prior=auto: the prior each target works with offline-to-online (bon has none)
-AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy"}
+AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy", "replay": "box"}
 
 
 def boltzmann_log_density(
