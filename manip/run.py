@@ -408,7 +408,8 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
-        check_agent_settings(algo.get("horizon"), **{k: v for k, v in agent.items() if not k.startswith("_")})
+        check_agent_settings(algo.get("horizon"), time_features=getattr(_class_of(agent), "TIME_FEATURES", None),
+                             **{k: v for k, v in agent.items() if not k.startswith("_")})
     if phase == "online":
         online = plain(cfg.finetune)
         check_offline_fraction(online.pop("offline_fraction", None))
@@ -559,6 +560,14 @@ def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str]
                 (out / f"{name}.yaml").rename(out / f"{name}.{k}.yaml")
     for name, text in texts.items():
         (out / f"{name}.yaml").write_text(text)
+
+
+def _class_of(section: dict):
+    """The class a config section's ``_target_`` names, or None where it names none that imports."""
+    try:
+        return hydra.utils.get_class(section["_target_"])
+    except Exception:  # a missing or broken _target_ is reported where the section is built
+        return None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:

@@ -451,6 +451,10 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     (["trainer._target_=Trainer"], SettingError,
      "trainer._target_ must be a dotted path package.module.Class, got 'Trainer'"),
     (["trainer.max_steps=-5"], SettingError, "trainer: `max_steps` must be a non-negative integer or -1"),
+    (["+algo.agent.time_dim=30"], SettingError,
+     "algo.agent.time_dim must be a multiple of 4 (sinusoidal features of t and of r - t), got 30"),
+    (["algo=qc", "algo.agent.time_dim=3"], SettingError,
+     "algo.agent.time_dim must be 1 (t itself) or an even number of sinusoidal features, got 3"),
     (["data.path={tmp}"], DatasetError, "Robomimic dataset {tmp} is a directory; data.path names the .hdf5 file"),
     (["data.task=lfit", "data.path={tmp}/lfit/mh/low_dim_v15.hdf5"], SettingError,
      "data.task='lfit': {tmp}/lfit/mh/low_dim_v15.hdf5 does not exist and the scripted generator knows only lift, "

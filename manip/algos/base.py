@@ -28,20 +28,29 @@ _COUNTS = ("num_samples", "num_critics", "flow_steps", "sample_steps", "time_dim
 _FRACTIONS = ("boundary_fraction", "full_interval_fraction")
 
 
-def check_agent_settings(horizon: int | None = None, **settings) -> None:
+def check_agent_settings(horizon: int | None = None, time_features: str | None = None, **settings) -> None:
     """Raise ``SettingError`` naming ``algo.horizon`` or ``algo.agent.<key>`` for the first setting out of range.
 
     Checked when given: horizon, num_samples, num_critics, flow_steps, sample_steps, time_dim (integers >= 1),
     hidden_dims (a non-empty list of integers >= 1), boundary_fraction and full_interval_fraction (in [0, 1]),
     q_agg (one of ``Q_AGGREGATES``), critic_block (one of ``CRITIC_BLOCKS``) and td_select (one of ``TD_SELECTORS``);
-    other keys pass unchecked. The agents call it in their constructors, and the
-    entry points with the composed ``algo`` config before any data is loaded.
+    other keys pass unchecked. ``time_features`` (the agent class's ``TIME_FEATURES``): "mean_velocity" requires
+    a time_dim that is a multiple of 4 (half for t, half for r - t), "flow" 1 (t itself) or an even number. The
+    agents call it in their constructors, and the entry points with the composed ``algo`` config before any data
+    is loaded.
     """
     if horizon is not None:
         check_int(horizon, "algo.horizon", 1)
     for key in _COUNTS:
         if key in settings:
             check_int(settings[key], f"algo.agent.{key}", 1)
+    time_dim = settings.get("time_dim")
+    if time_features == "mean_velocity" and time_dim is not None and time_dim % 4:
+        raise SettingError(f"algo.agent.time_dim must be a multiple of 4 (sinusoidal features of t and of r - t), "
+                           f"got {time_dim}")
+    if time_features == "flow" and time_dim is not None and time_dim != 1 and time_dim % 2:
+        raise SettingError(f"algo.agent.time_dim must be 1 (t itself) or an even number of sinusoidal features, "
+                           f"got {time_dim}")
     if "hidden_dims" in settings:
         dims = settings["hidden_dims"]
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:

@@ -63,6 +63,8 @@ class FlowBoNAgent(ActorCriticAgent):
     (``q_agg``, default the mean).
     """
 
+    TIME_FEATURES = "flow"  # the time_dim rule check_agent_settings applies
+
     def __init__(
         self,
         obs_dim: int,
@@ -78,7 +80,7 @@ class FlowBoNAgent(ActorCriticAgent):
         critic_block: str = "linear_gelu_norm",
         td_select: str = "target",
     ):
-        check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
+        check_agent_settings(time_features=self.TIME_FEATURES, flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
                          critic_block, td_select)
         self.flow_steps = flow_steps

@@ -78,6 +78,7 @@ class FQLAgent(ActorCriticAgent):
     """
 
     acting_net = "onestep"
+    TIME_FEATURES = "flow"  # the time_dim rule check_agent_settings applies
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class FQLAgent(ActorCriticAgent):
         q_agg: str = "mean",
         critic_block: str = "linear_gelu_norm",
     ):
-        check_agent_settings(flow_steps=flow_steps, time_dim=time_dim)
+        check_agent_settings(time_features=self.TIME_FEATURES, flow_steps=flow_steps, time_dim=time_dim)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples=1, discount=discount,
                          q_agg=q_agg, critic_block=critic_block)
         self.alpha, self.flow_steps, self.normalize_q = alpha, flow_steps, normalize_q

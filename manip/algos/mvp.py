@@ -249,6 +249,8 @@ class MVPAgent(ActorCriticAgent):
     ``lambda_ivc = 0`` is the no-IVC ablation.
     """
 
+    TIME_FEATURES = "mean_velocity"  # the time_dim rule check_agent_settings applies
+
     def __init__(
         self,
         obs_dim: int,
@@ -270,8 +272,8 @@ class MVPAgent(ActorCriticAgent):
         critic_block: str = "linear_gelu_norm",
         td_select: str = "target",
     ):
-        check_agent_settings(sample_steps=sample_steps, time_dim=time_dim, boundary_fraction=boundary_fraction,
-                             full_interval_fraction=full_interval_fraction)
+        check_agent_settings(time_features=self.TIME_FEATURES, sample_steps=sample_steps, time_dim=time_dim,
+                             boundary_fraction=boundary_fraction, full_interval_fraction=full_interval_fraction)
         super().__init__(obs_dim, action_dim, horizon, hidden_dims, num_critics, num_samples, discount, q_agg,
                          critic_block, td_select)
         self.sample_steps = sample_steps
