@@ -13,6 +13,7 @@ line, ``manip.finetune: <message>``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -109,13 +110,16 @@ def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str) -> Path:
     offline run's checkpoint (``<run>/checkpoints/*.ckpt``); beside a fine-tuning run's own directory,
     ``<its run>_then_<target>``, for one of its checkpoints; ``<dir>/<name>_finetune_<target>`` for a checkpoint
     file kept elsewhere."""
-    path = Path(ckpt_path).expanduser().resolve()
+    path = Path(os.path.abspath(Path(ckpt_path).expanduser()))  # a symlinked checkpoint: beside the link
     if path.parent.name != "checkpoints":
         return path.parent / f"{path.stem}_finetune_{target}"
     run = path.parent.parent
-    if "finetune_start_step" in ckpt_cfg:
-        return run.parent / f"{run.name}_then_{target}"
-    return run / f"finetune_{target}"
+    if "finetune_start_step" not in ckpt_cfg:
+        return run / f"finetune_{target}"
+    nested = run / f"finetune_{target}"  # where such runs went before: the same command continues them there
+    if (nested / "checkpoints" / "last.ckpt").is_file():
+        return nested
+    return run.parent / f"{run.name}_then_{target}"
 
 
 def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool]:

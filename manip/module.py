@@ -51,13 +51,13 @@ class OnlineConfig:
 
     target: "bon" (imitate best-of-N a* at batch states), "som" or "rfm" (critic-driven target
     velocities), "replay" (the offline loss on the replay's chunks alone: the executed best-of-N chunks become
-    the imitation targets, QC's online design); bc_weight: weight of the plain MVP loss on replay actions; alpha: inverse
-    temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
+    the imitation targets, QC's online design); bc_weight: weight of the plain MVP loss on replay actions
+    added to the bon / som / rfm loss; alpha: inverse temperature of the Boltzmann target (alpha_final + alpha_steps give a linear schedule), applied
     to Q / mean|Q(s, a_batch)| with q_scale="mean_abs" (default) or to raw Q with q_scale="none";
     som_score_norm: None (default: the Monte-Carlo score, the target's marginal velocity) or w > 0: SOM with
     the score rescaled to length w (a greediness knob of SOM's practice, ``manip.algos.targets``); bound_std: scale of
     the Boltzmann target's Gaussian tail outside the action box (``manip.algos.targets``, *Action box*);
-    prior: "auto" (default: som -> "data", rfm -> "policy"; bon uses none), "box" (the Boltzmann
+    prior: "auto" (default: som -> "data", rfm -> "policy"; bon and replay use none), "box" (the Boltzmann
     target over the action box), "policy" (rfm only: the target
     ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples) or
     "data" (som / rfm: ``∝ N(a; a_replay, prior_std^2 I) exp(alpha Q)``, a trust region around each

@@ -5,7 +5,7 @@ evaluation: step, env_steps, phase, success_rate, ci_low, ci_high, ...) and the 
 ``<run_dir>/<phase>/hparams.yaml``. A fine-tuning run (``<offline run>/finetune_<target>``) records
 the checkpoint it started from, so its curve is the offline run's evaluations up to that step
 followed by its own (a run fine-tuned from a fine-tuning run, ``finetune_<target>_then_<target>``,
-goes through both).
+goes through both and is labelled with both targets, ``mvp (bon then som)``).
 
 Curves are grouped by task and label (``mvp``, or ``mvp (bon)`` after fine-tuning with the
 best-of-N target, or ``mvp [adaptive_p=0.5]`` where runs of one algo differ in a setting); runs
@@ -150,17 +150,19 @@ def _format_setting(value: object) -> str:
 def find_runs(root: str | Path) -> pd.DataFrame:
     """Every run directory under ``root`` (one with an ``eval.jsonl``), one row each.
 
-    Columns: run_dir, task, algo, target (fine-tuning target, None offline), seed, parent (the
-    offline run a fine-tuning run started from), start_step (its checkpoint's step), label. The label is
-    the algo (and fine-tuning target); runs of one task that share it but differ in a setting get that
-    setting appended (``mvp [adaptive_p=0.5]``), so that only true seeds are averaged together.
+    Columns: run_dir (resolved), task, algo, target (fine-tuning target, None offline), seed, parent (the run a
+    fine-tuning run started from: the offline run, or the fine-tuning run it continues; None when its checkpoint
+    was not in a run directory), start_step (its checkpoint's step), label. The label is the algo and the
+    fine-tuning targets from the offline run on (``mvp (bon)``, ``mvp (bon then som)``); runs of one task that
+    share it but differ in a setting get that setting appended (``mvp [adaptive_p=0.5]``), so that only true seeds
+    are averaged together.
     """
     rows, configs = [], []
     for log in sorted(Path(root).rglob("eval.jsonl")):
-        run_dir = log.parent
+        run_dir = log.parent.resolve()  # runs pair by the resolved paths their checkpoints record
         phase = "online" if (run_dir / "online" / "hparams.yaml").exists() else "offline"
         if not (run_dir / phase / "hparams.yaml").exists():
-            warnings.warn(f"{run_dir} has an eval.jsonl but no offline/ or online/hparams.yaml; skipped")
+            warnings.warn(f"{log.parent} has an eval.jsonl but no offline/ or online/hparams.yaml; skipped")
             continue
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / phase / "hparams.yaml"))["cfg"]
         algo = cfg["algo"]["name"]
@@ -168,11 +170,23 @@ def find_runs(root: str | Path) -> pd.DataFrame:
         rows.append({
             "run_dir": str(run_dir), "task": task_name(cfg), "algo": algo,
             "target": finetune["target"] if finetune else None, "seed": cfg["seed"],
-            "parent": _offline_run(run_dir, cfg["offline_ckpt"]) if finetune else None,
+            "parent": _parent_run(run_dir, cfg["offline_ckpt"]) if finetune else None,
             "start_step": cfg["finetune_start_step"] if finetune else None,
-            "label": f"{algo} ({_target_label(finetune)})" if finetune else algo,
+            "label": _target_label(finetune) if finetune else None,
         })
         configs.append(_flatten(cfg))
+    by_dir = {row["run_dir"]: row for row in rows}
+
+    def targets(row: dict, seen: frozenset = frozenset()) -> str:
+        parent = by_dir.get(row["parent"])
+        if parent is None or parent["target"] is None or row["run_dir"] in seen:
+            return row["label"]
+        return f"{targets(parent, seen | {row['run_dir']})} then {row['label']}"
+
+    for row in rows:
+        row["chain"] = f"{row['algo']} ({targets(row)})" if row["target"] else row["algo"]
+    for row in rows:
+        row["label"] = row.pop("chain")
     columns = ["run_dir", "task", "algo", "target", "seed", "parent", "start_step", "label"]
     runs = pd.DataFrame(rows, columns=columns)
     for task in set(runs["task"]):
@@ -182,18 +196,21 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     return runs
 
 
-def _offline_run(run_dir: Path, offline_ckpt: str) -> str:
-    """The offline run a fine-tuning run started from: the recorded checkpoint's run directory, or, when runs were
-    moved or copied since (the record is an absolute path), the directory ``finetune`` puts its runs in by default
-    (``<offline run>/finetune_<target>``)."""
-    recorded = Path(offline_ckpt).parent.parent
-    if recorded.is_dir():
-        return str(recorded)
-    if "_then_" in run_dir.name:  # fine-tuned from a fine-tuning run: <that run>_then_<target>, beside it
+def _parent_run(run_dir: Path, offline_ckpt: str) -> str | None:
+    """The run a fine-tuning run started from: the run directory of the recorded checkpoint (``<run>/checkpoints/
+    *.ckpt``) or, when runs were moved or copied since (the record is an absolute path), the directory ``finetune``
+    puts its runs in by default: ``<run>/finetune_<target>`` for an offline run's checkpoint, ``<run>_then_<target>``
+    beside a fine-tuning run. None for a checkpoint kept outside a run directory."""
+    recorded = Path(offline_ckpt)
+    if recorded.parent.name != "checkpoints":
+        return None
+    if recorded.parent.parent.is_dir():
+        return str(recorded.parent.parent.resolve())
+    if "_then_" in run_dir.name:
         return str(run_dir.parent / run_dir.name.rsplit("_then_", 1)[0])
     if run_dir.name.startswith("finetune_"):
         return str(run_dir.parent)
-    return str(recorded)
+    return None
 
 
 def read_evaluations(run_dir: str | Path) -> pd.DataFrame:
@@ -218,26 +235,29 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Success-rate curves, one per run, in long form (one row per evaluation).
 
     A fine-tuning run's curve starts with its parent's curve up to ``start_step`` (the parent's offline
-    evaluations, or, for a run fine-tuned from a fine-tuning run, that run's whole curve up to there); a run
-    that was fine-tuned further is not a curve of its own. Columns: the run's task, algo, label, seed and
-    run_dir, then the ``eval.jsonl`` fields.
+    evaluations, or, for a run fine-tuned from a fine-tuning run, that run's whole curve up to there). A run whose
+    every evaluation is part of such a curve (fine-tuned from its last evaluated step or later) is not a curve of its
+    own; one fine-tuned from an earlier step stays one. Columns: the run's task, algo, label, seed and run_dir, then
+    the ``eval.jsonl`` fields.
     """
-    fine_tuned = set(runs["parent"].dropna())
     parents = {run.run_dir: (run.parent, run.start_step) for run in runs.itertuples() if pd.notna(run.parent)}
+    own = {run.run_dir: read_evaluations(run.run_dir) for run in runs.itertuples()}
 
     def curve(run_dir: str, seen: frozenset = frozenset()) -> pd.DataFrame:
-        records = read_evaluations(run_dir) if (Path(run_dir) / "eval.jsonl").exists() else pd.DataFrame()
+        records = own[run_dir] if run_dir in own else pd.DataFrame(columns=["step"])
         if run_dir not in parents or run_dir in seen or records.empty:
             return records
         parent, start_step = parents[run_dir]
-        before = curve(parent, seen | {run_dir})
-        if before.empty:
+        if parent not in own:
             return records
+        before = curve(parent, seen | {run_dir})
         return pd.concat([before[before["step"] <= start_step], records], ignore_index=True)
 
+    continued = {parent for parent, start_step in parents.values()
+                 if parent in own and (own[parent].empty or own[parent]["step"].max() <= start_step)}
     curves = []
     for run in runs.itertuples():
-        if run.run_dir in fine_tuned:
+        if run.run_dir in continued:
             continue
         records = curve(run.run_dir)
         if records.empty:

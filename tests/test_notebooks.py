@@ -260,7 +260,7 @@ def _write_fine_tuning_run(run_dir: Path, parent_ckpt: str, target: str, start_s
 
     _write_run(run_dir, "mvp", 0)
     cfg = OmegaConf.load(run_dir / "offline" / "hparams.yaml")
-    cfg.cfg.finetune = {"target": target}
+    cfg.cfg.finetune = {"target": target, "prior": "auto"}
     cfg.cfg.offline_ckpt = parent_ckpt
     cfg.cfg.finetune_start_step = start_step
     (run_dir / "online").mkdir()
@@ -272,18 +272,48 @@ def _write_fine_tuning_run(run_dir: Path, parent_ckpt: str, target: str, start_s
 
 @pytest.mark.parametrize("moved", [False, True])
 def test_a_run_fine_tuned_from_a_fine_tuning_run_continues_that_runs_curve(tmp_path, moved):
-    """offline (eval at 10) -> finetune_bon from step 10 (evals 20, 30) -> finetune_bon_then_som from step 20 (40):
-    the last run's curve is 10, 20, 40; the runs it continues are not curves of their own."""
+    """offline (eval at 10) -> finetune_bon from step 10 (evals 20, 30) -> finetune_bon_then_som from its last step,
+    30 (eval at 40): the last run's curve is 10, 20, 30, 40; the runs it continues are not curves of their own."""
     _write_run(tmp_path / "mvp_0", "mvp", 0)
     root = "/elsewhere/runs" if moved else str(tmp_path)  # moved: the recorded paths no longer exist
     _write_fine_tuning_run(tmp_path / "mvp_0" / "finetune_bon", f"{root}/mvp_0/checkpoints/step10.ckpt", "bon", 10,
                            [20, 30])
     _write_fine_tuning_run(tmp_path / "mvp_0" / "finetune_bon_then_som",
-                           f"{root}/mvp_0/finetune_bon/checkpoints/step20.ckpt", "som", 20, [40])
+                           f"{root}/mvp_0/finetune_bon/checkpoints/last.ckpt", "som", 30, [40])
     runs = plots.find_runs(tmp_path).set_index("target")
     assert runs.loc["som", "parent"] == str(tmp_path / "mvp_0" / "finetune_bon")
     assert runs.loc["bon", "parent"] == str(tmp_path / "mvp_0")
+    assert runs.loc["som", "label"] == "mvp (bon then som)" and runs.loc["bon", "label"] == "mvp (bon)"
     curves = plots.load_curves(runs.reset_index())
     assert set(curves["run_dir"]) == {str(tmp_path / "mvp_0" / "finetune_bon_then_som")}
-    assert curves["step"].tolist() == [10, 20, 40]
-    assert curves["phase"].tolist() == ["offline", "online", "online"]
+    assert curves["step"].tolist() == [10, 20, 30, 40]
+    assert curves["phase"].tolist() == ["offline", "online", "online", "online"]
+
+
+def test_curves_pair_runs_under_a_relative_or_linked_root_and_keep_runs_continued_from_an_earlier_step(
+        tmp_path, monkeypatch):
+    """Checkpoints record resolved paths: runs found under a relative root or through a symlink still pair. A run
+    fine-tuned again from before its last evaluation (bon evaluated at 20 and 30, som from step 20) stays a curve."""
+    real = tmp_path / "real"
+    _write_run(real / "mvp_0", "mvp", 0)
+    _write_fine_tuning_run(real / "mvp_0" / "finetune_bon", f"{real}/mvp_0/checkpoints/last.ckpt", "bon", 10, [20, 30])
+    _write_fine_tuning_run(real / "mvp_0" / "finetune_bon_then_som",
+                           f"{real}/mvp_0/finetune_bon/checkpoints/step20.ckpt", "som", 20, [40])
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    for root in ("link", "real", tmp_path / "link"):
+        curves = plots.load_curves(plots.find_runs(root)).set_index("label")
+        assert curves.loc["mvp (bon)", "step"].tolist() == [10, 20, 30]
+        assert curves.loc["mvp (bon then som)", "step"].tolist() == [10, 20, 40]
+        assert "mvp" not in curves.index  # the offline run's one evaluation is part of both curves
+
+
+def test_a_run_fine_tuned_from_a_checkpoint_outside_a_run_directory_is_a_curve_of_its_own(tmp_path):
+    _write_run(tmp_path / "elsewhere", "mvp", 0)  # an unrelated run beside the kept checkpoint's folder
+    _write_fine_tuning_run(tmp_path / "models" / "lift_finetune_bon", f"{tmp_path}/models/lift.ckpt", "bon", 10,
+                           [20])
+    runs = plots.find_runs(tmp_path).set_index("target")
+    assert pd.isna(runs.loc["bon", "parent"])
+    curves = plots.load_curves(runs.reset_index())
+    assert sorted(curves["label"].unique()) == ["mvp", "mvp (bon)"]
+    assert curves.set_index("label").loc["mvp (bon)", "step"] == 20

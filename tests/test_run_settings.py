@@ -162,6 +162,18 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     assert default_dir(step_ckpt, "som") == tmp_path / "ft_then_som"
     assert default_dir(tmp_path / "ft" / "checkpoints" / "last.ckpt", "bon") == tmp_path / "ft_then_bon"
     assert default_dir(offline_ckpt, "rfm") == offline_ckpt.parent / "last_finetune_rfm"  # a copy in <dir>/kept
+    link = tmp_path / "models" / "best.ckpt"  # a link to a run's checkpoint: beside the link
+    link.parent.mkdir()
+    link.symlink_to(step_ckpt)
+    assert default_dir(link, "bon") == tmp_path / "models" / "best_finetune_bon"
+    # a run that an earlier version nested inside the fine-tuning run is continued where it is
+    nested = tmp_path / "ft" / "finetune_rfm" / "checkpoints" / "last.ckpt"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(b"")
+    ft_cfg = load_checkpoint(step_ckpt)["hyper_parameters"]["cfg"]
+    assert finetune.default_run_dir(step_ckpt, ft_cfg, "rfm") == tmp_path / "ft" / "finetune_rfm"
+    assert finetune.default_run_dir(step_ckpt, ft_cfg, "som") == tmp_path / "ft_then_som"
+    shutil.rmtree(tmp_path / "ft" / "finetune_rfm")
 
     # The same command again with other fine-tuning settings is another run: refused, its record untouched.
     record = (tmp_path / "ft" / "hydra" / "config.yaml").read_text()

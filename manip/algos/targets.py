@@ -166,7 +166,7 @@ SOM_T_MIN = 0.5
 BOUND_STD = 0.1
 TAIL_WIDTH = 4.0
 TARGET_KINDS = ("bon", "som", "rfm")
-# finetune.prior=auto: the prior each target works with offline-to-online (bon has none)
+# finetune.prior=auto: the prior each target works with offline-to-online (bon and replay have none)
 AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy", "replay": "box"}
 
 
