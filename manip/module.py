@@ -224,6 +224,7 @@ class ManipModule(L.LightningModule):
                                            multi_avg_fn=get_ema_multi_avg_fn(actor_ema))
             self.ema_actor.requires_grad_(False)  # averaged, never optimised (and ignored by DDP)
         self.env_steps = 0
+        self.episodes = self.successes = 0  # online episodes collected so far, and how many of them succeeded
         self.rollout: VectorRollout | None = None
         self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
         self._actor_loss_fn = _compiled(self.actor_loss, compile)
@@ -446,12 +447,20 @@ class ManipModule(L.LightningModule):
         # QC: start_training env steps first, then utd updates per env step.
         target = self.online.start_training + updates / self.online.utd
         dm = self.trainer.datamodule
+        ended = []
         while self.env_steps < target:
             for end in self.rollout.step():
                 dm.replay.add(end.transitions)
-                self.log_dict({"online/episode_success": float(end.success),
-                               "online/episode_length": float(end.length)}, on_step=True, batch_size=1)
+                ended.append(end)
             self.env_steps += self.rollout.num_envs
+        self.episodes += len(ended)
+        self.successes += sum(bool(end.success) for end in ended)
+        # Running totals: any logged row (one every trainer.log_every_n_steps) gives the success rate between rows.
+        logs = {"online/episodes": float(self.episodes), "online/successes": float(self.successes)}
+        if ended:  # this update's episodes (rows between logged ones are not written)
+            logs.update({"online/episode_success": float(np.mean([end.success for end in ended])),
+                         "online/episode_length": float(np.mean([end.length for end in ended]))})
+        self.log_dict(logs, on_step=True, batch_size=1)
         # Throughput of the whole online loop (collection + updates) since this process started it.
         started, steps0 = self._online_clock
         elapsed = time.perf_counter() - started
@@ -484,7 +493,8 @@ class ManipModule(L.LightningModule):
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        checkpoint["manip"] = {"env_steps": self.env_steps, "rng": gather_rank_states(self._trainer, rng)}
+        checkpoint["manip"] = {"env_steps": self.env_steps, "episodes": self.episodes, "successes": self.successes,
+                               "rng": gather_rank_states(self._trainer, rng)}
         dm = self._trainer.datamodule if self._trainer is not None else None
         if self.online is not None and dm is not None and dm.replay is not None and self.checkpoint_online_replay:
             checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()
@@ -493,6 +503,7 @@ class ManipModule(L.LightningModule):
         self._match_weight_average(checkpoint["state_dict"])
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
+        self.episodes, self.successes = int(state.get("episodes", 0)), int(state.get("successes", 0))
         online_replay = state.get("online_replay")
         dm = self._trainer.datamodule if self._trainer is not None else None
         replay = getattr(dm, "replay", None)  # the trainer sets the data up before it restores a checkpoint

@@ -150,9 +150,15 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     assert records[-1]["noise_scale"] == noise_scale  # evaluates as the offline run did
     assert records[-1]["wall_s"] > records[-1]["seconds"] > 0
     with open(run_dir / "online" / "metrics.csv") as f:
-        rates = [float(row["online/env_steps_per_s"]) for row in csv.DictReader(f)
-                 if row.get("online/env_steps_per_s")]
+        rows = list(csv.DictReader(f))
+    rates = [float(row["online/env_steps_per_s"]) for row in rows if row.get("online/env_steps_per_s")]
     assert rates and all(rate > 0 for rate in rates)
+    # running totals of the online episodes: every episode that entered the replay, in the rows and the checkpoint
+    totals = [(float(row["online/episodes"]), float(row["online/successes"])) for row in rows
+              if row.get("online/episodes")]
+    episodes = int(online["terminals"].sum())
+    assert totals[-1][0] == last["manip"]["episodes"] == episodes >= 1 and 0 <= totals[-1][1] <= episodes
+    assert totals[-1][1] == last["manip"]["successes"] and totals == sorted(totals)
     # like fit's run directories: the dataset statistics and the composed config
     assert json.loads((run_dir / "dataset_stats.json").read_text()) == last["hyper_parameters"]["stats"]
     recorded = OmegaConf.load(run_dir / "hydra" / "config.yaml")

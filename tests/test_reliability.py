@@ -158,6 +158,9 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, caplog):
     assert killed["manip"]["env_steps"] >= k - start
     assert final["manip"]["env_steps"] >= max(60, killed["manip"]["env_steps"])
     assert dm.replay.size == dm.replay.num_offline + len(replay["terminals"])
+    # the running episode count continues from the checkpoint's, in step with the replay's episodes
+    assert killed["manip"]["episodes"] == int(killed_replay["terminals"].sum())
+    assert final["manip"]["episodes"] == int(replay["terminals"].sum()) > killed["manip"]["episodes"]
     # The step checkpoints leave the growing buffer to last.ckpt, which a resumed run reads.
     steps = sorted(run_dir.glob("checkpoints/step*.ckpt"))
     assert steps and all("online_replay" not in load_checkpoint(p)["manip"] for p in steps)
