@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_in_a_terminal():
+    """The Ctrl-C tests assume SIGINT is handled as in a terminal. A test run started in the background (``cmd &``
+    in a script, ``nohup``) inherits it ignored, and so would every command the tests start."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -201,7 +201,7 @@ def cube_ckpt(cube_single_npz, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["bon", "som", "rfm"])
+@pytest.mark.parametrize("target", ["bon", "som", "rfm", "replay"])
 def test_fit_finetune_ogbench_cube_single(cube_ckpt, target):
     run_dir = _finetune_and_check(cube_ckpt, target, env_steps=250, updates=40, action_dim=5)
     # fine-tuning keeps the checkpoint's loggers, writing into its own run directory
