@@ -62,7 +62,8 @@ class OnlineConfig:
     ``∝ pi(a | s) exp(alpha Q)`` with the current policy as prior, estimated from K policy samples) or
     "data" (som / rfm: ``∝ N(a; a_replay, prior_std^2 I) exp(alpha Q)``, a trust region around each
     replay chunk; its path points are built from the replay chunks);
-    utd: updates per env step; start_training: env steps collected before updates start;
+    utd: updates per env step; start_training: env steps collected before updates start; critic_warmup: online
+    updates at the start that train the critic alone (the policy and its weight average stay as they were);
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
     env steps track online updates only.
@@ -82,6 +83,7 @@ class OnlineConfig:
     target_samples: int = 32
     utd: float = 1.0
     start_training: int = 5000
+    critic_warmup: int = 0
     num_envs: int = 1
     seed: int = 0
     start_step: int = 0
@@ -119,6 +121,7 @@ class OnlineConfig:
         self.target_samples = check_int(self.target_samples, "finetune.target_samples", 1)
         check_real(self.utd, "finetune.utd", 0.0, strict=True)
         self.start_training = check_int(self.start_training, "finetune.start_training", 0)
+        self.critic_warmup = check_int(self.critic_warmup, "finetune.critic_warmup", 0)
         self.num_envs = check_int(self.num_envs, "finetune.num_envs", 1)
         self.seed = check_int(self.seed, "finetune.seed", 0)
         self.start_step = check_int(self.start_step, "finetune.start_step", 0)
@@ -337,12 +340,17 @@ class ManipModule(L.LightningModule):
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
         opt = self.optimizers()
         opt.zero_grad()
-        self.manual_backward(actor_loss + critic_loss)
+        self.manual_backward(actor_loss + critic_loss)  # both, so that DDP reduces every gradient as usual
+        warming_up = (self.online is not None
+                      and self.global_step - self.online.start_step < self.online.critic_warmup)
+        if warming_up:  # the critic learns from the first online episodes before it drives the policy
+            for param in self.agent.actor_parameters():
+                param.grad = None  # Adam leaves a parameter without a gradient as it is (no momentum step)
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.agent.soft_update(self.tau)
-        if self.ema_actor is not None:
+        if self.ema_actor is not None and not warming_up:
             self.ema_actor.update_parameters(getattr(self.agent, self.agent.acting_net))
         logs = {"train/actor_loss": actor_loss.detach(), "train/critic_loss": critic_loss.detach(),
                 **{f"train/{k}": v for k, v in info.items() if k not in _TOTALS}}

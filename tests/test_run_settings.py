@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import manip
@@ -364,3 +365,36 @@ def test_integer_settings_take_integral_floats():
     assert isinstance(config.alpha_steps, int)
     with pytest.raises(SettingError, match=re.escape("finetune.alpha_steps must be an integer >= 1, got 2.5")):
         check_int(2.5, "finetune.alpha_steps", 1)
+
+
+def test_critic_warmup_trains_the_critic_alone_for_its_first_online_updates(offline_run, tmp_path):
+    """finetune.critic_warmup=N: the first N online updates leave the policy, its weight average and their Adam
+    state as the checkpoint had them, while the critic learns; after them the policy trains too."""
+    _, offline_ckpt = offline_run
+    start = load_checkpoint(offline_ckpt)
+    updates = 12
+
+    def changed(run_dir: Path) -> dict[str, bool]:
+        state, before = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"], start["state_dict"]
+        # the average starts from the checkpoint's policy (which had none)
+        average = {key.replace("ema_actor.module.", "agent.actor."): value for key, value in state.items()
+                   if key.startswith("ema_actor.module.")}
+        return {"actor": any(not torch.equal(state[key], before[key]) for key in before if key.startswith("agent.actor.")),
+                "critic": any(not torch.equal(state[key], before[key]) for key in before
+                              if key.startswith("agent.critic.")),
+                "average": any(not torch.equal(value, before[key]) for key, value in average.items())}
+
+    run_finetune(finetune_overrides(offline_ckpt, tmp_path / "warm", updates, f"finetune.critic_warmup={updates}",
+                                    "+module.actor_ema=0.9"))
+    assert changed(tmp_path / "warm") == {"actor": False, "critic": True, "average": False}
+    # Adam: the actor group's parameters took no step (no momentum drift), the critic group's took one per update
+    before_opt = start["optimizer_states"][0]
+    after_opt = load_checkpoint(tmp_path / "warm" / "checkpoints" / "last.ckpt")["optimizer_states"][0]
+    steps = [{float(after_opt["state"][i]["step"] - before_opt["state"][i]["step"]) for i in group["params"]}
+             for group in after_opt["param_groups"]]
+    assert {frozenset(group_steps) for group_steps in steps} == {frozenset({0.0}), frozenset({float(updates)})}
+    run_finetune(finetune_overrides(offline_ckpt, tmp_path / "after", updates, f"finetune.critic_warmup={updates - 2}",
+                                    "+module.actor_ema=0.9"))
+    assert changed(tmp_path / "after") == {"actor": True, "critic": True, "average": True}
+    with pytest.raises(SettingError, match=re.escape("finetune.critic_warmup must be >= 0, got -1")):
+        run_finetune(finetune_overrides(offline_ckpt, tmp_path / "bad", updates, "finetune.critic_warmup=-1"))
