@@ -28,7 +28,7 @@ from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import CONFIG_DIR, SettingError, check_int, check_real, unknown_key_error
+from manip.settings import CONFIG_DIR, SettingError, check_int, check_real, first_free_path, unknown_key_error
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -36,12 +36,7 @@ def default_output(ckpt: str | Path) -> Path:
     """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier
     evaluations left their results, the first free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
     ckpt = Path(ckpt).resolve()
-    directory = ckpt.parent.parent / "eval"
-    out, k = directory / f"{ckpt.stem}.json", 0
-    while out.exists():
-        k += 1
-        out = directory / f"{ckpt.stem}.{k}.json"
-    return out
+    return first_free_path(ckpt.parent.parent / "eval" / f"{ckpt.stem}.json")
 
 
 def check_output(out: str | Path) -> Path:

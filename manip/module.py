@@ -335,7 +335,6 @@ class ManipModule(L.LightningModule):
         if self.online is not None:
             self._collect()
             if self.env_steps < self.online.start_training:
-                self._log_update_count()
                 return None
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
         opt = self.optimizers()

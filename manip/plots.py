@@ -157,7 +157,7 @@ def find_runs(root: str | Path) -> pd.DataFrame:
     share it but differ in a setting get that setting appended (``mvp [adaptive_p=0.5]``), so that only true seeds
     are averaged together.
     """
-    rows, configs = [], []
+    rows, configs, own_targets = [], [], {}
     for log in sorted(Path(root).rglob("eval.jsonl")):
         run_dir = log.parent.resolve()  # runs pair by the resolved paths their checkpoints record
         phase = "online" if (run_dir / "online" / "hparams.yaml").exists() else "offline"
@@ -172,21 +172,21 @@ def find_runs(root: str | Path) -> pd.DataFrame:
             "target": finetune["target"] if finetune else None, "seed": cfg["seed"],
             "parent": _parent_run(run_dir, cfg["offline_ckpt"]) if finetune else None,
             "start_step": cfg["finetune_start_step"] if finetune else None,
-            "label": _target_label(finetune) if finetune else None,
         })
+        if finetune:
+            own_targets[str(run_dir)] = _target_label(finetune)
         configs.append(_flatten(cfg))
-    by_dir = {row["run_dir"]: row for row in rows}
+    parents = {row["run_dir"]: row["parent"] for row in rows}
 
-    def targets(row: dict, seen: frozenset = frozenset()) -> str:
-        parent = by_dir.get(row["parent"])
-        if parent is None or parent["target"] is None or row["run_dir"] in seen:
-            return row["label"]
-        return f"{targets(parent, seen | {row['run_dir']})} then {row['label']}"
+    def targets(run_dir: str, seen: frozenset = frozenset()) -> str:
+        """The fine-tuning targets from the offline run to ``run_dir``: ``bon then som``."""
+        parent = parents.get(run_dir)
+        if parent not in own_targets or run_dir in seen:
+            return own_targets[run_dir]
+        return f"{targets(parent, seen | {run_dir})} then {own_targets[run_dir]}"
 
     for row in rows:
-        row["chain"] = f"{row['algo']} ({targets(row)})" if row["target"] else row["algo"]
-    for row in rows:
-        row["label"] = row.pop("chain")
+        row["label"] = f"{row['algo']} ({targets(row['run_dir'])})" if row["target"] else row["algo"]
     columns = ["run_dir", "task", "algo", "target", "seed", "parent", "start_step", "label"]
     runs = pd.DataFrame(rows, columns=columns)
     for task in set(runs["task"]):
@@ -244,7 +244,7 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     own = {run.run_dir: read_evaluations(run.run_dir) for run in runs.itertuples()}
 
     def curve(run_dir: str, seen: frozenset = frozenset()) -> pd.DataFrame:
-        records = own[run_dir] if run_dir in own else pd.DataFrame(columns=["step"])
+        records = own[run_dir]
         if run_dir not in parents or run_dir in seen or records.empty:
             return records
         parent, start_step = parents[run_dir]

@@ -38,7 +38,7 @@ from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
 from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, find_class,
-                            unknown_key_error)
+                            first_free_path, unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -408,7 +408,9 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
-        check_agent_settings(algo.get("horizon"), time_features=getattr(_class_of(agent), "TIME_FEATURES", None),
+        # check_config_keys above has imported the agent's _target_ (or named the key)
+        agent_class = find_class(agent["_target_"], "algo.agent._target_") if agent.get("_target_") else None
+        check_agent_settings(algo.get("horizon"), time_features=getattr(agent_class, "TIME_FEATURES", None),
                              **{k: v for k, v in agent.items() if not k.startswith("_")})
     if phase == "online":
         online = plain(cfg.finetune)
@@ -552,22 +554,12 @@ def record_config(run_dir: Path, config: DictConfig | dict, overrides: list[str]
     changed = any((out / f"{name}.yaml").exists() and (out / f"{name}.yaml").read_text() != text
                   for name, text in texts.items() if name != "hydra")  # hydra.yaml also holds the job's cwd
     if recorded.exists() and changed:
-        k = 1
-        while (out / f"config.{k}.yaml").exists():
-            k += 1
+        kept = first_free_path(recorded).name  # config.<k>.yaml; overrides.<k>.yaml and hydra.<k>.yaml beside it
         for name in ("config", "overrides", "hydra"):
             if (out / f"{name}.yaml").exists():
-                (out / f"{name}.yaml").rename(out / f"{name}.{k}.yaml")
+                (out / f"{name}.yaml").rename(out / kept.replace("config", name, 1))
     for name, text in texts.items():
         (out / f"{name}.yaml").write_text(text)
-
-
-def _class_of(section: dict):
-    """The class a config section's ``_target_`` names, or None where it names none that imports."""
-    try:
-        return hydra.utils.get_class(section["_target_"])
-    except Exception:  # a missing or broken _target_ is reported where the section is built
-        return None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | None = None) -> L.Trainer:

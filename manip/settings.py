@@ -65,11 +65,14 @@ def find_class(target, key: str) -> type:
     return found
 
 
-def unknown_key_error(key: str, known, section: str = "") -> SettingError:
-    """``unknown <section>.<key>; did you mean <section>.<closest>?``, else naming the keys ``section`` has."""
+def unknown_key_error(key: str, known, section: str = "", owner: str | None = None) -> SettingError:
+    """``unknown <section>.<key>; did you mean <section>.<closest>?``, else naming the keys ``section`` has (or
+    ``owner``, the class whose constructor takes them, takes)."""
     prefix = f"{section}." if section else ""
     close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"{section or 'the config'} has {', '.join(sorted(known))}"
+    listed = ", ".join(sorted(str(k) for k in known))
+    hint = (f"did you mean {prefix}{close[0]}?" if close
+            else f"{owner} takes {listed}" if owner else f"{section or 'the config'} has {listed}")
     return SettingError(f"unknown {prefix}{key}; {hint}")
 
 
@@ -83,9 +86,16 @@ def check_known_keys(target: type, settings, section: str, given: tuple[str, ...
     takes = [name for name in arguments if name not in given]
     unknown = sorted(str(k) for k in settings if not str(k).startswith("_") and k not in takes)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], takes, n=1)
-        hint = f"did you mean {section}.{close[0]}?" if close else f"{target.__name__} takes {', '.join(sorted(takes))}"
-        raise SettingError(f"unknown {section}.{unknown[0]}; {hint}")
+        raise unknown_key_error(unknown[0], takes, section, owner=target.__name__)
+
+
+def first_free_path(path: Path) -> Path:
+    """``path`` itself if it does not exist, else the first free ``<stem>.<k><suffix>`` (k = 1, 2, ...) beside it."""
+    free, k = path, 0
+    while free.exists():
+        k += 1
+        free = path.with_name(f"{path.stem}.{k}{path.suffix}")
+    return free
 
 
 def constructor_arguments(target: type) -> list[str] | None:
