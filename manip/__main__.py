@@ -7,6 +7,7 @@ USAGE = f"""manip {__version__}: offline-to-online robot-manipulation policies (
   python -m manip.fit conf=robomimic_lift [algo=qc] [key=value ...]     offline training (Hydra overrides)
   python -m manip.finetune ckpt=PATH [finetune.target=som] [...]         online fine-tuning in the simulator
   python -m manip.evaluate ckpt=PATH episodes=50 [video=true]            success rate, 95% CI, videos
+  python -m manip.export ckpt=PATH [aoti=true]                           the acting policy as a PyTorch-only program
   python -m manip.data.generate {{robomimic,ogbench}} [...]                datasets in the real files' formats
   python -m manip.bench --out bench.json [--device cuda]                 act latency, update speed, memory
 

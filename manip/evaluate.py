@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from manip.algos.acting import ACT_DTYPES
 from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import CONFIG_DIR, SettingError, check_int, check_real, first_free_path, unknown_key_error
+from manip.settings import (CONFIG_DIR, SettingError, check_int, check_output, check_real, first_free_path,
+                            unknown_key_error)
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -37,23 +37,6 @@ def default_output(ckpt: str | Path) -> Path:
     evaluations left their results, the first free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
     ckpt = Path(ckpt).resolve()
     return first_free_path(ckpt.parent.parent / "eval" / f"{ckpt.stem}.json")
-
-
-def check_output(out: str | Path) -> Path:
-    """``out`` if the JSON result can be written there once the evaluation is done; a ``SettingError`` naming
-    ``out`` when it is a directory, lies under a file, or its nearest existing directory is not writable."""
-    out = Path(out).expanduser()
-    path = Path(os.path.abspath(out))
-    if path.is_dir():
-        raise SettingError(f"out={out} is a directory; name the JSON file to write (e.g. out={out / 'result.json'})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SettingError(f"out={out}: {parent} is a file, so no directory can be made for the result")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingError(f"out={out}: {parent} is not writable")
-    return out
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,

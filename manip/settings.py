@@ -10,6 +10,7 @@ import importlib
 import inspect
 import math
 import numbers
+import os
 from pathlib import Path
 
 
@@ -96,6 +97,23 @@ def first_free_path(path: Path) -> Path:
         k += 1
         free = path.with_name(f"{path.stem}.{k}{path.suffix}")
     return free
+
+
+def check_output(out: str | Path, example: str = "result.json", what: str = "the JSON result") -> Path:
+    """``out`` if ``what`` can be written there once the command's work is done; a ``SettingError`` naming
+    ``out`` when it is a directory, lies under a file, or its nearest existing directory is not writable."""
+    out = Path(out).expanduser()
+    path = Path(os.path.abspath(out))
+    if path.is_dir():
+        raise SettingError(f"out={out} is a directory; name the file to write (e.g. out={out / example})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingError(f"out={out}: {parent} is a file, so no directory can be made for {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingError(f"out={out}: {parent} is not writable")
+    return out
 
 
 def constructor_arguments(target: type) -> list[str] | None:

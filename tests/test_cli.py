@@ -263,7 +263,7 @@ def test_negative_eval_noise_scale_is_rejected_by_name(tmp_path):
 
 
 def _readme_commands() -> list[tuple[str, list[str]]]:
-    """Every ``python -m manip.{fit,finetune,evaluate}`` command of the README's bash blocks as (module,
+    """Every ``python -m manip.{fit,finetune,evaluate,export}`` command of the README's bash blocks as (module,
     overrides): continuation lines joined, ``$common`` / ``$target`` / ``<run>`` substituted, ``--multirun`` comma lists
     expanded; commands of the paper loop (``$task``, ``$algo``, ...) are left to the test above."""
     import itertools
@@ -276,7 +276,7 @@ def _readme_commands() -> list[tuple[str, list[str]]]:
         text = re.sub(r"\\\n\s*", " ", block)
         variables = dict(re.findall(r'^(\w+)="([^"]*)"', text, re.M)) | {"target": "bon"}
         for line in text.splitlines():
-            match = re.match(r"\s*python -m manip\.(fit|finetune|evaluate) (.*)", line)
+            match = re.match(r"\s*python -m manip\.(fit|finetune|evaluate|export) (.*)", line)
             if not match:
                 continue
             args = re.sub(r"\$(common|target)\b", lambda m: variables[m.group(1)].replace("\n", " "), match.group(2))
@@ -298,15 +298,15 @@ def test_readme_commands_compose():
     from manip.finetune import _COMMAND_KEYS, _OWN
 
     commands = _readme_commands()
-    assert {module for module, _ in commands} == {"fit", "finetune", "evaluate"} and len(commands) >= 15
+    assert {module for module, _ in commands} == {"fit", "finetune", "evaluate", "export"} and len(commands) >= 15
     absent = object()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         fit_keys = compose("fit", overrides=["conf=robomimic_lift"])
         for module, overrides in commands:
             if module == "fit":
                 _build_agent(compose("fit", overrides=overrides))
-            elif module == "evaluate":
-                compose("evaluate", overrides=overrides)
+            elif module in ("evaluate", "export"):
+                compose(module, overrides=overrides)
             else:
                 own = [o for o in overrides if o.split("=")[0] in _COMMAND_KEYS or o.split(".")[0] in _OWN]
                 compose("finetune", overrides=own)
@@ -321,7 +321,8 @@ def test_python_m_manip_lists_runnable_entry_points():
 
     out = subprocess.run([sys.executable, "-m", "manip"], capture_output=True, text=True, timeout=120, check=True).stdout
     modules = re.findall(r"python -m (manip[\w.]*)", out)
-    assert {"manip.fit", "manip.finetune", "manip.evaluate", "manip.data.generate", "manip.bench"} <= set(modules)
+    assert {"manip.fit", "manip.finetune", "manip.evaluate", "manip.export", "manip.data.generate",
+            "manip.bench"} <= set(modules)
     assert all(importlib.util.find_spec(module) is not None for module in modules), modules
 
 

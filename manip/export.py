@@ -1,0 +1,286 @@
+"""Export a checkpoint's acting policy for deployment: ``python -m manip.export ckpt=PATH [out=...]``.
+
+The result is a ``torch.export`` program (``.pt2``) that needs PyTorch alone (no manip, Lightning, Hydra or
+simulator) and acts exactly as the checkpoint does: raw observation in, action chunk out, with the observation
+normalisation, the acting weights (the weight average when the run kept one), the policy's sampler and the critic's
+best-of-N inside::
+
+    import json, torch
+    meta = {"manip.json": ""}
+    policy = torch.export.load("policy.pt2", extra_files=meta).module()
+    meta = json.loads(meta["manip.json"])
+    noise = torch.randn(1, *meta["noise_shape"])      # (B, C, D): C candidates per state, D = horizon * action_dim
+    chunk = policy(obs, noise)                        # obs (B, O) raw float32 -> chunk (B, horizon, action_dim)
+
+The initial noise is an input, so a seeded stream repeats a chunk exactly (robot logs can be replayed). The batch
+size is free. ``manip.json`` (the program's extra file) records the input layout (observation keys and their
+sizes), the chunk's shape, the sampling settings baked in, the simulator's settings (the controller the actions
+are for) and the checkpoint. :func:`load_exported` wraps the program in a :class:`ExportedPolicy` that draws
+the noise and keeps LeRobot's action queue (``select_action``).
+
+``aoti=true`` also compiles the program ahead of time with AOTInductor into ``<out stem>.aoti.pt2`` (weights frozen
+into the code, matrix products autotuned unless ``max_autotune=false``): a shared library packaged with its weights,
+loadable from Python (``torch._inductor.aoti_load_package``) or from C++ without Python
+(``torch::inductor::AOTIModelPackageLoader``); ``ExportedPolicy(aoti_load_package(path), load_exported(pt2).meta)``
+gives it the queue. Before the command ends, each file is checked against the checkpoint's float32 networks on the
+same states and noise (the largest chunk difference is printed: 0 for the float32 program).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from manip.algos.acting import ACT_DTYPES, acting_copy
+from manip.checkpoint import CheckpointError, load_module, require_ckpt
+from manip.settings import CONFIG_DIR, SettingError, check_int, check_output, check_real, unknown_key_error
+
+__all__ = ["ExportedPolicy", "PolicyProgram", "default_output", "export_checkpoint", "load_exported"]
+
+FORMAT = "manip.export/1"
+META_FILE = "manip.json"
+# the exported batch dimension's range (a program accepts any batch size in it)
+MAX_BATCH = 65536
+
+
+class PolicyProgram(nn.Module):
+    """The acting path of a ``ManipModule`` as one module: raw obs (B, O), unit noise (B, C, D) -> chunk (B, h, A).
+
+    C is the candidates per state (``num_samples``, or 1 for one candidate or ``noise_scale = 0``), D =
+    h * A. The agent is a frozen :func:`~manip.algos.acting.acting_copy` of the acting weights at construction.
+    """
+
+    def __init__(self, module: nn.Module, num_samples: int, noise_scale: float, act_dtype: str = "float32"):
+        super().__init__()
+        with module.acting_weights():
+            self.agent = acting_copy(module.agent, act_dtype)
+        self.register_buffer("obs_mean", module.obs_mean.detach().clone().float())
+        self.register_buffer("obs_scale", module.obs_scale.detach().clone().float())
+        self.num_samples, self.noise_scale = int(num_samples), float(noise_scale)
+        self.horizon, self.action_dim = int(module.horizon), int(module.action_dim)
+        self.candidates = self.agent.candidates_per_state(self.num_samples, self.noise_scale)
+
+    @property
+    def noise_shape(self) -> tuple[int, int]:
+        """(C, D) of one state's noise."""
+        return self.candidates, self.horizon * self.action_dim
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        batch = obs.shape[0]
+        normalized = (obs - self.obs_mean) / self.obs_scale
+        actions = self.agent.sample_actions(normalized, self.num_samples, noise_scale=self.noise_scale,
+                                            noise=noise.reshape(batch * self.candidates, -1))
+        return actions.reshape(batch, self.horizon, self.action_dim)
+
+
+def default_output(ckpt: str | Path) -> Path:
+    """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
+    ckpt = Path(ckpt).resolve()
+    return ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2"
+
+
+def _metadata(program: PolicyProgram, cfg: dict, ckpt: Path, step: int, act_dtype: str) -> dict[str, Any]:
+    data_info = cfg.get("data_info", {})
+    obs_dim = int(program.obs_mean.numel())
+    return {
+        "format": FORMAT,
+        "call": "policy(obs, noise) -> chunk",
+        "obs_shape": [obs_dim], "noise_shape": list(program.noise_shape),
+        "chunk_shape": [program.horizon, program.action_dim],
+        "obs_keys": data_info.get("obs_keys"), "obs_key_dims": data_info.get("obs_key_dims"),
+        "num_samples": program.num_samples, "noise_scale": program.noise_scale,
+        "sample_steps": getattr(program.agent, "sample_steps", None), "act_dtype": act_dtype,
+        "algo": cfg["algo"]["name"], "task": data_info.get("env_name"), "env_spec": cfg.get("env_spec"),
+        "ckpt": str(ckpt), "step": step, "trained_on": data_info.get("path"),
+        "trained_on_stand_in": bool(data_info.get("generated", False)),
+    }
+
+
+def _latency_ms(fn, obs: torch.Tensor, noise: torch.Tensor, calls: int = 100) -> float:
+    """Median time of one call at batch 1 (after warm-up), in ms."""
+    times = []
+    with torch.inference_mode():
+        for i in range(calls + 10):
+            start = time.perf_counter()
+            fn(obs, noise)
+            if i >= 10:
+                times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def _max_difference(fn, reference: PolicyProgram, generator: torch.Generator, batch: int = 4) -> float:
+    """Largest |chunk difference| between ``fn`` and ``reference`` on ``batch`` random states around the data's
+    mean and random noises."""
+    obs = reference.obs_mean + reference.obs_scale * torch.randn(batch, reference.obs_mean.numel(),
+                                                                   generator=generator)
+    noise = torch.randn(batch, *reference.noise_shape, generator=generator)
+    with torch.inference_mode():
+        return float((fn(obs, noise) - reference(obs, noise)).abs().max())
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None = None,
+                      noise_scale: float | None = None, sample_steps: int | None = None,
+                      act_dtype: str = "float32", aoti: bool = False, max_autotune: bool = True,
+                      seed: int = 0) -> dict[str, Any]:
+    """Exports ``ckpt``'s acting policy to ``out`` (see the module docstring) and checks it; returns a summary.
+
+    num_samples: best-of-N candidates (None: the agent's own N); noise_scale: std of the initial noise the
+    program scales its unit-noise input by (None: the run's ``eval.noise_scale``, else 1); sample_steps: MVP's
+    mean-velocity jumps (None: the run's); act_dtype: "float32" or "bfloat16" networks. ``aoti``: also an
+    AOTInductor package next to ``out``, its weights frozen into the compiled code and, with ``max_autotune``, its
+    matrix products autotuned (a longer compile for faster calls). The check runs ``seed``-ed random states through the checkpoint's module
+    and each file. A setting out of range raises ``SettingError``, a bad checkpoint ``CheckpointError``.
+    """
+    if num_samples is not None:
+        check_int(num_samples, "num_samples", 1)
+    if noise_scale is not None:
+        check_real(noise_scale, "noise_scale", 0)
+    if sample_steps is not None:
+        check_int(sample_steps, "sample_steps", 1)
+    if act_dtype not in ACT_DTYPES:
+        raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
+    ckpt = Path(ckpt).resolve()
+    module, cfg = load_module(ckpt)
+    if noise_scale is None:
+        noise_scale = check_real(cfg.get("eval", {}).get("noise_scale", 1.0), "eval.noise_scale", 0)
+    if sample_steps is not None:
+        if not hasattr(module.agent, "sample_steps"):
+            raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
+                               f"mean-velocity sampler (MVP only)")
+        module.agent.sample_steps = sample_steps
+    num_samples = module.agent.num_samples if num_samples is None else num_samples
+    program = PolicyProgram(module, num_samples, noise_scale, act_dtype).eval()
+    # what the checkpoint does with the same noise: its float32 networks, eager
+    reference = program if act_dtype == "float32" else PolicyProgram(module, num_samples, noise_scale).eval()
+    example = (torch.zeros(2, module.obs_dim), torch.zeros(2, *program.noise_shape))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        exported = torch.export.export(program, example, dynamic_shapes=({0: batch}, {0: batch}))
+    meta = _metadata(program, cfg, ckpt, module.checkpoint_step, act_dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(exported, out, extra_files={META_FILE: json.dumps(meta, indent=1)})
+
+    generator = torch.Generator().manual_seed(seed)
+    one = (torch.as_tensor(module.obs_mean[None].float()), torch.zeros(1, *program.noise_shape))
+    loaded = load_exported(out)
+    summary = {"out": str(out), "meta": meta, "max_difference": _max_difference(loaded.program, reference, generator),
+               "latency_ms": _latency_ms(loaded.program, *one), "module_latency_ms": _latency_ms(reference, *one)}
+    if aoti:
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+        package = out.with_name(f"{out.stem}.aoti.pt2")
+        if package.exists():
+            package.unlink()  # the packager adds to an existing archive
+        aoti_compile_and_package(exported, package_path=str(package),
+                                 inductor_configs={"freezing": True, "max_autotune": bool(max_autotune)})
+        compiled = aoti_load_package(str(package))
+        summary.update(aoti=str(package), aoti_max_difference=_max_difference(compiled, reference, generator),
+                       aoti_latency_ms=_latency_ms(compiled, *one))
+    return summary
+
+
+class ExportedPolicy:
+    """An exported program (``manip.export``) with its noise and action queue, for a robot's control loop.
+
+    ``policy(obs)``: obs (B, O) raw -> chunk (B, h, A), the noise drawn from ``generator``.
+    ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new chunk is computed
+    when the queue is empty (executed open-loop, as in training); ``reset()`` empties it at an episode's start.
+    """
+
+    def __init__(self, program: Any, meta: dict[str, Any], generator: torch.Generator | None = None):
+        self.program, self.meta, self.generator = program, meta, generator
+        self._queue: deque[torch.Tensor] = deque()
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        noise = torch.randn(obs.shape[0], *self.meta["noise_shape"], generator=self.generator)
+        with torch.inference_mode():
+            return self.program(obs, noise)
+
+    def reset(self) -> None:
+        self._queue.clear()
+
+    def select_action(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self._queue:
+            self._queue.extend(self(torch.as_tensor(obs, dtype=torch.float32)[None])[0])
+        return self._queue.popleft()
+
+
+def load_exported(path: str | Path, generator: torch.Generator | None = None) -> ExportedPolicy:
+    """The :class:`ExportedPolicy` of a ``manip.export`` file; ``CheckpointError`` naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    extra = {META_FILE: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra).module()
+        meta = json.loads(extra[META_FILE])
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not an export
+        raise CheckpointError(f"{path}: not a manip.export program ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a manip.export program (its {META_FILE} does not say {FORMAT})")
+    return ExportedPolicy(program, meta, generator)
+
+
+def _shape(dims: list[int]) -> str:
+    return "(" + ", ".join(["B", *map(str, dims)]) + ")"
+
+
+def summary_lines(summary: dict[str, Any]) -> str:
+    """What ``main`` prints."""
+    meta = summary["meta"]
+    candidates = meta["noise_shape"][0]
+    choice = f"best of {candidates} candidates" if candidates > 1 else "one candidate"
+    lines = [
+        f"exported {meta['algo']} ({meta['task']}, step {meta['step']}) -> {summary['out']}",
+        f"policy(obs {_shape(meta['obs_shape'])}, noise {_shape(meta['noise_shape'])}) -> chunk "
+        f"{_shape(meta['chunk_shape'])}; {choice}, noise scale {meta['noise_scale']}, {meta['act_dtype']}",
+        f"against the checkpoint (float32, same noise): max chunk difference {summary['max_difference']:.1e}; "
+        f"batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's networks: {summary['module_latency_ms']:.2f} ms)",
+    ]
+    if "aoti" in summary:
+        lines.append(f"AOTInductor package -> {summary['aoti']}: max difference {summary['aoti_max_difference']:.1e}, "
+                     f"batch-1 call {summary['aoti_latency_ms']:.2f} ms")
+    if meta["trained_on_stand_in"]:
+        lines.append(f"trained on a stand-in dataset manip generated ({meta['trained_on']}), not the released one")
+    return "\n".join(lines)
+
+
+def check_known_settings(cfg: DictConfig) -> None:
+    """Every key is one conf/export.yaml declares."""
+    declared = [key for key in OmegaConf.load(CONFIG_DIR / "export.yaml") if key not in ("defaults", "hydra")]
+    for key in cfg:
+        if key not in declared:
+            raise unknown_key_error(key, declared)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        check_known_settings(cfg)
+        ckpt = require_ckpt(cfg)
+        out = check_output(cfg.out if cfg.out else default_output(ckpt), "policy.pt2", "the program")
+        summary = export_checkpoint(ckpt, out, cfg.num_samples, cfg.noise_scale, cfg.sample_steps, cfg.act_dtype,
+                                    cfg.aoti, cfg.max_autotune)
+    except (CheckpointError, SettingError) as err:
+        sys.exit(f"manip.export: {err}")
+    print(summary_lines(summary))
+
+
+if __name__ == "__main__":
+    from manip.run import check_command_line
+
+    check_command_line("export")
+    main()

@@ -1,0 +1,196 @@
+"""``manip.export``: a checkpoint's acting policy as a PyTorch-only program, checked against the checkpoint itself."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import manip
+from manip.checkpoint import CheckpointError, load_module
+from manip.export import ExportedPolicy, export_checkpoint, load_exported, main
+
+pytestmark = pytest.mark.slow
+
+CONF = Path(manip.__file__).resolve().parent.parent / "conf"
+TINY = ["trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "eval.every_n_steps=0", "eval.final_episodes=0", "data.batch_size=32", "algo.agent.hidden_dims=[32,32]"]
+
+# Runs without manip: the program and its noise are all a robot's computer needs.
+TORCH_ONLY = """
+import json, sys, torch
+meta = {"manip.json": ""}
+policy = torch.export.load(sys.argv[1], extra_files=meta).module()
+meta = json.loads(meta["manip.json"])
+inputs = torch.load(sys.argv[2])
+chunks = [policy(obs, noise) for obs, noise in inputs]
+assert not any(name.startswith("manip") for name in sys.modules), "the program imported manip"
+torch.save(chunks, sys.argv[3])
+print(json.dumps(meta["noise_shape"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, cube_single_npz) -> dict[str, Path]:
+    """``last.ckpt`` of 4-update fits on cube-single: MVP with a weight average (decay 0.5, so that it differs
+    from the raw weights), QC and FQL."""
+    root = tmp_path_factory.mktemp("export_runs")
+    commands = [["algo=mvp", "module.actor_ema=0.5", "algo.agent.num_samples=4"],
+                ["algo=qc", "algo.agent.num_samples=4"], ["algo=fql"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "manip.fit", *args, f"run_dir={root}/{args[0][5:]}",
+                               "data=ogbench", f"data.path={cube_single_npz}", *TINY], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for args in commands]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"fit failed:\n{output[-3000:]}"
+    return {name: root / name / "checkpoints" / "last.ckpt" for name in ("mvp", "qc", "fql")}
+
+
+def _checkpoint_chunks(ckpt: Path, obs: torch.Tensor, noise: torch.Tensor, noise_scale: float,
+                       raw_weights: bool = False) -> torch.Tensor:
+    """What the checkpoint's module does with ``noise`` (B, C, D): obs (B, O) raw -> (B, h, A)."""
+    module, _ = load_module(ckpt)
+    weights = contextlib.nullcontext() if raw_weights else module.acting_weights()
+    with torch.inference_mode(), weights:
+        actions = module.agent.sample_actions(module.normalize(obs), noise_scale=noise_scale,
+                                              noise=noise.flatten(0, 1))
+    return actions.view(len(obs), module.horizon, module.action_dim)
+
+
+@pytest.mark.parametrize("algo", ["mvp", "qc", "fql"])
+def test_exported_program_acts_as_the_checkpoint_with_torch_alone(checkpoints, tmp_path, algo):
+    """Same raw observations and noise, same chunks, at two batch sizes, in a process that never imports manip;
+    MVP's program acts with the weight average, as the checkpoint does."""
+    out = tmp_path / f"{algo}.pt2"
+    summary = export_checkpoint(checkpoints[algo], out, noise_scale=1.0)
+    meta = summary["meta"]
+    candidates, horizon = (1, 1) if algo == "fql" else (4, 5)  # conf/algo/fql.yaml: FQL on single actions
+    assert meta["chunk_shape"] == [horizon, 5] and meta["noise_shape"] == [candidates, horizon * 5]
+    assert meta["algo"] == algo and meta["step"] == 4 and meta["obs_shape"] == [28]
+    assert meta["task"] == "cube-single-singletask-task1-v0" and meta["env_spec"]["kind"] == "ogbench"
+    assert summary["max_difference"] < 1e-5
+
+    module, _ = load_module(checkpoints[algo])
+    generator = torch.Generator().manual_seed(3)
+    inputs = []
+    for batch in (1, 3):
+        obs = module.obs_mean + module.obs_scale * torch.randn(batch, 28, generator=generator)
+        inputs.append((obs, torch.randn(batch, *meta["noise_shape"], generator=generator)))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    done = subprocess.run([sys.executable, "-c", TORCH_ONLY, str(out), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "chunks.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    chunks = torch.load(tmp_path / "chunks.pt")
+    for (obs, noise), chunk in zip(inputs, chunks):
+        expected = _checkpoint_chunks(checkpoints[algo], obs, noise, 1.0)
+        assert chunk.shape == (len(obs), horizon, 5)
+        torch.testing.assert_close(chunk, expected, atol=1e-5, rtol=0)
+    if algo == "mvp":  # the raw weights act otherwise: the program holds the average
+        obs, noise = inputs[1]
+        raw = _checkpoint_chunks(checkpoints[algo], obs, noise, 1.0, raw_weights=True)
+        assert (chunks[1] - raw).abs().max() > 1e-3
+
+
+def test_noise_scale_is_baked_in_and_zero_gives_one_candidate(checkpoints, tmp_path):
+    """``noise_scale=0``: one (noise-free) candidate per state, the chunk of zero noise whatever noise comes in."""
+    summary = export_checkpoint(checkpoints["mvp"], tmp_path / "p.pt2", noise_scale=0.0)
+    assert summary["meta"]["noise_shape"][0] == 1 and summary["meta"]["noise_scale"] == 0.0
+    policy = load_exported(tmp_path / "p.pt2")
+    module, _ = load_module(checkpoints["mvp"])
+    obs = module.obs_mean[None].repeat(2, 1)
+    noise = torch.randn(2, 1, summary["meta"]["noise_shape"][1])
+    with torch.inference_mode():
+        chunk = policy.program(obs, noise)
+    torch.testing.assert_close(chunk, _checkpoint_chunks(checkpoints["mvp"], obs, torch.zeros_like(noise), 0.0),
+                               atol=1e-5, rtol=0)
+
+
+def test_select_action_pops_a_chunk_and_refills_when_empty(checkpoints, tmp_path):
+    """LeRobot's queue: h actions from one chunk, then a new chunk; ``reset`` starts a fresh one."""
+    export_checkpoint(checkpoints["qc"], tmp_path / "p.pt2", noise_scale=1.0)
+    policy = load_exported(tmp_path / "p.pt2", generator=torch.Generator().manual_seed(0))
+    calls = []
+    program = policy.program
+    policy.program = lambda obs, noise: calls.append(noise) or program(obs, noise)
+    obs = torch.zeros(28)
+    actions = [policy.select_action(obs) for _ in range(7)]
+    assert len(calls) == 2 and calls[0].shape == (1, 4, 25)
+    with torch.inference_mode():
+        first = program(obs[None], calls[0])[0]
+    torch.testing.assert_close(torch.stack(actions[:5]), first)
+    policy.reset()
+    policy.select_action(obs)
+    assert len(calls) == 3
+
+
+def test_bfloat16_program_stays_close_to_the_float32_checkpoint(checkpoints, tmp_path):
+    summary = export_checkpoint(checkpoints["mvp"], tmp_path / "bf16.pt2", num_samples=1, noise_scale=1.0,
+                                act_dtype="bfloat16")
+    assert summary["meta"]["act_dtype"] == "bfloat16"
+    assert 0 < summary["max_difference"] < 0.05  # bfloat16 does change the numbers, by little
+
+
+def test_aoti_package_matches_the_program(checkpoints, tmp_path):
+    summary = export_checkpoint(checkpoints["fql"], tmp_path / "p.pt2", aoti=True)
+    assert Path(summary["aoti"]) == tmp_path / "p.aoti.pt2" and Path(summary["aoti"]).is_file()
+    assert summary["aoti_max_difference"] < 1e-4 and summary["aoti_latency_ms"] > 0
+
+
+def test_wrong_observation_size_and_a_file_that_is_not_an_export(checkpoints, tmp_path):
+    export_checkpoint(checkpoints["fql"], tmp_path / "p.pt2")
+    policy = load_exported(tmp_path / "p.pt2")
+    with pytest.raises(Exception, match="29|28"):
+        policy(torch.zeros(1, 29))
+    with pytest.raises(CheckpointError, match=f"{checkpoints['fql']}: not a manip.export program"):
+        load_exported(checkpoints["fql"])
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_exported(tmp_path / "missing.pt2")
+    assert isinstance(policy, ExportedPolicy)
+
+
+def _cli(*overrides: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("export", overrides=list(overrides))
+    main.__wrapped__(cfg)
+
+
+def test_cli_writes_next_to_the_run_and_prints_the_check(checkpoints, capsys):
+    _cli(f"ckpt={checkpoints['fql']}")
+    out = checkpoints["fql"].parents[1] / "export" / "last.pt2"
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed and "max chunk difference 0.0e+00" in printed
+    assert load_exported(out).meta["step"] == 4
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sample_steps=2"], "sample_steps=2: qc checkpoints have no mean-velocity sampler (MVP only)"),
+    (["noise_scale=-1"], "noise_scale must be >= 0, got -1"),
+    (["act_dtype=float16"], "act_dtype='float16': expected one of float32, bfloat16"),
+    (["+num_sample=3"], "unknown num_sample; did you mean num_samples?"),
+])
+def test_cli_refuses_bad_settings_in_one_line(checkpoints, tmp_path, overrides, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['qc']}", f"out={tmp_path / 'p.pt2'}", *overrides)
+    assert exit_info.value.code == f"manip.export: {message}"
+    assert not (tmp_path / "p.pt2").exists()
+
+
+def test_readme_snippet_runs_on_an_export(checkpoints, tmp_path):
+    """The README's Python lines under "Deploying a policy", on a real export, in a process without manip."""
+    import re
+
+    readme = (CONF.parent / "README.md").read_text()
+    section = readme[readme.index("### Deploying a policy"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = tmp_path / "p.pt2"
+    export_checkpoint(checkpoints["mvp"], out)
+    snippet = snippet.replace("runs/lift/export/last.pt2", str(out))
+    check = "\nassert chunk.shape == (1, *meta['chunk_shape']) and not any(m.startswith('manip') for m in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + snippet + check], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
