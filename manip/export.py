@@ -28,10 +28,13 @@ same states and noise (the largest chunk difference is printed: 0 for the float3
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+import zipfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +45,20 @@ from torch import nn
 
 from manip.algos.acting import ACT_DTYPES, acting_copy
 from manip.checkpoint import CheckpointError, load_module, require_ckpt
-from manip.settings import CONFIG_DIR, SettingError, check_int, check_output, check_real, unknown_key_error
+from manip.settings import (CONFIG_DIR, SettingError, check_int, check_output, check_real, first_free_path,
+                            unknown_key_error)
 
-__all__ = ["ExportedPolicy", "PolicyProgram", "default_output", "export_checkpoint", "load_exported"]
+__all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
+           "load_exported"]
 
 FORMAT = "manip.export/1"
 META_FILE = "manip.json"
 # the exported batch dimension's range (a program accepts any batch size in it)
 MAX_BATCH = 65536
+
+
+class ExportError(RuntimeError):
+    """The ahead-of-time compilation failed (the exported ``.pt2`` itself is written)."""
 
 
 class PolicyProgram(nn.Module):
@@ -83,9 +92,10 @@ class PolicyProgram(nn.Module):
 
 
 def default_output(ckpt: str | Path) -> Path:
-    """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``."""
+    """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier exports
+    are, the first free ``<ckpt name>.<k>.pt2`` (k = 1, 2, ...): none is replaced."""
     ckpt = Path(ckpt).resolve()
-    return ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2"
+    return first_free_path(ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2")
 
 
 def _metadata(program: PolicyProgram, cfg: dict, ckpt: Path, step: int, act_dtype: str) -> dict[str, Any]:
@@ -94,15 +104,38 @@ def _metadata(program: PolicyProgram, cfg: dict, ckpt: Path, step: int, act_dtyp
     return {
         "format": FORMAT,
         "call": "policy(obs, noise) -> chunk",
-        "obs_shape": [obs_dim], "noise_shape": list(program.noise_shape),
+        "obs_shape": [obs_dim], "noise_shape": list(program.noise_shape), "max_batch": MAX_BATCH,
         "chunk_shape": [program.horizon, program.action_dim],
         "obs_keys": data_info.get("obs_keys"), "obs_key_dims": data_info.get("obs_key_dims"),
         "num_samples": program.num_samples, "noise_scale": program.noise_scale,
-        "sample_steps": getattr(program.agent, "sample_steps", None), "act_dtype": act_dtype,
+        "sample_steps": getattr(program.agent, "sample_steps", None),
+        "flow_steps": getattr(program.agent, "flow_steps", None), "act_dtype": act_dtype,
+        "device": "cpu", "torch_version": torch.__version__,
         "algo": cfg["algo"]["name"], "task": data_info.get("env_name"), "env_spec": cfg.get("env_spec"),
         "ckpt": str(ckpt), "step": step, "trained_on": data_info.get("path"),
         "trained_on_stand_in": bool(data_info.get("generated", False)),
     }
+
+
+def checkpoint_acting(module: nn.Module, num_samples: int, noise_scale: float,
+                      act_dtype: str = "float32") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What ``module`` itself does with given noise, the reference an export is checked against: obs (B, O) raw,
+    noise (B, C, D) -> chunk (B, h, A), through ``module.normalize`` and its acting weights; in float32 the
+    module's own networks, in bfloat16 the copy ``manip.evaluate act_dtype=bfloat16`` acts with."""
+    if act_dtype == "float32":
+        agent = module.agent
+    else:
+        with module.acting_weights():
+            agent = acting_copy(module.agent, act_dtype)
+
+    def act(obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        weights = module.acting_weights() if agent is module.agent else contextlib.nullcontext()
+        with torch.inference_mode(), weights:
+            actions = agent.sample_actions(module.normalize(obs), num_samples, noise_scale=noise_scale,
+                                           noise=noise.flatten(0, 1))
+        return actions.view(len(obs), module.horizon, module.action_dim)
+
+    return act
 
 
 def _latency_ms(fn, obs: torch.Tensor, noise: torch.Tensor, calls: int = 100) -> float:
@@ -117,28 +150,28 @@ def _latency_ms(fn, obs: torch.Tensor, noise: torch.Tensor, calls: int = 100) ->
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def _max_difference(fn, reference: PolicyProgram, generator: torch.Generator, batch: int = 4) -> float:
-    """Largest |chunk difference| between ``fn`` and ``reference`` on ``batch`` random states around the data's
-    mean and random noises."""
-    obs = reference.obs_mean + reference.obs_scale * torch.randn(batch, reference.obs_mean.numel(),
-                                                                   generator=generator)
-    noise = torch.randn(batch, *reference.noise_shape, generator=generator)
+def _chunk_differences(fn, reference, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per state, the largest |chunk difference| between ``fn`` and ``reference`` on ``inputs`` (obs, noise)."""
     with torch.inference_mode():
-        return float((fn(obs, noise) - reference(obs, noise)).abs().max())
+        return (fn(*inputs) - reference(*inputs)).abs().flatten(1).max(dim=1).values
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None = None,
                       noise_scale: float | None = None, sample_steps: int | None = None,
                       act_dtype: str = "float32", aoti: bool = False, max_autotune: bool = True,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, check_states: int = 64) -> dict[str, Any]:
     """Exports ``ckpt``'s acting policy to ``out`` (see the module docstring) and checks it; returns a summary.
 
     num_samples: best-of-N candidates (None: the agent's own N); noise_scale: std of the initial noise the
     program scales its unit-noise input by (None: the run's ``eval.noise_scale``, else 1); sample_steps: MVP's
     mean-velocity jumps (None: the run's); act_dtype: "float32" or "bfloat16" networks. ``aoti``: also an
     AOTInductor package next to ``out``, its weights frozen into the compiled code and, with ``max_autotune``, its
-    matrix products autotuned (a longer compile for faster calls). The check runs ``seed``-ed random states through the checkpoint's module
-    and each file. A setting out of range raises ``SettingError``, a bad checkpoint ``CheckpointError``.
+    matrix products autotuned (a longer compile for faster calls). The check runs ``check_states`` random states
+    around the data's mean, with random noise (seeded with ``seed``), through each file and through
+    :func:`checkpoint_acting` in ``act_dtype``: ``max_difference`` (0 when the program computes what the checkpoint
+    does); for bfloat16 also ``float32_agreement``, the share of states whose chunk is within 0.02 of the float32
+    checkpoint's (rounding can change which candidate wins). A setting out of range raises ``SettingError``, a bad
+    checkpoint ``CheckpointError``, a failed AOTInductor compilation ``ExportError`` (the ``.pt2`` is kept).
     """
     if num_samples is not None:
         check_int(num_samples, "num_samples", 1)
@@ -159,8 +192,6 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
         module.agent.sample_steps = sample_steps
     num_samples = module.agent.num_samples if num_samples is None else num_samples
     program = PolicyProgram(module, num_samples, noise_scale, act_dtype).eval()
-    # what the checkpoint does with the same noise: its float32 networks, eager
-    reference = program if act_dtype == "float32" else PolicyProgram(module, num_samples, noise_scale).eval()
     example = (torch.zeros(2, module.obs_dim), torch.zeros(2, *program.noise_shape))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad():
@@ -171,39 +202,76 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     torch.export.save(exported, out, extra_files={META_FILE: json.dumps(meta, indent=1)})
 
     generator = torch.Generator().manual_seed(seed)
-    one = (torch.as_tensor(module.obs_mean[None].float()), torch.zeros(1, *program.noise_shape))
-    loaded = load_exported(out)
-    summary = {"out": str(out), "meta": meta, "max_difference": _max_difference(loaded.program, reference, generator),
-               "latency_ms": _latency_ms(loaded.program, *one), "module_latency_ms": _latency_ms(reference, *one)}
+    inputs = (module.obs_mean + module.obs_scale * torch.randn(check_states, module.obs_dim, generator=generator),
+              torch.randn(check_states, *program.noise_shape, generator=generator))
+    one = (module.obs_mean[None].clone(), torch.zeros(1, *program.noise_shape))
+    reference = checkpoint_acting(module, num_samples, noise_scale, act_dtype)
+    loaded = load_exported(out).program
+    summary = {"out": str(out), "meta": meta, "states": check_states,
+               "max_difference": float(_chunk_differences(loaded, reference, inputs).max()),
+               "latency_ms": _latency_ms(loaded, *one), "module_latency_ms": _latency_ms(reference, *one)}
+    if act_dtype != "float32":
+        float32 = checkpoint_acting(module, num_samples, noise_scale)
+        summary["float32_agreement"] = float((_chunk_differences(loaded, float32, inputs) <= 0.02).float().mean())
     if aoti:
-        from torch._inductor import aoti_compile_and_package, aoti_load_package
-
         package = out.with_name(f"{out.stem}.aoti.pt2")
-        if package.exists():
-            package.unlink()  # the packager adds to an existing archive
-        aoti_compile_and_package(exported, package_path=str(package),
-                                 inductor_configs={"freezing": True, "max_autotune": bool(max_autotune)})
-        compiled = aoti_load_package(str(package))
-        summary.update(aoti=str(package), aoti_max_difference=_max_difference(compiled, reference, generator),
+        compiled = _compile_package(exported, package, meta, max_autotune)
+        summary.update(aoti=str(package),
+                       aoti_max_difference=float(_chunk_differences(compiled, reference, inputs).max()),
                        aoti_latency_ms=_latency_ms(compiled, *one))
     return summary
+
+
+def _compile_package(exported: torch.export.ExportedProgram, package: Path, meta: dict[str, Any],
+                     max_autotune: bool):
+    """AOTInductor package of ``exported`` at ``package`` (metadata: ``manip.json``), loaded back."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    if package.exists():
+        package.unlink()  # the packager adds to an existing archive
+    configs = {"freezing": True, "max_autotune": bool(max_autotune),
+               # a batch of 1 passes the package's input checks (AOTI_RUNTIME_CHECK_INPUTS=1)
+               "aot_inductor.check_lowerbound": False,
+               "aot_inductor.metadata": {META_FILE: json.dumps(meta)}}
+    try:
+        aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
+    except Exception as exc:  # noqa: BLE001 - a missing compiler, an unsupported CPU: the .pt2 stays usable
+        raise ExportError(f"AOTInductor could not compile {package.name} ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); the program "
+                          f"{package.with_name(package.name.replace('.aoti', ''))} is written and needs no "
+                          f"compiler") from exc
+    return aoti_load_package(str(package))
 
 
 class ExportedPolicy:
     """An exported program (``manip.export``) with its noise and action queue, for a robot's control loop.
 
-    ``policy(obs)``: obs (B, O) raw -> chunk (B, h, A), the noise drawn from ``generator``.
-    ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new chunk is computed
-    when the queue is empty (executed open-loop, as in training); ``reset()`` empties it at an episode's start.
+    ``policy(obs)``: obs (B, O) raw -> chunk (B, h, A), the noise drawn from ``generator`` (or ``noise``
+    (B, C, D) given). ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new
+    chunk is computed when the queue is empty (executed open-loop, as in training); ``reset()`` empties it at an
+    episode's start. An observation of the wrong shape raises ``ValueError`` naming the size and keys expected.
     """
 
     def __init__(self, program: Any, meta: dict[str, Any], generator: torch.Generator | None = None):
         self.program, self.meta, self.generator = program, meta, generator
         self._queue: deque[torch.Tensor] = deque()
 
-    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+    def _check(self, obs: torch.Tensor) -> None:
+        size = self.meta["obs_shape"][0]
+        if obs.dim() != 2 or obs.shape[1] != size or not 1 <= obs.shape[0] <= self.meta["max_batch"]:
+            keys = self.meta.get("obs_key_dims") or self.meta.get("obs_keys")
+            raise ValueError(f"observations of shape {tuple(obs.shape)}: the policy takes (batch, {size})"
+                             + (f", the raw {keys} concatenated" if keys else "")
+                             + f", batch 1 to {self.meta['max_batch']}")
+
+    def __call__(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         obs = torch.as_tensor(obs, dtype=torch.float32)
-        noise = torch.randn(obs.shape[0], *self.meta["noise_shape"], generator=self.generator)
+        self._check(obs)
+        if noise is None:
+            noise = torch.randn(obs.shape[0], *self.meta["noise_shape"], generator=self.generator)
+        elif tuple(noise.shape) != (obs.shape[0], *self.meta["noise_shape"]):
+            expected = (obs.shape[0], *self.meta["noise_shape"])
+            raise ValueError(f"noise of shape {tuple(noise.shape)}: expected {expected}")
         with torch.inference_mode():
             return self.program(obs, noise)
 
@@ -217,16 +285,32 @@ class ExportedPolicy:
 
 
 def load_exported(path: str | Path, generator: torch.Generator | None = None) -> ExportedPolicy:
-    """The :class:`ExportedPolicy` of a ``manip.export`` file; ``CheckpointError`` naming the file if it is not one."""
+    """The :class:`ExportedPolicy` of a ``manip.export`` file: the ``.pt2`` program or its ``.aoti.pt2`` package.
+    ``CheckpointError`` naming the file if it is neither."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    extra = {META_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra).module()
-        meta = json.loads(extra[META_FILE])
-    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not an export
-        raise CheckpointError(f"{path}: not a manip.export program ({type(exc).__name__}: {exc})") from exc
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a manip.export program (not a .pt2 archive)") from exc
+    is_package = any("/data/aotinductor/" in name for name in names)
+    if not is_package and not any(name.endswith(f"/extra/{META_FILE}") for name in names):
+        raise CheckpointError(f"{path}: not a manip.export program (it has no {META_FILE}; "
+                              f"python -m manip.export ckpt=... writes one)")
+    try:
+        if is_package:
+            from torch._inductor import aoti_load_package
+
+            program = aoti_load_package(str(path))
+            meta = json.loads(program.get_metadata().get(META_FILE, "null"))
+        else:
+            extra = {META_FILE: ""}
+            program = torch.export.load(path, extra_files=extra).module()
+            meta = json.loads(extra[META_FILE])
+    except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not a usable export
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a manip.export program (its {META_FILE} does not say {FORMAT})")
     return ExportedPolicy(program, meta, generator)
@@ -245,12 +329,17 @@ def summary_lines(summary: dict[str, Any]) -> str:
         f"exported {meta['algo']} ({meta['task']}, step {meta['step']}) -> {summary['out']}",
         f"policy(obs {_shape(meta['obs_shape'])}, noise {_shape(meta['noise_shape'])}) -> chunk "
         f"{_shape(meta['chunk_shape'])}; {choice}, noise scale {meta['noise_scale']}, {meta['act_dtype']}",
-        f"against the checkpoint (float32, same noise): max chunk difference {summary['max_difference']:.1e}; "
-        f"batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's networks: {summary['module_latency_ms']:.2f} ms)",
+        f"against the checkpoint ({meta['act_dtype']}, {summary['states']} states, same noise): largest chunk "
+        f"difference {summary['max_difference']:.1e}; batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's "
+        f"networks: {summary['module_latency_ms']:.2f} ms)",
     ]
+    if "float32_agreement" in summary:
+        lines.append(f"{summary['float32_agreement']:.2f} of the states' chunks within 0.02 of the float32 "
+                     f"checkpoint's (rounding can change which candidate wins)")
     if "aoti" in summary:
-        lines.append(f"AOTInductor package -> {summary['aoti']}: max difference {summary['aoti_max_difference']:.1e}, "
-                     f"batch-1 call {summary['aoti_latency_ms']:.2f} ms")
+        lines.append(f"AOTInductor package -> {summary['aoti']}: largest chunk difference "
+                     f"{summary['aoti_max_difference']:.1e}, batch-1 call {summary['aoti_latency_ms']:.2f} ms "
+                     f"(compiled for this machine's CPU)")
     if meta["trained_on_stand_in"]:
         lines.append(f"trained on a stand-in dataset manip generated ({meta['trained_on']}), not the released one")
     return "\n".join(lines)
@@ -274,8 +363,11 @@ def main(cfg: DictConfig) -> None:
         out = check_output(cfg.out if cfg.out else default_output(ckpt), "policy.pt2", "the program")
         summary = export_checkpoint(ckpt, out, cfg.num_samples, cfg.noise_scale, cfg.sample_steps, cfg.act_dtype,
                                     cfg.aoti, cfg.max_autotune)
-    except (CheckpointError, SettingError) as err:
+    except (CheckpointError, ExportError, SettingError) as err:
         sys.exit(f"manip.export: {err}")
+    except KeyboardInterrupt:
+        print("manip.export: interrupted", file=sys.stderr)
+        sys.exit(130)
     print(summary_lines(summary))
 
 
