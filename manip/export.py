@@ -55,6 +55,8 @@ FORMAT = "manip.export/1"
 META_FILE = "manip.json"
 # the exported batch dimension's range (a program accepts any batch size in it)
 MAX_BATCH = 65536
+# a chunk within this of the reference's (largest |difference|) agrees with it
+AGREEMENT = 0.02
 
 
 class ExportError(RuntimeError):
@@ -169,8 +171,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     matrix products autotuned (a longer compile for faster calls). The check runs ``check_states`` random states
     around the data's mean, with random noise (seeded with ``seed``), through each file and through
     :func:`checkpoint_acting` in ``act_dtype``: ``max_difference`` (0 when the program computes what the checkpoint
-    does); for bfloat16 also ``float32_agreement``, the share of states whose chunk is within 0.02 of the float32
-    checkpoint's (rounding can change which candidate wins). A setting out of range raises ``SettingError``, a bad
+    does) and ``agreement``, the share of states whose chunk is within ``AGREEMENT`` of the checkpoint's; for
+    bfloat16 also ``float32_agreement``, the same against the float32 checkpoint (rounding, and compiled kernels'
+    summation order, can change which candidate wins). The package's figures have the prefix ``aoti_``. A setting out of range raises ``SettingError``, a bad
     checkpoint ``CheckpointError``, a failed AOTInductor compilation ``ExportError`` (the ``.pt2`` is kept).
     """
     if num_samples is not None:
@@ -206,19 +209,23 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
               torch.randn(check_states, *program.noise_shape, generator=generator))
     one = (module.obs_mean[None].clone(), torch.zeros(1, *program.noise_shape))
     reference = checkpoint_acting(module, num_samples, noise_scale, act_dtype)
+    float32 = reference if act_dtype == "float32" else checkpoint_acting(module, num_samples, noise_scale)
+
+    def compare(fn, prefix: str = "") -> dict[str, float]:
+        differences = _chunk_differences(fn, reference, inputs)
+        figures = {"max_difference": float(differences.max()),
+                   "agreement": float((differences <= AGREEMENT).float().mean())}
+        if float32 is not reference:
+            figures["float32_agreement"] = float((_chunk_differences(fn, float32, inputs) <= AGREEMENT).float().mean())
+        return {prefix + key: value for key, value in figures.items()}
+
     loaded = load_exported(out).program
-    summary = {"out": str(out), "meta": meta, "states": check_states,
-               "max_difference": float(_chunk_differences(loaded, reference, inputs).max()),
+    summary = {"out": str(out), "meta": meta, "states": check_states, **compare(loaded),
                "latency_ms": _latency_ms(loaded, *one), "module_latency_ms": _latency_ms(reference, *one)}
-    if act_dtype != "float32":
-        float32 = checkpoint_acting(module, num_samples, noise_scale)
-        summary["float32_agreement"] = float((_chunk_differences(loaded, float32, inputs) <= 0.02).float().mean())
     if aoti:
         package = out.with_name(f"{out.stem}.aoti.pt2")
         compiled = _compile_package(exported, package, meta, max_autotune)
-        summary.update(aoti=str(package),
-                       aoti_max_difference=float(_chunk_differences(compiled, reference, inputs).max()),
-                       aoti_latency_ms=_latency_ms(compiled, *one))
+        summary.update(aoti=str(package), **compare(compiled, "aoti_"), aoti_latency_ms=_latency_ms(compiled, *one))
     return summary
 
 
@@ -320,6 +327,17 @@ def _shape(dims: list[int]) -> str:
     return "(" + ", ".join(["B", *map(str, dims)]) + ")"
 
 
+def _agreement(summary: dict[str, Any], prefix: str = "") -> str:
+    """How a file's chunks compare with the checkpoint's, in words."""
+    dtype, states = summary["meta"]["act_dtype"], summary["states"]
+    text = (f"against the checkpoint ({dtype}, {states} states, same noise) largest chunk difference "
+            f"{summary[prefix + 'max_difference']:.1e}, {summary[prefix + 'agreement']:.2f} of chunks within "
+            f"{AGREEMENT}")
+    if prefix + "float32_agreement" in summary:
+        text += f" ({summary[prefix + 'float32_agreement']:.2f} of the float32 checkpoint's)"
+    return text
+
+
 def summary_lines(summary: dict[str, Any]) -> str:
     """What ``main`` prints."""
     meta = summary["meta"]
@@ -329,17 +347,12 @@ def summary_lines(summary: dict[str, Any]) -> str:
         f"exported {meta['algo']} ({meta['task']}, step {meta['step']}) -> {summary['out']}",
         f"policy(obs {_shape(meta['obs_shape'])}, noise {_shape(meta['noise_shape'])}) -> chunk "
         f"{_shape(meta['chunk_shape'])}; {choice}, noise scale {meta['noise_scale']}, {meta['act_dtype']}",
-        f"against the checkpoint ({meta['act_dtype']}, {summary['states']} states, same noise): largest chunk "
-        f"difference {summary['max_difference']:.1e}; batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's "
-        f"networks: {summary['module_latency_ms']:.2f} ms)",
+        f"{_agreement(summary)}; batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's networks: "
+        f"{summary['module_latency_ms']:.2f} ms)",
     ]
-    if "float32_agreement" in summary:
-        lines.append(f"{summary['float32_agreement']:.2f} of the states' chunks within 0.02 of the float32 "
-                     f"checkpoint's (rounding can change which candidate wins)")
     if "aoti" in summary:
-        lines.append(f"AOTInductor package -> {summary['aoti']}: largest chunk difference "
-                     f"{summary['aoti_max_difference']:.1e}, batch-1 call {summary['aoti_latency_ms']:.2f} ms "
-                     f"(compiled for this machine's CPU)")
+        lines.append(f"AOTInductor package -> {summary['aoti']} (compiled for this machine's CPU): "
+                     f"{_agreement(summary, 'aoti_')}; batch-1 call {summary['aoti_latency_ms']:.2f} ms")
     if meta["trained_on_stand_in"]:
         lines.append(f"trained on a stand-in dataset manip generated ({meta['trained_on']}), not the released one")
     return "\n".join(lines)

@@ -135,7 +135,7 @@ def test_bfloat16_program_computes_what_the_checkpoint_does_in_bfloat16(checkpoi
     the share of agreeing chunks is reported, not assumed."""
     summary = export_checkpoint(checkpoints["mvp"], tmp_path / "bf16.pt2", noise_scale=1.0, act_dtype="bfloat16")
     assert summary["meta"]["act_dtype"] == "bfloat16" and summary["states"] == 64
-    assert summary["max_difference"] < 1e-6
+    assert summary["max_difference"] < 1e-6 and summary["agreement"] == 1.0
     assert 0.0 < summary["float32_agreement"] <= 1.0
 
 
@@ -173,7 +173,8 @@ def test_aoti_package_matches_the_checkpoint_and_checks_its_inputs(checkpoints, 
     summary = export_checkpoint(checkpoints["fql"], tmp_path / "p.pt2", aoti=True)
     package = tmp_path / "p.aoti.pt2"
     assert Path(summary["aoti"]) == package and package.is_file()
-    assert summary["aoti_max_difference"] < 1e-4 and summary["aoti_latency_ms"] > 0
+    assert summary["aoti_max_difference"] < 1e-4 and summary["aoti_agreement"] == 1.0
+    assert summary["aoti_latency_ms"] > 0 and "float32_agreement" not in summary
     policy = load_exported(package)
     assert policy.meta == summary["meta"]
     assert policy(torch.zeros(3, 28)).shape == (3, 1, 5)
