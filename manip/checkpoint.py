@@ -13,12 +13,12 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from manip.settings import SettingError, find_class
+from manip.settings import SettingError, check_declared_settings, check_output, check_real, find_class
 
 
 class CheckpointError(ValueError):
@@ -73,6 +73,19 @@ def require_ckpt(cfg: Any) -> str:
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise CheckpointError("ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt")
     return str(cfg.ckpt)
+
+
+def checkpoint_command(cfg: Any, command: str, default_output: Callable[[str], Path], example: str = "result.json",
+                       what: str = "the JSON result") -> tuple[str, Path]:
+    """What a command on one checkpoint (``evaluate``, ``export``) starts with: its torch CPU threads
+    (``threads``), every key checked against ``conf/<command>.yaml``, the required ``ckpt``, and the ``out`` path
+    (default ``default_output(ckpt)``) checked writable before any work. Returns (ckpt, out); raises
+    ``SettingError`` / ``CheckpointError``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_declared_settings(cfg, command)
+    ckpt = require_ckpt(cfg)
+    return ckpt, check_output(cfg.out if cfg.out else default_output(ckpt), example, what)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -188,6 +201,21 @@ def load_module(path: str | Path, map_location: str = "cpu"):
         raise CheckpointError(f"{path}: weights do not fit the network its config describes: {exc}") from exc
     module.checkpoint_step = int(ckpt.get("global_step", 0))
     return module.to(map_location).eval(), cfg
+
+
+def load_acting_module(path: str | Path, noise_scale: float | None = None, sample_steps: int | None = None):
+    """:func:`load_module` with the acting settings a command may override: returns (module, cfg, noise_scale),
+    ``noise_scale`` None giving the run's ``eval.noise_scale`` (1.0 when it has none); ``sample_steps`` (MVP's
+    mean-velocity jumps) set on the agent, a ``SettingError`` for an agent without them."""
+    module, cfg = load_module(path)
+    if noise_scale is None:
+        noise_scale = check_real(cfg.get("eval", {}).get("noise_scale", 1.0), "eval.noise_scale", 0)
+    if sample_steps is not None:
+        if not hasattr(module.agent, "sample_steps"):
+            raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
+                               f"mean-velocity sampler (MVP only)")
+        module.agent.sample_steps = sample_steps
+    return module, cfg, noise_scale
 
 
 def env_spec_of(cfg: dict):

@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from manip.algos.acting import ACT_DTYPES
-from manip.checkpoint import CheckpointError, env_spec_of, load_module, require_ckpt
+from manip.checkpoint import CheckpointError, checkpoint_command, env_spec_of, load_acting_module
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import (CONFIG_DIR, SettingError, check_int, check_output, check_real, first_free_path,
-                            unknown_key_error)
+from manip.settings import SettingError, check_int, check_real, first_free_path
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -83,15 +81,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
         for side in video_size:
             check_int(side, "video_size", 16)
         check_int(video_fps, "video_fps", 1)
-    module, cfg = load_module(ckpt)
+    module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
     spec = env_spec_of(cfg)
-    if noise_scale is None:
-        noise_scale = check_real(cfg.get("eval", {}).get("noise_scale", 1.0), "eval.noise_scale", 0)
-    if sample_steps is not None:
-        if not hasattr(module.agent, "sample_steps"):
-            raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
-                               f"mean-velocity sampler (MVP only)")
-        module.agent.sample_steps = sample_steps
     render_env = open_render_env(spec, video_size) if video_episodes else None
     fast = act_dtype != "float32" or act_compile
     acting = module.fast_acting(act_dtype, act_compile) if fast else contextlib.nullcontext()
@@ -139,22 +130,10 @@ def summary(result: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def check_known_settings(cfg: DictConfig) -> None:
-    """Every key is one conf/evaluate.yaml declares: ``+episode=2`` is refused, not ignored."""
-    declared = [key for key in OmegaConf.load(CONFIG_DIR / "evaluate.yaml") if key not in ("defaults", "hydra")]
-    for key in cfg:
-        if key not in declared:
-            raise unknown_key_error(key, declared)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
-        check_known_settings(cfg)
-        ckpt = require_ckpt(cfg)
-        out = check_output(cfg.out if cfg.out else default_output(ckpt))  # before the evaluation: keeps its result
+        ckpt, out = checkpoint_command(cfg, "evaluate", default_output)  # out checked first: keeps the result
         result = evaluate_checkpoint(ckpt, cfg.episodes, cfg.num_envs, cfg.seed, cfg.num_samples,
                                      noise_scale=cfg.noise_scale, sample_steps=cfg.sample_steps,
                                      video_episodes=cfg.video_episodes if cfg.video else 0,

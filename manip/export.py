@@ -40,13 +40,12 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from manip.algos.acting import ACT_DTYPES, acting_copy
-from manip.checkpoint import CheckpointError, load_module, require_ckpt
-from manip.settings import (CONFIG_DIR, SettingError, check_int, check_output, check_real, first_free_path,
-                            unknown_key_error)
+from manip.checkpoint import CheckpointError, checkpoint_command, load_acting_module
+from manip.settings import SettingError, check_int, check_real, first_free_path
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
            "load_exported"]
@@ -185,14 +184,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     if act_dtype not in ACT_DTYPES:
         raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
     ckpt = Path(ckpt).resolve()
-    module, cfg = load_module(ckpt)
-    if noise_scale is None:
-        noise_scale = check_real(cfg.get("eval", {}).get("noise_scale", 1.0), "eval.noise_scale", 0)
-    if sample_steps is not None:
-        if not hasattr(module.agent, "sample_steps"):
-            raise SettingError(f"sample_steps={sample_steps}: {cfg['algo']['name']} checkpoints have no "
-                               f"mean-velocity sampler (MVP only)")
-        module.agent.sample_steps = sample_steps
+    module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
     num_samples = module.agent.num_samples if num_samples is None else num_samples
     program = PolicyProgram(module, num_samples, noise_scale, act_dtype).eval()
     example = (torch.zeros(2, module.obs_dim), torch.zeros(2, *program.noise_shape))
@@ -358,22 +350,10 @@ def summary_lines(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_known_settings(cfg: DictConfig) -> None:
-    """Every key is one conf/export.yaml declares."""
-    declared = [key for key in OmegaConf.load(CONFIG_DIR / "export.yaml") if key not in ("defaults", "hydra")]
-    for key in cfg:
-        if key not in declared:
-            raise unknown_key_error(key, declared)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
-        check_known_settings(cfg)
-        ckpt = require_ckpt(cfg)
-        out = check_output(cfg.out if cfg.out else default_output(ckpt), "policy.pt2", "the program")
+        ckpt, out = checkpoint_command(cfg, "export", default_output, "policy.pt2", "the program")
         summary = export_checkpoint(ckpt, out, cfg.num_samples, cfg.noise_scale, cfg.sample_steps, cfg.act_dtype,
                                     cfg.aoti, cfg.max_autotune)
     except (CheckpointError, ExportError, SettingError) as err:

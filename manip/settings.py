@@ -90,6 +90,17 @@ def check_known_keys(target: type, settings, section: str, given: tuple[str, ...
         raise unknown_key_error(unknown[0], takes, section, owner=target.__name__)
 
 
+def check_declared_settings(cfg, config_name: str) -> None:
+    """Every key of a single-file command's config (``evaluate``, ``export``) is one ``conf/<config_name>.yaml``
+    declares: ``+episode=2`` is refused by name (``SettingError``), not ignored."""
+    from omegaconf import OmegaConf
+
+    declared = [key for key in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml") if key not in ("defaults", "hydra")]
+    for key in cfg:
+        if key not in declared:
+            raise unknown_key_error(key, declared)
+
+
 def first_free_path(path: Path) -> Path:
     """``path`` itself if it does not exist, else the first free ``<stem>.<k><suffix>`` (k = 1, 2, ...) beside it."""
     free, k = path, 0

@@ -535,12 +535,13 @@ def test_entry_points_check_their_command_line_before_hydra(command, args, tmp_p
     assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
-def test_evaluate_refuses_an_added_key_it_does_not_read():
-    from manip.evaluate import check_known_settings
+@pytest.mark.parametrize(("command", "key"), [("evaluate", "episodes"), ("export", "num_samples")])
+def test_single_file_commands_refuse_an_added_key_they_do_not_read(command, key):
+    from manip.settings import check_declared_settings
 
-    with pytest.raises(SettingError, match=re.escape("unknown episode; did you mean episodes?")):
-        check_known_settings(_compose("evaluate", ["ckpt=x", "+episode=2"]))
-    check_known_settings(_compose("evaluate", ["ckpt=x", "episodes=2"]))
+    with pytest.raises(SettingError, match=re.escape(f"unknown {key[:-1]}; did you mean {key}?")):
+        check_declared_settings(_compose(command, ["ckpt=x", f"+{key[:-1]}=2"]), command)
+    check_declared_settings(_compose(command, ["ckpt=x", f"{key}=2"]), command)
 
 
 def test_a_run_dir_under_home_is_one_directory(lift_hdf5, tmp_path, monkeypatch):
