@@ -9,6 +9,8 @@ are kept; or ``out=...``); with ``video=true``,
 ``video_episodes`` extra episodes (seeds ``seed``, ``seed + 1``, ...) are rendered offscreen to
 ``<json name>_ep<i>.mp4`` next to it, each framed green (success) or red (failure). ``act_dtype=bfloat16
 act_compile=true`` acts through a frozen, compiled bfloat16 copy of the networks (``ManipModule.fast_acting``).
+``ckpt=<run_dir>/export/<name>.pt2`` evaluates a ``manip.export`` program (or its ``.aoti.pt2`` package) instead, in
+the simulator its metadata names, with its baked-in sampling; the result goes to ``eval/<name>.export.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from manip.algos.acting import ACT_DTYPES
@@ -31,10 +35,12 @@ from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, recor
 
 
 def default_output(ckpt: str | Path) -> Path:
-    """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier
-    evaluations left their results, the first free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
+    """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt`` (``<name>.export.json``
+    for an exported ``<run_dir>/export/<name>.pt2``), or, where earlier evaluations left their results, the first
+    free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
     ckpt = Path(ckpt).resolve()
-    return first_free_path(ckpt.parent.parent / "eval" / f"{ckpt.stem}.json")
+    name = f"{ckpt.name[:-len('.pt2')]}.export" if ckpt.name.endswith(".pt2") else ckpt.stem
+    return first_free_path(ckpt.parent.parent / "eval" / f"{name}.json")
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,
@@ -81,15 +87,26 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
         for side in video_size:
             check_int(side, "video_size", 16)
         check_int(video_fps, "video_fps", 1)
-    module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
-    spec = env_spec_of(cfg)
+    if str(ckpt).endswith(".pt2"):
+        predict, spec, dims, info = _exported_policy(ckpt, seed, num_samples, noise_scale, sample_steps, act_dtype,
+                                                     act_compile)
+        acting = contextlib.nullcontext()
+    else:
+        module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
+        spec, dims = env_spec_of(cfg), (module.obs_dim, module.action_dim)
+        fast = act_dtype != "float32" or act_compile
+        acting = module.fast_acting(act_dtype, act_compile) if fast else contextlib.nullcontext()
+        predict = module.seeded_policy(seed, noise_scale, num_samples)
+        data_info = cfg["data_info"]
+        info = {"step": module.checkpoint_step, "algo": cfg["algo"]["name"], "task": data_info.get("env_name"),
+                "num_samples": module.agent.num_samples if num_samples is None else num_samples,
+                "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
+                "act_dtype": act_dtype, "act_compile": act_compile, "trained_on": data_info.get("path"),
+                "trained_on_stand_in": data_info.get("generated")}
     render_env = open_render_env(spec, video_size) if video_episodes else None
-    fast = act_dtype != "float32" or act_compile
-    acting = module.fast_acting(act_dtype, act_compile) if fast else contextlib.nullcontext()
     try:
         with acting:
-            predict = module.seeded_policy(seed, noise_scale, num_samples)
-            env = make_vector_env(spec, num_envs, obs_dim=module.obs_dim, action_dim=module.action_dim)
+            env = make_vector_env(spec, num_envs, obs_dim=dims[0], action_dim=dims[1])
             try:
                 result = evaluate_policy(env, predict, episodes, seed)
             finally:
@@ -102,15 +119,36 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     finally:
         if render_env is not None:
             render_env.close()
-    data_info = cfg["data_info"]
-    return {"ckpt": str(Path(ckpt).resolve()), "step": module.checkpoint_step, "algo": cfg["algo"]["name"],
-            "env": spec.kind, "task": data_info.get("env_name"), "seed": seed, "num_envs": num_envs,
-            "num_samples": module.agent.num_samples if num_samples is None else num_samples,
-            "noise_scale": noise_scale, "sample_steps": getattr(module.agent, "sample_steps", None),
-            "act_dtype": act_dtype, "act_compile": act_compile,
-            "trained_on": data_info.get("path"), "trained_on_stand_in": data_info.get("generated"),
+    return {"ckpt": str(Path(ckpt).resolve()), **info, "env": spec.kind, "seed": seed, "num_envs": num_envs,
             **result.to_dict(), "videos": [video.to_dict() for video in videos],
             "total_seconds": time.perf_counter() - started}
+
+
+def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise_scale: float | None,
+                     sample_steps: int | None, act_dtype: str, act_compile: bool):
+    """(predict_chunks, env spec, (obs_dim, action_dim), result fields) of a ``manip.export`` file. Its noise stream
+    is seeded with ``seed`` and drawn in the order the checkpoint's ``seeded_policy`` draws it, so an exported
+    program and its checkpoint act alike episode by episode. Sampling settings are refused: the program has its own."""
+    from manip.envs import EnvSpec
+    from manip.export import load_exported
+
+    given = {"num_samples": num_samples, "noise_scale": noise_scale, "sample_steps": sample_steps,
+             "act_dtype": None if act_dtype == "float32" else act_dtype, "act_compile": act_compile or None}
+    for key, value in given.items():
+        if value is not None:
+            raise SettingError(f"{key}={value}: {path} is an exported program, its sampling fixed at export "
+                               f"(python -m manip.export ... {key}=... exports another)")
+    policy = load_exported(path, generator=torch.Generator().manual_seed(seed))
+    meta = policy.meta
+
+    def predict(obs) -> np.ndarray:
+        return policy(torch.as_tensor(np.asarray(obs), dtype=torch.float32)).numpy()
+
+    spec = EnvSpec(meta["env_spec"]["kind"], dict(meta["env_spec"]["kwargs"]))
+    info = {key: meta[key] for key in ("step", "algo", "task", "num_samples", "noise_scale", "sample_steps",
+                                       "act_dtype", "trained_on", "trained_on_stand_in")}
+    return predict, spec, (meta["obs_shape"][0], meta["chunk_shape"][1]), {
+        **info, "act_compile": False, "exported_from": meta["ckpt"]}
 
 
 def summary(result: dict, out: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 CONF = Path(manip.__file__).resolve().parent.parent / "conf"
 TINY = ["trainer.max_steps=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "eval.every_n_steps=0", "eval.final_episodes=0", "data.batch_size=32", "algo.agent.hidden_dims=[32,32]"]
+        "eval.every_n_steps=0", "eval.final_episodes=0", "data.batch_size=32", "algo.agent.hidden_dims=[32,32]",
+        "data.env_horizon=10"]  # evaluation episodes are truncated after 10 steps
 
 # Runs without manip: the program and its noise are all a robot's computer needs.
 TORCH_ONLY = """
@@ -249,3 +251,42 @@ def test_readme_snippet_runs_on_an_export(checkpoints, tmp_path):
     done = subprocess.run([sys.executable, "-c", "import sys\n" + snippet + check], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_evaluating_an_export_draws_the_checkpoints_noise_stream(checkpoints, tmp_path):
+    """``manip.evaluate ckpt=<export>``'s policy gives, call after call, the chunks the checkpoint's seeded policy
+    gives from the same seed: an exported program and its checkpoint act alike episode by episode."""
+    from manip.evaluate import _exported_policy
+
+    export_checkpoint(checkpoints["mvp"], tmp_path / "p.pt2", noise_scale=1.0)
+    predict, spec, dims, info = _exported_policy(tmp_path / "p.pt2", 7, None, None, None, "float32", False)
+    module, cfg = load_module(checkpoints["mvp"])
+    reference = module.seeded_policy(7, noise_scale=1.0)
+    assert spec.kind == "ogbench" and dims == (28, 5) and info["exported_from"] == str(checkpoints["mvp"])
+    observations = module.obs_mean + module.obs_scale * torch.randn(3, 2, 28, generator=torch.Generator().manual_seed(1))
+    for obs in observations.numpy():
+        torch.testing.assert_close(torch.as_tensor(predict(obs)), torch.as_tensor(reference(obs)), atol=1e-5, rtol=0)
+
+
+def _evaluate_cli(*overrides: str) -> None:
+    from manip.evaluate import main as evaluate_main
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=list(overrides))
+    evaluate_main.__wrapped__(cfg)
+
+
+def test_evaluate_cli_runs_an_export_in_its_simulator(checkpoints, tmp_path, capsys):
+    export = checkpoints["qc"].parents[1] / "export" / "evaluated.pt2"
+    export_checkpoint(checkpoints["qc"], export, noise_scale=1.0)
+    _evaluate_cli(f"ckpt={export}", "episodes=2", "num_envs=2")
+    out = checkpoints["qc"].parents[1] / "eval" / "evaluated.export.json"
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 2 and len(result["lengths"]) == 2 and all(1 <= n <= 10 for n in result["lengths"])
+    assert result["algo"] == "qc" and result["step"] == 4 and result["num_samples"] == 4
+    assert result["exported_from"] == str(checkpoints["qc"]) and result["ckpt"] == str(export)
+    assert f"-> {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        _evaluate_cli(f"ckpt={export}", "episodes=2", "noise_scale=0.5", f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code.startswith(f"manip.evaluate: noise_scale=0.5: {export} is an exported program")
+    assert not (tmp_path / "r.json").exists()
