@@ -47,7 +47,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return f"neither a zip archive nor a pickle; it starts with {head!r}"
 
 
-def _first_sentence(exc: BaseException) -> str:
+def first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0]
 
@@ -75,17 +75,18 @@ def require_ckpt(cfg: Any) -> str:
     return str(cfg.ckpt)
 
 
-def checkpoint_command(cfg: Any, command: str, default_output: Callable[[str], Path], example: str = "result.json",
-                       what: str = "the JSON result") -> tuple[str, Path]:
+def checkpoint_command(cfg: Any, command: str, default_output: Callable[[str], Path],
+                       out_file: tuple[str, str, str] = ("result.json", "the result", "JSON file")) -> tuple[str, Path]:
     """What a command on one checkpoint (``evaluate``, ``export``) starts with: its torch CPU threads
     (``threads``), every key checked against ``conf/<command>.yaml``, the required ``ckpt``, and the ``out`` path
-    (default ``default_output(ckpt)``) checked writable before any work. Returns (ckpt, out); raises
+    (default ``default_output(ckpt)``) checked writable before any work (``out_file``: the example, the noun and the
+    kind of file :func:`~manip.settings.check_output` names). Returns (ckpt, out); raises
     ``SettingError`` / ``CheckpointError``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     check_declared_settings(cfg, command)
     ckpt = require_ckpt(cfg)
-    return ckpt, check_output(cfg.out if cfg.out else default_output(ckpt), example, what)
+    return ckpt, check_output(cfg.out if cfg.out else default_output(ckpt), *out_file)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if operand:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint (a pickle torch cannot read safely: "
                                   f"{operand[0]})") from None
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {_first_sentence(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first_sentence(exc)}") from exc
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if not isinstance(hp.get("cfg"), dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a manip checkpoint (no config / state_dict inside)")

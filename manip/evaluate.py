@@ -71,8 +71,10 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``. ``act_dtype``
     ("float32" or "bfloat16") and ``act_compile`` choose the acting path: the defaults run the checkpoint's networks
     as trained; anything else acts with ``ManipModule.fast_acting`` (a frozen copy in that dtype, compiled or not).
-    ``seed`` seeds the simulators' resets and the policy's noise. Returns a JSON-ready dict (see ``EvalResult`` for
-    the statistics, plus ``videos``).
+    ``seed`` seeds the simulators' resets and the policy's noise. ``ckpt`` may also be a ``manip.export`` program
+    (``.pt2`` or ``.aoti.pt2``): it acts with its own baked-in sampling (``num_samples``, ``noise_scale``,
+    ``sample_steps``, ``act_dtype`` and ``act_compile`` are refused for it) and the same noise stream as its
+    checkpoint. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
     """
     started = time.perf_counter()
     check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed)  # before the checkpoint is loaded
@@ -119,8 +121,9 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     finally:
         if render_env is not None:
             render_env.close()
-    return {"ckpt": str(Path(ckpt).resolve()), **info, "env": spec.kind, "seed": seed, "num_envs": num_envs,
-            **result.to_dict(), "videos": [video.to_dict() for video in videos],
+    first = {key: info.pop(key) for key in ("step", "algo")}
+    return {"ckpt": str(Path(ckpt).resolve()), **first, "env": spec.kind, "task": info.pop("task"), "seed": seed,
+            "num_envs": num_envs, **info, **result.to_dict(), "videos": [video.to_dict() for video in videos],
             "total_seconds": time.perf_counter() - started}
 
 
@@ -132,13 +135,16 @@ def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise
     from manip.envs import EnvSpec
     from manip.export import load_exported
 
+    policy = load_exported(path, generator=torch.Generator().manual_seed(seed))  # first: the file is an export
     given = {"num_samples": num_samples, "noise_scale": noise_scale, "sample_steps": sample_steps,
-             "act_dtype": None if act_dtype == "float32" else act_dtype, "act_compile": act_compile or None}
+             "act_dtype": None if act_dtype == "float32" else act_dtype}
     for key, value in given.items():
         if value is not None:
             raise SettingError(f"{key}={value}: {path} is an exported program, its sampling fixed at export "
                                f"(python -m manip.export ... {key}=... exports another)")
-    policy = load_exported(path, generator=torch.Generator().manual_seed(seed))
+    if act_compile:
+        raise SettingError(f"act_compile=true: {path} is an exported program (python -m manip.export ... aoti=true "
+                           f"compiles one ahead of time)")
     meta = policy.meta
 
     def predict(obs) -> np.ndarray:
@@ -146,9 +152,10 @@ def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise
 
     spec = EnvSpec(meta["env_spec"]["kind"], dict(meta["env_spec"]["kwargs"]))
     info = {key: meta[key] for key in ("step", "algo", "task", "num_samples", "noise_scale", "sample_steps",
-                                       "act_dtype", "trained_on", "trained_on_stand_in")}
+                                       "act_dtype")}
     return predict, spec, (meta["obs_shape"][0], meta["chunk_shape"][1]), {
-        **info, "act_compile": False, "exported_from": meta["ckpt"]}
+        **info, "act_compile": False, "trained_on": meta["trained_on"],
+        "trained_on_stand_in": meta["trained_on_stand_in"], "exported_from": meta["ckpt"]}
 
 
 def summary(result: dict, out: Path) -> str:

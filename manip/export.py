@@ -21,15 +21,17 @@ the noise and keeps LeRobot's action queue (``select_action``).
 ``aoti=true`` also compiles the program ahead of time with AOTInductor into ``<out stem>.aoti.pt2`` (weights frozen
 into the code, matrix products autotuned unless ``max_autotune=false``): a shared library packaged with its weights,
 loadable from Python (``torch._inductor.aoti_load_package``) or from C++ without Python
-(``torch::inductor::AOTIModelPackageLoader``); ``ExportedPolicy(aoti_load_package(path), load_exported(pt2).meta)``
-gives it the queue. Before the command ends, each file is checked against the checkpoint's float32 networks on the
-same states and noise (the largest chunk difference is printed: 0 for the float32 program).
+(``torch::inductor::AOTIModelPackageLoader``); :func:`load_exported` reads either file. Before the command ends,
+each file is checked against the checkpoint acting in the same dtype on the same states and noise (the largest
+chunk difference is printed: 0 for the float32 program). ``python -m manip.evaluate ckpt=<export>`` runs either
+file in its simulator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 import zipfile
@@ -44,7 +46,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from manip.algos.acting import ACT_DTYPES, acting_copy
-from manip.checkpoint import CheckpointError, checkpoint_command, load_acting_module
+from manip.checkpoint import (CheckpointError, checkpoint_command, env_spec_of, first_sentence,
+                              load_acting_module)
 from manip.settings import SettingError, check_int, check_real, first_free_path
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
@@ -114,7 +117,7 @@ def _metadata(program: PolicyProgram, cfg: dict, ckpt: Path, step: int, act_dtyp
         "device": "cpu", "torch_version": torch.__version__,
         "algo": cfg["algo"]["name"], "task": data_info.get("env_name"), "env_spec": cfg.get("env_spec"),
         "ckpt": str(ckpt), "step": step, "trained_on": data_info.get("path"),
-        "trained_on_stand_in": bool(data_info.get("generated", False)),
+        "trained_on_stand_in": data_info.get("generated"),
     }
 
 
@@ -185,6 +188,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
         raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
     ckpt = Path(ckpt).resolve()
     module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
+    env_spec_of(cfg)  # an export names its simulator: a checkpoint without one is refused here
     num_samples = module.agent.num_samples if num_samples is None else num_samples
     program = PolicyProgram(module, num_samples, noise_scale, act_dtype).eval()
     example = (torch.zeros(2, module.obs_dim), torch.zeros(2, *program.noise_shape))
@@ -299,6 +303,8 @@ def load_exported(path: str | Path, generator: torch.Generator | None = None) ->
         raise CheckpointError(f"{path}: not a manip.export program (it has no {META_FILE}; "
                               f"python -m manip.export ckpt=... writes one)")
     try:
+        # torch logs a failed load's traceback as warnings too: the error below says it in one line
+        logging.getLogger("torch.export").setLevel(logging.ERROR)
         if is_package:
             from torch._inductor import aoti_load_package
 
@@ -309,7 +315,7 @@ def load_exported(path: str | Path, generator: torch.Generator | None = None) ->
             program = torch.export.load(path, extra_files=extra).module()
             meta = json.loads(extra[META_FILE])
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not a usable export
-        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {first_sentence(exc)})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a manip.export program (its {META_FILE} does not say {FORMAT})")
     return ExportedPolicy(program, meta, generator)
@@ -353,7 +359,7 @@ def summary_lines(summary: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
-        ckpt, out = checkpoint_command(cfg, "export", default_output, "policy.pt2", "the program")
+        ckpt, out = checkpoint_command(cfg, "export", default_output, ("policy.pt2", "the program", "file"))
         summary = export_checkpoint(ckpt, out, cfg.num_samples, cfg.noise_scale, cfg.sample_steps, cfg.act_dtype,
                                     cfg.aoti, cfg.max_autotune)
     except (CheckpointError, ExportError, SettingError) as err:

@@ -110,13 +110,14 @@ def first_free_path(path: Path) -> Path:
     return free
 
 
-def check_output(out: str | Path, example: str = "result.json", what: str = "the JSON result") -> Path:
+def check_output(out: str | Path, example: str = "result.json", what: str = "the result", kind: str = "JSON file"
+                 ) -> Path:
     """``out`` if ``what`` can be written there once the command's work is done; a ``SettingError`` naming
     ``out`` when it is a directory, lies under a file, or its nearest existing directory is not writable."""
     out = Path(out).expanduser()
     path = Path(os.path.abspath(out))
     if path.is_dir():
-        raise SettingError(f"out={out} is a directory; name the file to write (e.g. out={out / example})")
+        raise SettingError(f"out={out} is a directory; name the {kind} to write (e.g. out={out / example})")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

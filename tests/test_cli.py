@@ -526,11 +526,14 @@ def test_command_lines_without_unknown_keys_are_left_to_hydra(args):
 
 @pytest.mark.parametrize("command, args", [("fit", ["conf=robomimic_lift", "eval.episode=2"]),
                                            ("finetune", ["ckpt=x", "eval.episode=2"]),
-                                           ("evaluate", ["ckpt=x", "eval.episode=2"])])
+                                           ("evaluate", ["ckpt=x", "eval.episode=2"]),
+                                           ("export", ["ckpt=x", "num_sample=2"])])
 def test_entry_points_check_their_command_line_before_hydra(command, args, tmp_path):
     proc = subprocess.run([sys.executable, "-m", f"manip.{command}", *args], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(manip.__file__).parent.parent)})
-    expected = "unknown eval.episode; did you mean " + ("episodes?" if command == "evaluate" else "eval.episodes?")
+    expected = {"evaluate": "unknown eval.episode; did you mean episodes?",
+                "export": "unknown num_sample; did you mean num_samples?"}.get(
+        command, "unknown eval.episode; did you mean eval.episodes?")
     assert proc.returncode == 1 and proc.stderr.strip().startswith(f"manip.{command}: {expected}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 

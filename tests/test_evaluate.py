@@ -206,7 +206,7 @@ def test_cli_checks_the_output_path_before_evaluating(checkpoints, tmp_path, mon
     monkeypatch.setattr(evaluate, "evaluate_policy", lambda *args, **kwargs: pytest.fail("the evaluation ran"))
     (tmp_path / "file.json").write_text("{}")
     out, message = {
-        "existing directory": (tmp_path, f"out={tmp_path} is a directory; name the file to write"),
+        "existing directory": (tmp_path, f"out={tmp_path} is a directory; name the JSON file to write"),
         "path under a file": (tmp_path / "file.json" / "x.json",
                               f"out={tmp_path / 'file.json' / 'x.json'}: {tmp_path / 'file.json'} is a file"),
     }[where]

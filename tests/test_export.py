@@ -138,7 +138,7 @@ def test_bfloat16_program_computes_what_the_checkpoint_does_in_bfloat16(checkpoi
     summary = export_checkpoint(checkpoints["mvp"], tmp_path / "bf16.pt2", noise_scale=1.0, act_dtype="bfloat16")
     assert summary["meta"]["act_dtype"] == "bfloat16" and summary["states"] == 64
     assert summary["max_difference"] < 1e-6 and summary["agreement"] == 1.0
-    assert 0.0 < summary["float32_agreement"] <= 1.0
+    assert summary["float32_agreement"] > 0.5
 
 
 def test_mvp_sample_steps_and_the_runs_noise_scale_are_baked_in(checkpoints, tmp_path):
@@ -184,6 +184,12 @@ def test_aoti_package_matches_the_checkpoint_and_checks_its_inputs(checkpoints, 
                           timeout=300, env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["(1, 1, 5)", "refused RuntimeError"], done.stdout
+    from manip.evaluate import _exported_policy  # manip.evaluate ckpt=<package> acts as the program does
+
+    obs = torch.zeros(2, 28).numpy()
+    chunks = [_exported_policy(path, 3, None, None, None, "float32", False)[0](obs)
+              for path in (package, tmp_path / "p.pt2")]
+    torch.testing.assert_close(torch.as_tensor(chunks[0]), torch.as_tensor(chunks[1]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("obs", "message"), [
@@ -262,7 +268,8 @@ def test_evaluating_an_export_draws_the_checkpoints_noise_stream(checkpoints, tm
     predict, spec, dims, info = _exported_policy(tmp_path / "p.pt2", 7, None, None, None, "float32", False)
     module, cfg = load_module(checkpoints["mvp"])
     reference = module.seeded_policy(7, noise_scale=1.0)
-    assert spec.kind == "ogbench" and dims == (28, 5) and info["exported_from"] == str(checkpoints["mvp"])
+    assert spec.kind == "ogbench" and dims == (28, 5)
+    assert info["exported_from"] == str(checkpoints["mvp"])
     observations = module.obs_mean + module.obs_scale * torch.randn(3, 2, 28, generator=torch.Generator().manual_seed(1))
     for obs in observations.numpy():
         torch.testing.assert_close(torch.as_tensor(predict(obs)), torch.as_tensor(reference(obs)), atol=1e-5, rtol=0)
@@ -289,4 +296,13 @@ def test_evaluate_cli_runs_an_export_in_its_simulator(checkpoints, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         _evaluate_cli(f"ckpt={export}", "episodes=2", "noise_scale=0.5", f"out={tmp_path / 'r.json'}")
     assert exit_info.value.code.startswith(f"manip.evaluate: noise_scale=0.5: {export} is an exported program")
-    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        _evaluate_cli(f"ckpt={export}", "act_compile=true")
+    assert exit_info.value.code.startswith(f"manip.evaluate: act_compile=true: {export} is an exported program "
+                                           f"(python -m manip.export ... aoti=true")
+    (tmp_path / "broken.pt2").write_bytes(export.read_bytes()[:5000])  # a .pt2 cut short
+    for bad, message in ((tmp_path / "missing.pt2", "no such file"), (tmp_path / "broken.pt2", "not a")):
+        with pytest.raises(SystemExit) as exit_info:
+            _evaluate_cli(f"ckpt={bad}", "num_samples=2")
+        assert exit_info.value.code.startswith(f"manip.evaluate: {bad}: {message}"), exit_info.value.code
+        assert "\n" not in exit_info.value.code
