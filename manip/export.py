@@ -302,9 +302,11 @@ def load_exported(path: str | Path, generator: torch.Generator | None = None) ->
     if not is_package and not any(name.endswith(f"/extra/{META_FILE}") for name in names):
         raise CheckpointError(f"{path}: not a manip.export program (it has no {META_FILE}; "
                               f"python -m manip.export ckpt=... writes one)")
+    # torch logs a failed load's traceback as warnings too: the error below says it in one line
+    torch_export_log = logging.getLogger("torch.export")
+    level = torch_export_log.level
+    torch_export_log.setLevel(logging.ERROR)
     try:
-        # torch logs a failed load's traceback as warnings too: the error below says it in one line
-        logging.getLogger("torch.export").setLevel(logging.ERROR)
         if is_package:
             from torch._inductor import aoti_load_package
 
@@ -316,6 +318,8 @@ def load_exported(path: str | Path, generator: torch.Generator | None = None) ->
             meta = json.loads(extra[META_FILE])
     except Exception as exc:  # noqa: BLE001 - any failure to read means the file is not a usable export
         raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {first_sentence(exc)})") from exc
+    finally:
+        torch_export_log.setLevel(level)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a manip.export program (its {META_FILE} does not say {FORMAT})")
     return ExportedPolicy(program, meta, generator)
