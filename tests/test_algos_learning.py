@@ -413,3 +413,28 @@ def test_flow_time_dim_one_reads_the_time_itself():
     obs, x, t = torch.randn(7, OBS_DIM, generator=g), torch.randn(7, 5, generator=g), torch.rand(7, generator=g)
     torch.testing.assert_close(net(obs, x, t), net.mlp(torch.cat([obs, x, t.unsqueeze(-1)], dim=-1)))
     assert VelocityNet(OBS_DIM, 5, (16,)).mlp.net[0].in_features == OBS_DIM + 5 + 32
+
+
+def test_readme_python_section_runs():
+    """The README's "From Python" lines run as written and do what their comments say."""
+    import re
+    from pathlib import Path
+
+    import manip
+
+    readme = (Path(manip.__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### From Python"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    agent, chunks = scope["agent"], scope["chunks"]
+    assert chunks.shape == (64, 5, 7) and chunks.abs().max() <= 1.0
+    assert all(p.grad is not None for p in agent.critic_parameters())
+    assert all(p.grad is not None for p in agent.actor_parameters())
+    assert scope["actor_info"]["actor/mf_loss"] > 0 and scope["actor_info"]["actor/ivc_loss"] > 0
+    listed = re.findall(r"`(manip\.algos\.\w+)` \(([^)]*)\)", section)
+    assert len(listed) == 5
+    for module_name, functions in listed:
+        module = __import__(module_name, fromlist=["_"])
+        for function in re.findall(r"`(\w+)`", functions):
+            assert callable(getattr(module, function)), f"{module_name}.{function}"
