@@ -83,7 +83,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], object], calls: int, warmup: int, device: torch.device) -> float:
+def median_ms(fn: Callable[[], object], calls: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``calls`` calls of ``fn`` after ``warmup`` untimed ones, in ms (CUDA synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -113,7 +114,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     obs = batch["observations"][:1]
 
     with torch.inference_mode():
-        act_ms = _median_ms(lambda: agent.sample_actions(obs), args.act_calls, 20, device)
+        act_ms = median_ms(lambda: agent.sample_actions(obs), args.act_calls, 20, device)
         with FlopCounterMode(display=False) as flops:
             agent.sample_actions(obs)
     act_flop = flops.get_total_flops()
@@ -145,10 +146,10 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         def velocity(o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return agent.actor(o, x, t, t)
 
-        result["actor_update_ms"] = _median_ms(
+        result["actor_update_ms"] = median_ms(
             lambda: step(actor_opt, agent.actor_loss(batch)[0]), args.actor_calls, 3, device
         )
-        result["fm_update_ms"] = _median_ms(
+        result["fm_update_ms"] = median_ms(
             lambda: step(actor_opt, flow_matching_loss(velocity, batch["observations"], actions, mask)),
             args.actor_calls,
             3,
@@ -173,7 +174,7 @@ def _fast_act(agent: torch.nn.Module, obs: torch.Tensor, args: argparse.Namespac
         return torch.Generator(device=device).manual_seed(seed)
 
     generator = seeded(0)
-    fast_ms = _median_ms(lambda: fast(obs, generator=generator), args.act_calls, 20, device)  # 1st call compiles
+    fast_ms = median_ms(lambda: fast(obs, generator=generator), args.act_calls, 20, device)  # 1st call compiles
     with torch.inference_mode():
         agree = [bool((fast(obs, generator=seeded(i)) - agent.sample_actions(obs, generator=seeded(i))).abs().max()
                       <= 0.02) for i in range(50)]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from manip.settings import SettingError, check_declared_settings, check_output, check_real, find_class
+from manip.settings import SettingError, check_declared_settings, check_int, check_output, check_real, find_class
 
 
 class CheckpointError(ValueError):
@@ -202,6 +202,21 @@ def load_module(path: str | Path, map_location: str = "cpu"):
         raise CheckpointError(f"{path}: weights do not fit the network its config describes: {exc}") from exc
     module.checkpoint_step = int(ckpt.get("global_step", 0))
     return module.to(map_location).eval(), cfg
+
+
+def check_acting_settings(num_samples: int | None = None, noise_scale: float | None = None,
+                          sample_steps: int | None = None, act_dtype: str = "float32") -> None:
+    """``SettingError`` naming the first acting setting out of range (None: the checkpoint's own value), before a
+    command loads the checkpoint."""
+    from manip.algos.acting import ACT_DTYPES
+
+    for key, value in (("num_samples", num_samples), ("sample_steps", sample_steps)):
+        if value is not None:
+            check_int(value, key, 1)
+    if noise_scale is not None:
+        check_real(noise_scale, "noise_scale", 0)
+    if act_dtype not in ACT_DTYPES:
+        raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
 
 
 def load_acting_module(path: str | Path, noise_scale: float | None = None, sample_steps: int | None = None):

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from manip.algos.acting import ACT_DTYPES
-from manip.checkpoint import CheckpointError, checkpoint_command, env_spec_of, load_acting_module
+from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
+                              load_acting_module)
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_int, check_real, first_free_path
+from manip.settings import SettingError, check_int, first_free_path
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -44,14 +44,11 @@ def default_output(ckpt: str | Path) -> Path:
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,
-                   sample_steps: int | None = None, seed: int = 0) -> None:
+                   sample_steps: int | None = None, seed: int = 0, act_dtype: str = "float32") -> None:
     """Raise ``SettingError`` naming the first setting out of range (None: the checkpoint's own value)."""
-    for key, value in (("episodes", episodes), ("num_envs", num_envs), ("num_samples", num_samples),
-                       ("sample_steps", sample_steps)):
-        if value is not None:
-            check_int(value, key, 1)
-    if noise_scale is not None:
-        check_real(noise_scale, "noise_scale", 0)
+    check_int(episodes, "episodes", 1)
+    check_int(num_envs, "num_envs", 1)
+    check_acting_settings(num_samples, noise_scale, sample_steps, act_dtype)
     check_int(seed, "seed", 0)
 
 
@@ -77,9 +74,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     checkpoint. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
     """
     started = time.perf_counter()
-    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed)  # before the checkpoint is loaded
-    if act_dtype not in ACT_DTYPES:
-        raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
+    # before the checkpoint is loaded
+    check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed, act_dtype)
     check_int(video_episodes, "video_episodes", 0)
     if video_episodes:
         if video_prefix is None:

@@ -33,7 +33,6 @@ import contextlib
 import json
 import logging
 import sys
-import time
 import zipfile
 from collections import deque
 from collections.abc import Callable
@@ -45,10 +44,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from manip.algos.acting import ACT_DTYPES, acting_copy
-from manip.checkpoint import (CheckpointError, checkpoint_command, env_spec_of, first_sentence,
-                              load_acting_module)
-from manip.settings import SettingError, check_int, check_real, first_free_path
+from manip.algos.acting import acting_copy
+from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
+                              first_sentence, load_acting_module)
+from manip.settings import SettingError, first_free_path
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
            "load_exported"]
@@ -143,15 +142,11 @@ def checkpoint_acting(module: nn.Module, num_samples: int, noise_scale: float,
 
 
 def _latency_ms(fn, obs: torch.Tensor, noise: torch.Tensor, calls: int = 100) -> float:
-    """Median time of one call at batch 1 (after warm-up), in ms."""
-    times = []
+    """Median time of one call at batch 1 (after 10 warm-up calls), in ms."""
+    from manip.bench import median_ms
+
     with torch.inference_mode():
-        for i in range(calls + 10):
-            start = time.perf_counter()
-            fn(obs, noise)
-            if i >= 10:
-                times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+        return median_ms(lambda: fn(obs, noise), calls, 10, obs.device)
 
 
 def _chunk_differences(fn, reference, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -178,14 +173,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     summation order, can change which candidate wins). The package's figures have the prefix ``aoti_``. A setting out of range raises ``SettingError``, a bad
     checkpoint ``CheckpointError``, a failed AOTInductor compilation ``ExportError`` (the ``.pt2`` is kept).
     """
-    if num_samples is not None:
-        check_int(num_samples, "num_samples", 1)
-    if noise_scale is not None:
-        check_real(noise_scale, "noise_scale", 0)
-    if sample_steps is not None:
-        check_int(sample_steps, "sample_steps", 1)
-    if act_dtype not in ACT_DTYPES:
-        raise SettingError(f"act_dtype={act_dtype!r}: expected one of {', '.join(ACT_DTYPES)}")
+    check_acting_settings(num_samples, noise_scale, sample_steps, act_dtype)
     ckpt = Path(ckpt).resolve()
     module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
     env_spec_of(cfg)  # an export names its simulator: a checkpoint without one is refused here
@@ -240,7 +228,7 @@ def _compile_package(exported: torch.export.ExportedProgram, package: Path, meta
         aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
     except Exception as exc:  # noqa: BLE001 - a missing compiler, an unsupported CPU: the .pt2 stays usable
         raise ExportError(f"AOTInductor could not compile {package.name} ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); the program "
+                          f"{first_sentence(exc)}); the program "
                           f"{package.with_name(package.name.replace('.aoti', ''))} is written and needs no "
                           f"compiler") from exc
     return aoti_load_package(str(package))
@@ -270,11 +258,11 @@ class ExportedPolicy:
     def __call__(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         obs = torch.as_tensor(obs, dtype=torch.float32)
         self._check(obs)
+        shape = (obs.shape[0], *self.meta["noise_shape"])
         if noise is None:
-            noise = torch.randn(obs.shape[0], *self.meta["noise_shape"], generator=self.generator)
-        elif tuple(noise.shape) != (obs.shape[0], *self.meta["noise_shape"]):
-            expected = (obs.shape[0], *self.meta["noise_shape"])
-            raise ValueError(f"noise of shape {tuple(noise.shape)}: expected {expected}")
+            noise = torch.randn(shape, generator=self.generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)}: expected {shape}")
         with torch.inference_mode():
             return self.program(obs, noise)
 

@@ -438,6 +438,8 @@ def test_readme_python_section_runs():
         module = __import__(module_name, fromlist=["_"])
         for function in re.findall(r"`(\w+)`", functions):
             assert callable(getattr(module, function)), f"{module_name}.{function}"
-    from manip.data.datamodule import OGBenchDataModule, RobomimicDataModule  # noqa: F401 - the names it gives
-    from manip.module import ManipModule  # noqa: F401
+    from manip.data.datamodule import OGBenchDataModule, RobomimicDataModule
+    from manip.module import ManipModule
+
+    assert all(isinstance(cls, type) for cls in (OGBenchDataModule, RobomimicDataModule, ManipModule))
     assert "`manip.data.datamodule` (`RobomimicDataModule`, `OGBenchDataModule`)" in " ".join(section.split())
