@@ -44,14 +44,16 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from manip.algos import ActorCriticAgent, FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
 from manip.algos.acting import ACT_DTYPES, fast_sampler
-from manip.cli_args import at_least, in_existing_dir
+from manip.cli_args import at_least, new_file
 from manip.data.replay import random_chunk_batch
+from manip.settings import first_free_path
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
 # name -> (agent class, its settings besides the hidden sizes), as in conf/algo/<name>.yaml; ``horizon`` is the
@@ -214,8 +216,9 @@ def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> st
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line's settings; an unusable value exits with ``parser.error`` (usage and one line, status 2)."""
     parser = argparse.ArgumentParser(prog="python -m manip.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench.json", type=in_existing_dir,
-                        help="JSON output path (its directory must exist)")
+    parser.add_argument("--out", default=None, type=new_file,
+                        help="JSON output path, a new file in an existing directory (default: bench.json, or the "
+                             "first free bench.<k>.json)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--algos", nargs="+", default=list(DEFAULT_ALGOS), choices=list(AGENTS),
                         help="agents to measure, each in its own process (default: %(default)s); settings of "
@@ -240,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if args.out is None:
+        args.out = str(first_free_path(Path("bench.json")))
     return args
 
 

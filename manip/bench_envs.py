@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from manip.cli_args import at_least, in_existing_dir
+from manip.cli_args import at_least, new_file
 from manip.envs import EnvSpec, make_vector_env
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", nargs="+", type=at_least(1), default=[1, 2], help="AsyncVectorEnv sizes (>= 1)")
     parser.add_argument("--steps", type=at_least(1), default=300, help="timed vector steps per configuration (>= 1)")
     parser.add_argument("--warmup", type=at_least(0), default=20, help="untimed vector steps first (>= 0)")
-    parser.add_argument("--out", default=None, type=in_existing_dir, help="also write the JSON here (its directory must exist)")
+    parser.add_argument("--out", default=None, type=new_file, help="also write the JSON here (a new file in an existing directory)")
     args = parser.parse_args(argv)
 
     results = []

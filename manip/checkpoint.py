@@ -9,8 +9,10 @@ weights_only=True)``).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,8 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from manip.settings import SettingError, check_declared_settings, check_int, check_output, check_real, find_class
+from manip.settings import (SettingError, check_declared_settings, check_int, check_output, check_real, check_threads,
+                            find_class)
 
 
 class CheckpointError(ValueError):
@@ -45,6 +48,21 @@ def _not_a_checkpoint(path: Path) -> str | None:
     if head[0] == 0x80:  # a pickle's PROTO opcode
         return None
     return f"neither a zip archive nor a pickle; it starts with {head!r}"
+
+
+def _exported_program(path: Path) -> str | None:
+    """For a ``.pt2`` archive (a ``manip.export`` program or its AOTInductor package): what to pass instead, naming
+    the checkpoint its metadata records; None for any other file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(name.endswith("/archive_format") for name in names):
+                return None
+            meta = next((name for name in names if name.endswith("/extra/manip.json")), None)
+            source = json.loads(archive.read(meta)).get("ckpt") if meta else None
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError):
+        return None
+    return f"pass the checkpoint it was exported from{f', ckpt={source}' if source else ''}"
 
 
 def first_sentence(exc: BaseException) -> str:
@@ -77,14 +95,15 @@ def require_ckpt(cfg: Any) -> str:
 
 def checkpoint_command(cfg: Any, command: str, default_output: Callable[[str], Path],
                        out_file: tuple[str, str, str] = ("result.json", "the result", "JSON file")) -> tuple[str, Path]:
-    """What a command on one checkpoint (``evaluate``, ``export``) starts with: its torch CPU threads
-    (``threads``), every key checked against ``conf/<command>.yaml``, the required ``ckpt``, and the ``out`` path
-    (default ``default_output(ckpt)``) checked writable before any work (``out_file``: the example, the noun and the
-    kind of file :func:`~manip.settings.check_output` names). Returns (ckpt, out); raises
+    """What a command on one checkpoint (``evaluate``, ``export``) starts with: every key checked against
+    ``conf/<command>.yaml``, its torch CPU threads (``threads``), the required ``ckpt``, and the ``out`` path
+    (default ``default_output(ckpt)``) checked new and writable before any work (``out_file``: the example, the noun
+    and the kind of file :func:`~manip.settings.check_output` names). Returns (ckpt, out); raises
     ``SettingError`` / ``CheckpointError``."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     check_declared_settings(cfg, command)
+    threads = check_threads(cfg.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     ckpt = require_ckpt(cfg)
     return ckpt, check_output(cfg.out if cfg.out else default_output(ckpt), *out_file)
 
@@ -103,11 +122,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         "; pass a checkpoint file (runs/<run>/checkpoints/last.ckpt)")
             raise CheckpointError(f"ckpt={path} is a directory{hint}")
         raise CheckpointError(f"checkpoint not found: {path}")
+    instead = _exported_program(path)
+    if instead is not None:
+        raise CheckpointError(f"{path} is a program python -m manip.export wrote, not a checkpoint; {instead}")
     reason = _not_a_checkpoint(path)
     if reason is not None:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would come before the one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files, pickles of foreign objects, ...
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if refused:

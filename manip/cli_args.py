@@ -24,9 +24,12 @@ def at_least(minimum: float, kind: type = int, strict: bool = False) -> Callable
     return convert
 
 
-def in_existing_dir(path: str) -> str:
-    """A type for an output file: its directory must exist (the result is written after the work)."""
+def new_file(path: str) -> str:
+    """A type for an output file: new (an existing file is kept), in a directory that exists (the result is written
+    after the work)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise argparse.ArgumentTypeError(f"directory {directory} does not exist")
+    if os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{path} exists and is kept; name a new file")
     return path

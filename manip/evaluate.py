@@ -30,7 +30,7 @@ from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint
                               load_acting_module)
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_int, first_free_path
+from manip.settings import SettingError, check_bool, check_int, first_free_path
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -76,6 +76,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     started = time.perf_counter()
     # before the checkpoint is loaded
     check_settings(episodes, num_envs, num_samples, noise_scale, sample_steps, seed, act_dtype)
+    check_bool(act_compile, "act_compile")
     check_int(video_episodes, "video_episodes", 0)
     if video_episodes:
         if video_prefix is None:

@@ -47,7 +47,7 @@ from torch import nn
 from manip.algos.acting import acting_copy
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
-from manip.settings import SettingError, first_free_path
+from manip.settings import SettingError, check_bool, first_free_path
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
            "load_exported"]
@@ -94,11 +94,22 @@ class PolicyProgram(nn.Module):
         return actions.reshape(batch, self.horizon, self.action_dim)
 
 
+def package_path(out: str | Path) -> Path:
+    """The AOTInductor package written beside the program ``out``: ``<out stem>.aoti.pt2``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.aoti.pt2")
+
+
 def default_output(ckpt: str | Path) -> Path:
     """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier exports
-    are, the first free ``<ckpt name>.<k>.pt2`` (k = 1, 2, ...): none is replaced."""
+    are, the first free ``<ckpt name>.<k>.pt2`` (k = 1, 2, ...) whose package name is free too: none is replaced."""
     ckpt = Path(ckpt).resolve()
-    return first_free_path(ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2")
+    first = ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2"
+    out, k = first_free_path(first), 0
+    while package_path(out).exists():
+        k += 1
+        out = first_free_path(first.with_name(f"{ckpt.stem}.{k}.pt2"))
+    return out
 
 
 def _metadata(program: PolicyProgram, cfg: dict, ckpt: Path, step: int, act_dtype: str) -> dict[str, Any]:
@@ -174,6 +185,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     checkpoint ``CheckpointError``, a failed AOTInductor compilation ``ExportError`` (the ``.pt2`` is kept).
     """
     check_acting_settings(num_samples, noise_scale, sample_steps, act_dtype)
+    check_bool(aoti, "aoti")
+    check_bool(max_autotune, "max_autotune")
+    out = Path(out)
+    if not out.name.endswith(".pt2"):  # torch.export's archive suffix, by which manip.evaluate knows a program
+        raise SettingError(f"out={out}: the program is a .pt2 file; name it <name>.pt2")
+    for path in (out, package_path(out)) if aoti else (out,):
+        if path.exists():
+            raise SettingError(f"{path} exists and is kept; name a new file for the program (out=...)")
     ckpt = Path(ckpt).resolve()
     module, cfg, noise_scale = load_acting_module(ckpt, noise_scale, sample_steps)
     env_spec_of(cfg)  # an export names its simulator: a checkpoint without one is refused here
@@ -207,7 +226,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     summary = {"out": str(out), "meta": meta, "states": check_states, **compare(loaded),
                "latency_ms": _latency_ms(loaded, *one), "module_latency_ms": _latency_ms(reference, *one)}
     if aoti:
-        package = out.with_name(f"{out.stem}.aoti.pt2")
+        package = package_path(out)
         compiled = _compile_package(exported, package, meta, max_autotune)
         summary.update(aoti=str(package), **compare(compiled, "aoti_"), aoti_latency_ms=_latency_ms(compiled, *one))
     return summary
@@ -218,8 +237,6 @@ def _compile_package(exported: torch.export.ExportedProgram, package: Path, meta
     """AOTInductor package of ``exported`` at ``package`` (metadata: ``manip.json``), loaded back."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    if package.exists():
-        package.unlink()  # the packager adds to an existing archive
     configs = {"freezing": True, "max_autotune": bool(max_autotune),
                # a batch of 1 passes the package's input checks (AOTI_RUNTIME_CHECK_INPUTS=1)
                "aot_inductor.check_lowerbound": False,

@@ -28,8 +28,8 @@ from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_command_line, check_same_run, check_steps_left, plain, record_config,
-                       resume_path, run_command, run_info, seed_everything)
+from manip.run import (build_trainer, check_command_line, check_same_run, check_steps_left, data_differences, plain,
+                       record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -122,9 +122,10 @@ def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str) -> Path:
     return run.parent / f"{run.name}_then_{target}"
 
 
-def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool]:
+def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool, dict]:
     """(final config, checkpoint to start from, its contents as ``load_checkpoint`` read them, checkpoint to
-    resume from or None, whether that run is already finished).
+    resume from or None, whether that run is already finished, the contents of the checkpoint to resume from or,
+    for a new run, of the one to start from).
 
     ``user_overrides``: the command line's ``key=value`` items. Fine-tuning's own sections (``_OWN``) come
     from ``cfg``; the checkpoint's keys take a leading ``+`` (a top-level scalar such as ``+seed=3`` too, which
@@ -167,7 +168,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
         finished = check_steps_left(base_ckpt, resume, start_step + updates,
                                     f"trainer.max_steps={final.trainer.max_steps} (online updates after step "
                                     f"{start_step})", run_dir, final.eval.final_episodes)
-    return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume), finished
+    return final, str(cfg.ckpt), ckpt, None if resume is None else str(resume), finished, base_ckpt
 
 
 def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, ReplayDataModule, L.Trainer, str]:
@@ -176,7 +177,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
 
     Once the checks passed, the main process writes ``dataset_stats.json`` (the checkpoint's statistics)
     and ``hydra/config.yaml`` (the final config) with ``hydra/overrides.yaml`` into the run directory."""
-    final, offline_ckpt, ckpt, resume, finished = compose(cfg, user_overrides)
+    final, offline_ckpt, ckpt, resume, finished, run_ckpt = compose(cfg, user_overrides)
     seed_everything(check_int(final.seed, "seed", 0) + 1, final.get("threads"))
     run_dir = Path(final.run_dir)
     dm = instantiate_data(final.data)  # checks the data settings; reads nothing yet
@@ -187,6 +188,14 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     dm.offline_fraction = final.finetune.offline_fraction
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
+    changed = data_differences(run_ckpt, dm)
+    if changed and resume:
+        raise CheckpointError(f"{dm.info['path']} is not the file {run_dir}'s run fine-tuned with: it has "
+                              f"{changed[0]}; continue the run with its own data, or give this command another "
+                              f"run_dir")
+    if changed and rank_zero_only.rank == 0:
+        LOG.warning(f"the replay starts from {dm.info['path']}, which is not the data {offline_ckpt} was trained on "
+                    f"({changed[0]}); the policy keeps the checkpoint's observation and action normalisation")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
     online["start_step"] = final.finetune_start_step
     stats = ckpt["hyper_parameters"]["stats"]

@@ -141,9 +141,17 @@ class OnlineConfig:
 
 
 def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = None, lr: float | None = None,
-                          tau: float | None = None) -> None:
+                          tau: float | None = None, compile: bool | str | None = False) -> None:
     """Raise ``SettingError`` naming ``module.<key>`` for the first module setting out of range (None: not checked,
-    except ``actor_ema``, where None turns the weight average off)."""
+    except ``actor_ema``, where None turns the weight average off, and ``compile``, where it means false)."""
+    if isinstance(compile, str):
+        import torch._dynamo
+
+        if compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise SettingError(f"module.compile must be true, false or a torch.compile backend "
+                               f"({', '.join(torch._dynamo.list_backends())}, ...), got {compile!r}")
+    elif compile is not None and not isinstance(compile, bool):
+        raise SettingError(f"module.compile must be true, false or a torch.compile backend name, got {compile!r}")
     if obs_norm not in ("standard", "none"):
         raise SettingError(f"module.obs_norm must be standard or none, got {obs_norm!r}")
     if actor_ema is not None and not 0.0 < actor_ema < 1.0:

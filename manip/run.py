@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -37,8 +39,8 @@ from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, find_class,
-                            first_free_path, unknown_key_error)
+from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, check_threads,
+                            find_class, first_free_path, unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -325,7 +327,9 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     some component takes but the config leaves out, the ``+key=value`` to write. (Hydra's own message suggests
     ``+key=value`` for a typo too, and the typo then goes unread.) ``phase`` ("offline", "online"; None for
     ``evaluate``) selects the checks of the ``+`` form (:func:`check_config_keys`, the sections' ``_target_``).
-    Command lines with Hydra flags (``--help``, ``-m``) and every other composition error are left to Hydra."""
+    An option a config group lacks (``algo=qcc``), a value Hydra's grammar cannot read, a ``+key`` the config already
+    has and a ``run_dir`` that is a file are one line too (:func:`_exit_on_composition_error`). Command lines with
+    Hydra flags (``--help``, ``-m``) and every other composition error are left to Hydra."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
@@ -340,11 +344,16 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
             sys.exit(f"manip.{command}: settings are key=value (e.g. {example}), got {arg!r}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
         try:
-            compose(command, overrides=args)
-            return
+            composed = compose(command, overrides=args)
         except ConfigCompositionException as err:
             missing = re.match(r"Could not override '([^']+)'", str(err))
-        except Exception:  # noqa: BLE001 - Hydra reports it when it composes the config itself
+            if missing is None:
+                _exit_on_composition_error(command, err, args)
+        except Exception as err:  # noqa: BLE001 - Hydra reports the rest when it composes the config itself
+            _exit_on_composition_error(command, err, args)
+            return
+        else:
+            _check_run_dir(command, composed)
             return
         if missing is None or missing.group(1).startswith("hydra."):
             return
@@ -368,6 +377,55 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     if error is None or key not in str(error):
         error = SettingError(f"{key} is not in the config yet: set it with +{item}")
     sys.exit(f"manip.{command}: {error}")
+
+
+def _exit_on_composition_error(command: str, err: Exception, args: list[str]) -> None:
+    """Ends the command with one line for the composition errors a user makes (an option a config group lacks, a
+    value Hydra's grammar cannot read, a ``+key`` the config already has); returns for any other."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(err)
+    option = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if isinstance(err, MissingConfigException) and option:
+        group, name = option.groups()
+        options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+        close = difflib.get_close_matches(name, options, n=1)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        sys.exit(f"manip.{command}: {group}={name}: conf/{group}/ has no {name}.yaml; {hint}"
+                 f"{group} is one of {', '.join(options)}")
+    if isinstance(err, OverrideParseException):
+        parser = OverridesParser.create()
+        for arg in args:
+            try:
+                parser.parse_override(arg)
+            except Exception as bad:  # noqa: BLE001 - Hydra's parser raises HydraException for a grammar error
+                sys.exit(f"manip.{command}: cannot read {arg!r}: {str(bad).splitlines()[0]} (quote a value with "
+                         f"brackets, commas or spaces: key='[1, 2]')")
+    present = re.match(r"Could not append to config. An item is already at '([^']+)'", text)
+    if present:
+        item = next((arg for arg in args if arg.lstrip("+").split("=", 1)[0] == present.group(1)), present.group(1))
+        sys.exit(f"manip.{command}: {present.group(1)} is in the config already: set it without the +, "
+                 f"{item.lstrip('+')}")
+
+
+def _check_run_dir(command: str, cfg: DictConfig) -> None:
+    """Ends the command with one line when its ``run_dir`` is a file or lies under one (Hydra would stop in a
+    traceback when it makes the directory)."""
+    try:
+        run_dir = cfg.get("run_dir")
+    except Exception:  # noqa: BLE001 - an interpolation Hydra resolves later (or reports)
+        return
+    if not run_dir:
+        return
+    path = Path(os.path.abspath(Path(str(run_dir)).expanduser()))
+    if path.exists() and not path.is_dir():
+        sys.exit(f"manip.{command}: run_dir={run_dir} is a file; name a directory for the run")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        sys.exit(f"manip.{command}: run_dir={run_dir}: {parent} is a file, so the run's directory cannot be made")
 
 
 def _checkpoint_key_error(key: str, item: str, args: list[str]) -> SettingError:
@@ -400,7 +458,10 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     check_int(cfg.checkpoint.every_n_steps, "checkpoint.every_n_steps", 0)  # 0: last.ckpt at the end only
     module = cfg.get("module") or {}
     check_module_settings(module.get("obs_norm", "standard"), module.get("actor_ema"), module.get("lr"),
-                          module.get("tau"))
+                          module.get("tau"), module.get("compile", False))
+    max_steps = (cfg.get("trainer") or {}).get("max_steps")
+    if max_steps is not None:  # Lightning checks the range, but a string ends in a TypeError naming no key
+        check_int(max_steps, "trainer.max_steps", -1)
     algo = cfg.get("algo")
     data_horizon = (cfg.get("data") or {}).get("horizon")
     if algo is not None and data_horizon is not None and data_horizon != algo.get("horizon"):
@@ -475,6 +536,9 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
     ``finetune`` settings but the number of collection simulators)."""
     saved = ckpt["hyper_parameters"]["cfg"]
     online = phase == "online"
+    if not online and "finetune_start_step" in saved:
+        raise CheckpointError(f"{run_dir} holds a fine-tuning run ({ckpt_path}), not an offline (fit) run; give fit "
+                              f"another run_dir")
     differences = run_differences(saved, cfg, dataset_path(ckpt, ckpt_path), data_file,
                                   sections=("finetune",) if online else (), free=("finetune.num_envs",))
     if differences:
@@ -482,6 +546,23 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
         raise CheckpointError(f"{run_dir} holds a {algo} {'fine-tuning ' if online else ''}run with "
                               f"{', '.join(differences)}; continue it with the run's values, or give this command "
                               f"another run_dir")
+
+
+def data_differences(ckpt: dict, dm: ReplayDataModule) -> list[str]:
+    """How the dataset ``dm`` read differs from the one the checkpoint's run trained on, which the checkpoint
+    knows by its transition count and, for an offline run, by its statistics (a file replaced at the same path
+    has the same name; a fine-tuning run keeps the statistics of the offline run it started from)."""
+    hp = ckpt["hyper_parameters"]
+    theirs = (hp["cfg"].get("data_info") or {}).get("num_transitions")
+    ours = dm.info.get("num_transitions")
+    if theirs is not None and ours is not None and theirs != ours:
+        return [f"{ours} transitions (the run's: {theirs})"]
+    if "finetune_start_step" in hp["cfg"]:
+        return []
+    saved, read = hp.get("stats") or {}, dm.stats.to_dict()
+    differing = [key for key in read if key in saved
+                 and not np.allclose(np.asarray(saved[key]), np.asarray(read[key]), rtol=1e-5, atol=1e-6)]
+    return [f"other statistics ({', '.join(differing)})"] if differing else []
 
 
 def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str, run_dir: Path,
@@ -607,11 +688,12 @@ def run_info(dm: ReplayDataModule) -> dict:
 def seed_everything(seed: int, threads: int | None = None) -> None:
     """Seed every RNG; ``threads`` sets torch's CPU threads (None: torch's default).
 
-    Small MLP batches gain little from intra-op threads, and on a busy machine (simulator workers,
+    A ``threads`` other than null or a count >= 1 raises ``SettingError``. Small MLP batches gain little from intra-op threads, and on a busy machine (simulator workers,
     other jobs) spinning threads make a step many times slower, so the configs default to 1.
     """
     L.seed_everything(seed, workers=True, verbose=False)
-    if threads:
+    threads = check_threads(threads)
+    if threads is not None:
         torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")
 

@@ -50,6 +50,24 @@ def check_real(value, key: str, minimum: float, strict: bool = False, maximum: f
     return float(value)
 
 
+def check_bool(value, key: str) -> bool:
+    """``value`` if it is true or false; a SettingError naming ``key`` otherwise (``act_compile=no`` is a string,
+    which Python would take as true)."""
+    if not isinstance(value, bool):
+        raise SettingError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_threads(value, key: str = "threads") -> int | None:
+    """``value`` if it is null (torch's default number of CPU threads) or a count >= 1; a SettingError naming
+    ``key`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise SettingError(f"{key} must be an integer >= 1 or null (torch's default), got {value!r}")
+    return int(value)
+
+
 def find_class(target, key: str) -> type:
     """The class a config's ``_target_`` names (``package.module.Class``); a SettingError naming ``key`` when it
     cannot be imported (Hydra's own lookup would end the command in a traceback)."""
@@ -92,13 +110,17 @@ def check_known_keys(target: type, settings, section: str, given: tuple[str, ...
 
 def check_declared_settings(cfg, config_name: str) -> None:
     """Every key of a single-file command's config (``evaluate``, ``export``) is one ``conf/<config_name>.yaml``
-    declares: ``+episode=2`` is refused by name (``SettingError``), not ignored."""
+    declares: ``+episode=2`` is refused by name (``SettingError``), not ignored; and a key declared true or false
+    is given true or false (:func:`check_bool`)."""
     from omegaconf import OmegaConf
 
-    declared = [key for key in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml") if key not in ("defaults", "hydra")]
+    declared = {key: value for key, value in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")
+                                                                     ).items() if key not in ("defaults", "hydra")}
     for key in cfg:
         if key not in declared:
-            raise unknown_key_error(key, declared)
+            raise unknown_key_error(key, list(declared))
+        if isinstance(declared[key], bool):
+            check_bool(cfg[key], key)
 
 
 def first_free_path(path: Path) -> Path:
@@ -113,11 +135,15 @@ def first_free_path(path: Path) -> Path:
 def check_output(out: str | Path, example: str = "result.json", what: str = "the result", kind: str = "JSON file"
                  ) -> Path:
     """``out`` if ``what`` can be written there once the command's work is done; a ``SettingError`` naming
-    ``out`` when it is a directory, lies under a file, or its nearest existing directory is not writable."""
+    ``out`` when it is a directory, an existing file (kept: a command writes a new file), lies under a file, or its
+    nearest existing directory is not writable."""
     out = Path(out).expanduser()
     path = Path(os.path.abspath(out))
     if path.is_dir():
         raise SettingError(f"out={out} is a directory; name the {kind} to write (e.g. out={out / example})")
+    if path.exists():
+        raise SettingError(f"out={out} exists and is kept; name a new file (or leave out unset: the default path "
+                           f"never replaces a file)")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -143,3 +143,25 @@ def test_the_benchmark_needs_only_torch_and_numpy():
     heavy = {"lightning", "pytorch_lightning", "lightning_utilities", "torchmetrics", "hydra", "omegaconf",
              "gymnasium", "mujoco", "robosuite", "ogbench", "h5py", "pandas"}
     assert not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_an_existing_out_is_kept_and_the_default_takes_the_first_free_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench.json").write_text("kept")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--out", "bench.json"])
+    assert exit_info.value.code == 2
+    assert "bench.json exists and is kept" in _one_error_line(capsys.readouterr().err, "python -m manip.bench", "--out")
+    assert bench.parse_args([]).out == "bench.1.json"
+    assert [p.read_text() for p in tmp_path.iterdir()] == ["kept"]
+
+
+def test_data_bench_names_a_bad_dataset_in_one_line(tmp_path):
+    """The loader's message, without a traceback."""
+    from manip.data import bench as data_bench
+
+    bad = tmp_path / "demos.hdf5"
+    bad.write_text("not an HDF5 file")
+    with pytest.raises(SystemExit) as exit_info:
+        data_bench.main(["--path", str(bad)])
+    assert str(exit_info.value.code).startswith(f"manip.data.bench: {bad}")

@@ -8,11 +8,14 @@ import json
 import logging
 import logging.handlers
 import os
+import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import manip
+from entry_points import warnings_logged
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
@@ -457,7 +461,11 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
      "algo.agent._target_=manip.algos.mvq.MVPAgent: cannot import manip.algos.mvq (No module named 'manip.algos.mvq')"),
     (["trainer._target_=Trainer"], SettingError,
      "trainer._target_ must be a dotted path package.module.Class, got 'Trainer'"),
-    (["trainer.max_steps=-5"], SettingError, "trainer: `max_steps` must be a non-negative integer or -1"),
+    (["trainer.max_steps=-5"], SettingError, "trainer.max_steps must be >= -1, got -5"),
+    (["trainer.max_steps=abc"], SettingError, "trainer.max_steps must be an integer >= -1, got 'abc'"),
+    (["threads=-1"], SettingError, "threads must be an integer >= 1 or null (torch's default), got -1"),
+    (["module.compile=no"], SettingError, "module.compile must be true, false or a torch.compile backend (cudagraphs, inductor"),
+    (["module.compile=3"], SettingError, "module.compile must be true, false or a torch.compile backend name, got 3"),
     (["+algo.agent.time_dim=30"], SettingError,
      "algo.agent.time_dim must be a multiple of 4 (sinusoidal features of t and of r - t), got 30"),
     (["algo=qc", "algo.agent.time_dim=3"], SettingError,
@@ -494,6 +502,17 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
     ("finetune", "online", ["runs/a/checkpoints/last.ckpt", "finetune.target=som"],
      "settings are key=value: for the checkpoint, ckpt=runs/a/checkpoints/last.ckpt"),
     ("fit", "offline", ["robomimic_lift"], "settings are key=value (e.g. conf=robomimic_lift), got 'robomimic_lift'"),
+    ("fit", "offline", ["algo=qcc"],
+     "algo=qcc: conf/algo/ has no qcc.yaml; did you mean algo=qc? algo is one of bfn, fql, mvp, mvp_noivc, qc, qc_fql"),
+    ("finetune", "online", ["ckpt=x", "trainer=gpu"], "trainer=gpu: conf/trainer/ has no gpu.yaml; did you mean "
+                                                      "trainer=cpu? trainer is one of cpu, default"),
+    ("fit", "offline", ["eval.episodes=[1"], "cannot read 'eval.episodes=[1': no viable alternative at input '[1' "
+                                              "(quote a value with brackets, commas or spaces: key='[1, 2]')"),
+    ("finetune", "online", ["ckpt=x", "+finetune.alpha=3"],
+     "finetune.alpha is in the config already: set it without the +, finetune.alpha=3"),
+    ("evaluate", None, ["ckpt=x", "+episodes=3"], "episodes is in the config already: set it without the +, episodes=3"),
+    ("fit", "offline", ["conf=robomimic_lift", "+module.actor_ema=0.9"],
+     "module.actor_ema is in the config already: set it without the +, module.actor_ema=0.9"),
 ])
 def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phase, args, message):
     """Hydra's own answer ("To append to your config use +eval.episode=2") would make the typo a key nothing reads."""
@@ -518,10 +537,58 @@ def test_finetune_answers_a_checkpoint_key_from_the_runs_recorded_config(tmp_pat
     assert check_command_line("finetune", "online", [ckpt, "hydra.job.foo=3"]) is None  # Hydra's own key: Hydra's
 
 
-@pytest.mark.parametrize("args", [["conf=robomimic_lift", "eval.episodes=2", "+module.actor_ema=0.9"],
-                                  ["algo=qcc"], ["--help"], ["-m", "seed=1,2"]])
+@pytest.mark.parametrize("args", [["conf=robomimic_lift", "eval.episodes=2", "+algo.agent.time_dim=8"],
+                                  ["--help"], ["-m", "seed=1,2"]])
 def test_command_lines_without_unknown_keys_are_left_to_hydra(args):
-    assert check_command_line("fit", "offline", args) is None  # composition errors such as algo=qcc: Hydra's
+    assert check_command_line("fit", "offline", args) is None
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    """Hydra would stop in a traceback when it makes the run directory."""
+    kept = tmp_path / "kept.txt"
+    kept.write_text("kept")
+    for run_dir, message in ((kept, f"run_dir={kept} is a file; name a directory for the run"),
+                             (kept / "run", f"run_dir={kept / 'run'}: {kept} is a file, so the run's directory "
+                                            f"cannot be made")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_command_line("fit", "offline", [f"run_dir={run_dir}"])
+        assert str(exit_info.value.code) == f"manip.fit: {message}"
+    assert kept.read_text() == "kept"
+
+
+def test_resuming_on_another_file_at_the_runs_data_path_is_refused(lift_hdf5, tmp_path, caplog):
+    """The run's checkpoint knows its data by transition count and statistics, not only by path; fine-tuning on
+    other data says so."""
+    import h5py
+
+    data = tmp_path / "lift.hdf5"
+    shutil.copy(lift_hdf5, data)
+    command = ["data=robomimic", f"data.path={data}", f"run_dir={tmp_path / 'run'}", *QUICK]
+    module, dm, trainer, resume = fit.build(_compose("fit", command))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with h5py.File(data, "r+") as f:  # same transitions, one observation moved
+        f["data/demo_0/obs/object"][0, 0] += 10.0
+    with pytest.raises(CheckpointError) as info:
+        fit.build(_compose("fit", [*command, "trainer.max_steps=4"]))
+    assert str(info.value) == (f"{data} is not the file {tmp_path / 'run'}'s run trained on: it has other statistics "
+                               f"(obs_mean, obs_std, obs_max); continue the run with its own data, or give "
+                               f"this command another run_dir")
+    with h5py.File(data, "r+") as f:
+        f["data/demo_0/obs/object"][0, 0] -= 10.0
+        n = len(f["data/demo_0/actions"])
+        del f["data/demo_0"]
+    with pytest.raises(CheckpointError, match=re.escape(f"it has {dm.info['num_transitions'] - n} transitions (the "
+                                                        f"run's: {dm.info['num_transitions']})")):
+        fit.build(_compose("fit", [*command, "trainer.max_steps=4"]))
+    assert last.read_bytes() == before
+    caplog.set_level(logging.WARNING)
+    finetune.build(_compose("finetune", items := [f"ckpt={last}", f"+data.path={data}", "trainer.max_steps=2",
+                                                  "finetune.start_training=2"]), items)
+    assert (f"the replay starts from {data}, which is not the data {last} was trained on "
+            f"({dm.info['num_transitions'] - n} transitions (the run's: {dm.info['num_transitions']}))"
+            in warnings_logged(caplog))
 
 
 @pytest.mark.parametrize("command, args", [("fit", ["conf=robomimic_lift", "eval.episode=2"]),
@@ -753,9 +820,14 @@ def test_files_that_are_not_manip_checkpoints_are_named_in_one_line(tmp_path):
                      f"torch's data.pkl (a NumPy .npz?))",
                 foreign: f"cannot read checkpoint {foreign}: it holds a {_Foreign.__module__}._Foreign object, "
                          f"which loading with weights_only=True refuses"}
+    pickled = tmp_path / "foreign.pkl"  # a pickle of another protocol: torch's warning would precede the line
+    pickled.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    expected[pickled] = f"{pickled} is not a PyTorch checkpoint (a pickle torch cannot read safely"
     for path, start in expected.items():
-        with pytest.raises(CheckpointError) as info:
-            load_checkpoint(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(CheckpointError) as info:
+                load_checkpoint(path)
         assert str(info.value).startswith(start) and "\n" not in str(info.value) and len(str(info.value)) < 250
 
 

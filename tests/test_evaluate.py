@@ -198,7 +198,7 @@ def test_cli_missing_checkpoint_is_one_line_error(tmp_path):
                                     f"{run / 'checkpoints' / 'last.ckpt'}")
 
 
-@pytest.mark.parametrize("where", ["existing directory", "path under a file"])
+@pytest.mark.parametrize("where", ["existing directory", "path under a file", "existing file"])
 def test_cli_checks_the_output_path_before_evaluating(checkpoints, tmp_path, monkeypatch, where):
     """An ``out`` the result could not be written to is refused by name before any episode runs."""
     import manip.evaluate as evaluate
@@ -209,11 +209,26 @@ def test_cli_checks_the_output_path_before_evaluating(checkpoints, tmp_path, mon
         "existing directory": (tmp_path, f"out={tmp_path} is a directory; name the JSON file to write"),
         "path under a file": (tmp_path / "file.json" / "x.json",
                               f"out={tmp_path / 'file.json' / 'x.json'}: {tmp_path / 'file.json'} is a file"),
+        "existing file": (tmp_path / "file.json", f"out={tmp_path / 'file.json'} exists and is kept; name a new file"),
     }[where]
     with pytest.raises(SystemExit) as exit_info:
         _cli(f"ckpt={checkpoints['fql']}", "episodes=1", f"out={out}")
     assert exit_info.value.code.startswith(f"manip.evaluate: {message}")
     assert (tmp_path / "file.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("act_compile=no", "act_compile must be true or false, got 'no'"),
+    ("video=maybe", "video must be true or false, got 'maybe'"),
+    ("threads=-1", "threads must be an integer >= 1 or null (torch's default), got -1"),
+    ("threads=0", "threads must be an integer >= 1 or null (torch's default), got 0"),
+])
+def test_cli_refuses_a_setting_of_the_wrong_kind_in_one_line(checkpoints, tmp_path, setting, message):
+    """A string for a true / false setting would read as true (``act_compile=no`` compiled)."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['fql']}", "episodes=1", setting, f"out={tmp_path / 'r.json'}")
+    assert exit_info.value.code == f"manip.evaluate: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_names_a_file_that_is_not_a_checkpoint(checkpoints, tmp_path):

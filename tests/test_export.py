@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import manip
-from manip.checkpoint import CheckpointError, load_module
+from manip.checkpoint import CheckpointError, load_checkpoint, load_module
 from manip.export import export_checkpoint, load_exported, main
 
 pytestmark = pytest.mark.slow
@@ -234,12 +234,32 @@ def test_cli_writes_next_to_the_run_and_prints_the_check(checkpoints, capsys):
     (["noise_scale=-1"], "noise_scale must be >= 0, got -1"),
     (["act_dtype=float16"], "act_dtype='float16': expected one of float32, bfloat16"),
     (["+num_sample=3"], "unknown num_sample; did you mean num_samples?"),
+    (["aoti=maybe"], "aoti must be true or false, got 'maybe'"),
+    (["max_autotune=nope"], "max_autotune must be true or false, got 'nope'"),
+    (["threads=abc"], "threads must be an integer >= 1 or null (torch's default), got 'abc'"),
+    (["out={tmp}/p.json"], "out={tmp}/p.json: the program is a .pt2 file; name it <name>.pt2"),
+    (["out={tmp}/kept.pt2"], "out={tmp}/kept.pt2 exists and is kept; name a new file"),
+    (["aoti=true"], "{tmp}/p.aoti.pt2 exists and is kept; name a new file for the program (out=...)"),
 ])
 def test_cli_refuses_bad_settings_in_one_line(checkpoints, tmp_path, overrides, message):
+    """Nothing is written, and no file is replaced."""
+    (tmp_path / "kept.pt2").write_text("kept")
+    (tmp_path / "p.aoti.pt2").write_text("kept")
     with pytest.raises(SystemExit) as exit_info:
-        _cli(f"ckpt={checkpoints['qc']}", f"out={tmp_path / 'p.pt2'}", *overrides)
-    assert exit_info.value.code == f"manip.export: {message}"
-    assert not (tmp_path / "p.pt2").exists()
+        _cli(f"ckpt={checkpoints['qc']}", f"out={tmp_path / 'p.pt2'}", *[o.format(tmp=tmp_path) for o in overrides])
+    assert exit_info.value.code.startswith(f"manip.export: {message.format(tmp=tmp_path)}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.pt2", "p.aoti.pt2"]
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"kept"}
+
+
+def test_finetune_and_export_name_the_checkpoint_of_an_exported_program(checkpoints, tmp_path):
+    """An exported program is not a checkpoint: the command names the one it came from."""
+    out = tmp_path / "p.pt2"
+    export_checkpoint(checkpoints["fql"], out, check_states=2)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(out)
+    assert str(info.value) == (f"{out} is a program python -m manip.export wrote, not a checkpoint; pass the "
+                               f"checkpoint it was exported from, ckpt={Path(checkpoints['fql']).resolve()}")
 
 
 def test_readme_snippet_runs_on_an_export(checkpoints, tmp_path):

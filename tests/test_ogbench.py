@@ -130,7 +130,7 @@ def test_generate_is_seeded_and_refuses_overwrite(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # the command line says it in one line and keeps the file
         generate_cli(["ogbench", "--episodes", "1", "--episode-length", "41", "--out", str(tmp_path / "a.npz")])
     assert exit_info.value.code == (f"manip.data.generate: {tmp_path / 'a.npz'} already exists; "
-                                    f"pass overwrite=True (--overwrite) to replace it")
+                                    f"pass --overwrite to replace it")
     assert (tmp_path / "a.npz").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{s}{suffix}" for s in "abc" for suffix in (".npz", "-val.npz")
@@ -298,9 +298,8 @@ def _drop_rows(keys, count):
 ], ids=["4-dims", "6-dims", "1-d"])
 def test_action_width_must_match_env(tmp_path, play_files, change):
     path = _write_changed(tmp_path, play_files["cube-single"], change)
-    shape = _npz_arrays(path)["actions"].shape
-    rows = shape[0] - EPISODES  # the loader drops each episode's last state
-    message = rf"{re.escape(str(path))}: key 'actions' has shape \({rows}\b.*task1-v0 actions have 5 dims"
+    shape = _npz_arrays(path)["actions"].shape  # the file's, not the loader's (which drops each episode's last row)
+    message = rf"{re.escape(str(path))}: key 'actions' has shape {re.escape(str(shape))}, but .*task1-v0 actions have 5 dims"
     with pytest.raises(DatasetError, match=message):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 

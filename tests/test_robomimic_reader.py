@@ -106,6 +106,14 @@ def test_missing_key_named(lift_copy):
     assert digest(lift_copy) == before
 
 
+def test_an_observation_key_missing_from_one_demo_is_named_as_missing(lift_copy):
+    with h5py.File(lift_copy, "a") as f:
+        del f["data/demo_1/obs/object"]
+    with pytest.raises(DatasetError, match=re.escape(f"{lift_copy}: missing key 'data/demo_1/obs/object' "
+                                                     f"(data/demo_0/obs/object has it)")):
+        load_robomimic(lift_copy)
+
+
 def test_missing_env_args_and_group(lift_copy, tmp_path):
     with h5py.File(lift_copy, "a") as f:
         del f["data"].attrs["env_args"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
 from manip.cli_args import at_least
+from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
 
 
@@ -54,16 +56,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.path is not None and not os.path.isfile(args.path):
         parser.error(f"argument --path: no file {args.path}")
     torch.set_num_threads(1)
-    if args.path is None:
-        transitions, source = synthetic(), "synthetic 1M x (19 obs, 7 act)"
-    elif args.path.endswith(".npz"):
-        from manip.data.ogbench import load_ogbench
+    try:
+        if args.path is None:
+            transitions, source = synthetic(), "synthetic 1M x (19 obs, 7 act)"
+        elif args.path.endswith(".npz"):
+            from manip.data.ogbench import load_ogbench
 
-        transitions, source = load_ogbench(args.dataset_name, args.path).train, args.path
-    else:
-        from manip.data.robomimic import load_robomimic
+            transitions, source = load_ogbench(args.dataset_name, args.path).train, args.path
+        else:
+            from manip.data.robomimic import load_robomimic
 
-        transitions, source = load_robomimic(args.path).transitions, args.path
+            transitions, source = load_robomimic(args.path).transitions, args.path
+    except DatasetError as err:  # the file's problem, in one line
+        sys.exit(f"manip.data.bench: {err}")
     start = time.perf_counter()
     replay = ChunkReplay.from_transitions(transitions, args.horizon)
     result = {"source": source, "build_seconds": time.perf_counter() - start,

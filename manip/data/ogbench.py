@@ -124,8 +124,9 @@ def _member_shape(file: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
         return read_header(member)[0]
 
 
-def _check_keys(path: Path, env_name: str) -> None:
-    """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs.
+def _check_keys(path: Path, env_name: str) -> dict[str, tuple]:
+    """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs; returns the
+    file's shape of each key it checked (``load_dataset`` then drops each episode's last row).
 
     ogbench's ``load_dataset`` indexes every key with a mask built from ``terminals``, so all keys
     need one row per observation and the last row must end an episode.
@@ -169,6 +170,7 @@ def _check_keys(path: Path, env_name: str) -> None:
             f"{path}: key 'terminals' is false in the last row ({int(np.count_nonzero(terminals))} set of "
             f"{len(terminals)}): the last episode is incomplete"
         )
+    return shapes
 
 
 def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
@@ -197,18 +199,18 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
     from ogbench.relabel_utils import relabel_dataset
     from ogbench.utils import load_dataset
 
-    _check_keys(path, env_name)
+    shapes = _check_keys(path, env_name)
     data = load_dataset(str(path), compact_dataset=False, add_info=True)
     obs_dim = env.observation_space.shape[0]
     if data["observations"].ndim != 2 or data["observations"].shape[1] != obs_dim:
         raise DatasetError(
-            f"{path}: key 'observations' has shape {data['observations'].shape}, "
+            f"{path}: key 'observations' has shape {shapes['observations']}, "
             f"but {env_name} observations have {obs_dim} dims (is this the right dataset file?)"
         )
     action_dim = env.action_space.shape[0]
     if data["actions"].ndim != 2 or data["actions"].shape[1] != action_dim:
         raise DatasetError(
-            f"{path}: key 'actions' has shape {data['actions'].shape}, "
+            f"{path}: key 'actions' has shape {shapes['actions']}, "
             f"but {env_name} actions have {action_dim} dims (is this the right dataset file?)"
         )
     _check_finite(path, data)

@@ -194,6 +194,8 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
             obs, next_obs = [], []
             for key in obs_keys:
                 if key not in g["obs"]:
+                    if key in first:  # the earlier demos have it
+                        raise DatasetError(f"{path}: missing key 'data/{demo}/obs/{key}' ({first[key][0]} has it)")
                     raise DatasetError(
                         f"{path}: unknown observation key {key!r} in 'data/{demo}/obs'; "
                         f"available: {sorted(g['obs'].keys())}")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = _generate(args)
     except FileExistsError as err:  # the existing file is kept
-        sys.exit(f"manip.data.generate: {err}")
+        sys.exit(f"manip.data.generate: {str(err).replace('pass overwrite=True', 'pass --overwrite')}")
     print(json.dumps(result, indent=1, default=str))
     return result
 

@@ -260,7 +260,7 @@ def generate(
     if not overwrite:
         for p in (path, val_path):
             if p.exists():
-                raise FileExistsError(f"{p} already exists; pass overwrite=True (--overwrite) to replace it")
+                raise FileExistsError(f"{p} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     import ogbench  # noqa: F401  (registers the ogbench envs with gymnasium)

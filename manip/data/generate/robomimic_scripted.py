@@ -582,7 +582,7 @@ def generate(
     if path.suffix not in SUFFIXES:
         raise ValueError(f"dataset path must end in {' or '.join(SUFFIXES)}, got {path}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -619,7 +619,7 @@ def generate(
         _write(tmp, demos, args, rng, {"generator": "manip scripted robosuite demos", "task": task,
                                        "demos": len(demos), "seed": seed})
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
