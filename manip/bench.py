@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(_table(results, ratios))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+    print(f"-> {args.out}")
     return report
 
 

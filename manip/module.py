@@ -148,8 +148,14 @@ def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = 
         import torch._dynamo
 
         if compile not in torch._dynamo.list_backends(exclude_tags=()):
-            raise SettingError(f"module.compile must be true, false or a torch.compile backend "
-                               f"({', '.join(torch._dynamo.list_backends())}, ...), got {compile!r}")
+            raise SettingError(f"module.compile must be true, false or a torch.compile backend such as inductor, "
+                               f"got {compile!r}")
+        try:  # a registered backend may need a package this machine lacks (tvm, openxla)
+            torch.compile(torch.neg, backend=compile)(torch.zeros(1))
+        except Exception as exc:  # noqa: BLE001 - any failure of the backend is the setting's
+            lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            message = lines[1] if len(lines) > 1 and lines[0].endswith("raised:") else lines[0]  # dynamo's wrapper
+            raise SettingError(f"module.compile={compile}: the backend does not run here ({message})") from None
     elif compile is not None and not isinstance(compile, bool):
         raise SettingError(f"module.compile must be true, false or a torch.compile backend name, got {compile!r}")
     if obs_norm not in ("standard", "none"):

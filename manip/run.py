@@ -387,8 +387,8 @@ def _exit_on_composition_error(command: str, err: Exception, args: list[str]) ->
 
     text = str(err)
     option = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
-    if isinstance(err, MissingConfigException) and option:
-        group, name = option.groups()
+    if isinstance(err, MissingConfigException) and option and not option.group(1).startswith("hydra"):
+        group, name = option.groups()  # a group of conf/ (Hydra's own groups, hydra/..., are Hydra's to name)
         options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
         close = difflib.get_close_matches(name, options, n=1)
         hint = f"did you mean {group}={close[0]}? " if close else ""
@@ -550,13 +550,18 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
 
 def data_differences(ckpt: dict, dm: ReplayDataModule) -> list[str]:
     """How the dataset ``dm`` read differs from the one the checkpoint's run trained on, which the checkpoint
-    knows by its transition count and, for an offline run, by its statistics (a file replaced at the same path
-    has the same name; a fine-tuning run keeps the statistics of the offline run it started from)."""
+    knows by its transition count and digest (``data_info``; a file replaced at the same path has the same name).
+    Checkpoints written before the digest was recorded are compared by their statistics where these are the
+    data's own (an offline run; a fine-tuning run keeps the statistics of the offline run it started from)."""
     hp = ckpt["hyper_parameters"]
-    theirs = (hp["cfg"].get("data_info") or {}).get("num_transitions")
+    info = hp["cfg"].get("data_info") or {}
+    theirs = info.get("num_transitions")
     ours = dm.info.get("num_transitions")
     if theirs is not None and ours is not None and theirs != ours:
         return [f"{ours} transitions (the run's: {theirs})"]
+    if info.get("digest") is not None:
+        return [] if info["digest"] == dm.info.get("digest") else [
+            "other transitions (observations, actions, rewards or episode ends)"]
     if "finetune_start_step" in hp["cfg"]:
         return []
     saved, read = hp.get("stats") or {}, dm.stats.to_dict()

@@ -106,11 +106,12 @@ def test_missing_key_named(lift_copy):
     assert digest(lift_copy) == before
 
 
-def test_an_observation_key_missing_from_one_demo_is_named_as_missing(lift_copy):
+@pytest.mark.parametrize(("missing", "holder"), [("demo_1", "demo_0"), ("demo_0", "demo_1")])
+def test_an_observation_key_missing_from_one_demo_is_named_as_missing(lift_copy, missing, holder):
     with h5py.File(lift_copy, "a") as f:
-        del f["data/demo_1/obs/object"]
-    with pytest.raises(DatasetError, match=re.escape(f"{lift_copy}: missing key 'data/demo_1/obs/object' "
-                                                     f"(data/demo_0/obs/object has it)")):
+        del f[f"data/{missing}/obs/object"]
+    with pytest.raises(DatasetError, match=re.escape(f"{lift_copy}: missing key 'data/{missing}/obs/object' "
+                                                     f"(data/{holder}/obs/object has it)")):
         load_robomimic(lift_copy)
 
 

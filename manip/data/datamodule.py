@@ -9,6 +9,7 @@ file is read or written; checkpoints record the dataset file as an absolute path
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import deque
@@ -32,6 +33,14 @@ from manip.settings import SettingError, check_int, check_known_keys, check_real
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
 ROBOMIMIC_TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+
+
+def transitions_digest(t: Transitions) -> str:
+    """A BLAKE2b digest (hex) of the observations, actions, rewards, masks and episode ends a run trains on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (t.observations, t.actions, t.rewards, t.masks, t.terminals):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -151,6 +160,7 @@ class ReplayDataModule(L.LightningDataModule):
                         f"not the released dataset: results on it are not comparable with published ones.")
         if self.max_transitions is not None and len(transitions) > self.max_transitions:
             transitions = _first_episodes(transitions, self.max_transitions)
+        self.info["digest"] = transitions_digest(transitions)  # a checkpoint knows its data by it, not by path
         self.stats = DatasetStats.from_transitions(transitions)
         self.replay = ChunkReplay.from_transitions(transitions, self.horizon, self.discount)
 

@@ -194,8 +194,10 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
             obs, next_obs = [], []
             for key in obs_keys:
                 if key not in g["obs"]:
-                    if key in first:  # the earlier demos have it
-                        raise DatasetError(f"{path}: missing key 'data/{demo}/obs/{key}' ({first[key][0]} has it)")
+                    holder = first[key][0] if key in first else next(
+                        (f"data/{d}/obs/{key}" for d in demos if d in data and key in data[d].get("obs", {})), None)
+                    if holder is not None:  # other demos have it: not a wrong key, a damaged demo
+                        raise DatasetError(f"{path}: missing key 'data/{demo}/obs/{key}' ({holder} has it)")
                     raise DatasetError(
                         f"{path}: unknown observation key {key!r} in 'data/{demo}/obs'; "
                         f"available: {sorted(g['obs'].keys())}")
