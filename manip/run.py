@@ -402,6 +402,11 @@ def _exit_on_composition_error(command: str, err: Exception, args: list[str]) ->
             except Exception as bad:  # noqa: BLE001 - Hydra's parser raises HydraException for a grammar error
                 sys.exit(f"manip.{command}: cannot read {arg!r}: {str(bad).splitlines()[0]} (quote a value with "
                          f"brackets, commas or spaces: key='[1, 2]')")
+    ambiguous = re.match(r"Ambiguous value for argument '([^'=]+)=(.*)'", text)
+    if ambiguous:
+        key, value = ambiguous.groups()
+        sys.exit(f"manip.{command}: {key}={value} is a sweep, which needs --multirun; a list is {key}=[{value}], a "
+                 f"string {key}='{value}'")
     present = re.match(r"Could not append to config. An item is already at '([^']+)'", text)
     if present:
         item = next((arg for arg in args if arg.lstrip("+").split("=", 1)[0] == present.group(1)), present.group(1))

@@ -513,6 +513,8 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
     ("finetune", "online", ["ckpt=x", "+finetune.alpha=3"],
      "finetune.alpha is in the config already: set it without the +, finetune.alpha=3"),
     ("evaluate", None, ["ckpt=x", "+episodes=3"], "episodes is in the config already: set it without the +, episodes=3"),
+    ("fit", "offline", ["seed=0,1"], "seed=0,1 is a sweep, which needs --multirun; a list is seed=[0,1], a string "
+                                     "seed='0,1'"),
     ("fit", "offline", ["conf=robomimic_lift", "+module.actor_ema=0.9"],
      "module.actor_ema is in the config already: set it without the +, module.actor_ema=0.9"),
 ])
