@@ -97,12 +97,21 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
 
 
 def discard_if_empty(directory: str | Path) -> None:
-    """Removes ``directory`` when it is empty: Hydra makes the job's output directory before the job starts, so a
+    """Removes ``directory`` when it is empty, and the empty directories above it up to the one that existed before
+    the command (``run.EXISTING_ABOVE_RUN_DIR``): Hydra makes the job's output directory before the job starts, so a
     command refused by its checks leaves no run directory."""
-    try:
-        Path(directory).rmdir()
-    except OSError:
-        pass
+    from manip import run
+
+    directory = Path(os.path.abspath(directory))
+    stop = run.EXISTING_ABOVE_RUN_DIR
+    while True:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        if stop is None or directory.parent == stop or stop not in directory.parents:
+            return
+        directory = directory.parent
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="fit")

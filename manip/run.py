@@ -431,6 +431,13 @@ def _check_run_dir(command: str, cfg: DictConfig) -> None:
         parent = parent.parent
     if not parent.is_dir():
         sys.exit(f"manip.{command}: run_dir={run_dir}: {parent} is a file, so the run's directory cannot be made")
+    global EXISTING_ABOVE_RUN_DIR
+    EXISTING_ABOVE_RUN_DIR = parent
+
+
+# The nearest directory above run_dir that existed before the command (set by check_command_line): a refused
+# command removes the empty directories Hydra made below it.
+EXISTING_ABOVE_RUN_DIR: Path | None = None
 
 
 def _checkpoint_key_error(key: str, item: str, args: list[str]) -> SettingError:
