@@ -235,8 +235,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
 def _compile_package(exported: torch.export.ExportedProgram, package: Path, meta: dict[str, Any],
                      max_autotune: bool):
     """AOTInductor package of ``exported`` at ``package`` (metadata: ``manip.json``), loaded back."""
-    from torch._inductor import aoti_compile_and_package, aoti_load_package
-
+    try:
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
+    except ImportError as exc:
+        raise ExportError(f"this torch ({torch.__version__}) has no AOTInductor packaging (torch >= 2.6 has it); "
+                          f"the .pt2 program is written") from exc
     configs = {"freezing": True, "max_autotune": bool(max_autotune),
                # a batch of 1 passes the package's input checks (AOTI_RUNTIME_CHECK_INPUTS=1)
                "aot_inductor.check_lowerbound": False,

@@ -202,6 +202,12 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=final.algo.horizon, stats=stats, cfg=plain(final) | run_info(dm), online=online)
+    target = final.finetune.target
+    if target != "replay" and not hasattr(module.agent, "policy_loss") and rank_zero_only.rank == 0 and not finished:
+        given = any(item.lstrip("+").startswith("finetune.target=") for item in user_overrides)
+        (LOG.warning if given else LOG.info)(
+            f"{final.algo.name} has no critic-driven policy target: it fine-tunes with its own actor loss on the "
+            f"replay, as finetune.target=replay (finetune.target={target} applies to MVP)")
     # A new fine-tuning run draws its loss noise and batches from its own seed, not from the offline run's random
     # states (seed_everything above seeded the global generators); a resumed one continues its own.
     module.restore_random_states = dm.restore_sampler = resume is not None

@@ -2,8 +2,9 @@
 
 With ``resume=auto`` (the default) a run whose ``run_dir`` already holds ``checkpoints/last.ckpt``
 continues from it (global step, optimizer, RNG and sampler states); ``resume=true`` insists on it,
-``resume=false`` insists on a fresh run (refused where ``run_dir`` already holds one). Resuming is refused when the command's algorithm or data differ from the
-run's (``run_differences``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
+``resume=false`` insists on a fresh run (refused where ``run_dir`` already holds one). Resuming is refused when the
+command's algorithm, data settings, dataset file or transitions, ``module.obs_norm`` or seed differ from the run's
+(``run_differences``, ``data_differences``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
 
 A user error (a setting out of range, a missing or malformed dataset, an incompatible checkpoint or
 simulator) ends the command with one line, ``manip.fit: <message>``, and a non-zero exit status. The

@@ -641,6 +641,24 @@ def test_finetune_refuses_what_it_cannot_continue(lift_run, tmp_path):
         _finetune_config(ckpt, f"run_dir={tmp_path / 'ft'}")
 
 
+def test_finetuning_an_agent_without_a_policy_target_says_what_it_trains(lift_hdf5, tmp_path, caplog):
+    """QC keeps its own actor loss online whatever finetune.target says: a target given on the command line is
+    answered with a warning, the default with a line."""
+    module, dm, trainer, resume = fit.build(_compose("fit", ["data=robomimic", f"data.path={lift_hdf5}", "algo=qc",
+                                                             f"run_dir={tmp_path / 'qc'}", *QUICK]))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    ckpt = tmp_path / "qc" / "checkpoints" / "last.ckpt"
+    line = "qc has no critic-driven policy target: it fine-tunes with its own actor loss on the replay, as "
+    for items, level in ((["finetune.target=som"], logging.WARNING), ([], logging.INFO)):
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        items = [f"ckpt={ckpt}", "trainer.max_steps=2", "finetune.start_training=2", *items]
+        finetune.build(_compose("finetune", items), items)
+        said = [r for r in caplog.records if r.getMessage().startswith(line)]
+        assert [r.levelno for r in said] == [level], [r.getMessage() for r in caplog.records]
+    assert said[0].getMessage().endswith("finetune.target=replay (finetune.target=bon applies to MVP)")
+
+
 def test_fit_checkpoint_records_the_dataset_file_as_an_absolute_path(lift_run, lift_hdf5):
     cfg = load_checkpoint(lift_run / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]
     for recorded in (cfg["data_info"]["path"], cfg["data"]["path"]):
