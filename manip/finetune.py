@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,7 +56,7 @@ _ABSENT = object()
 def _apply_override(final: DictConfig, item: str, cfg: DictConfig, added: set[str]) -> None:
     """Applies one command-line override to the fine-tuning config ``final``, or raises ``SettingError``
     naming it. ``cfg``: fine-tuning's own composed config; ``added``: keys the command added with ``+``."""
-    raw, _, value = item.partition("=")
+    raw = item.partition("=")[0]
     key = raw.lstrip("+~")
     top = key.split(".")[0]
     if key in _COMMAND_KEYS or top == "hydra":
@@ -67,7 +68,7 @@ def _apply_override(final: DictConfig, item: str, cfg: DictConfig, added: set[st
             raise SettingError(f"override {item!r}: {section or 'the config'} has no key {name!r} (its keys: "
                                f"{', '.join(known)}; fine-tuning's own sections take them without '+')")
         return
-    parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+    parsed = OverridesParser.create().parse_override(item).value()  # as Hydra reads it: "no" is a string
     if "." not in key:
         current = final.get(key, _ABSENT)
         if key in _GROUPS or OmegaConf.is_dict(current):

@@ -751,6 +751,14 @@ def test_spread_names_every_key_fit_derives_from_seed_and_discount():
     assert found == {key: set(keys) for key, keys in finetune.SPREAD.items()}
 
 
+def test_finetune_reads_a_checkpoint_key_as_fit_does(lift_run):
+    """Hydra's grammar, not YAML 1.1: ``no`` stays a string (which the module's check then names), as in fit."""
+    final = _finetune_config(lift_run / "checkpoints" / "last.ckpt", "+module.compile=no", "+module.lr=1e-4",
+                             "+algo.agent.hidden_dims=[32,32]", "+module.actor_ema=null")
+    assert final.module.compile == "no" and final.module.lr == 1e-4 and final.module.actor_ema is None
+    assert list(final.algo.agent.hidden_dims) == [32, 32]
+
+
 @pytest.mark.parametrize("override, message", [
     ("+data=ogbench", "override '+data=ogbench' would replace the checkpoint's whole 'data' section"),
     ("+algo.agent.num_sampels=2", "override '+algo.agent.num_sampels=2': the checkpoint's config has no key "
