@@ -29,8 +29,8 @@ from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_command_line, check_same_run, check_steps_left, data_differences, plain,
-                       record_config, resume_path, run_command, run_info, seed_everything)
+from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
+                       data_difference, plain, record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -189,14 +189,11 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     dm.offline_fraction = final.finetune.offline_fraction
     check_compatible(ckpt, offline_ckpt, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"),
                      final.algo.horizon, where=f"dataset {dm.info['path']}")
-    changed = data_differences(run_ckpt, dm)
-    if changed and resume:
-        raise CheckpointError(f"{dm.info['path']} is not the file {run_dir}'s run fine-tuned with: it has "
-                              f"{changed[0]}; continue the run with its own data, or give this command another "
-                              f"run_dir")
-    if changed and rank_zero_only.rank == 0:
+    if resume:
+        check_same_data(run_ckpt, dm, run_dir, phase="online")
+    elif (changed := data_difference(ckpt, dm)) is not None and rank_zero_only.rank == 0:
         LOG.warning(f"the replay starts from {dm.info['path']}, which is not the data {offline_ckpt} was trained on "
-                    f"({changed[0]}); the policy keeps the checkpoint's observation and action normalisation")
+                    f"({changed}); the policy keeps the checkpoint's observation and action normalisation")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
     online["start_step"] = final.finetune_start_step
     stats = ckpt["hyper_parameters"]["stats"]

@@ -4,7 +4,7 @@ With ``resume=auto`` (the default) a run whose ``run_dir`` already holds ``check
 continues from it (global step, optimizer, RNG and sampler states); ``resume=true`` insists on it,
 ``resume=false`` insists on a fresh run (refused where ``run_dir`` already holds one). Resuming is refused when the
 command's algorithm, data settings, dataset file or transitions, ``module.obs_norm`` or seed differ from the run's
-(``run_differences``, ``data_differences``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
+(``run_differences``, ``data_difference``). Multi-process training: ``trainer.strategy=ddp trainer.devices=N``.
 
 A user error (a setting out of range, a missing or malformed dataset, an incompatible checkpoint or
 simulator) ends the command with one line, ``manip.fit: <message>``, and a non-zero exit status. The
@@ -25,12 +25,12 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from manip.checkpoint import check_compatible, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_command_line, check_same_run, check_steps_left, data_differences, plain,
+from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left, plain,
                        record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import check_int
 
@@ -81,11 +81,7 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if ckpt is not None:
         check_compatible(ckpt, resume, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"), cfg.algo.horizon,
                          where=f"dataset {dm.info['path']}")
-        changed = data_differences(ckpt, dm)
-        if changed:
-            raise CheckpointError(f"{dm.info['path']} is not the file {run_dir}'s run trained on: it has "
-                                  f"{changed[0]}; continue the run with its own data, or give this command another "
-                                  f"run_dir")
+        check_same_data(ckpt, dm, run_dir)
         if main_process and not finished:
             LOG.info(f"resuming from {resume} at step {ckpt['global_step']}")
     if main_process and not finished:

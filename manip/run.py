@@ -560,26 +560,37 @@ def check_same_run(ckpt: dict, ckpt_path: Path, cfg: dict, data_file: Path, run_
                               f"another run_dir")
 
 
-def data_differences(ckpt: dict, dm: ReplayDataModule) -> list[str]:
+def data_difference(ckpt: dict, dm: ReplayDataModule) -> str | None:
     """How the dataset ``dm`` read differs from the one the checkpoint's run trained on, which the checkpoint
-    knows by its transition count and digest (``data_info``; a file replaced at the same path has the same name).
-    Checkpoints written before the digest was recorded are compared by their statistics where these are the
-    data's own (an offline run; a fine-tuning run keeps the statistics of the offline run it started from)."""
+    knows by its transition count and digest (``data_info``; a file replaced at the same path has the same name);
+    None when it does not. Checkpoints written before the digest was recorded are compared by their statistics
+    where these are the data's own (an offline run; a fine-tuning run keeps the statistics of the offline run it
+    started from)."""
     hp = ckpt["hyper_parameters"]
     info = hp["cfg"].get("data_info") or {}
     theirs = info.get("num_transitions")
     ours = dm.info.get("num_transitions")
     if theirs is not None and ours is not None and theirs != ours:
-        return [f"{ours} transitions (the run's: {theirs})"]
+        return f"{ours} transitions (the run's: {theirs})"
     if info.get("digest") is not None:
-        return [] if info["digest"] == dm.info.get("digest") else [
-            "other transitions (observations, actions, rewards or episode ends)"]
+        return None if info["digest"] == dm.info.get("digest") else (
+            "other transitions (observations, actions, rewards or episode ends)")
     if "finetune_start_step" in hp["cfg"]:
-        return []
+        return None
     saved, read = hp.get("stats") or {}, dm.stats.to_dict()
     differing = [key for key in read if key in saved
                  and not np.allclose(np.asarray(saved[key]), np.asarray(read[key]), rtol=1e-5, atol=1e-6)]
-    return [f"other statistics ({', '.join(differing)})"] if differing else []
+    return f"other statistics ({', '.join(differing)})" if differing else None
+
+
+def check_same_data(ckpt: dict, dm: ReplayDataModule, run_dir: Path, phase: str = "offline") -> None:
+    """``CheckpointError`` when the run in ``run_dir`` (its checkpoint ``ckpt``) trained on other data than ``dm``
+    read (:func:`data_difference`): a resumed run continues on its own data."""
+    changed = data_difference(ckpt, dm)
+    if changed is not None:
+        raise CheckpointError(f"{dm.info['path']} is not the file {run_dir}'s run "
+                              f"{'fine-tuned with' if phase == 'online' else 'trained on'}: it has {changed}; "
+                              f"continue the run with its own data, or give this command another run_dir")
 
 
 def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting: str, run_dir: Path,
