@@ -21,6 +21,7 @@ import numpy as np
 
 from manip.cli_args import at_least, new_file
 from manip.envs import EnvSpec, make_vector_env
+from manip.settings import open_new
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
 # Observation keys of the robomimic low-dim datasets (and of RobomimicDataModule's default).
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        handle, _ = open_new(args.out)
+        with handle:
+            handle.write(text + "\n")
     return results
 
 

@@ -30,7 +30,7 @@ from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint
                               load_acting_module)
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_bool, check_int, first_free_path
+from manip.settings import SettingError, check_bool, check_int, first_free_path, open_new
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -190,8 +190,9 @@ def main(cfg: DictConfig) -> None:
         quiet_finalizers()
         print("manip.evaluate: interrupted (no result written)", file=sys.stderr)
         sys.exit(130)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    handle, out = open_new(out)
+    with handle:
+        handle.write(json.dumps(result, indent=1))
     print(summary(result, out))
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from manip.algos.acting import acting_copy
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
-from manip.settings import SettingError, check_bool, first_free_path
+from manip.settings import SettingError, check_bool, first_free_path, open_new
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
            "load_exported"]
@@ -203,9 +203,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     with torch.no_grad():
         exported = torch.export.export(program, example, dynamic_shapes=({0: batch}, {0: batch}))
     meta = _metadata(program, cfg, ckpt, module.checkpoint_step, act_dtype)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(exported, out, extra_files={META_FILE: json.dumps(meta, indent=1)})
+    handle, out = open_new(out, binary=True)
+    with handle:
+        torch.export.save(exported, handle, extra_files={META_FILE: json.dumps(meta, indent=1)})
 
     generator = torch.Generator().manual_seed(seed)
     inputs = (module.obs_mean + module.obs_scale * torch.randn(check_states, module.obs_dim, generator=generator),
@@ -226,31 +226,35 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     summary = {"out": str(out), "meta": meta, "states": check_states, **compare(loaded),
                "latency_ms": _latency_ms(loaded, *one), "module_latency_ms": _latency_ms(reference, *one)}
     if aoti:
-        package = package_path(out)
-        compiled = _compile_package(exported, package, meta, max_autotune)
+        handle, package = open_new(package_path(out), binary=True)
+        handle.close()  # the name is taken now; the compiler writes the package into it
+        compiled = _compile_package(exported, package, out, meta, max_autotune)
         summary.update(aoti=str(package), **compare(compiled, "aoti_"), aoti_latency_ms=_latency_ms(compiled, *one))
     return summary
 
 
-def _compile_package(exported: torch.export.ExportedProgram, package: Path, meta: dict[str, Any],
+def _compile_package(exported: torch.export.ExportedProgram, package: Path, program: Path, meta: dict[str, Any],
                      max_autotune: bool):
-    """AOTInductor package of ``exported`` at ``package`` (metadata: ``manip.json``), loaded back."""
+    """AOTInductor package of ``exported`` (saved as ``program``) at ``package`` (metadata: ``manip.json``), loaded
+    back. Where no package is made, the (empty) file at ``package`` is removed."""
     try:
         from torch._inductor import aoti_compile_and_package, aoti_load_package
     except ImportError as exc:
+        package.unlink(missing_ok=True)
         raise ExportError(f"this torch ({torch.__version__}) has no AOTInductor packaging (torch >= 2.6 has it); "
-                          f"the .pt2 program is written") from exc
+                          f"the program {program} is written") from exc
     configs = {"freezing": True, "max_autotune": bool(max_autotune),
                # a batch of 1 passes the package's input checks (AOTI_RUNTIME_CHECK_INPUTS=1)
                "aot_inductor.check_lowerbound": False,
                "aot_inductor.metadata": {META_FILE: json.dumps(meta)}}
     try:
         aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
-    except Exception as exc:  # noqa: BLE001 - a missing compiler, an unsupported CPU: the .pt2 stays usable
+    except BaseException as exc:  # a missing compiler, an unsupported CPU, Ctrl-C: the .pt2 stays usable
+        package.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise
         raise ExportError(f"AOTInductor could not compile {package.name} ({type(exc).__name__}: "
-                          f"{first_sentence(exc)}); the program "
-                          f"{package.with_name(package.name.replace('.aoti', ''))} is written and needs no "
-                          f"compiler") from exc
+                          f"{first_sentence(exc)}); the program {program} is written and needs no compiler") from exc
     return aoti_load_package(str(package))
 
 

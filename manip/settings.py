@@ -8,10 +8,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import math
 import numbers
 import os
 from pathlib import Path
+from typing import IO
 
 
 # The project's Hydra configs (conf/ beside the package), whose files declare the settings the commands read.
@@ -130,6 +132,25 @@ def first_free_path(path: Path) -> Path:
         k += 1
         free = path.with_name(f"{path.stem}.{k}{path.suffix}")
     return free
+
+
+def open_new(path: str | Path, binary: bool = False) -> tuple[IO, Path]:
+    """``path`` created and opened for writing, its directories made; where a file appeared there after the
+    command's checks, that file is kept and the first free ``<stem>.<k><suffix>`` beside it is opened instead (with
+    a warning naming both). Returns (open file, the path it writes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path
+    while True:
+        try:
+            handle = open(target, "xb" if binary else "x")  # exclusive: never replaces a file
+        except FileExistsError:
+            target = first_free_path(path)
+            continue
+        if target != path:
+            logging.getLogger("manip").warning("%s appeared while the command ran and is kept; writing %s instead",
+                                               path, target)
+        return handle, target
 
 
 def check_output(out: str | Path, example: str = "result.json", what: str = "the result", kind: str = "JSON file"

@@ -252,6 +252,38 @@ def test_cli_refuses_bad_settings_in_one_line(checkpoints, tmp_path, overrides, 
     assert {p.read_text() for p in tmp_path.iterdir()} == {"kept"}
 
 
+def test_files_that_appear_while_exporting_are_kept(checkpoints, tmp_path, monkeypatch, caplog):
+    """A program or package written at ``out`` after the command's checks is kept: the export takes the next free
+    name and says so. A package that fails to compile leaves no file behind, and the error names the program."""
+    import manip.export as export
+
+    out, package = tmp_path / "p.pt2", tmp_path / "p.1.aoti.pt2"  # the package of p.1.pt2, where out is taken
+    metadata = export._metadata
+
+    def another_writer(*args, **kwargs):  # runs after the checks, before anything is saved
+        out.write_text("kept")
+        package.write_text("kept")
+        return metadata(*args, **kwargs)
+
+    def failing_compiler(*args, **kwargs):
+        assert Path(kwargs["package_path"]).is_file()  # the package's name is reserved while it compiles
+        raise RuntimeError("no C++ compiler. More detail")
+
+    monkeypatch.setattr(export, "_metadata", another_writer)
+    monkeypatch.setattr("torch._inductor.aoti_compile_and_package", failing_compiler)
+    with caplog.at_level("WARNING", logger="manip"), pytest.raises(export.ExportError) as info:
+        export_checkpoint(checkpoints["fql"], out, check_states=2, aoti=True)
+    written = tmp_path / "p.1.pt2"
+    assert str(info.value) == (f"AOTInductor could not compile p.1.aoti.1.pt2 (RuntimeError: no C++ compiler); the "
+                               f"program {written} is written and needs no compiler")
+    assert out.read_text() == "kept" and package.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.1.aoti.pt2", "p.1.pt2", "p.pt2"]
+    assert f"{out} appeared while the command ran and is kept; writing {written} instead" in caplog.messages
+    assert f"{package} appeared while the command ran and is kept; writing {tmp_path / 'p.1.aoti.1.pt2'} instead" \
+        in caplog.messages
+    assert load_exported(written)(torch.zeros(1, 28)).shape == (1, 1, 5)
+
+
 def test_finetune_and_export_name_the_checkpoint_of_an_exported_program(checkpoints, tmp_path):
     """An exported program is not a checkpoint: the command names the one it came from."""
     out = tmp_path / "p.pt2"

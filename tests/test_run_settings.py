@@ -398,3 +398,22 @@ def test_critic_warmup_trains_the_critic_alone_for_its_first_online_updates(offl
     assert changed(tmp_path / "after") == {"actor": True, "critic": True, "average": True}
     with pytest.raises(SettingError, match=re.escape("finetune.critic_warmup must be >= 0, got -1")):
         run_finetune(finetune_overrides(offline_ckpt, tmp_path / "bad", updates, "finetune.critic_warmup=-1"))
+
+
+def test_open_new_never_replaces_a_file(tmp_path, caplog):
+    """A result is written to its path when that is free; where a file is there, the file is kept and the result
+    goes to the first free ``<stem>.<k><suffix>``, with a warning naming both."""
+    from manip.settings import open_new
+
+    handle, path = open_new(tmp_path / "new" / "r.json")
+    with handle:
+        handle.write("first")
+    assert path == tmp_path / "new" / "r.json" and path.read_text() == "first"
+    (tmp_path / "new" / "r.1.json").write_text("also kept")
+    with caplog.at_level("WARNING", logger="manip"):
+        handle, second = open_new(path, binary=True)
+    with handle:
+        handle.write(b"second")
+    assert second == tmp_path / "new" / "r.2.json" and second.read_bytes() == b"second"
+    assert path.read_text() == "first" and (tmp_path / "new" / "r.1.json").read_text() == "also kept"
+    assert caplog.messages == [f"{path} appeared while the command ran and is kept; writing {second} instead"]
