@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from manip.cli_args import interrupted_by_ctrl_c
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
 from manip.envs import EnvMismatchError, make_vector_env
@@ -181,10 +182,11 @@ def main(cfg: DictConfig) -> None:
                                      video_episodes=cfg.video_episodes if cfg.video else 0,
                                      video_size=tuple(cfg.video_size), video_prefix=out.with_suffix(""),
                                      video_fps=cfg.video_fps, act_dtype=cfg.act_dtype, act_compile=cfg.act_compile)
-    except (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError) as err:
-        # user errors in one line; anything else is a bug and keeps its traceback
-        sys.exit(f"manip.evaluate: {err}")
-    except KeyboardInterrupt:
+    except (Exception, KeyboardInterrupt) as err:
+        if isinstance(err, (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError)):
+            sys.exit(f"manip.evaluate: {err}")  # user errors in one line
+        if not interrupted_by_ctrl_c(err):
+            raise  # a bug: its traceback
         from manip.run import quiet_finalizers
 
         quiet_finalizers()

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from manip.cli_args import interrupted_by_ctrl_c
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path
 from manip.data.datamodule import ReplayDataModule
@@ -747,8 +748,10 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             module, dm, trainer, ckpt_path = build()
             log.keep_in(trainer.default_root_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        except (*USER_ERRORS, KeyboardInterrupt) as err:
-            interrupted = isinstance(err, KeyboardInterrupt)
+        except (Exception, KeyboardInterrupt) as err:
+            interrupted = interrupted_by_ctrl_c(err)
+            if not (interrupted or isinstance(err, USER_ERRORS)):
+                raise  # a bug: its traceback
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).
             handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
             if interrupted:

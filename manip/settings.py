@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import IO
 
+from manip.cli_args import raise_if_interrupted
+
 
 # The project's Hydra configs (conf/ beside the package), whose files declare the settings the commands read.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -79,6 +81,7 @@ def find_class(target, key: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        raise_if_interrupted(err)
         raise SettingError(f"{key}={target}: cannot import {module_name} ({err})") from None
     found = getattr(module, class_name, None)
     if not isinstance(found, type):

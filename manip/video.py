@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from manip.cli_args import raise_if_interrupted
 from manip.evaluation import ChunkPolicy
 from manip.logs import LOG
 
@@ -67,12 +68,14 @@ def open_render_env(spec, size: tuple[int, int]):
     except (RuntimeError, ImportError, AttributeError, OSError) as err:
         # the adapters' own renderer errors, and a GL backend that cannot load (MUJOCO_GL=osmesa without
         # libOSMesa: PyOpenGL fails inside mujoco's import with an AttributeError)
+        raise_if_interrupted(err)
         raise _unavailable(spec.kind, err) from err
     try:
         env.reset(seed=0)
         env.render()
     except Exception as err:
         env.close()
+        raise_if_interrupted(err)
         raise _unavailable(spec.kind, err) from err
     return env
 
@@ -126,6 +129,7 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_F
                 writer.append_data(frame)
         return mp4
     except (ImportError, OSError, RuntimeError) as err:
+        raise_if_interrupted(err)
         import imageio.v3 as iio3
 
         mp4.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.data.errors import DatasetError
+from manip.cli_args import raise_if_interrupted
 from manip.data.replay import ChunkReplay, Transitions
 from manip.envs import EnvSpec, check_dims
 from manip.logs import LOG
@@ -300,6 +301,7 @@ class RobomimicDataModule(ReplayDataModule):
         try:
             env = spec.make()
         except Exception as err:  # robosuite's own words: unknown env name, controller, robot or observation key
+            raise_if_interrupted(err)  # Ctrl-C inside mujoco's import is an ImportError, not the file's fault
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DatasetError(f"{self.path}: the simulator its data.attrs['env_args'] describe (env_name "
                                f"{spec.kwargs['env_args'].get('env_name')!r}) cannot be built: {first_line}") from err

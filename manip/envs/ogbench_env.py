@@ -24,6 +24,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from manip.cli_args import raise_if_interrupted
+
 # Episode length of every singletask env family (OGBench registration).
 MAX_EPISODE_STEPS = {
     "cube-single": 200,
@@ -144,6 +146,7 @@ class OGBenchEnv(gymnasium.Env):
         try:
             frame = self._env.unwrapped.render()
         except Exception as err:
+            raise_if_interrupted(err)
             raise RuntimeError(
                 f"offscreen rendering of {self.env_name} failed ({type(err).__name__}: {err}). Without a "
                 "display set MUJOCO_GL=egl (and EGL_PLATFORM=surfaceless on a machine without a GPU) or "

@@ -24,6 +24,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from manip.cli_args import raise_if_interrupted
+
 REWARD_MODES = ("r-1", "r")
 
 # Settings every adapter env uses regardless of what the dataset recorded (Robomimic's EnvRobosuite does the same).
@@ -104,6 +106,7 @@ def make_robosuite(env_args: dict, render_size: tuple[int, int] | None = None):
     except Exception as err:
         if render_size is None:
             raise
+        raise_if_interrupted(err)
         raise RuntimeError(
             f"could not create the offscreen renderer ({type(err).__name__}: {err}); {_RENDER_HINT}"
         ) from err
@@ -282,6 +285,7 @@ class RobosuiteEnv(gym.Env):
         try:
             image = self._env.sim.render(width=width, height=height, camera_name=self.camera)
         except Exception as err:
+            raise_if_interrupted(err)
             raise RuntimeError(f"offscreen rendering failed ({type(err).__name__}: {err}); {_RENDER_HINT}") from err
         return np.ascontiguousarray(image[::-1], dtype=np.uint8)
 

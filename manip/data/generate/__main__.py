@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from manip.cli_args import at_least
+from manip.cli_args import at_least, interrupted_by_ctrl_c
 from manip.data.generate import ogbench_play, robomimic_scripted
 
 
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
         result = _generate(args)
     except FileExistsError as err:  # the existing file is kept
         sys.exit(f"manip.data.generate: {str(err).replace('pass overwrite=True', 'pass --overwrite')}")
+    except (Exception, KeyboardInterrupt) as err:
+        if not interrupted_by_ctrl_c(err):
+            raise  # a bug: its traceback
+        print("manip.data.generate: interrupted (no file written)", file=sys.stderr)
+        sys.exit(130)
     print(json.dumps(result, indent=1, default=str))
     return result
 
