@@ -102,33 +102,39 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class StopOnCtrlC(Callback):
-    """Ctrl-C during training stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is
-    saved at that step (the same command then continues the run) and the final evaluation is skipped;
-    ``run_command`` ends the command with ``manip.<name>: interrupted at step N ...`` and status 130. A second Ctrl-C
-    stops at once (Lightning's shutdown: nothing saved); Ctrl-C during the final evaluation, which runs after the
-    last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP Ctrl-C keeps Lightning's
-    handling), and not where SIGINT is ignored (a background job keeps running when the terminal's Ctrl-C is meant
-    for the foreground).
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, ``kill``) during training stops it once the update (or
+    periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step (the same command then continues the
+    run) and the final evaluation is skipped; ``run_command`` ends the command with ``manip.<name>: interrupted at
+    step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``, status 143). A second signal stops
+    at once, saving nothing; Ctrl-C during the final evaluation, which runs after the last save, ends it
+    (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep Lightning's handling), and not for
+    a signal the process ignores (a background job keeps running when the terminal's Ctrl-C is meant for the
+    foreground). ``requested``: the signal that stopped training, or None.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.requested: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
 
     def on_train_start(self, trainer, module) -> None:
-        if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
             self._trainer = trainer
-            self._previous = signal.signal(signal.SIGINT, self._request)
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._request)
 
     def _request(self, signum, frame) -> None:
-        self.requested = True
+        self.requested = signal.Signals(signum)
         if self._trainer is not None:  # checked once this batch's callbacks (an evaluation among them) are done
             self._trainer.should_stop = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C interrupts at once
-        LOG.info("Ctrl-C: stopping once this update (or evaluation) ends, then saving last.ckpt (Ctrl-C again stops "
-                 "at once, saving nothing)")
+        # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM as the system's default
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        LOG.info(f"{name}: stopping once this update (or evaluation) ends, then saving last.ckpt ({name} again stops "
+                 f"at once, saving nothing)")
 
     def on_train_end(self, trainer, module) -> None:
         self._restore()  # Ctrl-C during the final evaluation ends it: the weights are saved first
@@ -138,13 +144,15 @@ class StopOnCtrlC(Callback):
 
     def _restore(self) -> None:
         self._trainer = None
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
-def stopped_by_ctrl_c(trainer: L.Trainer) -> bool:
-    return any(isinstance(callback, StopOnCtrlC) and callback.requested for callback in trainer.callbacks)
+def stop_signal(trainer: L.Trainer) -> signal.Signals | None:
+    """The signal (SIGINT or SIGTERM) that stopped ``trainer`` (:class:`StopOnCtrlC`), or None."""
+    return next((callback.requested for callback in trainer.callbacks
+                 if isinstance(callback, StopOnCtrlC) and callback.requested), None)
 
 
 def final_evaluation_interrupted(trainer: L.Trainer) -> bool:
@@ -228,7 +236,7 @@ class PeriodicEvaluation(Callback):
             if isinstance(callback, LastCheckpoint):
                 callback.save_final(trainer)
         try:
-            if not stopped_by_ctrl_c(trainer):
+            if not stop_signal(trainer):
                 self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
         except KeyboardInterrupt:  # the final weights are saved: run_command says how to evaluate them
             self.final_interrupted = True
@@ -767,15 +775,16 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                     signal.signal(signal.SIGINT, handler)
             sys.exit(130 if interrupted else 1)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
-        interrupted = stopped_by_ctrl_c(trainer)
-        if interrupted or final_evaluation_interrupted(trainer):
+        stopped_by = stop_signal(trainer)
+        if stopped_by or final_evaluation_interrupted(trainer):
             last = checkpoints / "last.ckpt"
-            message = (f"manip.{name}: interrupted at step {trainer.global_step}; {last} holds it, and the same "
-                       f"command continues the run" if interrupted else
+            how = "interrupted" if stopped_by == signal.SIGINT else "stopped by SIGTERM"
+            message = (f"manip.{name}: {how} at step {trainer.global_step}; {last} holds it, and the same "
+                       f"command continues the run" if stopped_by else
                        f"manip.{name}: final evaluation interrupted; {last} holds the run's final step "
                        f"{trainer.global_step} (python -m manip.evaluate ckpt={last} evaluates it)")
             log.file_only(message, logging.ERROR)
             print(message, file=sys.stderr)
-            sys.exit(130)
+            sys.exit(143 if stopped_by == signal.SIGTERM else 130)  # 128 + the signal's number, as a shell reports
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

@@ -332,9 +332,13 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cube_single_npz, tmp_path):
-    """The first Ctrl-C ends training after the update in progress: last.ckpt at that step, no final evaluation,
-    one line naming the step and status 130; running the command again resumes from there."""
+@pytest.mark.parametrize(("signum", "status", "how"), [(signal.SIGINT, 130, "interrupted"),
+                                                       (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cube_single_npz, tmp_path, signum,
+                                                                              status, how):
+    """The first Ctrl-C (or a scheduler's SIGTERM) ends training after the update in progress: last.ckpt at that
+    step, no final evaluation, one line naming the step and status 130 (143); running the command again resumes
+    from there."""
     run_dir = tmp_path / "run"
     overrides = fit_overrides(cube_single_npz, run_dir, 100000, "eval.final_episodes=2",
                               "checkpoint.every_n_steps=0")
@@ -346,12 +350,12 @@ def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cu
         while not (run_dir / "offline" / "metrics.csv").exists() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)  # well inside training
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     last = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r"manip\.fit: interrupted at step (\d+); (.+) holds it, and the same command continues "
+    match = re.fullmatch(rf"manip\.fit: {how} at step (\d+); (.+) holds it, and the same command continues "
                          r"the run", last)
-    assert proc.returncode == 130 and match, stderr
+    assert proc.returncode == status and match, stderr
     step = int(match.group(1))
     assert Path(match.group(2)) == run_dir / "checkpoints" / "last.ckpt"
     assert 0 < step < 100000 and torch.load(match.group(2), weights_only=False)["global_step"] == step
@@ -360,35 +364,38 @@ def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cu
     assert trainer.global_step == step + 5  # resumed, not restarted
 
 
-def test_ctrl_c_request_stops_at_the_current_batch_and_an_ignored_sigint_stays_ignored():
-    """The handler sets should_stop itself (a Ctrl-C during a periodic evaluation stops at that step, not one later);
-    a process started with SIGINT ignored (a background job) keeps ignoring it; the handler is restored."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_request_stops_at_the_current_batch_and_an_ignored_sigint_stays_ignored(signum):
+    """The handler sets should_stop itself (a Ctrl-C during a periodic evaluation stops at that step, not one later)
+    and records the signal; a process started with the signal ignored (a background job) keeps ignoring it; the
+    handlers are restored."""
     import lightning as L
 
-    from manip.run import StopOnCtrlC
+    from manip.run import StopOnCtrlC, stop_signal
 
-    before = signal.getsignal(signal.SIGINT)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    callback = StopOnCtrlC()
+    before = {s: signal.getsignal(s) for s in StopOnCtrlC.SIGNALS}
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[callback := StopOnCtrlC()])
     callback.on_train_start(trainer, None)
     try:
-        assert not trainer.should_stop
-        os.kill(os.getpid(), signal.SIGINT)
+        assert not trainer.should_stop and stop_signal(trainer) is None
+        os.kill(os.getpid(), signum)
         time.sleep(0.1)  # the handler runs in the main thread at the next bytecode
-        assert callback.requested and trainer.should_stop
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the next Ctrl-C stops at once
+        assert callback.requested == signum and stop_signal(trainer) == signum and trainer.should_stop
+        at_once = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        assert signal.getsignal(signum) is at_once  # the next one stops at once
     finally:
         callback.teardown(trainer, None, "fit")
-    assert signal.getsignal(signal.SIGINT) is before
+    assert {s: signal.getsignal(s) for s in StopOnCtrlC.SIGNALS} == before
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signum, signal.SIG_IGN)
     try:
         ignoring = StopOnCtrlC()
         ignoring.on_train_start(L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False), None)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signum) is signal.SIG_IGN
         ignoring.teardown(None, None, "fit")
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signum, before[signum])
 
 
 def test_ctrl_c_during_the_final_evaluation_is_recorded_after_the_last_save(tmp_path, monkeypatch):
