@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from manip.cli_args import interrupted_by_ctrl_c
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
+from manip.cli_args import interrupted_by_ctrl_c
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
 from manip.settings import SettingError, check_bool, check_int, first_free_path, open_new

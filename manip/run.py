@@ -31,9 +31,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from manip.cli_args import interrupted_by_ctrl_c
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path
+from manip.cli_args import interrupted_by_ctrl_c
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
@@ -102,11 +102,11 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class StopOnCtrlC(Callback):
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, ``kill``) during training stops it once the update (or
-    periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step (the same command then continues the
-    run) and the final evaluation is skipped; ``run_command`` ends the command with ``manip.<name>: interrupted at
-    step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``, status 143). A second signal stops
-    at once, saving nothing; Ctrl-C during the final evaluation, which runs after the last save, ends it
+    """Ctrl-C (SIGINT) or a SIGTERM to this process (``kill <pid>``, a scheduler's preemption) during training
+    stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step (the
+    same command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command
+    with ``manip.<name>: interrupted at step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``,
+    status 143). A second signal stops at once, saving nothing; Ctrl-C during the final evaluation, which runs after the last save, ends it
     (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep Lightning's handling), and not for
     a signal the process ignores (a background job keeps running when the terminal's Ctrl-C is meant for the
     foreground). ``requested``: the signal that stopped training, or None.
