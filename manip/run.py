@@ -106,10 +106,10 @@ class StopOnCtrlC(Callback):
     stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step (the
     same command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command
     with ``manip.<name>: interrupted at step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``,
-    status 143). A second signal stops at once, saving nothing; Ctrl-C during the final evaluation, which runs after the last save, ends it
-    (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep Lightning's handling), and not for
-    a signal the process ignores (a background job keeps running when the terminal's Ctrl-C is meant for the
-    foreground). ``requested``: the signal that stopped training, or None.
+    status 143). A second signal stops at once, saving nothing; Ctrl-C during the final evaluation, which runs
+    after the last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep
+    Lightning's handling), and not for a signal the process ignores (a background job keeps running when the
+    terminal's Ctrl-C is meant for the foreground). ``requested``: the signal that stopped training, or None.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
