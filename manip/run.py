@@ -102,9 +102,9 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class StopOnCtrlC(Callback):
-    """Ctrl-C (SIGINT) or a SIGTERM to this process (``kill <pid>``, a scheduler's preemption) during training
-    stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step (the
-    same command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command
+    """Ctrl-C (SIGINT) or SIGTERM (``kill <pid>``, a scheduler's preemption; the env workers ignore both) during
+    training stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step
+    (the same command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command
     with ``manip.<name>: interrupted at step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``,
     status 143). A second signal stops at once, saving nothing; Ctrl-C during the final evaluation, which runs
     after the last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep

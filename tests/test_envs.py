@@ -1,5 +1,8 @@
 """EnvSpec / vector-env construction and the dataset-vs-simulator dimension check."""
 
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -79,20 +82,23 @@ def test_episode_k_starts_from_the_same_state_whatever_the_number_of_envs():
             np.testing.assert_array_equal(a, b, err_msg=f"episode {k} with {num_envs} envs")
 
 
-def test_env_workers_leave_ctrl_c_to_the_main_process():
-    """A terminal's Ctrl-C reaches the workers too: they ignore it (the main process stops training and closes
-    them), and building the vector env (which makes one env in the main process) keeps the main's handler."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_env_workers_leave_ctrl_c_to_the_main_process(signame):
+    """A terminal's Ctrl-C (or a scheduler's SIGTERM to the job's processes) reaches the workers too: they ignore
+    it (the main process stops training and closes them), and building the vector env (which makes one env in the
+    main process) keeps the main's handler; closing the env ends its workers."""
     import os
     import signal
 
-    before = signal.getsignal(signal.SIGINT)
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signum)
     spec = EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 5})
     env = make_vector_env(spec, 2, asynchronous=True)
     try:
-        assert signal.getsignal(signal.SIGINT) is before
+        assert signal.getsignal(signum) is before
         env.reset(seed=0)
         for process in env.processes:
-            os.kill(process.pid, signal.SIGINT)
+            os.kill(process.pid, signum)
         try:
             obs, *_ = env.step(np.zeros((2, 5), np.float32))
         except KeyboardInterrupt:  # a worker's KeyboardInterrupt, raised again here
@@ -100,6 +106,33 @@ def test_env_workers_leave_ctrl_c_to_the_main_process():
         assert obs.shape == (2, 28) and all(process.is_alive() for process in env.processes)
     finally:
         env.close()
+    assert not any(process.is_alive() for process in env.processes)
+
+
+UNCLOSED = """
+import numpy as np
+from manip.envs import EnvSpec, make_vector_env
+
+if __name__ == "__main__":
+    env = make_vector_env(EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 5}), 2)
+    env.reset(seed=0)
+    print(*(process.pid for process in env.processes), flush=True)
+    env.step_async(np.zeros((2, 5), np.float32))
+    raise SystemExit(3)  # a crash, with a step in flight and the env never closed
+"""
+
+
+def test_a_process_that_exits_without_closing_its_envs_ends_with_its_workers(tmp_path):
+    """The workers ignore SIGTERM, which is how multiprocessing stops them at exit: the envs are closed first."""
+    import os
+
+    script = tmp_path / "unclosed.py"
+    script.write_text(UNCLOSED)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    for pid in map(int, done.stdout.split()):
+        with pytest.raises(ProcessLookupError):  # the worker is gone (and reaped)
+            os.kill(pid, 0)
 
 
 def _sigint_handler_after_building_envs(queue) -> None:

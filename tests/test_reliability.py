@@ -364,6 +364,28 @@ def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cu
     assert trainer.global_step == step + 5  # resumed, not restarted
 
 
+def test_sigterm_to_the_whole_job_stops_finetuning_with_simulator_workers_and_saves(offline_run, tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job: the simulator workers (env.num_envs=2) leave it to
+    the main process, which saves last.ckpt at the step it stopped and ends with status 143."""
+    run_dir = tmp_path / "ft"
+    overrides = [*finetune_overrides(offline_run / "checkpoints" / "last.ckpt", run_dir), "trainer.max_steps=100000",
+                 "env.num_envs=2", "checkpoint.every_n_steps=0"]
+    with open(tmp_path / "finetune.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "manip.finetune", *overrides], stdout=out,
+                                stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, start_new_session=True)
+        deadline = time.time() + 180
+        while len(logged_losses(run_dir, "online") if (run_dir / "online" / "metrics.csv").exists() else ()) < 5:
+            assert proc.poll() is None and time.time() < deadline, "fine-tuning did not start"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers, as a scheduler does
+        _, stderr = proc.communicate(timeout=120)
+    match = re.fullmatch(r"manip\.finetune: stopped by SIGTERM at step (\d+); (.+) holds it, and the same command "
+                         r"continues the run", stderr.strip().splitlines()[-1])
+    assert proc.returncode == 143 and match, stderr[-3000:]
+    saved = load_checkpoint(Path(match.group(2)))
+    assert saved["global_step"] == int(match.group(1)) and len(saved["manip"]["online_replay"]["terminals"]) > 0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_request_stops_at_the_current_batch_and_an_ignored_sigint_stays_ignored(signum):
     """The handler sets should_stop itself (a Ctrl-C during a periodic evaluation stops at that step, not one later)

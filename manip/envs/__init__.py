@@ -6,9 +6,11 @@ terminates on success, truncates at the task horizon and reports ``info["success
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import signal
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,10 +85,23 @@ class EpisodeSeeds(gym.Wrapper):
         return self.env.reset(seed=seed, options=options)
 
 
-def _ignoring_ctrl_c(make_env: Callable[[], gym.Env], parent_pid: int) -> gym.Env:
+def _leaving_signals_to_the_parent(make_env: Callable[[], gym.Env], parent_pid: int) -> gym.Env:
     if os.getpid() != parent_pid:  # a worker (AsyncVectorEnv also makes one env in the parent)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return make_env()
+
+
+# Vector envs whose worker processes may still run. At exit they are closed before multiprocessing's own exit
+# handler, which would stop the workers with a SIGTERM they ignore and then wait for them: closing their pipes
+# ends them instead. The hook is registered once workers exist, after multiprocessing's, so that it runs first.
+_OPEN_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_open_workers() -> None:
+    for env in list(_OPEN_WORKERS):
+        if not env.closed:
+            env.close(terminate=True)
 
 
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
@@ -105,10 +120,14 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
     asynchronous = num_envs > 1 if asynchronous is None else asynchronous
     mode = gym.vector.AutoresetMode.SAME_STEP
     if asynchronous:
-        # Ctrl-C in a terminal reaches the whole process group: the workers leave it to the main process, which
-        # decides what stops (see manip.run.StopOnCtrlC) and closes them.
-        fns = [functools.partial(_ignoring_ctrl_c, fn, os.getpid()) for fn in fns]
+        # Ctrl-C in a terminal, and a scheduler's SIGTERM, reach the whole process group: the workers leave them to
+        # the main process, which decides what stops (see manip.run.StopOnCtrlC) and closes them.
+        fns = [functools.partial(_leaving_signals_to_the_parent, fn, os.getpid()) for fn in fns]
         env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+        if not _OPEN_WORKERS:
+            atexit.unregister(_close_open_workers)  # registered again: after any exit handler added since
+            atexit.register(_close_open_workers)
+        _OPEN_WORKERS.add(env)
     else:
         env = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
     try:
