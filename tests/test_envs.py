@@ -123,13 +123,14 @@ if __name__ == "__main__":
 
 
 def test_a_process_that_exits_without_closing_its_envs_ends_with_its_workers(tmp_path):
-    """The workers ignore SIGTERM, which is how multiprocessing stops them at exit: the envs are closed first."""
+    """The workers ignore SIGTERM, which is how multiprocessing stops them at exit: the envs are closed first, with
+    the workers' own close once the step in flight has ended."""
     import os
 
     script = tmp_path / "unclosed.py"
     script.write_text(UNCLOSED)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-2000:]  # closed quietly
     for pid in map(int, done.stdout.split()):
         with pytest.raises(ProcessLookupError):  # the worker is gone (and reaped)
             os.kill(pid, 0)

@@ -93,15 +93,17 @@ def _leaving_signals_to_the_parent(make_env: Callable[[], gym.Env], parent_pid: 
 
 
 # Vector envs whose worker processes may still run. At exit they are closed before multiprocessing's own exit
-# handler, which would stop the workers with a SIGTERM they ignore and then wait for them: closing their pipes
-# ends them instead. The hook is registered once workers exist, after multiprocessing's, so that it runs first.
+# handler, which would stop the workers with a SIGTERM they ignore and then wait for them. The hook is registered
+# once workers exist, after multiprocessing's, so that it runs first.
 _OPEN_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _close_open_workers() -> None:
     for env in list(_OPEN_WORKERS):
         if not env.closed:
-            env.close(terminate=True)
+            # the workers' own close (quiet), after a step in flight ends; a worker stuck for 10 s has its pipe
+            # closed, which ends it
+            env.close(timeout=10)
 
 
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
