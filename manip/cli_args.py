@@ -5,9 +5,13 @@ recognises a Ctrl-C (:func:`interrupted_by_ctrl_c`, :func:`raise_if_interrupted`
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import math
 import os
+import re
+import sys
+import threading
 from collections.abc import Callable
 
 
@@ -36,13 +40,22 @@ def new_file(path: str) -> str:
     return path
 
 
+# ctypes reports an exception raised while it converts a foreign call's argument as ArgumentError, by name only
+# (no __cause__): Ctrl-C inside PyOpenGL's first calls, during ``import robosuite``.
+_CTYPES_INTERRUPTED = re.compile(r"argument \d+: KeyboardInterrupt\b")
+
+
 def interrupted_by_ctrl_c(err: BaseException) -> bool:
     """Whether ``err`` is a Ctrl-C (KeyboardInterrupt) or was raised because of one. A C extension interrupted while
     it initialises raises its own error from the interrupt: Ctrl-C during ``import robosuite`` surfaces as mujoco's
-    ``ImportError: initialization failed``."""
+    ``ImportError: initialization failed``, or as ctypes' ``ArgumentError: argument 1: KeyboardInterrupt``."""
+    import ctypes
+
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, KeyboardInterrupt):
+            return True
+        if isinstance(err, ctypes.ArgumentError) and _CTYPES_INTERRUPTED.match(str(err)):
             return True
         seen.add(id(err))
         err = err.__cause__ or err.__context__
@@ -54,3 +67,23 @@ def raise_if_interrupted(err: BaseException) -> None:
     code that turns a library's errors into a user error, which would otherwise blame the user's setting or file."""
     if interrupted_by_ctrl_c(err) and not isinstance(err, KeyboardInterrupt):
         raise KeyboardInterrupt from err
+
+
+def ctrl_c_in_destructors_still_stops() -> None:
+    """Python drops an exception raised inside a ``__del__`` ("Exception ignored in ..."), a Ctrl-C too: one that
+    lands while robosuite frees a simulation (``MjData.__del__``) would be lost, and the command would go on. This
+    hook delivers such an interrupt again, to the main thread's SIGINT handler (10 ms later, from a timer thread),
+    instead of printing it; other unraisable errors are printed as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "delivers_ctrl_c", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) or unraisable.exc_type is KeyboardInterrupt:
+            # From another thread, a moment later: raised in this hook, the interrupt would be dropped again.
+            threading.Timer(0.01, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    hook.delivers_ctrl_c = True
+    sys.unraisablehook = hook

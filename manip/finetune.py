@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from manip import run_lock
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint, require_ckpt
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
@@ -30,7 +31,7 @@ from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
 from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
-                       data_difference, plain, record_config, resume_path, run_command, run_info, seed_everything)
+                       command_line, data_difference, plain, record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -138,6 +139,8 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     ckpt = load_checkpoint(cfg.ckpt)
     run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
                else default_run_dir(cfg.ckpt, ckpt["hyper_parameters"]["cfg"], cfg.finetune.target))
+    if rank_zero_only.rank == 0:  # another command still running in run_dir: refused before its files are read
+        run_lock.check_free(run_dir, command_line("finetune"))
     resume = resume_path(cfg.resume, run_dir)
     if resume is not None:  # the interrupted run's own config, then today's overrides again
         base_path, base_ckpt = resume, load_checkpoint(resume)
@@ -218,7 +221,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
         LOG.info(f"fine-tuning {final.offline_ckpt} (step {final.finetune_start_step}) with "
                  f"finetune.target={final.finetune.target}: {final.trainer.max_steps} online updates -> "
                  f"{run_dir.resolve()}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock.claim(run_dir, command_line("finetune"))  # makes run_dir; held until the command ends
         DatasetStats(**stats).save(run_dir / "dataset_stats.json")
         record_config(run_dir, final, user_overrides)
     return module, dm, trainer, resume or offline_ckpt

@@ -25,13 +25,14 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from manip import run_lock
 from manip.checkpoint import check_compatible, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left, plain,
-                       record_config, resume_path, run_command, run_info, seed_everything)
+from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left, command_line,
+                       plain, record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
@@ -59,6 +60,9 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     seed_everything(check_int(cfg.seed, "seed", 0), cfg.get("threads"))
     run_dir = run_dir_of(cfg)
     cfg.run_dir = str(run_dir)
+    main_process = rank_zero_only.rank == 0  # known before fit (the launcher's env), unlike trainer ranks
+    if main_process:  # another command still running in run_dir: refused before its files are read
+        run_lock.check_free(run_dir, command_line("fit"))
     resume = resume_path(cfg.resume, run_dir)
     check_int(cfg.algo.horizon, "algo.horizon", 1)  # before data.horizon, which repeats it
     dm = instantiate_data(cfg.data)  # checks the data settings; reads nothing yet
@@ -77,7 +81,6 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     module = hydra.utils.instantiate(cfg.module)(
         agent=hydra.utils.instantiate(cfg.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=cfg.algo.horizon, stats=dm.stats.to_dict(), cfg=plain(cfg) | run_info(dm))
-    main_process = rank_zero_only.rank == 0  # known before fit (the launcher's env), unlike trainer ranks
     if ckpt is not None:
         check_compatible(ckpt, resume, dm.obs_dim, dm.action_dim, dm.info.get("obs_keys"), cfg.algo.horizon,
                          where=f"dataset {dm.info['path']}")
@@ -87,7 +90,7 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if main_process and not finished:
         LOG.info(f"training {cfg.algo.name} on {dm.info['path']} ({dm.info['num_transitions']} transitions) up to "
                  f"step {cfg.trainer.max_steps} -> {run_dir.resolve()}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock.claim(run_dir, command_line("fit"))  # makes run_dir; held until the command ends
         dm.stats.save(run_dir / "dataset_stats.json")
         record_config(run_dir, composed)
     return module, dm, trainer, resume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import json
@@ -33,12 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path
-from manip.cli_args import interrupted_by_ctrl_c
+from manip.cli_args import ctrl_c_in_destructors_still_stops, interrupted_by_ctrl_c
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
+from manip import run_lock
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
 from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, check_threads,
                             find_class, first_free_path, unknown_key_error)
@@ -342,6 +344,7 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
+    ctrl_c_in_destructors_still_stops()
     args = sys.argv[1:] if args is None else args
     if any(arg.startswith("-") for arg in args):
         return
@@ -742,6 +745,20 @@ def quiet_finalizers() -> None:
     sys.unraisablehook = lambda unraisable: None
 
 
+def command_line(name: str) -> str:
+    """``python -m manip.<name> <overrides>``: this command as its user typed it (Hydra's task overrides)."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
+    return " ".join([f"python -m manip.{name}", *overrides])
+
+
+@contextlib.contextmanager
+def _releasing_run_dirs():
+    try:
+        yield
+    finally:
+        run_lock.release()  # before the next --multirun job in this process, or a later command in a notebook
+
+
 def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], None] = lambda: None) -> None:
     """The body of ``python -m manip.<name>`` (fit, finetune): ``build()`` -> (module, data, trainer, checkpoint to
     start from), then ``trainer.fit``, with the run's log (:class:`~manip.logs.RunLog`, its first line the command).
@@ -750,8 +767,8 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     before training (during the checks or the dataset's generation) with ``manip.<name>: interrupted`` and status
     130; ``refused()`` then runs on the main process. Ctrl-C during training saves the run first
     (:class:`StopOnCtrlC`) and also ends with status 130. Anything else is a bug and keeps its traceback."""
-    with RunLog(name, enabled=rank_zero_only.rank == 0) as log:
-        log.file_only(f"python -m manip.{name} {' '.join(HydraConfig.get().overrides.task)}")
+    with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
+        log.file_only(command_line(name))
         try:
             module, dm, trainer, ckpt_path = build()
             log.keep_in(trainer.default_root_dir)

@@ -21,6 +21,16 @@ def _ctrl_c_as_in_a_terminal():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture(autouse=True)
+def _run_directories_released():
+    """A test that builds a run in-process (``fit.build``) holds its run directory's lock as the command would;
+    the command releases it when it ends, and so does each test."""
+    yield
+    from manip import run_lock
+
+    run_lock.release()
+
+
 @pytest.fixture(scope="session")
 def lift_hdf5(tmp_path_factory):
     """A Robomimic-format lift file of 6 scripted demos."""

@@ -3,13 +3,17 @@ and ``fit.build`` / ``finetune.build`` make the module, data and Trainer that ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
 import manip
-from manip import finetune, fit
+from manip import finetune, fit, run_lock
 
 CONF = Path(manip.__file__).resolve().parent.parent / "conf"
 
@@ -22,15 +26,21 @@ def config(name: str, overrides: list[str]):
 
 def run_fit(overrides: list[str]):
     """``python -m manip.fit OVERRIDES``: the trainer and module after ``trainer.fit``."""
-    module, dm, trainer, resume = fit.build(config("fit", overrides))
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    try:
+        module, dm, trainer, resume = fit.build(config("fit", overrides))
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    finally:
+        run_lock.release()  # as the command does when it ends
     return trainer, module
 
 
 def run_finetune(overrides: list[str]):
     """``python -m manip.finetune OVERRIDES``: the trainer and module after ``trainer.fit``."""
-    module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        run_lock.release()
     return trainer, module
 
 
@@ -38,3 +48,25 @@ def warnings_logged(caplog) -> str:
     """The WARNING lines ``caplog`` captured (a stand-in dataset's notice is a warning: it reaches a library user's
     stderr without any logging set up)."""
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+_HOLDER = textwrap.dedent("""
+    import sys
+    from manip import run_lock
+    run_lock.claim(sys.argv[1], sys.argv[2])
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+""")
+
+
+@contextlib.contextmanager
+def run_dir_held(run_dir: Path, command: str = "python -m manip.fit seed=1"):
+    """Another process holding ``run_dir``'s lock, as a running ``command`` would (killed at the end)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir), command], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

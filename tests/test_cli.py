@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -443,6 +444,61 @@ def test_an_error_raised_because_of_a_ctrl_c_counts_as_the_ctrl_c():
     plain = ImportError("no module named tvm")
     assert not interrupted_by_ctrl_c(plain)
     raise_if_interrupted(plain)  # not an interrupt: the caller reports it
+
+
+def test_a_ctrl_c_in_a_foreign_call_s_argument_counts_as_the_ctrl_c():
+    """ctypes reports an interrupt that lands while it converts an argument (PyOpenGL's first calls, inside
+    ``import robosuite``) as ``ArgumentError: argument 1: KeyboardInterrupt``, without the interrupt chained."""
+    import ctypes
+
+    from manip.cli_args import interrupted_by_ctrl_c
+
+    class Interrupted:
+        @classmethod
+        def from_param(cls, value):
+            raise KeyboardInterrupt
+
+    class Refused:
+        @classmethod
+        def from_param(cls, value):
+            raise TypeError("KeyboardInterrupt is not a pointer")
+
+    errors = []
+    for kind in (Interrupted, Refused):
+        call = ctypes.CFUNCTYPE(None, ctypes.c_int)(lambda value: None)
+        call.argtypes = [kind]
+        with pytest.raises(ctypes.ArgumentError) as info:
+            call(1)
+        errors.append(info.value)
+    assert errors[0].__cause__ is None and errors[0].__context__ is None
+    assert interrupted_by_ctrl_c(errors[0]) and not interrupted_by_ctrl_c(errors[1])
+
+
+def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_the_command():
+    """A KeyboardInterrupt raised in ``__del__`` (robosuite's ``MjData.__del__``) is dropped by Python; the
+    commands' hook delivers it again, without the "Exception ignored" traceback. Other such errors still print."""
+    code = textwrap.dedent("""
+        import signal, sys, time
+        from manip.cli_args import ctrl_c_in_destructors_still_stops
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        class Simulation:
+            def __init__(self, error): self.error = error
+            def __del__(self): raise self.error
+        ctrl_c_in_destructors_still_stops()
+        ctrl_c_in_destructors_still_stops()  # once is enough: no second delivery
+        Simulation(ValueError("freed twice"))
+        start = time.monotonic()
+        try:
+            Simulation(KeyboardInterrupt())
+            while time.monotonic() - start < 10:
+                pass
+            print("lost")
+        except KeyboardInterrupt:
+            print(f"stopped after {time.monotonic() - start:.3f} s")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("stopped after 0.0"), done.stdout + done.stderr
+    assert "ValueError: freed twice" in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
 
 def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_path):

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import torch
 from manip import finetune, fit
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, check_compatible, load_checkpoint
 
-from entry_points import CONF, config, run_fit
+from entry_points import CONF, config, run_dir_held, run_fit
 
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0",
@@ -329,6 +330,57 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     log = (run_dir / "fit.log").read_text()
     assert log.count("[manip][INFO] step 20: success") == 2 and log.count("training mvp on") == 1
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
+
+
+# ------------------------------------------------------------------------------ one command per run_dir
+def test_a_second_fit_in_a_running_run_s_directory_is_refused_and_changes_nothing(cube_single_npz, tmp_path):
+    """The same command twice on one run_dir (two jobs started in the same second, a resume while the run still
+    runs): the second ends with one line naming the process that holds the directory, and writes nothing there;
+    once the first is gone (SIGKILL: no clean-up of its own) the run continues from its last checkpoint."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "manip.fit", *fit_overrides(cube_single_npz, run_dir, 100000)]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "first.out", "w") as out:
+        first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV)
+        try:
+            deadline = time.time() + 120
+            while not last.exists():
+                assert first.poll() is None and time.time() < deadline, (tmp_path / "first.out").read_text()
+                time.sleep(0.2)
+            recorded = sorted(p.name for p in (run_dir / "hydra").iterdir())
+            second = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+            log = (run_dir / "fit.log").read_text()
+        finally:
+            first.kill()
+            first.wait()
+    expected = (rf"manip\.fit: {re.escape(str(run_dir))} is in use by another run \(pid {first.pid} on \S+ since "
+                rf"[-\d: ]+: python -m manip\.fit data=ogbench data\.path={re.escape(str(cube_single_npz))} .*\); "
+                r"wait for it to end, or give this command another run_dir")
+    assert second.returncode == 1 and re.fullmatch(expected, second.stderr.strip().splitlines()[-1]), second.stderr
+    assert "Traceback" not in second.stderr and log.count("python -m manip.fit ") == 1  # nothing logged there
+    assert "resuming" not in second.stdout  # refused before it read the run's checkpoint
+    assert sorted(p.name for p in (run_dir / "hydra").iterdir()) == recorded  # no config.1.yaml of a "resume"
+    step = load_checkpoint(last)["global_step"]
+    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, step + 5))
+    assert trainer.global_step == step + 5  # the killed run's lock went with it
+
+
+def test_a_second_fine_tuning_of_a_checkpoint_without_its_own_run_dir_is_refused_before_it_reads(offline_run,
+                                                                                                  caplog):
+    """Fine-tuning's default run_dir, ``<run>/finetune_<target>``, is the same for every seed: while one runs there,
+    another (``+seed=1``) is refused before it reads that directory or the dataset, and creates nothing."""
+    from manip.run_lock import RunDirInUse
+
+    run_dir = offline_run / "finetune_bon"
+    overrides = [o for o in finetune_overrides(offline_run / "checkpoints" / "last.ckpt", run_dir)
+                 if not o.startswith("run_dir=")] + ["+seed=1"]
+    with run_dir_held(run_dir, "python -m manip.finetune ckpt=last.ckpt") as holder:
+        with pytest.raises(RunDirInUse, match=rf"{re.escape(str(run_dir))} is in use by another run \(pid "
+                                              rf"{holder.pid} .*: python -m manip\.finetune ckpt=last\.ckpt\)"):
+            finetune.build(config("finetune", overrides), overrides)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    assert "fine-tuning" not in caplog.text and "transitions" not in caplog.text, caplog.text  # no data read
+    shutil.rmtree(run_dir)
 
 
 # ------------------------------------------------------------------------------------------- Ctrl-C
