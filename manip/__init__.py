@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 # Headless offscreen rendering by default (robosuite forces EGL anyway; Mesa's EGL needs the
 # surfaceless platform without a display). Set before mujoco / dm_control are imported; an
@@ -27,5 +28,36 @@ class _DropImportNotices(logging.Filter):
 _robosuite_log = logging.getLogger("robosuite_logs")
 _robosuite_log.addFilter(_DropImportNotices())
 _robosuite_log.propagate = False  # robosuite prints its lines with its own handler (twice otherwise)
+
+
+def _ctrl_c_before_the_command_starts(kind, value, trace, _print_error=sys.excepthook) -> None:
+    """``python -m manip.<command>``: a Ctrl-C during the first seconds, while Python imports torch and Lightning
+    and before the command handles Ctrl-C itself, ends with the commands' one line instead of an import traceback
+    (Python then still ends the process by SIGINT, status 130 in a shell)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"{_command()}: interrupted", file=sys.stderr)
+        return
+    _print_error(kind, value, trace)
+
+
+def _command() -> str | None:
+    """``manip.fit`` for ``python [options] -m manip.fit ...``; None when manip is imported otherwise."""
+    args = iter(sys.orig_argv[1:])
+    for arg in args:
+        if arg == "-m":
+            module = next(args, "")
+            return module if module.startswith("manip.") else None
+        if arg in ("-X", "-W", "--check-hash-based-pycs"):  # options with a separate value
+            next(args, None)
+        elif arg == "-c" or not arg.startswith("-"):
+            return None
+    return None
+
+
+if _command() is not None:
+    sys.excepthook = _ctrl_c_before_the_command_starts
+    from manip.cli_args import ctrl_c_in_destructors_still_stops
+
+    ctrl_c_in_destructors_still_stops()
 
 __version__ = "0.1.0"

@@ -411,6 +411,21 @@ def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothi
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("delay", [0.5, 2.0])
+def test_ctrl_c_while_python_imports_the_command_ends_in_one_line(tmp_path, delay):
+    """The first seconds of a command go to Python importing torch and Lightning, before the command handles
+    Ctrl-C itself: the same one line (Python then ends the process by SIGINT, 130 in a shell), no traceback."""
+    proc = subprocess.Popen([sys.executable, "-X", "utf8", "-m", "manip.fit", "conf=robomimic_lift",
+                             f"data.path={tmp_path / 'lift.hdf5'}", f"run_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (-signal.SIGINT, 130) and stderr == "manip.fit: interrupted\n", (proc.returncode,
+                                                                                               stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_in_the_generate_command_ends_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "lift.hdf5"
     proc = subprocess.Popen([sys.executable, "-m", "manip.data.generate", "robomimic", "--demos", "30",
