@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -427,8 +428,8 @@ def _exit_on_composition_error(command: str, err: Exception, args: list[str]) ->
 
 
 def _check_run_dir(command: str, cfg: DictConfig) -> None:
-    """Ends the command with one line when its ``run_dir`` is a file or lies under one (Hydra would stop in a
-    traceback when it makes the directory)."""
+    """Ends the command with one line when its ``run_dir`` is a file, lies under one, or cannot be made or written
+    (Hydra would stop in a traceback when it makes the directory)."""
     try:
         run_dir = cfg.get("run_dir")
     except Exception:  # noqa: BLE001 - an interpolation Hydra resolves later (or reports)
@@ -443,6 +444,11 @@ def _check_run_dir(command: str, cfg: DictConfig) -> None:
         parent = parent.parent
     if not parent.is_dir():
         sys.exit(f"manip.{command}: run_dir={run_dir}: {parent} is a file, so the run's directory cannot be made")
+    writable = path if path.exists() else parent
+    try:  # a directory made and removed at once: Hydra makes run_dir next, and would fail in a traceback
+        os.rmdir(tempfile.mkdtemp(prefix=".manip-", dir=writable))
+    except OSError as err:
+        sys.exit(f"manip.{command}: run_dir={run_dir}: cannot write in {writable} ({err.strerror})")
     global EXISTING_ABOVE_RUN_DIR
     EXISTING_ABOVE_RUN_DIR = parent
 

@@ -94,7 +94,10 @@ def claim(run_dir: str | Path, command: str) -> None:
     (the command line) as its holder. ``RunDirInUse`` when another live process holds it."""
     key = _key(run_dir)
     if key not in _HELD:
-        Path(key).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(key).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SettingError(f"cannot make the run directory {run_dir} ({err.strerror})") from None
         lock_path = Path(key) / LOCK_NAME
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

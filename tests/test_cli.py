@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -668,6 +669,34 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
             check_command_line("fit", "offline", [f"run_dir={run_dir}"])
         assert str(exit_info.value.code) == f"manip.fit: {message}"
     assert kept.read_text() == "kept"
+
+
+def _unwritable_dir() -> Path:
+    """A directory no one may make directories in, root included (sysfs refuses them)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys/kernel"))
+    except OSError:
+        return Path("/sys/kernel")
+    pytest.skip("no directory here refuses new directories")
+
+
+def test_a_run_dir_that_cannot_be_made_or_written_is_one_line(tmp_path):
+    """Hydra (fit) or the run's start (finetune's default run_dir, beside its checkpoint) would stop in a
+    traceback; the check leaves nothing behind where the directory can be made."""
+    from manip import run_lock
+
+    locked = _unwritable_dir()
+    for command, phase, extra in (("fit", "offline", []), ("finetune", "online", ["ckpt=x.ckpt"])):
+        with pytest.raises(SystemExit) as exit_info:
+            check_command_line(command, phase, [f"run_dir={locked / 'a' / 'run'}", *extra])
+        assert str(exit_info.value.code) == (f"manip.{command}: run_dir={locked / 'a' / 'run'}: cannot write in "
+                                             f"{locked} (Operation not permitted)")
+    check_command_line("fit", "offline", [f"run_dir={tmp_path / 'a' / 'run'}"])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SettingError, match=re.escape(f"cannot make the run directory {locked / 'ft'} (Operation "
+                                                     f"not permitted)")):
+        run_lock.claim(locked / "ft", "python -m manip.finetune ckpt=x.ckpt")
+    assert run_lock.held() == []
 
 
 def test_resuming_on_another_file_at_the_runs_data_path_is_refused(lift_hdf5, tmp_path, caplog):
