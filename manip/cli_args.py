@@ -32,11 +32,15 @@ def at_least(minimum: float, kind: type = int, strict: bool = False) -> Callable
 def new_file(path: str) -> str:
     """A type for an output file: new (an existing file is kept), in a directory that exists (the result is written
     after the work)."""
+    from manip.settings import cannot_write_in
+
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise argparse.ArgumentTypeError(f"directory {directory} does not exist")
     if os.path.exists(path):
         raise argparse.ArgumentTypeError(f"{path} exists and is kept; name a new file")
+    if (refused := cannot_write_in(directory)) is not None:
+        raise argparse.ArgumentTypeError(f"cannot write in {directory} ({refused})")
     return path
 
 

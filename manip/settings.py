@@ -12,6 +12,7 @@ import logging
 import math
 import numbers
 import os
+import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -173,9 +174,22 @@ def check_output(out: str | Path, example: str = "result.json", what: str = "the
         parent = parent.parent
     if not parent.is_dir():
         raise SettingError(f"out={out}: {parent} is a file, so no directory can be made for {what}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingError(f"out={out}: {parent} is not writable")
+    if (refused := cannot_write_in(parent)) is not None:
+        raise SettingError(f"out={out}: cannot write in {parent} ({refused})")
     return out
+
+
+def cannot_write_in(directory: str | Path) -> str | None:
+    """None where a file can be created in ``directory`` (one is made and removed at once), else the system's
+    reason ("Permission denied", "Read-only file system"). Asked before a command's work, so that its result is not
+    lost at the end; ``os.access`` says yes to root even where the file system refuses."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".manip-", dir=directory)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def constructor_arguments(target: type) -> list[str] | None:

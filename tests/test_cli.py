@@ -699,6 +699,43 @@ def test_a_run_dir_that_cannot_be_made_or_written_is_one_line(tmp_path):
     assert run_lock.held() == []
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path):
+    """A result file, a benchmark's --out or a generated dataset in a directory that refuses new files: one error
+    naming the path, raised before the episodes or the measurement (which would otherwise be lost at the end)."""
+    import argparse
+
+    from manip.cli_args import new_file
+    from manip.data.datamodule import instantiate as instantiate_data
+    from manip.data.generate import ogbench_play, robomimic_scripted
+    from manip.data.generate.files import CannotWriteError
+    from manip.settings import check_output
+
+    locked = _unwritable_dir()
+    reason = r"\((Operation not permitted|Permission denied)\)"
+    with pytest.raises(SettingError, match=rf"^out={locked / 'r.json'}: cannot write in {locked} {reason}$"):
+        check_output(locked / "r.json")
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^cannot write in {locked} {reason}$"):
+        new_file(str(locked / "bench.json"))
+    start = time.perf_counter()
+    for generate in (lambda out: robomimic_scripted.generate("lift", out / "x.hdf5", 50, verbose=False),
+                     lambda out: ogbench_play.generate("cube-single-play-v0", out / "x.npz", 50, verbose=False)):
+        with pytest.raises(CannotWriteError, match=rf"^cannot write {locked / 'd'}/x\.(hdf5|npz) {reason}$"):
+            generate(locked / "d")
+    assert time.perf_counter() - start < 30  # refused at once, not after 50 episodes
+    data = instantiate_data(_compose("fit", ["conf=robomimic_lift",
+                                             f"data.path={locked}/lift/mh/low_dim_v15.hdf5"]).data)
+    with pytest.raises(DatasetError, match=rf"^cannot write {locked}/lift/mh/low_dim_v15\.hdf5 {reason}, so no "
+                                           r"stand-in dataset can be generated there$"):
+        data.prepare_data()
+    check_output(tmp_path / "r.json")  # writable: nothing left behind by the check
+    new_file(str(tmp_path / "bench.json"))
+    assert list(tmp_path.iterdir()) == []
+    done = subprocess.run([sys.executable, "-m", "manip.data.generate", "robomimic", "--demos", "1", "--out",
+                           str(locked / "x.hdf5")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and re.fullmatch(rf"manip\.data\.generate: cannot write {locked}/x\.hdf5 "
+                                                 rf"{reason}\n", done.stderr), done.stderr
+
+
 def test_resuming_on_another_file_at_the_runs_data_path_is_refused(lift_hdf5, tmp_path, caplog):
     """The run's checkpoint knows its data by transition count and statistics, not only by path; fine-tuning on
     other data says so."""

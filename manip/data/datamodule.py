@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import contextlib
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,17 @@ def transitions_digest(t: Transitions) -> str:
     for array in (t.observations, t.actions, t.rewards, t.masks, t.terminals):
         digest.update(np.ascontiguousarray(array).data)  # the buffer itself, no copy
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _stand_in_written():
+    """A stand-in dataset that cannot be written where ``data.path`` points: a ``DatasetError``, before generating."""
+    from manip.data.generate.files import CannotWriteError
+
+    try:
+        yield
+    except CannotWriteError as err:
+        raise DatasetError(f"{err}, so no stand-in dataset can be generated there") from None
 
 
 @dataclass
@@ -257,8 +269,8 @@ class RobomimicDataModule(ReplayDataModule):
 
         LOG.info(f"{self.path} not found: generating {self.generate_demos} scripted {self.task} demos "
                  f"there (put the real robomimic low_dim_v15.hdf5 at this path to use it instead).")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=rank_zero_only.rank == 0)
+        with _stand_in_written():
+            generate(self.task, self.path, self.generate_demos, seed=self.seed, verbose=rank_zero_only.rank == 0)
 
     def _load(self) -> tuple[Transitions, EnvSpec, dict]:
         from manip.data.robomimic import load_robomimic
@@ -351,9 +363,9 @@ class OGBenchDataModule(ReplayDataModule):
 
         LOG.info(f"{self.path} not found: generating {self.generate_episodes} oracle play episodes "
                  f"there (put the real OGBench {self.stem}.npz and -val.npz at this path to use them instead).")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,
-                 seed=self.seed, verbose=rank_zero_only.rank == 0)
+        with _stand_in_written():
+            generate(self.stem, self.path, self.generate_episodes, episode_length=self.generate_episode_length,
+                     seed=self.seed, verbose=rank_zero_only.rank == 0)
 
     def _load(self) -> tuple[Transitions, EnvSpec, dict]:
         from manip.data.ogbench import load_ogbench

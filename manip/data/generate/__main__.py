@@ -14,6 +14,7 @@ from pathlib import Path
 
 from manip.cli_args import at_least, ctrl_c_in_destructors_still_stops, interrupted_by_ctrl_c
 from manip.data.generate import ogbench_play, robomimic_scripted
+from manip.data.generate.files import CannotWriteError
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = _generate(args)
     except FileExistsError as err:  # the existing file is kept
         sys.exit(f"manip.data.generate: {str(err).replace('pass overwrite=True', 'pass --overwrite')}")
+    except CannotWriteError as err:
+        sys.exit(f"manip.data.generate: {err}")
     except (Exception, KeyboardInterrupt) as err:
         if not interrupted_by_ctrl_c(err):
             raise  # a bug: its traceback

@@ -7,6 +7,22 @@ import tempfile
 from pathlib import Path
 
 
+class CannotWriteError(OSError):
+    """A generated dataset's directory cannot be made, or a file written in it (permissions, a read-only file
+    system): raised before the episodes are generated, not after."""
+
+
+def make_room_for(path: str | Path) -> None:
+    """Makes ``path``'s directory and checks that a file can be created there (one is made and removed at once);
+    ``CannotWriteError`` naming ``path`` and the system's reason otherwise."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp_file_next_to(path).unlink()
+    except OSError as err:
+        raise CannotWriteError(f"cannot write {path} ({err.strerror or err})") from None
+
+
 def new_file_mode() -> int:
     """Permission bits a newly created file gets from the process umask (``0o644`` under the usual ``022``)."""
     umask = os.umask(0o022)  # os.umask only reads the mask by replacing it; the old mask is put back at once

@@ -48,7 +48,7 @@ import gymnasium
 import numpy as np
 
 from manip.data.errors import GENERATED_MARKER
-from manip.data.generate.files import temp_file_next_to
+from manip.data.generate.files import make_room_for, temp_file_next_to
 from manip.envs.ogbench_env import quiet_space_casts
 
 DATASETS = (
@@ -261,7 +261,7 @@ def generate(
         for p in (path, val_path):
             if p.exists():
                 raise FileExistsError(f"{p} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_room_for(path)  # before the episodes, not after them
 
     import ogbench  # noqa: F401  (registers the ogbench envs with gymnasium)
 

@@ -47,7 +47,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from manip.data.errors import GENERATED_MARKER
-from manip.data.generate.files import temp_file_next_to
+from manip.data.generate.files import make_room_for, temp_file_next_to
 from manip.envs.robosuite_env import make_robosuite, quiet_robosuite, restore_state, seed_placement
 
 TASKS: dict[str, dict] = {
@@ -583,7 +583,7 @@ def generate(
         raise ValueError(f"dataset path must end in {' or '.join(SUFFIXES)}, got {path}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_room_for(path)  # before the episodes, not after them
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
