@@ -53,7 +53,7 @@ from manip.algos import ActorCriticAgent, FlowBoNAgent, FQLAgent, MVPAgent, flat
 from manip.algos.acting import ACT_DTYPES, fast_sampler
 from manip.cli_args import at_least, new_file
 from manip.data.replay import random_chunk_batch
-from manip.settings import first_free_path, open_new
+from manip.settings import first_free_path, write_result
 
 OBS_DIM, ACTION_DIM, HORIZON = 19, 7, 5
 # name -> (agent class, its settings besides the hidden sizes), as in conf/algo/<name>.yaml; ``horizon`` is the
@@ -269,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report = {**results, "ratios": ratios, "config": config}
     print(_table(results, ratios))
-    handle, out = open_new(args.out)
-    with handle:
-        json.dump(report, handle, indent=2)
+    out = write_result(args.out, json.dumps(report, indent=2), "python -m manip.bench")
     print(f"-> {out}")
     return report
 

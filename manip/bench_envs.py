@@ -21,7 +21,7 @@ import numpy as np
 
 from manip.cli_args import at_least, new_file
 from manip.envs import EnvSpec, make_vector_env
-from manip.settings import open_new
+from manip.settings import write_result
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
 # Observation keys of the robomimic low-dim datasets (and of RobomimicDataModule's default).
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:
-        handle, _ = open_new(args.out)
-        with handle:
-            handle.write(text + "\n")
+        write_result(args.out, text + "\n", "python -m manip.bench_envs", printed=True)
     return results
 
 

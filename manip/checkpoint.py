@@ -268,6 +268,18 @@ def env_spec_of(cfg: dict):
     return EnvSpec(spec["kind"], dict(spec["kwargs"]))
 
 
+def os_error_in(err: BaseException) -> OSError | None:
+    """The ``OSError`` (disk full, quota, read-only file system, I/O error) that ``err`` is or was raised from:
+    ``torch.save`` reports a full disk as ``OSError`` and, as its writer closes, a ``RuntimeError`` from it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint writes that never leave a partial file behind.
 
@@ -288,9 +300,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            raise
+            if (cause := os_error_in(err)) is None:
+                raise
+            last = path.with_name("last.ckpt")
+            kept = (f"{last} is kept, and the same command continues from it" if last.exists()
+                    else "it stopped before its first checkpoint")
+            raise CheckpointError(f"cannot save {path} at step {checkpoint.get('global_step', '?')} "
+                                  f"({cause.strerror or cause}): the run stopped; {kept}") from err
         if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:

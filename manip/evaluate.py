@@ -31,7 +31,7 @@ from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint
 from manip.cli_args import interrupted_by_ctrl_c
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_bool, check_int, first_free_path, open_new
+from manip.settings import SettingError, check_bool, check_int, first_free_path, write_result
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
@@ -192,9 +192,7 @@ def main(cfg: DictConfig) -> None:
         quiet_finalizers()
         print("manip.evaluate: interrupted (no result written)", file=sys.stderr)
         sys.exit(130)
-    handle, out = open_new(out)
-    with handle:
-        handle.write(json.dumps(result, indent=1))
+    out = write_result(out, json.dumps(result, indent=1), "manip.evaluate")  # a full disk: the result on stdout
     print(summary(result, out))
 
 

@@ -30,6 +30,7 @@ file in its simulator.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -203,9 +204,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, num_samples: int | None
     with torch.no_grad():
         exported = torch.export.export(program, example, dynamic_shapes=({0: batch}, {0: batch}))
     meta = _metadata(program, cfg, ckpt, module.checkpoint_step, act_dtype)
+    program_bytes = io.BytesIO()  # saved in memory first: torch's archive writer aborts the process on a full disk
+    torch.export.save(exported, program_bytes, extra_files={META_FILE: json.dumps(meta, indent=1)})
     handle, out = open_new(out, binary=True)
-    with handle:
-        torch.export.save(exported, handle, extra_files={META_FILE: json.dumps(meta, indent=1)})
+    try:
+        with handle:
+            handle.write(program_bytes.getbuffer())
+    except BaseException as err:  # a full disk, Ctrl-C: no partial program
+        out.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise SettingError(f"cannot write {out} ({err.strerror}); nothing is left there") from None
+        raise
 
     generator = torch.Generator().manual_seed(seed)
     inputs = (module.obs_mean + module.obs_scale * torch.randn(check_states, module.obs_dim, generator=generator),

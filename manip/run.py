@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import errno
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from manip.algos.base import check_agent_settings
-from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path
+from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in
 from manip.cli_args import ctrl_c_in_destructors_still_stops, interrupted_by_ctrl_c
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
@@ -751,6 +752,20 @@ def quiet_finalizers() -> None:
     sys.unraisablehook = lambda unraisable: None
 
 
+# The machine, not the command: a full disk or quota, a file too large for a limit, a read-only file system.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def storage_error(err: BaseException) -> str | None:
+    """One line for an error that writing a run's files (logs, metrics, records) hit on a full or read-only disk;
+    None for any other error. (A checkpoint that cannot be saved is a ``CheckpointError`` of its own.)"""
+    cause = os_error_in(err)
+    if cause is None or cause.errno not in _STORAGE_ERRNOS:
+        return None
+    where = cause.filename or "the run's files"
+    return f"cannot write {where} ({cause.strerror}); the checkpoints saved before, if any, are kept"
+
+
 def command_line(name: str) -> str:
     """``python -m manip.<name> <overrides>``: this command as its user typed it (Hydra's task overrides)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
@@ -781,14 +796,15 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         except (Exception, KeyboardInterrupt) as err:
             interrupted = interrupted_by_ctrl_c(err)
-            if not (interrupted or isinstance(err, USER_ERRORS)):
+            storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err)
+            if not (interrupted or isinstance(err, USER_ERRORS) or storage):
                 raise  # a bug: its traceback
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).
             handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
             if interrupted:
                 quiet_finalizers()
             try:
-                message = f"manip.{name}: {'interrupted' if interrupted else err}"
+                message = f"manip.{name}: {'interrupted' if interrupted else storage or err}"
                 log.file_only(message, logging.ERROR)
                 if rank_zero_only.rank == 0:
                     refused()

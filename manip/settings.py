@@ -157,6 +157,24 @@ def open_new(path: str | Path, binary: bool = False) -> tuple[IO, Path]:
         return handle, target
 
 
+def write_result(path: str | Path, text: str, command: str, printed: bool = False) -> Path:
+    """``text`` in a new file at ``path`` (:func:`open_new`); returns the path written. On a full or read-only disk
+    no half-written file is left, ``text`` goes to stdout (unless the command ``printed`` it already) and the
+    command ends with one line naming the file: the work that made the result is not lost."""
+    written = None
+    try:
+        handle, written = open_new(path)
+        with handle:
+            handle.write(text)
+    except OSError as err:
+        if written is not None:
+            written.unlink(missing_ok=True)
+        if not printed:
+            print(text)
+        raise SystemExit(f"{command}: cannot write {written or path} ({err.strerror}); the result is printed above")
+    return written
+
+
 def check_output(out: str | Path, example: str = "result.json", what: str = "the result", kind: str = "JSON file"
                  ) -> Path:
     """``out`` if ``what`` can be written there once the command's work is done; a ``SettingError`` naming

@@ -262,6 +262,24 @@ def test_cli_without_renderer_fails_in_one_line(checkpoints, tmp_path):
     assert "EGL_PLATFORM=surfaceless" in last and not (tmp_path / "r.json").exists()
 
 
+def test_a_result_that_cannot_be_written_is_printed_instead(checkpoints, tmp_path):
+    """A full disk when the episodes are done (here: a file size limit smaller than the JSON): the result goes to
+    stdout, no half-written file is left, and one line says where it could not go."""
+    import resource
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "manip.evaluate", f"ckpt={checkpoints['mvp']}", "episodes=2",
+                           f"out={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        f"manip.evaluate: cannot write {out} (File too large); the result is printed above"), done.stderr[-2000:]
+    _check_statistics(json.loads(done.stdout[done.stdout.index("{\n"):]), 2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_gl_backend_that_cannot_load_is_a_renderer_error(monkeypatch):
     """MUJOCO_GL=osmesa without libOSMesa: PyOpenGL fails inside the simulator's import with an AttributeError,
     which must reach the user as the renderer advice, not as a traceback."""

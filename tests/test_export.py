@@ -219,6 +219,22 @@ def _cli(*overrides: str) -> None:
     main.__wrapped__(cfg)
 
 
+def test_a_program_that_cannot_be_written_leaves_nothing(checkpoints, tmp_path):
+    """A full disk (here: a file size limit smaller than the program): one line, status 1, no partial .pt2 (torch's
+    archive writer, writing to the file itself, would abort the process and leave one)."""
+    import resource
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = tmp_path / "export" / "p.pt2"
+    done = subprocess.run([sys.executable, "-m", "manip.export", f"ckpt={checkpoints['mvp']}", f"out={out}"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit)
+    assert (done.returncode, done.stderr) == (1, f"manip.export: cannot write {out} (File too large); nothing is "
+                                                 f"left there\n"), done.stderr[-2000:]
+    assert list(out.parent.iterdir()) == []
+
+
 def test_cli_writes_next_to_the_run_and_prints_the_check(checkpoints, capsys):
     """The default path is ``<run>/export/last.pt2``; a second export goes to ``last.1.pt2``, keeping the first."""
     export = checkpoints["fql"].parents[1] / "export"

@@ -332,6 +332,49 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
 
 
+# ------------------------------------------------------------------------------------------- full disk
+def _file_size_limit(limit: int):
+    """For a subprocess: files it writes end at ``limit`` bytes (writes past it fail with EFBIG, as a full disk or a
+    quota fails them with ENOSPC / EDQUOT); Python ignores the SIGXFSZ that comes with it."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_keeps_the_last_one(cube_single_npz,
+                                                                                              tmp_path):
+    """A full disk (here: a file size limit) when a checkpoint is saved: the temporary file is removed, the previous
+    last.ckpt is kept and still loads, and the command ends with one line naming the file, the step and the
+    reason, status 1, instead of a traceback."""
+    run_dir = tmp_path / "run"
+    run_fit(fit_overrides(cube_single_npz, run_dir, 10))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    done = subprocess.run([sys.executable, "-m", "manip.fit", *fit_overrides(cube_single_npz, run_dir, 30)],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300,
+                          preexec_fn=_file_size_limit(len(saved) // 2))
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and re.fullmatch(
+        rf"manip\.fit: cannot save {re.escape(str(run_dir / 'checkpoints'))}/step20\.ckpt at step 20 \(File too "
+        rf"large\): the run stopped; {re.escape(str(last))} is kept, and the same command continues from it",
+        line), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert last.read_bytes() == saved and load_checkpoint(last)["global_step"] == 10
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_run_files_that_cannot_be_written_end_the_command_in_one_line(cube_single_npz, tmp_path):
+    """The run's records (dataset statistics, config, metrics) on a full disk: one line with the system's reason,
+    status 1, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "manip.fit", *fit_overrides(cube_single_npz, tmp_path / "run", 30)],
+                          capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300,
+                          preexec_fn=_file_size_limit(1000))
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "manip.fit: cannot write the run's files (File too large); the checkpoints saved before, if any, are kept"
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
 # ------------------------------------------------------------------------------ one command per run_dir
 def test_a_second_fit_in_a_running_run_s_directory_is_refused_and_changes_nothing(cube_single_npz, tmp_path):
     """The same command twice on one run_dir (two jobs started in the same second, a resume while the run still
