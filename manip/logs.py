@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import re
+import sys
 from pathlib import Path
 
 LOG = logging.getLogger("manip")
@@ -36,6 +37,33 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_DropAdverts())
 
 
+class _RunLogFile(logging.FileHandler):
+    """The run's log file. A write that fails (a full disk) leaves the file alone from then on, with one line on
+    stderr, where logging would print a traceback for every later record; the console keeps every line."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the lines still buffered cannot be written either
+            if not self.failed:
+                self.handleError(None)
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, "strerror", None) or error
+        print(f"[manip] cannot write {self.baseFilename} ({reason}): the rest of the log is on the console only",
+              file=sys.stderr)
+
+
 class RunLog:
     """The log of one command, ``<run_dir>/<name>.log``: a context manager around the command.
 
@@ -51,12 +79,12 @@ class RunLog:
                                                      flushOnClose=False)
         self.loggers = [logging.getLogger(), *(logger for logger in map(logging.getLogger, _OWN_HANDLER_LOGGERS)
                                                if not logger.propagate)]
-        self.file: logging.FileHandler | None = None
+        self.file: _RunLogFile | None = None
 
     def keep_in(self, run_dir: str | Path) -> None:
         if self.file is not None or not self.enabled:
             return
-        self.file = logging.FileHandler(Path(run_dir) / f"{self.name}.log", encoding="utf-8")
+        self.file = _RunLogFile(Path(run_dir) / f"{self.name}.log", encoding="utf-8")
         self.file.setFormatter(logging.Formatter(FILE_FORMAT))
         self.buffer.setTarget(self.file)
         self.buffer.flush()

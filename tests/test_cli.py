@@ -517,6 +517,22 @@ def test_a_ctrl_c_dropped_inside_a_destructor_still_stops_the_command():
     assert "ValueError: freed twice" in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
 
+def test_a_run_log_that_cannot_be_written_says_so_once(tmp_path, capfd):
+    """``fit.log`` on a full disk (a link to /dev/full): one line on stderr, then the console alone; no logging
+    traceback for each record, none when the log closes."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    (tmp_path / "fit.log").symlink_to("/dev/full")
+    with RunLog("fit") as log:
+        LOG.info("dataset line")
+        log.keep_in(tmp_path)
+        for step in range(3):
+            LOG.info(f"step {step}")
+    err = capfd.readouterr().err
+    assert err == (f"[manip] cannot write {tmp_path / 'fit.log'} (No space left on device): the rest of the log is "
+                   f"on the console only\n"), err
+
+
 def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_path):
     with RunLog("fit") as log:
         LOG.info("dataset line")

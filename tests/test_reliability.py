@@ -373,6 +373,17 @@ def test_run_files_that_cannot_be_written_end_the_command_in_one_line(cube_singl
         "manip.fit: cannot write the run's files (File too large); the checkpoints saved before, if any, are kept"
     ), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+    if os.path.exists("/dev/full"):  # a real full disk under the metrics, during training
+        metrics = tmp_path / "full" / "offline" / "metrics.csv"
+        metrics.parent.mkdir(parents=True)
+        metrics.symlink_to("/dev/full")
+        done = subprocess.run([sys.executable, "-m", "manip.fit", *fit_overrides(cube_single_npz, tmp_path / "full",
+                                                                                   30)],
+                              capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+            "manip.fit: cannot write the run's files (No space left on device); the checkpoints saved before, if "
+            "any, are kept"), done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
 
 
 # ------------------------------------------------------------------------------ one command per run_dir
