@@ -56,8 +56,9 @@ def _command() -> str | None:
 
 if _command() is not None:
     sys.excepthook = _ctrl_c_before_the_command_starts
-    from manip.cli_args import ctrl_c_in_destructors_still_stops
+    from manip.cli_args import ctrl_c_in_destructors_still_stops, defer_ctrl_c_during_imports
 
     ctrl_c_in_destructors_still_stops()
+    defer_ctrl_c_during_imports()
 
 __version__ = "0.1.0"

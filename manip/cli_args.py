@@ -10,8 +10,10 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -91,3 +93,37 @@ def ctrl_c_in_destructors_still_stops() -> None:
 
     hook.delivers_ctrl_c = True
     sys.unraisablehook = hook
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def defer_ctrl_c_during_imports() -> None:
+    """SIGINT as Python's own handler, except while the main thread imports a module: then the KeyboardInterrupt
+    waits until the import is done. Raised inside an import it can land in a C++ callback (torch's start-up), where
+    pybind11 aborts the process, or inside an extension's initialisation, which reports it as its own error. Imports
+    take seconds, so the interrupt still comes promptly. Nothing changes where SIGINT is ignored (a background job)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    main = threading.main_thread().ident
+    waiting = threading.Event()
+
+    def deliver_after_the_import() -> None:
+        while _importing(sys._current_frames().get(main)):
+            time.sleep(0.02)
+        waiting.clear()
+        _thread.interrupt_main()  # the handler again, outside the import: it raises there
+
+    def handler(signum, frame) -> None:
+        if not _importing(frame):
+            raise KeyboardInterrupt
+        if not waiting.is_set():
+            waiting.set()
+            threading.Thread(target=deliver_after_the_import, name="ctrl-c-after-import", daemon=True).start()
+
+    signal.signal(signal.SIGINT, handler)

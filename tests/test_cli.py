@@ -427,6 +427,43 @@ def test_ctrl_c_while_python_imports_the_command_ends_in_one_line(tmp_path, dela
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ctrl_c_during_an_import_waits_for_the_import_to_finish(tmp_path):
+    """Raised inside an import, an interrupt can land in a C++ callback (torch's start-up: pybind11 aborts the
+    process) or in an extension's initialisation; the commands' handler lets the import finish and raises it just
+    after. Outside imports it raises at once, as Python's own handler does."""
+    (tmp_path / "slow_module.py").write_text(textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)
+        start = time.monotonic()
+        while time.monotonic() - start < 0.3:  # still importing
+            pass
+        finished = True
+    """))
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from manip.cli_args import defer_ctrl_c_during_imports
+        defer_ctrl_c_during_imports()
+        try:
+            import slow_module
+            start = time.monotonic()
+            while time.monotonic() - start < 5:
+                pass
+            print("lost")
+        except KeyboardInterrupt:
+            print("after the import" if "slow_module" in sys.modules else "inside the import")
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            print("lost")
+        except KeyboardInterrupt:
+            print("at once")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.stdout.split("\n")[:2] == ["after the import", "at once"], done.stdout + done.stderr
+
+
 def test_ctrl_c_in_the_generate_command_ends_in_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "lift.hdf5"
     proc = subprocess.Popen([sys.executable, "-m", "manip.data.generate", "robomimic", "--demos", "30",

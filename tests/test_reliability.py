@@ -272,7 +272,8 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot save {path} at step 20 (disk full): the run stopped; "
+                                                        f"{path} is kept, and the same command continues from it")):
         io.save_checkpoint({"global_step": 20, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     previous = torch.load(path, weights_only=True)
