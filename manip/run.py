@@ -756,13 +756,14 @@ def quiet_finalizers() -> None:
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def storage_error(err: BaseException) -> str | None:
+def storage_error(err: BaseException, run_dir: str | Path | None = None) -> str | None:
     """One line for an error that writing a run's files (logs, metrics, records) hit on a full or read-only disk;
-    None for any other error. (A checkpoint that cannot be saved is a ``CheckpointError`` of its own.)"""
+    None for any other error. (A checkpoint that cannot be saved is a ``CheckpointError`` of its own.) A failed
+    ``write`` names no file: the line names ``run_dir`` where it is known."""
     cause = os_error_in(err)
     if cause is None or cause.errno not in _STORAGE_ERRNOS:
         return None
-    where = cause.filename or "the run's files"
+    where = cause.filename or (f"the run's files in {run_dir}" if run_dir else "the run's files")
     return f"cannot write {where} ({cause.strerror}); the checkpoints saved before, if any, are kept"
 
 
@@ -787,16 +788,19 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     A user error (``USER_ERRORS``) ends the command with one line ``manip.<name>: <message>`` and status 1, Ctrl-C
     before training (during the checks or the dataset's generation) with ``manip.<name>: interrupted`` and status
     130; ``refused()`` then runs on the main process. Ctrl-C during training saves the run first
-    (:class:`StopOnCtrlC`) and also ends with status 130. Anything else is a bug and keeps its traceback."""
+    (:class:`StopOnCtrlC`) and also ends with status 130. A full or read-only disk is one line too
+    (:func:`storage_error`). Anything else is a bug and keeps its traceback."""
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
         log.file_only(command_line(name))
+        run_dir = None
         try:
             module, dm, trainer, ckpt_path = build()
-            log.keep_in(trainer.default_root_dir)
+            run_dir = trainer.default_root_dir
+            log.keep_in(run_dir)
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         except (Exception, KeyboardInterrupt) as err:
             interrupted = interrupted_by_ctrl_c(err)
-            storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err)
+            storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err, run_dir)
             if not (interrupted or isinstance(err, USER_ERRORS) or storage):
                 raise  # a bug: its traceback
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).

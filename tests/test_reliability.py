@@ -382,8 +382,8 @@ def test_run_files_that_cannot_be_written_end_the_command_in_one_line(cube_singl
                                                                                    30)],
                               capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
         assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
-            "manip.fit: cannot write the run's files (No space left on device); the checkpoints saved before, if "
-            "any, are kept"), done.stderr[-3000:]
+            f"manip.fit: cannot write the run's files in {tmp_path / 'full'} (No space left on device); the "
+            f"checkpoints saved before, if any, are kept"), done.stderr[-3000:]
         assert "Traceback" not in done.stderr
 
 
