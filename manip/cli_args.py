@@ -1,7 +1,9 @@
 """argparse value types shared by the command-line tools (``manip.bench``, ``manip.bench_envs``,
 ``manip.data.bench``, ``manip.data.generate``): a value out of range is a usage error naming the flag,
 ``argument --batch-size: must be >= 1, got 0``, raised while the command line is parsed. Also how every command
-recognises a Ctrl-C (:func:`interrupted_by_ctrl_c`, :func:`raise_if_interrupted`)."""
+recognises a Ctrl-C (:func:`interrupted_by_ctrl_c`, :func:`raise_if_interrupted`) and keeps one from being lost
+inside an import or a destructor (:func:`defer_ctrl_c_during_imports`, :func:`ctrl_c_in_destructors_still_stops`,
+installed by ``manip/__init__.py`` for ``python -m manip.<command>``)."""
 
 from __future__ import annotations
 
