@@ -138,6 +138,31 @@ def first_free_path(path: Path) -> Path:
     return free
 
 
+def publish_new(written: Path, path: Path) -> Path:
+    """Gives the finished file ``written`` (in ``path``'s directory) the name ``path``, or, where a file of that
+    name exists (an earlier command's, another command's running beside this one), the first free
+    ``<stem>.<k><suffix>``; that file is kept, with a warning naming both. A hard link, so no file is ever replaced.
+    Returns the name given."""
+    target = path
+    while True:
+        try:
+            try:
+                os.link(written, target)
+                written.unlink()
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: the name taken by an exclusive create, then moved
+                open(target, "xb").close()
+                os.replace(written, target)
+        except FileExistsError:
+            target = first_free_path(path)
+            continue
+        break
+    if target != path:
+        logging.getLogger("manip").warning("%s exists and is kept; writing %s instead", path, target)
+    return target
+
+
 def open_new(path: str | Path, binary: bool = False) -> tuple[IO, Path]:
     """``path`` created and opened for writing, its directories made; where a file appeared there after the
     command's checks, that file is kept and the first free ``<stem>.<k><suffix>`` beside it is opened instead (with

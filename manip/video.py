@@ -22,6 +22,7 @@ import numpy as np
 from manip.cli_args import raise_if_interrupted
 from manip.evaluation import ChunkPolicy
 from manip.logs import LOG
+from manip.settings import publish_new
 
 SUCCESS_RGB = (40, 180, 70)
 FAILURE_RGB = (215, 45, 40)
@@ -113,30 +114,41 @@ def mark_outcome(frames: list[np.ndarray], success: bool, hold_frames: int = DEF
 
 def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_FPS) -> Path:
     """Write ``frames`` as H.264 mp4 through imageio-ffmpeg, or as a gif next to ``path`` when
-    ffmpeg is unavailable; returns the written path."""
+    ffmpeg is unavailable; returns the written path. The video is written under a temporary name and then given
+    its own: an interrupted one leaves nothing, and an existing video of that name (an earlier evaluation's, or one
+    running beside this one) is kept, the new one taking the first free ``<stem>.<k>.mp4``."""
     import imageio.v2 as iio
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mp4 = path.with_suffix(".mp4")
+    partial = mp4.with_name(f".{mp4.stem}.{os.getpid()}.partial.mp4")  # ffmpeg picks the container by suffix
     try:
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio's FFMPEG plugin runs)
 
         # yuv420p needs even sizes: macro_block_size=2 lets ffmpeg scale an odd size up by one pixel.
-        with iio.get_writer(mp4, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+        with iio.get_writer(partial, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
                             macro_block_size=2, ffmpeg_log_level="error") as writer:
             for frame in frames:
                 writer.append_data(frame)
-        return mp4
+        return publish_new(partial, mp4)
     except (ImportError, OSError, RuntimeError) as err:
+        partial.unlink(missing_ok=True)
         raise_if_interrupted(err)
         import imageio.v3 as iio3
 
-        mp4.unlink(missing_ok=True)
         gif = path.with_suffix(".gif")
+        partial = gif.with_name(f".{gif.stem}.{os.getpid()}.partial.gif")
         LOG.warning(f"no mp4 ({type(err).__name__}: {err}; the imageio-ffmpeg package provides ffmpeg): writing {gif}")
-        iio3.imwrite(gif, np.stack(frames), plugin="pillow", duration=1000 / fps, loop=0)
-        return gif
+        try:
+            iio3.imwrite(partial, np.stack(frames), plugin="pillow", duration=1000 / fps, loop=0)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return publish_new(partial, gif)
+    except BaseException:  # Ctrl-C while encoding
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def record_videos(env, predict_chunks: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,

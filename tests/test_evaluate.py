@@ -317,6 +317,20 @@ def test_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch, cap
     assert len(gif) == 4 and gif[0].shape[:2] == (32, 48)
 
 
+def test_a_video_never_replaces_one_that_exists(tmp_path, caplog):
+    """Two evaluations of one checkpoint side by side name their videos alike (``last_ep0.mp4``): the second keeps
+    the first's and takes the next free name; no partial file is left."""
+    frames = [np.full((32, 48, 3), 50 * i, dtype=np.uint8) for i in range(4)]
+    kept = tmp_path / "last_ep0.mp4"
+    kept.write_bytes(b"the other evaluation's video")
+    with caplog.at_level(logging.WARNING, logger="manip"):
+        path = write_video(kept, frames, fps=10)
+    assert path == tmp_path / "last_ep0.1.mp4" and kept.read_bytes() == b"the other evaluation's video"
+    assert len(iio.mimread(path)) == 4 and f"{kept} exists and is kept; writing {path} instead" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_ep0.1.mp4", "last_ep0.mp4"]
+    assert write_video(tmp_path / "new.mp4", frames, fps=10) == tmp_path / "new.mp4"
+
+
 def _record_chunks(monkeypatch) -> list[np.ndarray]:
     """A list that receives a copy of every chunk ``evaluate_checkpoint``'s policy returns from now on."""
     import manip.evaluate as evaluate_module
