@@ -183,21 +183,27 @@ def open_new(path: str | Path, binary: bool = False) -> tuple[IO, Path]:
 
 
 def write_result(path: str | Path, text: str, command: str, printed: bool = False) -> Path:
-    """``text`` in a new file at ``path`` (:func:`open_new`); returns the path written. On a full or read-only disk
-    no half-written file is left, ``text`` goes to stdout (unless the command ``printed`` it already) and the
-    command ends with one line naming the file: the work that made the result is not lost."""
-    written = None
+    """``text`` in a new file at ``path``, or at the first free ``<stem>.<k><suffix>`` where a file of that name
+    appeared meanwhile (:func:`publish_new`); returns the path written. The text goes to a temporary file first, so a
+    reader never sees half a result. On a full or read-only disk no file is left, ``text`` goes to stdout (unless the
+    command ``printed`` it already) and the command ends with one line naming the file: the work is not lost."""
+    from manip.data.generate.files import temp_file_next_to
+
+    path = Path(path)
+    partial = None
     try:
-        handle, written = open_new(path)
-        with handle:
-            handle.write(text)
-    except OSError as err:
-        if written is not None:
-            written.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = temp_file_next_to(path)  # a reader never sees half a result
+        partial.write_text(text)
+        return publish_new(partial, path)
+    except BaseException as err:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
         if not printed:
             print(text)
-        raise SystemExit(f"{command}: cannot write {written or path} ({err.strerror}); the result is printed above")
-    return written
+        raise SystemExit(f"{command}: cannot write {path} ({err.strerror}); the result is printed above") from None
 
 
 def check_output(out: str | Path, example: str = "result.json", what: str = "the result", kind: str = "JSON file"

@@ -8,6 +8,7 @@ compose) with tiny networks on the session's small cube-single file.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 from pathlib import Path
@@ -417,3 +418,20 @@ def test_open_new_never_replaces_a_file(tmp_path, caplog):
     assert second == tmp_path / "new" / "r.2.json" and second.read_bytes() == b"second"
     assert path.read_text() == "first" and (tmp_path / "new" / "r.1.json").read_text() == "also kept"
     assert caplog.messages == [f"{path} appeared while the command ran and is kept; writing {second} instead"]
+
+
+def test_write_result_gives_a_finished_file_its_name_and_never_replaces_one(tmp_path, caplog):
+    """A result appears whole under its name (written beside it first), with the permissions a plain ``open`` gives;
+    a file already there is kept and the result takes the next free name."""
+    from manip.settings import write_result
+
+    first = write_result(tmp_path / "out" / "r.json", '{"a": 1}', "manip.evaluate")
+    with caplog.at_level("WARNING", logger="manip"):
+        second = write_result(first, '{"a": 2}', "manip.evaluate")
+    assert (first, second) == (tmp_path / "out" / "r.json", tmp_path / "out" / "r.1.json")
+    assert (first.read_text(), second.read_text()) == ('{"a": 1}', '{"a": 2}')
+    assert sorted(p.name for p in first.parent.iterdir()) == ["r.1.json", "r.json"]  # no temporary file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert first.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert caplog.messages == [f"{first} exists and is kept; writing {second} instead"]
