@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from manip.cli_args import exception_chain
 from manip.settings import (SettingError, check_declared_settings, check_int, check_output, check_real, check_threads,
                             find_class)
 
@@ -271,13 +272,7 @@ def env_spec_of(cfg: dict):
 def os_error_in(err: BaseException) -> OSError | None:
     """The ``OSError`` (disk full, quota, read-only file system, I/O error) that ``err`` is or was raised from:
     ``torch.save`` reports a full disk as ``OSError`` and, as its writer closes, a ``RuntimeError`` from it."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((error for error in exception_chain(err) if isinstance(error, OSError)), None)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

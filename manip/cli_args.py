@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def at_least(minimum: float, kind: type = int, strict: bool = False) -> Callable[[str], float]:
@@ -59,15 +59,19 @@ def interrupted_by_ctrl_c(err: BaseException) -> bool:
     ``ImportError: initialization failed``, or as ctypes' ``ArgumentError: argument 1: KeyboardInterrupt``."""
     import ctypes
 
+    return any(isinstance(error, KeyboardInterrupt)
+               or isinstance(error, ctypes.ArgumentError) and _CTYPES_INTERRUPTED.match(str(error))
+               for error in exception_chain(err))
+
+
+def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err``, then the exception it was raised from or while handling (``__cause__``, else ``__context__``), and
+    so on, each once."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        if isinstance(err, ctypes.ArgumentError) and _CTYPES_INTERRUPTED.match(str(err)):
-            return True
+        yield err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return False
 
 
 def raise_if_interrupted(err: BaseException) -> None:

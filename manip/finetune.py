@@ -31,7 +31,8 @@ from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
 from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
-                       command_line, data_difference, plain, record_config, resume_path, run_command, run_info, seed_everything)
+                       command_line, data_difference, plain, record_config, resume_path, run_command, run_info,
+                       seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.

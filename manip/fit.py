@@ -31,8 +31,8 @@ from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.logs import LOG
 from manip.module import ManipModule
-from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left, command_line,
-                       plain, record_config, resume_path, run_command, run_info, seed_everything)
+from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
+                       command_line, plain, record_config, resume_path, run_command, run_info, seed_everything)
 from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).

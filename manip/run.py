@@ -13,7 +13,6 @@ import re
 import secrets
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -34,18 +33,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from manip import run_lock
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in
-from manip.cli_args import ctrl_c_in_destructors_still_stops, interrupted_by_ctrl_c
+from manip.cli_args import interrupted_by_ctrl_c
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
-from manip import run_lock
 from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
-from manip.settings import (CONFIG_DIR, SettingError, check_int, check_known_keys, check_real, check_threads,
-                            find_class, first_free_path, unknown_key_error)
+from manip.settings import (CONFIG_DIR, SettingError, cannot_write_in, check_int, check_known_keys, check_real,
+                            check_threads, find_class, first_free_path, unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -346,7 +345,6 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
-    ctrl_c_in_destructors_still_stops()
     args = sys.argv[1:] if args is None else args
     if any(arg.startswith("-") for arg in args):
         return
@@ -446,10 +444,8 @@ def _check_run_dir(command: str, cfg: DictConfig) -> None:
     if not parent.is_dir():
         sys.exit(f"manip.{command}: run_dir={run_dir}: {parent} is a file, so the run's directory cannot be made")
     writable = path if path.exists() else parent
-    try:  # a directory made and removed at once: Hydra makes run_dir next, and would fail in a traceback
-        os.rmdir(tempfile.mkdtemp(prefix=".manip-", dir=writable))
-    except OSError as err:
-        sys.exit(f"manip.{command}: run_dir={run_dir}: cannot write in {writable} ({err.strerror})")
+    if (refused := cannot_write_in(writable)) is not None:  # Hydra makes run_dir next, and would fail in a traceback
+        sys.exit(f"manip.{command}: run_dir={run_dir}: cannot write in {writable} ({refused})")
     global EXISTING_ABOVE_RUN_DIR
     EXISTING_ABOVE_RUN_DIR = parent
 

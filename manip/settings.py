@@ -143,21 +143,26 @@ def publish_new(written: Path, path: Path) -> Path:
     name exists (an earlier command's, another command's running beside this one), the first free
     ``<stem>.<k><suffix>``; that file is kept, with a warning naming both. A hard link, so no file is ever replaced.
     Returns the name given."""
-    target = path
+    target, links = path, True
     while True:
         try:
-            try:
+            if links:
                 os.link(written, target)
-                written.unlink()
-            except FileExistsError:
-                raise
-            except OSError:  # a file system without hard links: the name taken by an exclusive create, then moved
+            else:  # a file system without hard links: the name taken by an exclusive create, then moved onto
                 open(target, "xb").close()
-                os.replace(written, target)
         except FileExistsError:
             target = first_free_path(path)
             continue
+        except OSError:
+            if not links:
+                raise
+            links = False
+            continue
         break
+    if links:
+        written.unlink()
+    else:
+        os.replace(written, target)
     if target != path:
         logging.getLogger("manip").warning("%s exists and is kept; writing %s instead", path, target)
     return target
@@ -187,8 +192,6 @@ def write_result(path: str | Path, text: str, command: str, printed: bool = Fals
     appeared meanwhile (:func:`publish_new`); returns the path written. The text goes to a temporary file first, so a
     reader never sees half a result. On a full or read-only disk no file is left, ``text`` goes to stdout (unless the
     command ``printed`` it already) and the command ends with one line naming the file: the work is not lost."""
-    from manip.data.generate.files import temp_file_next_to
-
     path = Path(path)
     partial = None
     try:
@@ -229,16 +232,39 @@ def check_output(out: str | Path, example: str = "result.json", what: str = "the
 
 
 def cannot_write_in(directory: str | Path) -> str | None:
-    """None where a file can be created in ``directory`` (one is made and removed at once), else the system's
-    reason ("Permission denied", "Read-only file system"). Asked before a command's work, so that its result is not
-    lost at the end; ``os.access`` says yes to root even where the file system refuses."""
+    """None where ``directory`` takes new entries (a directory is made in it and removed at once), else the
+    system's reason ("Permission denied", "Read-only file system"). Asked before a command's work, so that its result
+    or run is not lost at the end; ``os.access`` says yes to root even where the file system refuses."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".manip-", dir=directory)
+        os.rmdir(tempfile.mkdtemp(prefix=".manip-", dir=directory))
     except OSError as err:
         return err.strerror or str(err)
-    os.close(fd)
-    os.unlink(probe)
     return None
+
+
+def new_file_mode() -> int:
+    """Permission bits a newly created file gets from the process umask (``0o644`` under the usual ``022``)."""
+    umask = os.umask(0o022)  # os.umask only reads the mask by replacing it; the old mask is put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temp_file_next_to(path: str | Path) -> Path:
+    """Create an empty temporary file in ``path``'s directory, to be written and then moved onto ``path``.
+
+    ``tempfile.mkstemp`` creates it readable by the owner only; its mode is set to :func:`new_file_mode`, so the
+    file moved into place has the permissions a plain ``open(path, "w")`` would have given it.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, new_file_mode())
+    except BaseException:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return Path(name)
 
 
 def constructor_arguments(target: type) -> list[str] | None:

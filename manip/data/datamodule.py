@@ -9,10 +9,10 @@ file is read or written; checkpoints record the dataset file as an absolute path
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import contextlib
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path

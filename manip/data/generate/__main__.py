@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from manip.cli_args import at_least, ctrl_c_in_destructors_still_stops, interrupted_by_ctrl_c
+from manip.cli_args import at_least, interrupted_by_ctrl_c
 from manip.data.generate import ogbench_play, robomimic_scripted
 from manip.data.generate.files import CannotWriteError
 
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     _check(sub.choices[args.kind], args)
-    ctrl_c_in_destructors_still_stops()
     try:
         result = _generate(args)
     except FileExistsError as err:  # the existing file is kept
