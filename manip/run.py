@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from manip import run_lock
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in
-from manip.cli_args import interrupted_by_ctrl_c
+from manip.cli_args import interrupted_by_ctrl_c, raise_if_interrupted
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
@@ -358,10 +358,12 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
         try:
             composed = compose(command, overrides=args)
         except ConfigCompositionException as err:
+            raise_if_interrupted(err)  # Hydra's error from a Ctrl-C while it read a config file
             missing = re.match(r"Could not override '([^']+)'", str(err))
             if missing is None:
                 _exit_on_composition_error(command, err, args)
         except Exception as err:  # noqa: BLE001 - Hydra reports the rest when it composes the config itself
+            raise_if_interrupted(err)
             _exit_on_composition_error(command, err, args)
             return
         else:
