@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from manip import sweep
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
 from manip.cli_args import interrupted_by_ctrl_c
@@ -184,7 +185,8 @@ def main(cfg: DictConfig) -> None:
                                      video_fps=cfg.video_fps, act_dtype=cfg.act_dtype, act_compile=cfg.act_compile)
     except (Exception, KeyboardInterrupt) as err:
         if isinstance(err, (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError)):
-            sys.exit(f"manip.evaluate: {err}")  # user errors in one line
+            sweep.refuse("evaluate", str(err))  # user errors in one line
+            return
         if not interrupted_by_ctrl_c(err):
             raise  # a bug: its traceback
         from manip.run import quiet_finalizers
@@ -201,3 +203,4 @@ if __name__ == "__main__":
 
     check_command_line("evaluate")
     main()
+    sweep.exit_if_refused("evaluate")

@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from manip import sweep
 from manip.algos.acting import acting_copy
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
@@ -388,7 +389,8 @@ def main(cfg: DictConfig) -> None:
         summary = export_checkpoint(ckpt, out, cfg.num_samples, cfg.noise_scale, cfg.sample_steps, cfg.act_dtype,
                                     cfg.aoti, cfg.max_autotune)
     except (CheckpointError, ExportError, SettingError) as err:
-        sys.exit(f"manip.export: {err}")
+        sweep.refuse("export", str(err))
+        return
     except KeyboardInterrupt:
         print("manip.export: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -400,3 +402,4 @@ if __name__ == "__main__":
 
     check_command_line("export")
     main()
+    sweep.exit_if_refused("export")

@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip import run_lock
+from manip import run_lock, sweep
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint, require_ckpt
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
@@ -236,3 +236,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_command_line("finetune", "online")
     main()
+    sweep.exit_if_refused("finetune")

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from manip import run_lock
+from manip import run_lock, sweep
 from manip.checkpoint import check_compatible, load_checkpoint
 from manip.data.datamodule import ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
@@ -122,3 +122,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_command_line("fit", "offline")
     main()
+    sweep.exit_if_refused("fit")

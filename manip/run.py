@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from manip import run_lock
+from manip import run_lock, sweep
 from manip.algos.base import check_agent_settings
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in
 from manip.cli_args import interrupted_by_ctrl_c, raise_if_interrupted
@@ -785,7 +785,8 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
 
     A user error (``USER_ERRORS``) ends the command with one line ``manip.<name>: <message>`` and status 1, Ctrl-C
     before training (during the checks or the dataset's generation) with ``manip.<name>: interrupted`` and status
-    130; ``refused()`` then runs on the main process. Ctrl-C during training saves the run first
+    130; ``refused()`` then runs on the main process. In a ``--multirun`` sweep a user error ends only its job
+    (:mod:`manip.sweep`). Ctrl-C during training saves the run first
     (:class:`StopOnCtrlC`) and also ends with status 130. A full or read-only disk is one line too
     (:func:`storage_error`). Anything else is a bug and keeps its traceback."""
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
@@ -814,6 +815,8 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             finally:
                 if handler is not None:
                     signal.signal(signal.SIGINT, handler)
+            if not (interrupted or storage) and sweep.go_on_after(name, message):
+                return  # a --multirun job refused: the sweep goes on with the next
             sys.exit(130 if interrupted else 1)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
         stopped_by = stop_signal(trainer)

@@ -400,3 +400,39 @@ def test_policy_time_is_per_call_and_per_executed_action(num_envs):
     assert 0.02 <= np.median(policy.latencies) < 0.03
     per_action = sum(policy.latencies) / policy.actions
     assert 0.02 / 5 / num_envs <= per_action < 0.03 / 5 / num_envs
+
+
+def test_a_fit_job_refused_by_its_checks_does_not_stop_the_sweep(cube_single_npz, tmp_path):
+    """``fit --multirun``: a job that a user error refuses (here, a dataset that is not there) prints its line and
+    leaves nothing behind, the sweep trains the next job, and the command ends with status 1 and a line per refused
+    job, naming its overrides as typed."""
+    missing = tmp_path / "missing.npz"
+    out = subprocess.run([sys.executable, "-m", "manip.fit", "--multirun", "data=ogbench",
+                          f"data.path={missing},{cube_single_npz}", "algo=mvp", "run_dir=run_${hydra:job.num}",
+                          f"hydra.sweep.dir={tmp_path}/sweep", *TINY],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert (tmp_path / "run_1" / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_1", "sweep"]
+    refusal = f"OGBench dataset file not found: {missing}."
+    assert f"manip.fit: {refusal}" in out.stderr
+    summary = out.stderr[out.stderr.index("manip.fit: 1 --multirun job was refused (the sweep ran the others):"):]
+    assert summary.splitlines()[1].startswith(f"  #0 (data=ogbench data.path={missing} algo=mvp "
+                                              f"run_dir=run_${{hydra:job.num}} ")
+    assert refusal in summary.splitlines()[1] and len(summary.strip().splitlines()) == 2
+
+
+def test_an_evaluation_job_refused_by_its_checks_does_not_stop_the_sweep(checkpoints, tmp_path):
+    """``evaluate --multirun`` over checkpoints: a missing one ends its own job only; the sweep leaves no empty job
+    folders behind, only Hydra's multirun.yaml."""
+    missing = tmp_path / "gone.ckpt"
+    out = subprocess.run([sys.executable, "-m", "manip.evaluate", "--multirun", f"ckpt={missing},{checkpoints['fql']}",
+                          "episodes=1", "out=r${hydra:job.num}.json", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert json.loads((tmp_path / "r1.json").read_text())["episodes"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1.json", "sweep"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml"]
+    assert out.stderr.strip().splitlines()[-2:] == [
+        "manip.evaluate: 1 --multirun job was refused (the sweep ran the others):",
+        f"  #0 (ckpt={missing} episodes=1 out=r${{hydra:job.num}}.json): checkpoint not found: {missing}"]

@@ -1,0 +1,55 @@
+"""``--multirun`` sweeps: a job that a user error refuses (a missing dataset or checkpoint, a ``run_dir`` another run
+holds, a value out of range in one combination) prints its one line and the sweep goes on with the next job; once
+Hydra has run them all, the command ends with status 1 and a line per refused job (:func:`exit_if_refused`).
+
+A Ctrl-C, a full disk and a bug still end the sweep where they happen: the next job would meet them too."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+_refused: list[str] = []  # "#<job> (<overrides>): <message>" of this process's sweep
+
+
+def current_job() -> str | None:
+    """``#<num> (<the job's overrides>)`` inside a ``--multirun`` job; None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get()
+    overrides = re.sub(r"\\(.)", r"\1", " ".join(job.overrides.task))  # as typed: Hydra escapes ${...} as $\{...\}
+    return f"#{job.job.num} ({overrides})"
+
+
+def go_on_after(command: str, message: str) -> bool:
+    """Within a ``--multirun`` job: records ``message`` (already printed, without its ``manip.<command>: ``) as the
+    job's refusal and returns True, so the job returns and Hydra starts the next one. Outside a sweep: False, and
+    the caller ends the command."""
+    job = current_job()
+    if job is None:
+        return False
+    _refused.append(f"{job}: {message.removeprefix(f'manip.{command}: ')}")
+    return True
+
+
+def refuse(command: str, message: str) -> None:
+    """A user error: ``manip.<command>: <message>`` on stderr; ends a single run with status 1, ends only the current
+    job of a ``--multirun`` sweep."""
+    line = f"manip.{command}: {message}"
+    if current_job() is None:
+        sys.exit(line)
+    print(line, file=sys.stderr)
+    go_on_after(command, line)
+
+
+def exit_if_refused(command: str) -> None:
+    """After the sweep (``main()`` returned): status 1 and one line per refused job, when any was refused."""
+    if not _refused:
+        return
+    refused = list(_refused)
+    _refused.clear()
+    jobs = "1 --multirun job was" if len(refused) == 1 else f"{len(refused)} --multirun jobs were"
+    sys.exit("\n".join([f"manip.{command}: {jobs} refused (the sweep ran the others):", *(f"  {job}" for job in refused)]))
