@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -108,21 +109,31 @@ def _offline_data(final: DictConfig, base_ckpt: dict, base_path: str | Path, use
             final.data[key] = 0
 
 
-def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str) -> Path:
+def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str, seed: Any = None) -> Path:
     """Where fine-tuning ``ckpt_path`` writes without a ``run_dir``: ``<offline run>/finetune_<target>`` for an
     offline run's checkpoint (``<run>/checkpoints/*.ckpt``); beside a fine-tuning run's own directory,
     ``<its run>_then_<target>``, for one of its checkpoints; ``<dir>/<name>_finetune_<target>`` for a checkpoint
-    file kept elsewhere."""
+    file kept elsewhere. A ``seed`` other than the checkpoint's adds ``_s<seed>`` (``finetune_bon_s1``), so that
+    seeds fine-tuned from one checkpoint (``--multirun +seed=0,1,2``) each get their own run."""
+    name = f"{target}_s{seed}" if seed is not None and seed != ckpt_cfg.get("seed") else target
     path = Path(os.path.abspath(Path(ckpt_path).expanduser()))  # a symlinked checkpoint: beside the link
     if path.parent.name != "checkpoints":
-        return path.parent / f"{path.stem}_finetune_{target}"
+        return path.parent / f"{path.stem}_finetune_{name}"
     run = path.parent.parent
     if "finetune_start_step" not in ckpt_cfg:
-        return run / f"finetune_{target}"
-    nested = run / f"finetune_{target}"  # where such runs went before: the same command continues them there
+        return run / f"finetune_{name}"
+    nested = run / f"finetune_{name}"  # where such runs went before: the same command continues them there
     if (nested / "checkpoints" / "last.ckpt").is_file():
         return nested
-    return run.parent / f"{run.name}_then_{target}"
+    return run.parent / f"{run.name}_then_{name}"
+
+
+def command_seed(user_overrides: list[str]) -> Any:
+    """The seed the command line sets (``+seed=3``), or None: the checkpoint's."""
+    for item in reversed(user_overrides):
+        if item.partition("=")[0].lstrip("+") == "seed":
+            return OverridesParser.create().parse_override(item).value()
+    return None
 
 
 def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str, dict, str | None, bool, dict]:
@@ -139,7 +150,8 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     require_ckpt(cfg)
     ckpt = load_checkpoint(cfg.ckpt)
     run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
-               else default_run_dir(cfg.ckpt, ckpt["hyper_parameters"]["cfg"], cfg.finetune.target))
+               else default_run_dir(cfg.ckpt, ckpt["hyper_parameters"]["cfg"], cfg.finetune.target,
+                                    command_seed(user_overrides)))
     if rank_zero_only.rank == 0:  # another command still running in run_dir: refused before its files are read
         run_lock.check_free(run_dir, command_line("finetune"))
     resume = resume_path(cfg.resume, run_dir)

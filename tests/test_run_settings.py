@@ -155,13 +155,19 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
 
     # Without a run_dir: an offline run's checkpoint fine-tunes into <run>/finetune_<target>, a fine-tuning run's
     # beside that run (not inside it), and a checkpoint kept outside a run directory beside itself.
-    def default_dir(ckpt: Path, target: str) -> Path:
-        items = [f"ckpt={ckpt}", f"finetune.target={target}"]
+    def default_dir(ckpt: Path, target: str, *more: str) -> Path:
+        items = [f"ckpt={ckpt}", f"finetune.target={target}", *more]
         return Path(finetune.compose(config("finetune", items), items)[0].run_dir)
 
     offline_dir = offline_run[0]
     assert default_dir(offline_dir / "checkpoints" / "last.ckpt", "som") == offline_dir / "finetune_som"
     assert default_dir(step_ckpt, "som") == tmp_path / "ft_then_som"
+    # a seed other than the checkpoint's is another run: a --multirun +seed=0,1,2 needs no run_dir
+    seed = load_checkpoint(offline_dir / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]["seed"]
+    assert default_dir(offline_dir / "checkpoints" / "last.ckpt", "som", f"+seed={seed + 5}") == \
+        offline_dir / f"finetune_som_s{seed + 5}"
+    assert default_dir(offline_dir / "checkpoints" / "last.ckpt", "som", f"+seed={seed}") == offline_dir / "finetune_som"
+    assert default_dir(step_ckpt, "som", f"+seed={seed + 5}") == tmp_path / f"ft_then_som_s{seed + 5}"
     assert default_dir(tmp_path / "ft" / "checkpoints" / "last.ckpt", "bon") == tmp_path / "ft_then_bon"
     assert default_dir(offline_ckpt, "rfm") == offline_ckpt.parent / "last_finetune_rfm"  # a copy in <dir>/kept
     link = tmp_path / "models" / "best.ckpt"  # a link to a run's checkpoint: beside the link
