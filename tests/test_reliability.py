@@ -422,18 +422,21 @@ def test_a_second_fit_in_a_running_run_s_directory_is_refused_and_changes_nothin
 
 def test_a_second_fine_tuning_of_a_checkpoint_without_its_own_run_dir_is_refused_before_it_reads(offline_run,
                                                                                                   caplog):
-    """Fine-tuning's default run_dir, ``<run>/finetune_<target>``, is the same for every seed: while one runs there,
-    another (``+seed=1``) is refused before it reads that directory or the dataset, and creates nothing."""
+    """Fine-tuning's default run_dir, ``<run>/finetune_<target>``, is the same for every command with the checkpoint's
+    seed: while one runs there, another (other settings) is refused before it reads that directory or the dataset,
+    and creates nothing. Another seed (``+seed=1``) has a directory of its own, ``finetune_<target>_s1``."""
     from manip.run_lock import RunDirInUse
 
     run_dir = offline_run / "finetune_bon"
     overrides = [o for o in finetune_overrides(offline_run / "checkpoints" / "last.ckpt", run_dir)
-                 if not o.startswith("run_dir=")] + ["+seed=1"]
+                 if not o.startswith("run_dir=")] + ["finetune.bc_weight=0.5"]
     with run_dir_held(run_dir, "python -m manip.finetune ckpt=last.ckpt") as holder:
         with pytest.raises(RunDirInUse, match=rf"{re.escape(str(run_dir))} is in use by another run \(pid "
                                               rf"{holder.pid} .*: python -m manip\.finetune ckpt=last\.ckpt\)"):
             finetune.build(config("finetune", overrides), overrides)
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+        other_seed = overrides + ["+seed=1"]
+        assert finetune.compose(config("finetune", other_seed), other_seed)[0].run_dir == f"{run_dir}_s1"
     assert "fine-tuning" not in caplog.text and "transitions" not in caplog.text, caplog.text  # no data read
     shutil.rmtree(run_dir)
 
