@@ -103,7 +103,7 @@ def discard_if_empty(directory: str | Path) -> None:
     from manip import run
 
     directory = Path(os.path.abspath(directory))
-    stop = run.EXISTING_ABOVE_RUN_DIR
+    stop = run.EXISTING_ABOVE_RUN_DIR.get(directory)
     while True:
         try:
             directory.rmdir()

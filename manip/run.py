@@ -341,12 +341,16 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     ``evaluate``) selects the checks of the ``+`` form (:func:`check_config_keys`, the sections' ``_target_``).
     An option a config group lacks (``algo=qcc``), a value Hydra's grammar cannot read, a ``+key`` the config already
     has and a ``run_dir`` that is a file are one line too (:func:`_exit_on_composition_error`). Command lines with
-    Hydra flags (``--help``, ``-m``) and every other composition error are left to Hydra."""
+    Hydra's other flags (``--help``, ``--cfg``) and every other composition error are left to Hydra. With
+    ``--multirun`` (``-m``) every value of every sweep is checked (:func:`_sweep_representatives`), before any job."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
     args = sys.argv[1:] if args is None else args
-    if any(arg.startswith("-") for arg in args):
+    if flags := [arg for arg in args if arg.startswith("-")]:
+        if set(flags) <= {"--multirun", "-m"}:
+            for job in _sweep_representatives([arg for arg in args if not arg.startswith("-")]):
+                check_command_line(command, phase, job)
         return
     for arg in args:
         if "=" not in arg and not arg.startswith("~"):  # Hydra's answer: "mismatched input '.' expecting <EOF>"
@@ -391,6 +395,23 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     if error is None or key not in str(error):
         error = SettingError(f"{key} is not in the config yet: set it with +{item}")
     sys.exit(f"manip.{command}: {error}")
+
+
+def _sweep_representatives(args: list[str]) -> list[list[str]]:
+    """Command lines of single jobs that together use every value of every sweep in ``args`` (``algo=mvp,qcc
+    seed=0,1`` -> ``algo=mvp seed=0``, ``algo=qcc seed=0``, ``algo=mvp seed=1``): one per value rather than one per
+    combination, since a key or group option that fails does so whatever the other sweeps' values. ``[args]`` when
+    Hydra's parser cannot expand them (a ``glob``), which then reports them itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        values = [[f"{item.get_key_element()}={value}" for value in item.sweep_string_iterator()]
+                  if item.is_sweep_override() else [item.input_line]
+                  for item in OverridesParser.create().parse_overrides(args)]
+    except Exception:  # noqa: BLE001 - Hydra's parser and sweeps raise HydraException and others
+        return [args]
+    first = [choices[0] for choices in values]
+    return [first] + [first[:i] + [value] + first[i + 1:] for i, choices in enumerate(values) for value in choices[1:]]
 
 
 def _exit_on_composition_error(command: str, err: Exception, args: list[str]) -> None:
@@ -448,13 +469,12 @@ def _check_run_dir(command: str, cfg: DictConfig) -> None:
     writable = path if path.exists() else parent
     if (refused := cannot_write_in(writable)) is not None:  # Hydra makes run_dir next, and would fail in a traceback
         sys.exit(f"manip.{command}: run_dir={run_dir}: cannot write in {writable} ({refused})")
-    global EXISTING_ABOVE_RUN_DIR
-    EXISTING_ABOVE_RUN_DIR = parent
+    EXISTING_ABOVE_RUN_DIR[path] = parent
 
 
-# The nearest directory above run_dir that existed before the command (set by check_command_line): a refused
-# command removes the empty directories Hydra made below it.
-EXISTING_ABOVE_RUN_DIR: Path | None = None
+# For each run_dir (absolute) the command's check saw, the nearest directory above it that existed before the command
+# (set by check_command_line): a refused command removes the empty directories Hydra made below it, and no others.
+EXISTING_ABOVE_RUN_DIR: dict[Path, Path] = {}
 
 
 def _checkpoint_key_error(key: str, item: str, args: list[str]) -> SettingError:

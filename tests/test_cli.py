@@ -681,6 +681,16 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
                                      "seed='0,1'"),
     ("fit", "offline", ["conf=robomimic_lift", "+module.actor_ema=0.9"],
      "module.actor_ema is in the config already: set it without the +, module.actor_ema=0.9"),
+    # --multirun: every value of every sweep is checked before the first job
+    ("fit", "offline", ["--multirun", "seed=0,1", "eval.episode=2"], "unknown eval.episode; did you mean eval.episodes?"),
+    ("fit", "offline", ["-m", "algo=mvp,qcc", "seed=0,1"],
+     "algo=qcc: conf/algo/ has no qcc.yaml; did you mean algo=qc? algo is one of bfn, fql, mvp, mvp_noivc, qc, qc_fql"),
+    ("fit", "offline", ["--multirun", "seed=0,1", "trainer=default,gpu"], "trainer=gpu: conf/trainer/ has no gpu.yaml; "
+                                                                        "did you mean trainer=cpu? trainer is one of cpu, default"),
+    ("finetune", "online", ["--multirun", "ckpt=x,y", "finetune.target=bon,som", "finetune.alpah=3"],
+     "unknown finetune.alpah; did you mean finetune.alpha?"),
+    ("evaluate", None, ["--multirun", "ckpt=x,y", "+episodes=3"],
+     "episodes is in the config already: set it without the +, episodes=3"),
 ])
 def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phase, args, message):
     """Hydra's own answer ("To append to your config use +eval.episode=2") would make the typo a key nothing reads."""
@@ -706,9 +716,24 @@ def test_finetune_answers_a_checkpoint_key_from_the_runs_recorded_config(tmp_pat
 
 
 @pytest.mark.parametrize("args", [["conf=robomimic_lift", "eval.episodes=2", "+algo.agent.time_dim=8"],
-                                  ["hydra/job_logging=defalt"], ["--help"], ["-m", "seed=1,2"]])
+                                  ["hydra/job_logging=defalt"], ["--help"], ["-m", "seed=1,2"],
+                                  ["--multirun", "algo=glob(*)", "seed=range(0,3)"], ["-m", "--cfg", "job", "x=1"]])
 def test_command_lines_without_unknown_keys_are_left_to_hydra(args):
     assert check_command_line("fit", "offline", args) is None
+
+
+def test_a_refused_sweep_job_removes_only_the_directories_made_for_it(tmp_path):
+    """``--multirun`` over run directories: a refused job removes the empty directories Hydra made for its own
+    run_dir, up to the one that existed before the command, and never an empty directory that existed before."""
+    from manip.fit import discard_if_empty
+
+    existing = tmp_path / "kept_empty"
+    existing.mkdir()
+    check_command_line("fit", "offline", ["--multirun", f"run_dir={existing / 'b'},{tmp_path / 'new' / 'a'}"])
+    for run_dir in (existing / "b", tmp_path / "new" / "a"):  # as Hydra makes each job's directory
+        run_dir.mkdir(parents=True)
+        discard_if_empty(run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept_empty"] and not any(existing.iterdir())
 
 
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
