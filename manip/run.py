@@ -6,8 +6,10 @@ import contextlib
 import csv
 import difflib
 import errno
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -349,8 +351,10 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     args = sys.argv[1:] if args is None else args
     if flags := [arg for arg in args if arg.startswith("-")]:
         if set(flags) <= {"--multirun", "-m"}:
-            for job in _sweep_representatives([arg for arg in args if not arg.startswith("-")]):
+            values = _sweep_values([arg for arg in args if not arg.startswith("-")])
+            for job in _sweep_representatives(values):
                 check_command_line(command, phase, job)
+            _check_sweep_outputs(command, values)
         return
     for arg in args:
         if "=" not in arg and not arg.startswith("~"):  # Hydra's answer: "mismatched input '.' expecting <EOF>"
@@ -397,21 +401,97 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     sys.exit(f"manip.{command}: {error}")
 
 
-def _sweep_representatives(args: list[str]) -> list[list[str]]:
-    """Command lines of single jobs that together use every value of every sweep in ``args`` (``algo=mvp,qcc
-    seed=0,1`` -> ``algo=mvp seed=0``, ``algo=qcc seed=0``, ``algo=mvp seed=1``): one per value rather than one per
-    combination, since a key or group option that fails does so whatever the other sweeps' values. ``[args]`` when
-    Hydra's parser cannot expand them (a ``glob``), which then reports them itself."""
+def _sweep_values(args: list[str]) -> list[list[str]] | None:
+    """Per item of a ``--multirun`` command line, the items its jobs get (``seed=0,1`` -> ``["seed=0", "seed=1"]``),
+    as Hydra's sweeper expands them; None where Hydra's parser cannot expand them (a ``glob``) and reports them
+    itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        values = [[f"{item.get_key_element()}={value}" for value in item.sweep_string_iterator()]
-                  if item.is_sweep_override() else [item.input_line]
-                  for item in OverridesParser.create().parse_overrides(args)]
+        return [[f"{item.get_key_element()}={value}" for value in item.sweep_string_iterator()]
+                if item.is_sweep_override() else [item.input_line]
+                for item in OverridesParser.create().parse_overrides(args)]
     except Exception:  # noqa: BLE001 - Hydra's parser and sweeps raise HydraException and others
-        return [args]
+        return None
+
+
+def _sweep_representatives(values: list[list[str]] | None) -> list[list[str]]:
+    """Command lines of single jobs that together use every value of every sweep (``algo=mvp,qcc seed=0,1`` ->
+    ``algo=mvp seed=0``, ``algo=qcc seed=0``, ``algo=mvp seed=1``): one per value rather than one per combination,
+    since a key or group option that fails does so whatever the other sweeps' values. None of them when
+    :func:`_sweep_values` could not expand the sweep."""
+    if values is None:
+        return []
     first = [choices[0] for choices in values]
     return [first] + [first[:i] + [value] + first[i + 1:] for i, choices in enumerate(values) for value in choices[1:]]
+
+
+_SWEEP_OUTPUT = {"fit": "run_dir", "finetune": "run_dir", "evaluate": "out", "export": "out"}
+_MAX_SWEEP_CHECK = 64  # jobs whose outputs are compared before the sweep (each a Hydra composition, ~0.1 s)
+
+
+def _default_finetune_dir(cfg: DictConfig) -> Path:
+    """Fine-tuning's default run_dir for ``cfg.ckpt`` as if it were an offline run's checkpoint (the command line
+    alone does not say)."""
+    from manip.finetune import default_run_dir
+
+    return default_run_dir(cfg.ckpt, {}, cfg.finetune.target)
+
+
+def _interpolable(item: str, cfg: DictConfig) -> str | None:
+    """The key whose ``${...}`` shows ``item``'s value in a path: ``seed=1`` -> ``seed``, ``algo=qc`` ->
+    ``algo.name``; None for a section or a key the config lacks."""
+    name = item.partition("=")[0].lstrip("+~")
+    value = OmegaConf.select(cfg, name, default=None)
+    if isinstance(value, DictConfig):
+        return f"{name}.name" if isinstance(value.get("name"), (str, int)) else None
+    return None if value is None or OmegaConf.is_config(value) else name
+
+
+def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
+    """Two jobs of one sweep that would write to the same ``run_dir`` (``out``) end the command before the first job
+    starts, in one line naming the keys they differ in: the later job would be refused only once the earlier one
+    is done. A ``run_dir`` with the time in it (fit's default) and an unset ``out`` differ from job to job;
+    finetune's default ``run_dir`` is the same for the same ``ckpt``, ``finetune.target`` and seed."""
+    from hydra import compose, initialize_config_dir
+
+    key = _SWEEP_OUTPUT.get(command)
+    if key is None or values is None or math.prod(len(choices) for choices in values) > _MAX_SWEEP_CHECK:
+        return
+    jobs = [list(job) for job in itertools.product(*values)]  # Hydra's basic sweeper numbers them in this order
+    seen: dict[Any, int] = {}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
+        for num, job in enumerate(jobs):
+            try:
+                cfg = compose(command, overrides=job)
+                raw = cfg._get_node(key)._value()
+                if raw is not None and "${now:" in str(raw):
+                    return  # named by the time each job starts
+                where = cfg[key]
+            except Exception:  # noqa: BLE001 - an interpolation only the job can resolve (${hydra:job.num}), ...
+                return
+            if where is None:
+                if command != "finetune":
+                    continue
+                seed = [item for item in job if item.partition("=")[0].lstrip("+") == "seed"]
+                where = ("default", os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, *seed)
+                shown = f"the default run_dir of ckpt={cfg.ckpt} finetune.target={cfg.finetune.target}"
+            else:
+                where = os.path.abspath(os.path.expanduser(str(where)))
+                shown = f"{key}={cfg[key]}"
+            if where in seen:
+                first = seen[where]
+                differ = [item for item in job if item not in jobs[first]]
+                base = str(raw) if raw is not None else str(_default_finetune_dir(cfg))
+                swept = [choices[0] for choices in values if len(choices) > 1]
+                example = "".join(f"_${{{name}}}" for item in swept
+                                  if (name := _interpolable(item, cfg)) and f"${{{name}}}" not in base)
+                suffix = Path(base).suffix if key == "out" else ""  # r.json -> r_${episodes}.json
+                stem = base[:len(base) - len(suffix)]
+                hint = f", e.g. {key}='{stem}{example}{suffix}'" if example else ""
+                sys.exit(f"manip.{command}: --multirun jobs #{first} and #{num} would both write to {shown} "
+                         f"(they differ in {' '.join(differ)}); give each job its own {key}{hint}")
+            seen[where] = num
 
 
 def _exit_on_composition_error(command: str, err: Exception, args: list[str]) -> None:

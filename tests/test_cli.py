@@ -691,6 +691,20 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
      "unknown finetune.alpah; did you mean finetune.alpha?"),
     ("evaluate", None, ["--multirun", "ckpt=x,y", "+episodes=3"],
      "episodes is in the config already: set it without the +, episodes=3"),
+    # --multirun: two jobs writing into one run directory (file) are refused before the first job, not after it
+    ("fit", "offline", ["--multirun", "run_dir=runs/x", "data.batch_size=32,64", "seed=0,1"],
+     "--multirun jobs #0 and #1 would both write to run_dir=runs/x (they differ in seed=1); give each job its own "
+     "run_dir, e.g. run_dir='runs/x_${data.batch_size}_${seed}'"),
+    ("fit", "offline", ["-m", "run_dir=runs/x_${seed}", "algo=mvp,qc", "seed=0,1"],
+     "--multirun jobs #0 and #2 would both write to run_dir=runs/x_0 (they differ in algo=qc); give each job its own "
+     "run_dir, e.g. run_dir='runs/x_${seed}_${algo.name}'"),
+    ("finetune", "online", ["--multirun", "ckpt=/ckpts/run/checkpoints/last.ckpt", "finetune.alpha=1,10"],
+     "--multirun jobs #0 and #1 would both write to the default run_dir of ckpt=/ckpts/run/checkpoints/last.ckpt "
+     "finetune.target=bon (they differ in finetune.alpha=10); give each job its own run_dir, e.g. "
+     "run_dir='/ckpts/run/finetune_bon_${finetune.alpha}'"),
+    ("evaluate", None, ["--multirun", "ckpt=x", "episodes=1,2", "out=r.json"],
+     "--multirun jobs #0 and #1 would both write to out=r.json (they differ in episodes=2); give each job its own "
+     "out, e.g. out='r_${episodes}.json'"),
 ])
 def test_a_key_the_config_lacks_is_one_line_naming_the_closest_key(command, phase, args, message):
     """Hydra's own answer ("To append to your config use +eval.episode=2") would make the typo a key nothing reads."""
@@ -720,6 +734,18 @@ def test_finetune_answers_a_checkpoint_key_from_the_runs_recorded_config(tmp_pat
                                   ["--multirun", "algo=glob(*)", "seed=range(0,3)"], ["-m", "--cfg", "job", "x=1"]])
 def test_command_lines_without_unknown_keys_are_left_to_hydra(args):
     assert check_command_line("fit", "offline", args) is None
+
+
+@pytest.mark.parametrize(("command", "phase", "args"), [
+    ("fit", "offline", ["--multirun", "data.batch_size=32,64", "seed=0,1"]),  # the default run_dir has the time in it
+    ("fit", "offline", ["--multirun", "run_dir=runs/x_${hydra:job.num}", "seed=0,1"]),  # resolved by each job
+    ("finetune", "online", ["--multirun", "ckpt=/c/run/checkpoints/last.ckpt", "finetune.target=bon,som"]),
+    ("finetune", "online", ["--multirun", "ckpt=/c/run/checkpoints/last.ckpt", "+seed=0,1"]),
+    ("finetune", "online", ["--multirun", "ckpt=/c/a/checkpoints/last.ckpt,/c/b/checkpoints/last.ckpt"]),
+    ("evaluate", None, ["--multirun", "ckpt=x", "episodes=1,2"]),  # each result gets the first free name
+])
+def test_sweeps_whose_jobs_write_to_their_own_places_pass(command, phase, args):
+    assert check_command_line(command, phase, args) is None
 
 
 def test_a_refused_sweep_job_removes_only_the_directories_made_for_it(tmp_path):
