@@ -12,12 +12,19 @@ import sys
 _refused: list[str] = []  # "#<job> (<overrides>): <message>" of this process's sweep
 
 
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 def current_job() -> str | None:
-    """``#<num> (<the job's overrides>)`` inside a ``--multirun`` job; None in a single run."""
+    """``#<num> (<the job's overrides>)`` inside a ``--multirun`` job that Hydra's basic launcher runs (in this
+    process, one job after another); None in a single run, or where another launcher runs jobs in processes of its
+    own, from which a refusal recorded here would not come back."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if HydraConfig.get().launcher.get("_target_") != _BASIC_LAUNCHER:
         return None
     job = HydraConfig.get()
     overrides = re.sub(r"\\(.)", r"\1", " ".join(job.overrides.task))  # as typed: Hydra escapes ${...} as $\{...\}
