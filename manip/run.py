@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -115,17 +117,30 @@ class StopOnCtrlC(Callback):
     after the last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep
     Lightning's handling), and not for a signal the process ignores (a background job keeps running when the
     terminal's Ctrl-C is meant for the foreground). ``requested``: the signal that stopped training, or None.
+
+    In a SLURM job, SIGUSR1 (SLURM's warning before the time limit, ``#SBATCH --signal=SIGUSR1@90``) stops training
+    the same way, and ``run_command`` then requeues the job (:func:`requeue_slurm_job`). It replaces Lightning's
+    auto-requeue, which saves a checkpoint from inside the signal handler, wherever the update then is.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1"}
 
     def __init__(self) -> None:
         self.requested: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
 
+    def _handles_signals(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+
+    def setup(self, trainer, module, stage) -> None:
+        # Before Lightning installs its SLURM requeue handler, which it leaves out where a SIGUSR1 handler exists.
+        if SLURMEnvironment.detect() and self._handles_signals(trainer):
+            self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._request)
+
     def on_train_start(self, trainer, module) -> None:
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+        if self._handles_signals(trainer):
             self._trainer = trainer
             for signum in self.SIGNALS:
                 if signal.getsignal(signum) is not signal.SIG_IGN:
@@ -135,9 +150,9 @@ class StopOnCtrlC(Callback):
         self.requested = signal.Signals(signum)
         if self._trainer is not None:  # checked once this batch's callbacks (an evaluation among them) are done
             self._trainer.should_stop = True
-        # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM as the system's default
+        # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM (SIGUSR1) as the system's default
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        name = self.NAMES[self.requested]
         LOG.info(f"{name}: stopping once this update (or evaluation) ends, then saving last.ckpt ({name} again stops "
                  f"at once, saving nothing)")
 
@@ -155,9 +170,26 @@ class StopOnCtrlC(Callback):
 
 
 def stop_signal(trainer: L.Trainer) -> signal.Signals | None:
-    """The signal (SIGINT or SIGTERM) that stopped ``trainer`` (:class:`StopOnCtrlC`), or None."""
+    """The signal (SIGINT, SIGTERM or, in a SLURM job, SIGUSR1) that stopped ``trainer`` (:class:`StopOnCtrlC`), or
+    None."""
     return next((callback.requested for callback in trainer.callbacks
                  if isinstance(callback, StopOnCtrlC) and callback.requested), None)
+
+
+def requeue_slurm_job() -> tuple[str, str | None]:
+    """``scontrol requeue`` for this SLURM job (an array task as ``<array job>_<task>``): (job, None) once SLURM took
+    it, (job, why not) otherwise."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return job, "SLURM_JOB_ID is not set"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return job, str(err)
+    why = (done.stderr or done.stdout).strip().splitlines()
+    return job, None if done.returncode == 0 else (why[-1] if why else f"scontrol exited with {done.returncode}")
 
 
 def final_evaluation_interrupted(trainer: L.Trainer) -> bool:
@@ -922,13 +954,20 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
         stopped_by = stop_signal(trainer)
         if stopped_by or final_evaluation_interrupted(trainer):
             last = checkpoints / "last.ckpt"
-            how = "interrupted" if stopped_by == signal.SIGINT else "stopped by SIGTERM"
-            message = (f"manip.{name}: {how} at step {trainer.global_step}; {last} holds it, and the same "
-                       f"command continues the run" if stopped_by else
+            how = "interrupted" if stopped_by == signal.SIGINT else f"stopped by {StopOnCtrlC.NAMES.get(stopped_by)}"
+            status = 143 if stopped_by == signal.SIGTERM else 130  # 128 + the signal's number, as a shell reports
+            then = "the same command continues the run"
+            if stopped_by == signal.SIGUSR1:  # SLURM's warning: the requeued job runs the same command
+                job, failed = requeue_slurm_job()
+                then = (f"SLURM job {job} is requeued: its same command continues the run" if failed is None else
+                        f"requeueing SLURM job {job} failed ({failed}); the same command continues the run")
+                status = 0 if failed is None else 1
+            message = (f"manip.{name}: {how} at step {trainer.global_step}; {last} holds it, and {then}"
+                       if stopped_by else
                        f"manip.{name}: final evaluation interrupted; {last} holds the run's final step "
                        f"{trainer.global_step} (python -m manip.evaluate ckpt={last} evaluates it)")
             log.file_only(message, logging.ERROR)
             print(message, file=sys.stderr)
-            sys.exit(143 if stopped_by == signal.SIGTERM else 130)  # 128 + the signal's number, as a shell reports
+            sys.exit(status)
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

@@ -82,9 +82,10 @@ def test_episode_k_starts_from_the_same_state_whatever_the_number_of_envs():
             np.testing.assert_array_equal(a, b, err_msg=f"episode {k} with {num_envs} envs")
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGUSR1"])
 def test_env_workers_leave_ctrl_c_to_the_main_process(signame):
-    """A terminal's Ctrl-C (or a scheduler's SIGTERM to the job's processes) reaches the workers too: they ignore
+    """A terminal's Ctrl-C (or a scheduler's SIGTERM, or SLURM's SIGUSR1 warning, to the job's processes) reaches
+    the workers too: they ignore
     it (the main process stops training and closes them), and building the vector env (which makes one env in the
     main process) keeps the main's handler; closing the env ends its workers."""
     import os

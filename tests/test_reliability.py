@@ -449,28 +449,53 @@ def test_ctrl_c_during_training_saves_the_step_and_the_same_command_continues(cu
     """The first Ctrl-C (or a scheduler's SIGTERM) ends training after the update in progress: last.ckpt at that
     step, no final evaluation, one line naming the step and status 130 (143); running the command again resumes
     from there."""
+    _signal_during_fit_saves_the_step_and_resumes(cube_single_npz, tmp_path, signum, status,
+                                                  rf"{how} at step (\d+); (.+) holds it, and the same command "
+                                                  r"continues the run", SUBPROCESS_ENV)
+
+
+def test_slurm_s_warning_signal_saves_the_step_and_requeues_the_job(cube_single_npz, tmp_path):
+    """In a SLURM job, SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) stops training as SIGTERM does, then ``scontrol
+    requeue <job>`` (an executable on PATH standing in for SLURM's) and status 0; Lightning's auto-requeue, which
+    saves ``hpc_ckpt_1.ckpt`` from inside its signal handler, stays out."""
+    stand_in = tmp_path / "bin" / "scontrol"
+    stand_in.parent.mkdir()
+    stand_in.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    stand_in.chmod(0o755)
+    env = {**SUBPROCESS_ENV, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit",
+           "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0"}
+    _signal_during_fit_saves_the_step_and_resumes(cube_single_npz, tmp_path, signal.SIGUSR1, 0,
+                                                  r"stopped by SIGUSR1 at step (\d+); (.+) holds it, and SLURM job "
+                                                  r"4242 is requeued: its same command continues the run", env)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert not list((tmp_path / "run").glob("hpc_ckpt*"))
+
+
+def _signal_during_fit_saves_the_step_and_resumes(npz: Path, tmp_path: Path, signum: int, status: int, line: str,
+                                                  env: dict) -> None:
+    """``signum`` to a training ``manip.fit``: ``last.ckpt`` at the step it names in its last line (``manip.fit: `` +
+    ``line``, groups: step and checkpoint), ``status``, no final evaluation; the same command then resumes."""
     run_dir = tmp_path / "run"
-    overrides = fit_overrides(cube_single_npz, run_dir, 100000, "eval.final_episodes=2",
-                              "checkpoint.every_n_steps=0")
+    overrides = fit_overrides(npz, run_dir, 100000, "eval.final_episodes=2", "checkpoint.every_n_steps=0")
     log_path = tmp_path / "fit.out"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=log, stderr=subprocess.PIPE,
-                                text=True, env=SUBPROCESS_ENV)
+                                text=True, env=env)
         deadline = time.time() + 120
         while not (run_dir / "offline" / "metrics.csv").exists() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)  # well inside training
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
-    last = stderr.strip().splitlines()[-1]
-    match = re.fullmatch(rf"manip\.fit: {how} at step (\d+); (.+) holds it, and the same command continues "
-                         r"the run", last)
+    match = re.fullmatch(rf"manip\.fit: {line}", stderr.strip().splitlines()[-1])
     assert proc.returncode == status and match, stderr
     step = int(match.group(1))
     assert Path(match.group(2)) == run_dir / "checkpoints" / "last.ckpt"
     assert 0 < step < 100000 and torch.load(match.group(2), weights_only=False)["global_step"] == step
     assert "eval.final_episodes" not in log_path.read_text() and "Traceback" not in stderr
-    trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, step + 5, "checkpoint.every_n_steps=0"))
+    trainer, _ = run_fit(fit_overrides(npz, run_dir, step + 5, "checkpoint.every_n_steps=0"))
     assert trainer.global_step == step + 5  # resumed, not restarted
 
 

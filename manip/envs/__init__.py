@@ -87,8 +87,8 @@ class EpisodeSeeds(gym.Wrapper):
 
 def _leaving_signals_to_the_parent(make_env: Callable[[], gym.Env], parent_pid: int) -> gym.Env:
     if os.getpid() != parent_pid:  # a worker (AsyncVectorEnv also makes one env in the parent)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: SLURM's time-limit warning
+            signal.signal(signum, signal.SIG_IGN)
     return make_env()
 
 
@@ -122,7 +122,7 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
     asynchronous = num_envs > 1 if asynchronous is None else asynchronous
     mode = gym.vector.AutoresetMode.SAME_STEP
     if asynchronous:
-        # Ctrl-C in a terminal, and a scheduler's SIGTERM, reach the whole process group: the workers leave them to
+        # Ctrl-C in a terminal, a scheduler's SIGTERM and SLURM's SIGUSR1 reach the whole job: the workers leave them to
         # the main process, which decides what stops (see manip.run.StopOnCtrlC) and closes them.
         fns = [functools.partial(_leaving_signals_to_the_parent, fn, os.getpid()) for fn in fns]
         env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
