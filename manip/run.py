@@ -623,6 +623,11 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     max_steps = (cfg.get("trainer") or {}).get("max_steps")
     if max_steps is not None:  # Lightning checks the range, but a string ends in a TypeError naming no key
         check_int(max_steps, "trainer.max_steps", -1)
+    precision = str((cfg.get("trainer") or {}).get("precision"))
+    if precision in _HALF_WEIGHTS:
+        raise SettingError(f"trainer.precision={precision} keeps the weights in half precision, which manip does "
+                           f"not train (MVP's total derivative runs in float32); use trainer.precision="
+                           f"{_HALF_WEIGHTS[precision]}: float32 weights, half-precision compute")
     algo = cfg.get("algo")
     data_horizon = (cfg.get("data") or {}).get("horizon")
     if algo is not None and data_horizon is not None and data_horizon != algo.get("horizon"):
@@ -639,6 +644,9 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
         check_offline_fraction(online.pop("offline_fraction", None))
         OnlineConfig.from_settings(online)
 
+
+# Lightning precisions whose weights are half floats, with the mixed precision to use instead.
+_HALF_WEIGHTS = {"bf16-true": "bf16-mixed", "16-true": "16-mixed"}
 
 # Data settings that select or relabel a run's transitions (the dataset file itself is compared by path).
 _DATA_KEYS = ("_target_", "obs_keys", "filter_key", "reward_mode", "dataset_name", "max_transitions", "discount")

@@ -8,6 +8,7 @@ compose) with tiny networks on the session's small cube-single file.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import shutil
@@ -259,6 +260,9 @@ BAD_RUN_SETTINGS = [
     ("module.lr=0", "module.lr must be > 0.0, got 0"),
     ("module.tau=1.5", "module.tau must be in (0.0, 1.0], got 1.5"),
     ("data.horizon=3", "data.horizon=3 but algo.horizon=5: the replay's chunks are the agent's chunks"),
+    ("trainer.precision=bf16-true", "trainer.precision=bf16-true keeps the weights in half precision, which manip "
+                                    "does not train (MVP's total derivative runs in float32); use "
+                                    "trainer.precision=bf16-mixed: float32 weights, half-precision compute"),
 ]
 
 
@@ -271,6 +275,36 @@ def test_fit_refuses_a_bad_setting_by_key_before_loading_data(setting, message, 
     with pytest.raises(SettingError, match=re.escape(message)):
         run_fit(overrides)
     assert not no_data_loading and not (run_dir / "checkpoints").exists()
+
+
+def test_mixed_precision_trains_with_float32_weights(cube_single_npz, tmp_path, monkeypatch):
+    """``trainer.precision=bf16-mixed`` (the fast setting on a GPU): the updates compute in bfloat16 where autocast
+    applies, the JVP in float32, and the weights, losses and checkpoint stay float32 and finite."""
+    from manip.algos import mvp
+
+    autocast, jvp_dtypes = [], []
+    actor_loss, jvp = mvp.MVPAgent.actor_loss, mvp.mean_velocity_and_derivative
+
+    def recording_actor_loss(self, *args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return actor_loss(self, *args, **kwargs)
+
+    def recording_jvp(*args):
+        u, dudt = jvp(*args)
+        jvp_dtypes.append((u.dtype, dudt.dtype))
+        return u, dudt
+
+    monkeypatch.setattr(mvp.MVPAgent, "actor_loss", recording_actor_loss)
+    monkeypatch.setattr(mvp, "mean_velocity_and_derivative", recording_jvp)
+    run_dir = tmp_path / "run"
+    trainer, module = run_fit(fit_overrides(cube_single_npz, run_dir, 5, "trainer.precision=bf16-mixed"))
+    assert autocast == [True] * 5 and set(jvp_dtypes) == {(torch.float32, torch.float32)}
+    assert trainer.global_step == 5 and trainer.precision == "bf16-mixed"
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    losses = logged_losses(run_dir)
+    assert len(losses) == 5 and all(math.isfinite(v) for pair in losses.values() for v in pair)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
 
 
 @pytest.mark.parametrize("algo,setting,message", [
@@ -305,6 +339,7 @@ BAD_FINETUNE_SETTINGS = [
     ("eval.num_envs=0", "eval.num_envs must be >= 1, got 0"),
     ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps must be >= 0, got -1"),
     ("+algo.agent.num_samples=0", "algo.agent.num_samples must be >= 1, got 0"),  # applied to the checkpoint's config
+    ("trainer.precision=16-true", "use trainer.precision=16-mixed"),
 ]
 
 
