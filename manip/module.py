@@ -199,6 +199,11 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
     return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite: the run stops before that update, and before it saves or evaluates weights
+    trained past the last finite losses."""
+
+
 class ManipModule(L.LightningModule):
     """Actor-critic agent + observation normalisation + (optionally) online collection.
 
@@ -253,6 +258,9 @@ class ManipModule(L.LightningModule):
         # False: a checkpoint's random states are not restored (a new fine-tuning run draws from its own seed)
         self.restore_random_states = True
         self.checkpoint_online_replay = True  # False while the step checkpoints are written (run.LastCheckpoint)
+        # Losses not yet checked for NaN / inf, kept on the device: on a GPU the check (a sync) waits for a logging
+        # step, a checkpoint or an evaluation (raise_if_diverged); elsewhere every update checks at once.
+        self._unchecked_losses: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     # ---------------------------------------------------------------------------------- acting
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -353,6 +361,9 @@ class ManipModule(L.LightningModule):
             if self.env_steps < self.online.start_training:
                 return None
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
+        self._unchecked_losses.append((self.global_step + 1, actor_loss.detach(), critic_loss.detach()))
+        if self.device.type != "cuda" or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.raise_if_diverged()  # before this update: the weights stay those of the last finite losses
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(actor_loss + critic_loss)  # both, so that DDP reduces every gradient as usual
@@ -376,6 +387,21 @@ class ManipModule(L.LightningModule):
                  on_epoch=False, batch_size=len(batch["actions"]))  # the progress bar's figure, not a column
         self._log_update_count()
         return None
+
+    def raise_if_diverged(self) -> None:
+        """Raises :class:`TrainingDiverged` naming the first update whose actor or critic loss was NaN or infinite
+        since the last check (and the weights that produced it)."""
+        unchecked, self._unchecked_losses = self._unchecked_losses, []
+        if not unchecked:
+            return
+        finite = torch.stack([torch.isfinite(a) & torch.isfinite(c) for _, a, c in unchecked]).tolist()
+        if all(finite):
+            return
+        step, actor, critic = unchecked[finite.index(False)]
+        raise TrainingDiverged(
+            f"training diverged: update {step} had actor loss {actor.item():.4g} and critic loss {critic.item():.4g}; "
+            f"the run stopped, and no weights trained past the last finite losses were saved or evaluated "
+            f"(a lower module.lr, module.grad_clip, or a look at the dataset's values)")
 
     def _log_update_count(self) -> None:
         """Sets the loggers' step of this batch's rows to the update count (``global_step``), as in evaluation rows

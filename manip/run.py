@@ -46,13 +46,14 @@ from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
 from manip.evaluation import evaluate_policy
 from manip.logs import LOG, RunLog
-from manip.module import ManipModule, OnlineConfig, check_module_settings, check_offline_fraction
+from manip.module import (ManipModule, OnlineConfig, TrainingDiverged, check_module_settings,
+                          check_offline_fraction)
 from manip.settings import (CONFIG_DIR, SettingError, cannot_write_in, check_int, check_known_keys, check_real,
                             check_threads, find_class, first_free_path, unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
-USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError)
+USER_ERRORS = (CheckpointError, DatasetError, EnvMismatchError, SettingError, TrainingDiverged)
 
 # Manual optimisation checkpoints the state after the update; that is what we want.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
@@ -101,6 +102,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         module = trainer.lightning_module
+        module.raise_if_diverged()  # never a checkpoint of weights trained on NaN losses
         module.checkpoint_online_replay = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         try:
             super()._save_checkpoint(trainer, filepath)
@@ -230,6 +232,7 @@ class PeriodicEvaluation(Callback):
         # The end-of-training evaluation still runs when a periodic one just ran with fewer episodes.
         if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
+        module.raise_if_diverged()
         self.last = (trainer.global_step, episodes)
         started = time.perf_counter()
         LOG.info(f"step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "

@@ -333,6 +333,49 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
 
 
+# ----------------------------------------------------------------------------------------- divergence
+def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cube_single_npz, tmp_path):
+    """A learning rate that blows the losses up: the run stops at the first NaN / infinite loss, naming the update,
+    and every checkpoint and evaluation (one per update) precedes that update."""
+    from manip.module import TrainingDiverged
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"training diverged: update (\d+) had actor loss .* and critic loss "
+                                               r".*; the run stopped") as diverged:
+        run_fit(fit_overrides(cube_single_npz, run_dir, 50, "module.lr=1e6", "checkpoint.every_n_steps=1",
+                              "eval.every_n_steps=1", "eval.episodes=1", "eval.final_episodes=1"))
+    update = int(re.search(r"update (\d+)", str(diverged.value)).group(1))
+    saved = sorted(int(p.stem.removeprefix("step")) for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    assert 1 < update < 50 and saved == list(range(1, update)), (update, saved)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == update - 1
+    evaluated = [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert evaluated == list(range(1, update))
+    # without a checkpoint or an evaluation due, it stops at that update too, not at the end of training
+    with pytest.raises(TrainingDiverged, match=rf"update {update} had"):
+        run_fit(fit_overrides(cube_single_npz, tmp_path / "run2", 50, "module.lr=1e6", "checkpoint.every_n_steps=0"))
+    assert max(logged_losses(tmp_path / "run2")) == update - 1
+
+
+def test_losses_checked_later_still_name_the_first_non_finite_update():
+    """On a GPU the losses wait on the device for a logging step, a checkpoint or an evaluation: the check then names
+    the first bad update among them, and clears them."""
+    from functools import partial
+
+    from manip.algos.mvp import MVPAgent
+    from manip.module import ManipModule, TrainingDiverged
+
+    module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1,
+                         stats={"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3})
+    finite = torch.tensor(1.0)
+    module._unchecked_losses = [(4, finite, finite), (5, finite, torch.tensor(float("inf"))),
+                                (6, torch.tensor(float("nan")), finite)]
+    with pytest.raises(TrainingDiverged, match="update 5 had actor loss 1 and critic loss inf"):
+        module.raise_if_diverged()
+    module._unchecked_losses = [(7, finite, finite)]
+    module.raise_if_diverged()  # finite: no error, and nothing left to check
+    assert module._unchecked_losses == []
+
+
 # ------------------------------------------------------------------------------------------- full disk
 def _file_size_limit(limit: int):
     """For a subprocess: files it writes end at ``limit`` bytes (writes past it fail with EFBIG, as a full disk or a
