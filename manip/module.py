@@ -390,18 +390,28 @@ class ManipModule(L.LightningModule):
 
     def raise_if_diverged(self) -> None:
         """Raises :class:`TrainingDiverged` naming the first update whose actor or critic loss was NaN or infinite
-        since the last check (and the weights that produced it)."""
+        since the last check (and the weights that produced it). Under DDP every process calls it at the same
+        updates (each appends one entry per update) and all of them stop at the first bad update of any."""
         unchecked, self._unchecked_losses = self._unchecked_losses, []
         if not unchecked:
             return
-        finite = torch.stack([torch.isfinite(a) & torch.isfinite(c) for _, a, c in unchecked]).tolist()
-        if all(finite):
+        finite = torch.stack([torch.isfinite(a) & torch.isfinite(c) for _, a, c in unchecked])
+        steps = torch.tensor([step for step, _, _ in unchecked], device=finite.device)
+        never = int(steps.max()) + 1
+        first = torch.where(finite, never, steps).min()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)  # one process's bad loss stops all
+        first = int(first)
+        if first == never:
             return
-        step, actor, critic = unchecked[finite.index(False)]
+        here = [(a, c) for (step, a, c), ok in zip(unchecked, finite.tolist()) if step == first and not ok]
+        losses = (f"actor loss {here[0][0].item():.4g} and critic loss {here[0][1].item():.4g}" if here else
+                  "a NaN or infinite loss in another process")
         raise TrainingDiverged(
-            f"training diverged: update {step} had actor loss {actor.item():.4g} and critic loss {critic.item():.4g}; "
-            f"the run stopped, and no weights trained past the last finite losses were saved or evaluated "
-            f"(a lower module.lr, module.grad_clip, or a look at the dataset's values)")
+            f"training diverged: update {first} had {losses}; the run stopped, and no weights trained past the last "
+            f"finite losses were saved or evaluated (a lower module.lr, module.grad_clip, or a look at the dataset's "
+            f"values)")
 
     def _log_update_count(self) -> None:
         """Sets the loggers' step of this batch's rows to the update count (``global_step``), as in evaluation rows

@@ -230,10 +230,12 @@ class PeriodicEvaluation(Callback):
         from manip.envs import make_vector_env
 
         # The end-of-training evaluation still runs when a periodic one just ran with fewer episodes.
-        if trainer.global_rank != 0 or episodes <= 0 or self.last >= (trainer.global_step, episodes):
+        if episodes <= 0 or self.last >= (trainer.global_step, episodes):
             return
-        module.raise_if_diverged()
         self.last = (trainer.global_step, episodes)
+        module.raise_if_diverged()  # on every process (under DDP the check is collective)
+        if trainer.global_rank != 0:
+            return
         started = time.perf_counter()
         LOG.info(f"step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
                  f"simulator{'s' if self.num_envs > 1 else ''}")

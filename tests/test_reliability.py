@@ -376,6 +376,53 @@ def test_losses_checked_later_still_name_the_first_non_finite_update():
     assert module._unchecked_losses == []
 
 
+def _diverged_on_one_rank(rank: int, port: int, results) -> None:
+    """A DDP process of :func:`test_a_loss_that_diverges_in_one_ddp_process_stops_every_process`."""
+    from functools import partial
+
+    import torch.distributed as dist
+
+    from manip.algos.mvp import MVPAgent
+    from manip.module import ManipModule, TrainingDiverged
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1,
+                             stats={"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3})
+        ok, bad = torch.tensor(1.0), torch.tensor(float("nan"))
+        module._unchecked_losses = [(8, ok, ok), (9, ok, bad if rank == 1 else ok), (10, ok, ok)]
+        try:
+            module.raise_if_diverged()
+            results.put((rank, None))
+        except TrainingDiverged as err:
+            results.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_that_diverges_in_one_ddp_process_stops_every_process():
+    """Under DDP a NaN in one process's loss (its own batch) stops every process at the same update, so that none
+    waits for the others in the next gradient all-reduce; the other process says where the loss went bad."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_diverged_on_one_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    try:
+        messages = dict(results.get(timeout=120) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=60)
+    assert messages[1].startswith("training diverged: update 9 had actor loss 1 and critic loss nan; ")
+    assert messages[0].startswith("training diverged: update 9 had a NaN or infinite loss in another process; ")
+
+
 # ------------------------------------------------------------------------------------------- full disk
 def _file_size_limit(limit: int):
     """For a subprocess: files it writes end at ``limit`` bytes (writes past it fail with EFBIG, as a full disk or a
