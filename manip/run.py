@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from manip import run_lock, sweep
 from manip.algos.base import check_agent_settings
-from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in
+from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in, require_ckpt
 from manip.cli_args import interrupted_by_ctrl_c, raise_if_interrupted
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
@@ -389,8 +389,15 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     if flags := [arg for arg in args if arg.startswith("-")]:
         if set(flags) <= {"--multirun", "-m"}:
             values = _sweep_values([arg for arg in args if not arg.startswith("-")])
-            for job in _sweep_representatives(values):
+            jobs = _sweep_representatives(values)
+            for job in jobs:
                 check_command_line(command, phase, job)
+            if jobs and command != "fit":  # every job would refuse a missing ckpt alike
+                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
+                    try:
+                        require_ckpt(compose(command, overrides=jobs[0]))
+                    except CheckpointError as err:
+                        sys.exit(f"manip.{command}: {err}")
             _check_sweep_outputs(command, values)
         return
     for arg in args:
@@ -505,13 +512,14 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
                 if raw is not None and "${now:" in str(raw):
                     return  # named by the time each job starts
                 where = cfg[key]
-            except Exception:  # noqa: BLE001 - an interpolation only the job can resolve (${hydra:job.num}), ...
-                return
+                if where is None and command == "finetune":
+                    seed = [item for item in job if item.partition("=")[0].lstrip("+") == "seed"]
+                    where = ("default", os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, *seed)
+            except Exception:  # noqa: BLE001 - resolved only in the job (${hydra:job.num}), a missing ckpt, ...
+                return  # the job reports it
             if where is None:
-                if command != "finetune":
-                    continue
-                seed = [item for item in job if item.partition("=")[0].lstrip("+") == "seed"]
-                where = ("default", os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, *seed)
+                continue
+            if isinstance(where, tuple):
                 shown = f"the default run_dir of ckpt={cfg.ckpt} finetune.target={cfg.finetune.target}"
             else:
                 where = os.path.abspath(os.path.expanduser(str(where)))

@@ -702,6 +702,9 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
      "--multirun jobs #0 and #1 would both write to the default run_dir of ckpt=/ckpts/run/checkpoints/last.ckpt "
      "finetune.target=bon (they differ in finetune.alpha=10); give each job its own run_dir, e.g. "
      "run_dir='/ckpts/run/finetune_bon_${finetune.alpha}'"),
+    ("finetune", "online", ["--multirun", "finetune.alpha=1,2"],
+     "ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt"),
+    ("evaluate", None, ["-m", "episodes=1,2"], "ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt"),
     ("evaluate", None, ["--multirun", "ckpt=x", "episodes=1,2", "out=r.json"],
      "--multirun jobs #0 and #1 would both write to out=r.json (they differ in episodes=2); give each job its own "
      "out, e.g. out='r_${episodes}.json'"),
