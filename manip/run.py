@@ -139,6 +139,7 @@ class StopOnCtrlC(Callback):
     def setup(self, trainer, module, stage) -> None:
         # Before Lightning installs its SLURM requeue handler, which it leaves out where a SIGUSR1 handler exists.
         if SLURMEnvironment.detect() and self._handles_signals(trainer):
+            self._trainer = trainer
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._request)
 
     def on_train_start(self, trainer, module) -> None:
@@ -149,9 +150,12 @@ class StopOnCtrlC(Callback):
                     self._previous[signum] = signal.signal(signum, self._request)
 
     def _request(self, signum, frame) -> None:
+        if self._trainer is None:  # put back by Lightning's own restore after training ended: the default action
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         self.requested = signal.Signals(signum)
-        if self._trainer is not None:  # checked once this batch's callbacks (an evaluation among them) are done
-            self._trainer.should_stop = True
+        self._trainer.should_stop = True  # checked once this batch's callbacks (an evaluation among them) are done
         # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM (SIGUSR1) as the system's default
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         name = self.NAMES[self.requested]

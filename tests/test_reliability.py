@@ -563,6 +563,27 @@ def test_slurm_s_warning_signal_saves_the_step_and_requeues_the_job(cube_single_
     assert not list((tmp_path / "run").glob("hpc_ckpt*"))
 
 
+_SIGUSR1_AFTER_TRAINING = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from entry_points import run_fit
+run_fit(sys.argv[2:])
+os.kill(os.getpid(), signal.SIGUSR1)
+print("still running")
+"""
+
+
+def test_slurm_s_warning_signal_after_training_has_its_default_action(cube_single_npz, tmp_path):
+    """Lightning restores, after training, the SIGUSR1 handler it found when training started, which is manip's:
+    that handler then acts as the signal's default (the process ends), not as a request to a finished run."""
+    env = {**SUBPROCESS_ENV, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit", "SLURM_JOB_ID": "4242",
+           "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    done = subprocess.run([sys.executable, "-c", _SIGUSR1_AFTER_TRAINING, str(Path(__file__).parent),
+                           *fit_overrides(cube_single_npz, tmp_path / "run", 2)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == -signal.SIGUSR1 and "still running" not in done.stdout, done.stderr[-2000:]
+
+
 def _signal_during_fit_saves_the_step_and_resumes(npz: Path, tmp_path: Path, signum: int, status: int, line: str,
                                                   env: dict) -> None:
     """``signum`` to a training ``manip.fit``: ``last.ckpt`` at the step it names in its last line (``manip.fit: `` +
