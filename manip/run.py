@@ -512,7 +512,7 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
         for num, job in enumerate(jobs):
             try:
                 cfg = compose(command, overrides=job)
-                raw = cfg._get_node(key)._value()
+                raw = OmegaConf.to_container(cfg, resolve=False).get(key)  # as written: ${now:...} unresolved
                 if raw is not None and "${now:" in str(raw):
                     return  # named by the time each job starts
                 where = cfg[key]
