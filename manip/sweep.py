@@ -2,7 +2,9 @@
 holds, a value out of range in one combination) prints its one line and the sweep goes on with the next job; once
 Hydra has run them all, the command ends with status 1 and a line per refused job (:func:`exit_if_refused`).
 
-A Ctrl-C, a full disk and a bug still end the sweep where they happen: the next job would meet them too."""
+A Ctrl-C and a full disk still end the sweep where they happen: the next job would meet them too. A bug (a
+traceback) is Hydra's to report: its basic launcher runs the other jobs and raises the first job's error at the end,
+without this summary."""
 
 from __future__ import annotations
 
