@@ -397,7 +397,7 @@ class ManipModule(L.LightningModule):
             return
         finite = torch.stack([torch.isfinite(a) & torch.isfinite(c) for _, a, c in unchecked])
         steps = torch.tensor([step for step, _, _ in unchecked], device=finite.device)
-        never = int(steps.max()) + 1
+        never = unchecked[-1][0] + 1  # the steps count up
         first = torch.where(finite, never, steps).min()
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_world_size() > 1:

@@ -393,15 +393,8 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
     if flags := [arg for arg in args if arg.startswith("-")]:
         if set(flags) <= {"--multirun", "-m"}:
             values = _sweep_values([arg for arg in args if not arg.startswith("-")])
-            jobs = _sweep_representatives(values)
-            for job in jobs:
+            for job in _sweep_representatives(values):
                 check_command_line(command, phase, job)
-            if jobs and command != "fit":  # every job would refuse a missing ckpt alike
-                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
-                    try:
-                        require_ckpt(compose(command, overrides=jobs[0]))
-                    except CheckpointError as err:
-                        sys.exit(f"manip.{command}: {err}")
             _check_sweep_outputs(command, values)
         return
     for arg in args:
@@ -424,6 +417,11 @@ def check_command_line(command: str, phase: str | None = None, args: list[str] |
             return
         else:
             _check_run_dir(command, composed)
+            if command != "fit":  # finetune, evaluate, export: every job of a sweep would refuse it alike
+                try:
+                    require_ckpt(composed)
+                except CheckpointError as err:
+                    sys.exit(f"manip.{command}: {err}")
             return
         if missing is None or missing.group(1).startswith("hydra."):
             return
@@ -503,6 +501,8 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
     finetune's default ``run_dir`` is the same for the same ``ckpt``, ``finetune.target`` and seed."""
     from hydra import compose, initialize_config_dir
 
+    from manip.finetune import command_seed
+
     key = _SWEEP_OUTPUT.get(command)
     if key is None or values is None or math.prod(len(choices) for choices in values) > _MAX_SWEEP_CHECK:
         return
@@ -515,19 +515,15 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
                 raw = OmegaConf.to_container(cfg, resolve=False).get(key)  # as written: ${now:...} unresolved
                 if raw is not None and "${now:" in str(raw):
                     return  # named by the time each job starts
-                where = cfg[key]
-                if where is None and command == "finetune":
-                    seed = [item for item in job if item.partition("=")[0].lstrip("+") == "seed"]
-                    where = ("default", os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, *seed)
-            except Exception:  # noqa: BLE001 - resolved only in the job (${hydra:job.num}), a missing ckpt, ...
+                if raw is not None:
+                    where, shown = os.path.abspath(os.path.expanduser(str(cfg[key]))), f"{key}={cfg[key]}"
+                elif command == "finetune":  # its default run_dir: one per checkpoint, target and seed
+                    where = (os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, command_seed(job))
+                    shown = f"the default run_dir of ckpt={cfg.ckpt} finetune.target={cfg.finetune.target}"
+                else:
+                    continue  # evaluate / export without out: each result takes the first free name
+            except Exception:  # noqa: BLE001 - resolved only in the job (${hydra:job.num}), ...
                 return  # the job reports it
-            if where is None:
-                continue
-            if isinstance(where, tuple):
-                shown = f"the default run_dir of ckpt={cfg.ckpt} finetune.target={cfg.finetune.target}"
-            else:
-                where = os.path.abspath(os.path.expanduser(str(where)))
-                shown = f"{key}={cfg[key]}"
             if where in seen:
                 first = seen[where]
                 differ = [item for item in job if item not in jobs[first]]

@@ -13,7 +13,6 @@ import sys
 
 _refused: list[str] = []  # "#<job> (<overrides>): <message>" of this process's sweep
 
-
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
@@ -24,13 +23,13 @@ def current_job() -> str | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not HydraConfig.initialized():
         return None
-    if HydraConfig.get().launcher.get("_target_") != _BASIC_LAUNCHER:
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN or hydra.launcher.get("_target_") != _BASIC_LAUNCHER:
         return None
-    job = HydraConfig.get()
-    overrides = re.sub(r"\\(.)", r"\1", " ".join(job.overrides.task))  # as typed: Hydra escapes ${...} as $\{...\}
-    return f"#{job.job.num} ({overrides})"
+    overrides = re.sub(r"\\(.)", r"\1", " ".join(hydra.overrides.task))  # as typed: Hydra escapes ${...} as $\{...\}
+    return f"#{hydra.job.num} ({overrides})"
 
 
 def go_on_after(command: str, message: str) -> bool:
@@ -48,10 +47,11 @@ def refuse(command: str, message: str) -> None:
     """A user error: ``manip.<command>: <message>`` on stderr; ends a single run with status 1, ends only the current
     job of a ``--multirun`` sweep."""
     line = f"manip.{command}: {message}"
-    if current_job() is None:
+    job = current_job()
+    if job is None:
         sys.exit(line)
     print(line, file=sys.stderr)
-    go_on_after(command, line)
+    _refused.append(f"{job}: {message}")
 
 
 def exit_if_refused(command: str) -> None:

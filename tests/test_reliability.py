@@ -33,6 +33,9 @@ SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.bat
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 STEPS = 100
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# One task of a SLURM job, as srun starts it (what Lightning's SLURMEnvironment.detect() reads).
+SLURM_JOB_ENV = {**SUBPROCESS_ENV, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit", "SLURM_JOB_ID": "4242",
+                 "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
 
 def fit_overrides(npz: Path, run_dir: Path, steps: int = STEPS, *extra: str) -> list[str]:
@@ -356,16 +359,23 @@ def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cu
     assert max(logged_losses(tmp_path / "run2")) == update - 1
 
 
-def test_losses_checked_later_still_name_the_first_non_finite_update():
-    """On a GPU the losses wait on the device for a logging step, a checkpoint or an evaluation: the check then names
-    the first bad update among them, and clears them."""
+def _tiny_module():
+    """A ManipModule (MVP, one 8-unit layer) whose losses the divergence check reads without training."""
     from functools import partial
 
     from manip.algos.mvp import MVPAgent
-    from manip.module import ManipModule, TrainingDiverged
+    from manip.module import ManipModule
 
-    module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1,
-                         stats={"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3})
+    return ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1,
+                       stats={"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3})
+
+
+def test_losses_checked_later_still_name_the_first_non_finite_update():
+    """On a GPU the losses wait on the device for a logging step, a checkpoint or an evaluation: the check then names
+    the first bad update among them, and clears them."""
+    from manip.module import TrainingDiverged
+
+    module = _tiny_module()
     finite = torch.tensor(1.0)
     module._unchecked_losses = [(4, finite, finite), (5, finite, torch.tensor(float("inf"))),
                                 (6, torch.tensor(float("nan")), finite)]
@@ -378,17 +388,13 @@ def test_losses_checked_later_still_name_the_first_non_finite_update():
 
 def _diverged_on_one_rank(rank: int, port: int, results) -> None:
     """A DDP process of :func:`test_a_loss_that_diverges_in_one_ddp_process_stops_every_process`."""
-    from functools import partial
-
     import torch.distributed as dist
 
-    from manip.algos.mvp import MVPAgent
-    from manip.module import ManipModule, TrainingDiverged
+    from manip.module import TrainingDiverged
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1,
-                             stats={"obs_mean": [0.0] * 3, "obs_std": [1.0] * 3})
+        module = _tiny_module()
         ok, bad = torch.tensor(1.0), torch.tensor(float("nan"))
         module._unchecked_losses = [(8, ok, ok), (9, ok, bad if rank == 1 else ok), (10, ok, ok)]
         try:
@@ -552,10 +558,8 @@ def test_slurm_s_warning_signal_saves_the_step_and_requeues_the_job(cube_single_
     stand_in.parent.mkdir()
     stand_in.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
     stand_in.chmod(0o755)
-    env = {**SUBPROCESS_ENV, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
-           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit",
-           "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-           "SLURM_NODEID": "0"}
+    env = {**SLURM_JOB_ENV, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
     _signal_during_fit_saves_the_step_and_resumes(cube_single_npz, tmp_path, signal.SIGUSR1, 0,
                                                   r"stopped by SIGUSR1 at step (\d+); (.+) holds it, and SLURM job "
                                                   r"4242 is requeued: its same command continues the run", env)
@@ -576,11 +580,9 @@ print("still running")
 def test_slurm_s_warning_signal_after_training_has_its_default_action(cube_single_npz, tmp_path):
     """Lightning restores, after training, the SIGUSR1 handler it found when training started, which is manip's:
     that handler then acts as the signal's default (the process ends), not as a request to a finished run."""
-    env = {**SUBPROCESS_ENV, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit", "SLURM_JOB_ID": "4242",
-           "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
     done = subprocess.run([sys.executable, "-c", _SIGUSR1_AFTER_TRAINING, str(Path(__file__).parent),
                            *fit_overrides(cube_single_npz, tmp_path / "run", 2)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=SLURM_JOB_ENV, timeout=300)
     assert done.returncode == -signal.SIGUSR1 and "still running" not in done.stdout, done.stderr[-2000:]
 
 
