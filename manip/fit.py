@@ -98,12 +98,13 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
 
 def discard_if_empty(directory: str | Path) -> None:
     """Removes ``directory`` when it is empty, and the empty directories above it up to the one that existed before
-    the command (``run.EXISTING_ABOVE_RUN_DIR``): Hydra makes the job's output directory before the job starts, so a
+    the command (``run.EXISTING_ABOVE_RUN_DIRS``): Hydra makes the job's output directory before the job starts, so a
     command refused by its checks leaves no run directory."""
     from manip import run
 
     directory = Path(os.path.abspath(directory))
-    stop = run.EXISTING_ABOVE_RUN_DIR.get(directory)
+    stop = max((above for above in run.EXISTING_ABOVE_RUN_DIRS if above in directory.parents),
+               key=lambda above: len(above.parts), default=None)
     while True:
         try:
             directory.rmdir()

@@ -594,12 +594,13 @@ def _check_run_dir(command: str, cfg: DictConfig) -> None:
     writable = path if path.exists() else parent
     if (refused := cannot_write_in(writable)) is not None:  # Hydra makes run_dir next, and would fail in a traceback
         sys.exit(f"manip.{command}: run_dir={run_dir}: cannot write in {writable} ({refused})")
-    EXISTING_ABOVE_RUN_DIR[path] = parent
+    EXISTING_ABOVE_RUN_DIRS.add(parent)
 
 
-# For each run_dir (absolute) the command's check saw, the nearest directory above it that existed before the command
-# (set by check_command_line): a refused command removes the empty directories Hydra made below it, and no others.
-EXISTING_ABOVE_RUN_DIR: dict[Path, Path] = {}
+# For each run_dir the command's check saw, the nearest directory above it that existed before the command (set by
+# check_command_line): a refused command removes the empty directories Hydra made below the deepest of them above its
+# own run_dir, and no others. Not keyed by run_dir: a default with the time in it can name another second by then.
+EXISTING_ABOVE_RUN_DIRS: set[Path] = set()
 
 
 def _checkpoint_key_error(key: str, item: str, args: list[str]) -> SettingError:

@@ -763,6 +763,11 @@ def test_a_refused_sweep_job_removes_only_the_directories_made_for_it(tmp_path):
         run_dir.mkdir(parents=True)
         discard_if_empty(run_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept_empty"] and not any(existing.iterdir())
+    # a run_dir with the time in it can name a later second by the time Hydra makes it: its new parent still goes
+    check_command_line("fit", "offline", [f"run_dir={tmp_path / 'runs' / 'second_1'}"])
+    (tmp_path / "runs" / "second_2").mkdir(parents=True)
+    discard_if_empty(tmp_path / "runs" / "second_2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept_empty"]
 
 
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
