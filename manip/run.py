@@ -198,8 +198,48 @@ def requeue_slurm_job() -> tuple[str, str | None]:
     return job, None if done.returncode == 0 else (why[-1] if why else f"scontrol exited with {done.returncode}")
 
 
-def final_evaluation_interrupted(trainer: L.Trainer) -> bool:
-    return any(isinstance(callback, PeriodicEvaluation) and callback.final_interrupted for callback in trainer.callbacks)
+class SlurmWarning:
+    """In a SLURM job's single process (``world_size`` 1, main thread), SIGUSR1 (SLURM's warning before the time
+    limit) ends what runs inside ``with SlurmWarning():`` as Ctrl-C would, a ``KeyboardInterrupt``, and ``received``
+    says the signal was SLURM's: outside training, where :class:`StopOnCtrlC` stops after the update in progress,
+    the signal's default action would end the process without a requeue. Elsewhere a no-op."""
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.active = (world_size == 1 and SLURMEnvironment.detect()
+                       and threading.current_thread() is threading.main_thread())
+        self.received = False
+        self._previous: Any = None
+
+    def _interrupt(self, signum, frame) -> None:
+        self.received = True
+        signal.signal(signal.SIGUSR1, self._previous)  # one interrupt: the clean-up runs under the earlier handler
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(ctrl_c):  # Ctrl-C's own handler: it waits for an import in progress (defer_ctrl_c_during_imports)
+            ctrl_c(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "SlurmWarning":
+        if self.active:
+            self._previous = signal.signal(signal.SIGUSR1, self._interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active and signal.getsignal(signal.SIGUSR1) == self._interrupt:
+            signal.signal(signal.SIGUSR1, self._previous)
+
+
+def final_evaluation_interrupted(trainer: L.Trainer) -> signal.Signals | None:
+    """The signal (SIGINT, or SLURM's SIGUSR1) that ended ``trainer``'s final evaluation, or None."""
+    return next((callback.final_interrupted for callback in trainer.callbacks
+                 if isinstance(callback, PeriodicEvaluation) and callback.final_interrupted), None)
+
+
+def final_evaluation_done(run_dir: Path, step: int, episodes: int) -> bool:
+    """Whether ``run_dir/eval.jsonl`` holds an evaluation of ``step`` over at least ``episodes`` episodes."""
+    records = run_dir / "eval.jsonl"
+    done = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
+    return any(r.get("step") == step and r.get("episodes", 0) >= episodes for r in done)
 
 
 class PeriodicEvaluation(Callback):
@@ -212,6 +252,9 @@ class PeriodicEvaluation(Callback):
     the policy's noise alike at every evaluation, so checkpoints are compared on the same draws. Settings out of
     range raise ``SettingError`` naming their ``eval.`` key when the callback is built, before any training.
     The final checkpoint (``LastCheckpoint.save_final``) is written before the end-of-training evaluation runs.
+    Ctrl-C (in a SLURM job also SIGUSR1) during it ends it, and ``final_interrupted`` names the signal. A finished
+    run whose command runs again, with nothing left to train, gets its final evaluation then where ``eval.jsonl``
+    lacks it (:meth:`evaluate_finished_run`).
     """
 
     def __init__(self, run_dir: str, every_n_steps: int, episodes: int, num_envs: int = 1,
@@ -224,7 +267,8 @@ class PeriodicEvaluation(Callback):
         seed = check_int(seed, "eval.seed", 0)
         self.run_dir, self.every_n_steps, self.episodes = Path(run_dir), every_n_steps, episodes
         self.num_envs, self.seed, self.final_episodes, self.phase = num_envs, seed, final_episodes, phase
-        self.final_interrupted = False
+        self.final_interrupted: signal.Signals | None = None
+        self.trained = False  # whether this process's fit ran its training loop
         self.noise_scale = check_real(noise_scale, "eval.noise_scale", 0)
         self.env = None
         self.last = (-1, 0)  # (step, episodes) of the latest evaluation
@@ -270,6 +314,7 @@ class PeriodicEvaluation(Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.started = time.perf_counter()  # wall_s: seconds since this process started training
+        self.trained = True
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -281,11 +326,28 @@ class PeriodicEvaluation(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.save_final(trainer)
+        if not stop_signal(trainer):
+            self._evaluate_final(trainer, module)
+
+    def evaluate_finished_run(self, trainer: L.Trainer, module: ManipModule) -> None:
+        """After ``trainer.fit`` found nothing left to train (the run was already at its last step): the final
+        evaluation, where ``eval.jsonl`` has none of that step with ``final_episodes`` episodes (an earlier command
+        was stopped during it, or asked for fewer episodes), then the loggers' files are written again."""
+        if (self.trained or self.final_episodes <= 0 or trainer.global_rank != 0
+                or final_evaluation_done(self.run_dir, trainer.global_step, self.final_episodes)):
+            return
+        module.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
+        self._evaluate_final(trainer, module)
+        for logger in trainer.loggers:
+            logger.finalize("success")
+
+    def _evaluate_final(self, trainer: L.Trainer, module: ManipModule) -> None:
+        warning = SlurmWarning(trainer.world_size)
         try:
-            if not stop_signal(trainer):
+            with warning:
                 self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
-        except KeyboardInterrupt:  # the final weights are saved: run_command says how to evaluate them
-            self.final_interrupted = True
+        except KeyboardInterrupt:  # the final weights are saved: the same command runs this evaluation again
+            self.final_interrupted = signal.SIGUSR1 if warning.received else signal.SIGINT
         finally:
             if self.env is not None:
                 self.env.close()
@@ -769,8 +831,9 @@ def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting:
     """``SettingError`` when the run to resume is already past ``last_step`` (the step ``setting``, e.g.
     ``trainer.max_steps=5000``, trains to): the command would train nothing and say nothing. A line when it is exactly
     there (a finished command run again, e.g. a relaunched sweep; Lightning's loop then runs nothing), which points
-    to ``manip.evaluate`` when ``run_dir/eval.jsonl`` lacks the final evaluation (it failed after the last save).
-    Returns whether the run is already finished."""
+    to the final evaluation this command then runs when ``run_dir/eval.jsonl`` lacks it (an earlier command was
+    stopped during it; :meth:`PeriodicEvaluation.evaluate_finished_run`). Returns whether the run is already
+    finished."""
     step = int(ckpt["global_step"])
     if last_step < 0:  # max_steps=-1: Lightning's "no limit"
         return False
@@ -779,12 +842,10 @@ def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting:
                            f"trainer.max_steps continues the run)")
     if step < last_step or rank_zero_only.rank != 0:
         return step == last_step
-    records = run_dir / "eval.jsonl"
-    done = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
     if (isinstance(final_episodes, int) and final_episodes > 0
-            and not any(r.get("step") == step and r.get("episodes", 0) >= final_episodes for r in done)):
-        LOG.warning(f"{ckpt_path} is already at step {step} ({setting}) but its final evaluation is not in {records}: "
-                    f"python -m manip.evaluate ckpt={ckpt_path} episodes={final_episodes}")
+            and not final_evaluation_done(run_dir, step, final_episodes)):
+        LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train, but "
+                 f"{run_dir / 'eval.jsonl'} lacks its final evaluation ({final_episodes} episodes), which runs now")
     else:
         LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train")
     return True
@@ -925,6 +986,25 @@ def command_line(name: str) -> str:
     return " ".join([f"python -m manip.{name}", *overrides])
 
 
+def train(trainer: L.Trainer, module: ManipModule, dm: ReplayDataModule, ckpt_path: str | Path | None) -> None:
+    """``trainer.fit`` from ``ckpt_path`` (None: from the start), then, where the run was already at its last step,
+    the final evaluation its ``eval.jsonl`` lacks (:meth:`PeriodicEvaluation.evaluate_finished_run`)."""
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    if not stop_signal(trainer):
+        for callback in trainer.callbacks:
+            if isinstance(callback, PeriodicEvaluation):
+                callback.evaluate_finished_run(trainer, module)
+
+
+def requeued(then: str) -> tuple[str, int]:
+    """Requeues this SLURM job (:func:`requeue_slurm_job`): what happens next (``then``: what the same command does)
+    and the command's status, 0 once SLURM took the job back, 1 where it did not."""
+    job, failed = requeue_slurm_job()
+    if failed is None:
+        return f"SLURM job {job} is requeued: its {then.removeprefix('the ')}", 0
+    return f"requeueing SLURM job {job} failed ({failed}); {then}", 1
+
+
 @contextlib.contextmanager
 def _releasing_run_dirs():
     try:
@@ -941,16 +1021,21 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     before training (during the checks or the dataset's generation) with ``manip.<name>: interrupted`` and status
     130; ``refused()`` then runs on the main process. In a ``--multirun`` sweep a user error ends only its job
     (:mod:`manip.sweep`). Ctrl-C during training saves the run first
-    (:class:`StopOnCtrlC`) and also ends with status 130. A full or read-only disk is one line too
+    (:class:`StopOnCtrlC`) and also ends with status 130. In a SLURM job, SIGUSR1 before training ends the command
+    as Ctrl-C does, and during training or the final evaluation as :class:`StopOnCtrlC` and
+    :class:`PeriodicEvaluation` say; each time the job is requeued (status 0). A run already at its last step trains
+    nothing and gets the final evaluation its ``eval.jsonl`` lacks. A full or read-only disk is one line too
     (:func:`storage_error`). Anything else is a bug and keeps its traceback."""
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
         log.file_only(command_line(name))
         run_dir = None
+        warning = SlurmWarning(int(os.environ.get("SLURM_NTASKS", "1")))  # before training: requeue the job
         try:
-            module, dm, trainer, ckpt_path = build()
+            with warning:
+                module, dm, trainer, ckpt_path = build()
             run_dir = trainer.default_root_dir
             log.keep_in(run_dir)
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+            train(trainer, module, dm, ckpt_path)
         except (Exception, KeyboardInterrupt) as err:
             interrupted = interrupted_by_ctrl_c(err)
             storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err, run_dir)
@@ -962,6 +1047,10 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                 quiet_finalizers()
             try:
                 message = f"manip.{name}: {'interrupted' if interrupted else storage or err}"
+                status = 130 if interrupted else 1
+                if interrupted and warning.received:  # SLURM's warning during the checks or the dataset's loading
+                    then, status = requeued("the same command starts the run")
+                    message = f"manip.{name}: stopped by SIGUSR1 before training; {then}"
                 log.file_only(message, logging.ERROR)
                 if rank_zero_only.rank == 0:
                     refused()
@@ -971,23 +1060,22 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                     signal.signal(signal.SIGINT, handler)
             if not (interrupted or storage) and sweep.go_on_after(name, message):
                 return  # a --multirun job refused: the sweep goes on with the next
-            sys.exit(130 if interrupted else 1)
+            sys.exit(status)
         checkpoints = Path(trainer.default_root_dir) / "checkpoints"
         stopped_by = stop_signal(trainer)
-        if stopped_by or final_evaluation_interrupted(trainer):
+        in_evaluation = final_evaluation_interrupted(trainer)
+        if stopped_by or in_evaluation:
             last = checkpoints / "last.ckpt"
-            how = "interrupted" if stopped_by == signal.SIGINT else f"stopped by {StopOnCtrlC.NAMES.get(stopped_by)}"
-            status = 143 if stopped_by == signal.SIGTERM else 130  # 128 + the signal's number, as a shell reports
-            then = "the same command continues the run"
-            if stopped_by == signal.SIGUSR1:  # SLURM's warning: the requeued job runs the same command
-                job, failed = requeue_slurm_job()
-                then = (f"SLURM job {job} is requeued: its same command continues the run" if failed is None else
-                        f"requeueing SLURM job {job} failed ({failed}); the same command continues the run")
-                status = 0 if failed is None else 1
+            signum = stopped_by or in_evaluation
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {StopOnCtrlC.NAMES.get(signum)}"
+            status = 143 if signum == signal.SIGTERM else 130  # 128 + the signal's number, as a shell reports
+            then = "the same command continues the run" if stopped_by else "the same command runs that evaluation"
+            if signum == signal.SIGUSR1:  # SLURM's warning: the requeued job runs the same command
+                then, status = requeued(then)
             message = (f"manip.{name}: {how} at step {trainer.global_step}; {last} holds it, and {then}"
                        if stopped_by else
-                       f"manip.{name}: final evaluation interrupted; {last} holds the run's final step "
-                       f"{trainer.global_step} (python -m manip.evaluate ckpt={last} evaluates it)")
+                       f"manip.{name}: {how} during the final evaluation; {last} holds the run's final step "
+                       f"{trainer.global_step}, and {then}")
             log.file_only(message, logging.ERROR)
             print(message, file=sys.stderr)
             sys.exit(status)

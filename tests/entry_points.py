@@ -1,10 +1,11 @@
 """The entry points run in-process: Hydra composes ``conf/`` as ``python -m manip.fit`` / ``manip.finetune`` would,
-and ``fit.build`` / ``finetune.build`` make the module, data and Trainer that ``trainer.fit`` then runs."""
+and ``fit.build`` / ``finetune.build`` make the module, data and Trainer that ``manip.run.train`` then runs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,23 @@ from hydra import compose, initialize_config_dir
 
 import manip
 from manip import finetune, fit, run_lock
+from manip.run import train
 
 CONF = Path(manip.__file__).resolve().parent.parent / "conf"
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# One task of a SLURM job, as srun starts it (what Lightning's SLURMEnvironment.detect() reads).
+SLURM_JOB_ENV = {**SUBPROCESS_ENV, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit", "SLURM_JOB_ID": "4242",
+                 "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+
+
+def slurm_job_with_scontrol(bin_dir: Path) -> tuple[dict, Path]:
+    """SLURM_JOB_ENV with an executable ``bin_dir/scontrol`` first on PATH, standing in for SLURM's: the environment,
+    and the file where it appends each call's arguments (``requeue 4242``)."""
+    stand_in, calls = bin_dir / "scontrol", bin_dir / "scontrol.log"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    stand_in.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    stand_in.chmod(0o755)
+    return {**SLURM_JOB_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SCONTROL_LOG": str(calls)}, calls
 
 
 def config(name: str, overrides: list[str]):
@@ -28,7 +44,7 @@ def run_fit(overrides: list[str]):
     """``python -m manip.fit OVERRIDES``: the trainer and module after ``trainer.fit``."""
     try:
         module, dm, trainer, resume = fit.build(config("fit", overrides))
-        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+        train(trainer, module, dm, resume)
     finally:
         run_lock.release()  # as the command does when it ends
     return trainer, module
@@ -38,7 +54,7 @@ def run_finetune(overrides: list[str]):
     """``python -m manip.finetune OVERRIDES``: the trainer and module after ``trainer.fit``."""
     try:
         module, dm, trainer, ckpt_path = finetune.build(config("finetune", overrides), overrides)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        train(trainer, module, dm, ckpt_path)
     finally:
         run_lock.release()
     return trainer, module

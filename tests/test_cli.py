@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import manip
-from entry_points import warnings_logged
+from entry_points import slurm_job_with_scontrol, warnings_logged
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
@@ -391,25 +391,33 @@ def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
     assert list(tmp_path.rglob("*")) == []
 
 
-@pytest.mark.parametrize("signal_after", ["import", "demos"])
-def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothing(tmp_path, signal_after):
+@pytest.mark.parametrize(("signame", "signal_after"), [("SIGINT", "import"), ("SIGINT", "demos"),
+                                                       ("SIGUSR1", "import"), ("SIGUSR1", "demos")])
+def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothing(tmp_path, signame, signal_after):
     """Ctrl-C just after generation starts lands inside ``import robosuite``, where mujoco turns it into an
-    ImportError; later it lands inside the scripted episodes. Either way: one line, status 130, no file."""
+    ImportError; later it lands inside the scripted episodes. Either way: one line, status 130, no file. In a SLURM
+    job, SIGUSR1 (its warning before the time limit) does the same, then requeues the job (status 0)."""
     data = tmp_path / "lift" / "mh" / "low_dim_v15.hdf5"
+    env, scontrol_calls = (slurm_job_with_scontrol(tmp_path.parent / f"{tmp_path.name}_bin") if signame == "SIGUSR1"
+                           else (os.environ, None))
     proc = subprocess.Popen([sys.executable, "-m", "manip.fit", "conf=robomimic_lift", f"data.path={data}",
                              "data.generate_demos=30", f"run_dir={tmp_path / 'run'}", "trainer.accelerator=cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started = "not found: generating 30 scripted lift demos" if signal_after == "import" else "lift: 3/30 demos"
     for line in proc.stdout:
         if started in line:
             break
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "manip.fit: interrupted", stderr
+    expected = ((130, "manip.fit: interrupted") if signame == "SIGINT" else
+                (0, "manip.fit: stopped by SIGUSR1 before training; SLURM job 4242 is requeued: its same command "
+                    "starts the run"))
+    assert (proc.returncode, stderr.strip().splitlines()[-1]) == expected, stderr
     assert "Traceback" not in stderr
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial dataset, no run directory files
     assert not (tmp_path / "run").exists()
+    assert scontrol_calls is None or scontrol_calls.read_text() == "requeue 4242\n"
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0])

@@ -26,16 +26,13 @@ import torch
 from manip import finetune, fit
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, check_compatible, load_checkpoint
 
-from entry_points import CONF, config, run_dir_held, run_fit
+from entry_points import (CONF, SLURM_JOB_ENV, SUBPROCESS_ENV, config, run_dir_held, run_fit,
+                          slurm_job_with_scontrol)
 
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
          "trainer.accelerator=cpu", "eval.every_n_steps=0", "eval.final_episodes=0",
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 STEPS = 100
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# One task of a SLURM job, as srun starts it (what Lightning's SLURMEnvironment.detect() reads).
-SLURM_JOB_ENV = {**SUBPROCESS_ENV, "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "fit", "SLURM_JOB_ID": "4242",
-                 "SLURM_NODELIST": "vm", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
 
 def fit_overrides(npz: Path, run_dir: Path, steps: int = STEPS, *extra: str) -> list[str]:
@@ -554,17 +551,46 @@ def test_slurm_s_warning_signal_saves_the_step_and_requeues_the_job(cube_single_
     """In a SLURM job, SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) stops training as SIGTERM does, then ``scontrol
     requeue <job>`` (an executable on PATH standing in for SLURM's) and status 0; Lightning's auto-requeue, which
     saves ``hpc_ckpt_1.ckpt`` from inside its signal handler, stays out."""
-    stand_in = tmp_path / "bin" / "scontrol"
-    stand_in.parent.mkdir()
-    stand_in.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
-    stand_in.chmod(0o755)
-    env = {**SLURM_JOB_ENV, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}",
-           "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
     _signal_during_fit_saves_the_step_and_resumes(cube_single_npz, tmp_path, signal.SIGUSR1, 0,
                                                   r"stopped by SIGUSR1 at step (\d+); (.+) holds it, and SLURM job "
                                                   r"4242 is requeued: its same command continues the run", env)
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert scontrol_calls.read_text() == "requeue 4242\n"
     assert not list((tmp_path / "run").glob("hpc_ckpt*"))
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGUSR1"])
+def test_a_signal_during_the_final_evaluation_leaves_it_to_the_same_command(cube_single_npz, tmp_path, signame):
+    """Ctrl-C (in a SLURM job, SIGUSR1) during the final evaluation, which runs after the last save, ends it with
+    one line naming the final checkpoint; SIGUSR1 also requeues the job (status 0). The same command then trains
+    nothing and runs that evaluation."""
+    signum = getattr(signal, signame)
+    env, scontrol_calls = (slurm_job_with_scontrol(tmp_path / "bin") if signum == signal.SIGUSR1 else
+                           (SUBPROCESS_ENV, None))
+    run_dir = tmp_path / "run"
+    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=60", "data.env_horizon=20")
+    proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if "step 5: evaluating 60 episodes (eval.final_episodes)" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    how, then, status = (("interrupted", "the same command runs that evaluation", 130) if signum == signal.SIGINT else
+                         ("stopped by SIGUSR1", "SLURM job 4242 is requeued: its same command runs that evaluation", 0))
+    assert stderr.strip().splitlines()[-1] == (f"manip.fit: {how} during the final evaluation; {last} holds the "
+                                               f"run's final step 5, and {then}"), stderr[-3000:]
+    assert proc.returncode == status and "Traceback" not in stderr
+    assert scontrol_calls is None or scontrol_calls.read_text() == "requeue 4242\n"
+    assert not (run_dir / "eval.jsonl").exists() and load_checkpoint(last)["global_step"] == 5
+    done = subprocess.run([sys.executable, "-m", "manip.fit", *overrides], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episodes"]) for r in records] == [(5, 60)]
+    assert load_checkpoint(last)["global_step"] == 5 and "nothing left to train" in done.stdout
 
 
 _SIGUSR1_AFTER_TRAINING = """
@@ -669,8 +695,8 @@ def test_ctrl_c_request_stops_at_the_current_batch_and_an_ignored_sigint_stays_i
 
 
 def test_ctrl_c_during_the_final_evaluation_is_recorded_after_the_last_save(tmp_path, monkeypatch):
-    """The final evaluation runs after last.ckpt is saved: Ctrl-C there ends it (run_command names the checkpoint
-    and manip.evaluate), and its simulators are closed."""
+    """The final evaluation runs after last.ckpt is saved: Ctrl-C there ends it (run_command names the checkpoint,
+    and the same command runs the evaluation), and its simulators are closed."""
     from manip.run import PeriodicEvaluation, final_evaluation_interrupted
 
     class Env:
@@ -688,7 +714,7 @@ def test_ctrl_c_during_the_final_evaluation_is_recorded_after_the_last_save(tmp_
     monkeypatch.setattr(evaluation, "_evaluate", interrupted)
 
     class Trainer:
-        checkpoint_callbacks, callbacks = [], [evaluation]
+        checkpoint_callbacks, callbacks, world_size = [], [evaluation], 1
 
     evaluation.on_train_end(Trainer(), None)
-    assert evaluation.final_interrupted and final_evaluation_interrupted(Trainer()) and Env.closed
+    assert evaluation.final_interrupted == final_evaluation_interrupted(Trainer()) == signal.SIGINT and Env.closed

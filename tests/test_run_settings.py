@@ -8,6 +8,7 @@ compose) with tiny networks on the session's small cube-single file.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -218,9 +219,11 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tm
     assert last_step(run_dir) == OFFLINE_STEPS
 
 
-def test_a_finished_command_run_again_trains_and_evaluates_nothing(cube_single_npz, tmp_path, caplog):
+def test_a_finished_command_run_again_trains_nothing_and_runs_only_a_missing_final_evaluation(cube_single_npz,
+                                                                                             tmp_path, caplog):
     """A relaunched sweep: the finished run says so, and Lightning's loop runs nothing (no second final
-    evaluation)."""
+    evaluation). Where ``eval.jsonl`` lacks the final evaluation (the first command was stopped during it, or asked
+    for fewer episodes), the command runs it on the final weights, as the first command would have."""
     run_dir = tmp_path / "run"
     overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=1")
     run_fit(overrides)
@@ -232,12 +235,32 @@ def test_a_finished_command_run_again_trains_and_evaluates_nothing(cube_single_n
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'} is already at step 5 (trainer.max_steps=5): nothing left to " \
            f"train" in caplog.text
     assert "resuming from" not in caplog.text and "up to step" not in caplog.text  # no line says otherwise
-    # its final evaluation failed after the last save: the line says how to get it
+
+    def outcome(record: dict) -> dict:  # what the policy did: not the time it took
+        return {k: v for k, v in record.items() if k not in ("wall_s", "seconds", "chunk_latency_ms",
+                                                             "action_latency_ms")}
+
+    # its final evaluation was stopped after the last save: the same command runs it, with the same outcome
     (run_dir / "eval.jsonl").write_text("")
     caplog.clear()
-    run_fit(overrides)
-    assert f"but its final evaluation is not in {run_dir / 'eval.jsonl'}: python -m manip.evaluate " \
-           f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'} episodes=1" in warnings_logged(caplog)
+    trainer, module = run_fit(overrides)
+    assert f"{run_dir / 'eval.jsonl'} lacks its final evaluation (1 episodes), which runs now" in caplog.text
+    assert trainer.global_step == 5 and "step 5: evaluating 1 episodes (eval.final_episodes)" in caplog.text
+    again = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [outcome(r) for r in again] == [outcome(json.loads(records))]
+    final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(final[k], v) for k, v in module.state_dict().items())
+    assert eval_rows(run_dir) == [5, 5]  # metrics.csv: the first command's row and this one's
+    # more final episodes than the run had: evaluated again; a second time, nothing
+    run_fit(fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=2"))
+    run_fit(fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=2"))
+    assert [r["episodes"] for r in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def eval_rows(run_dir: Path) -> list[int]:
+    """The steps of metrics.csv's rows that hold a success rate."""
+    with open(run_dir / "offline" / "metrics.csv", newline="") as f:
+        return [int(float(row["step"])) for row in csv.DictReader(f) if row.get("eval/success_rate")]
 
 
 # ------------------------------------------------------------------------------- settings out of range
