@@ -202,5 +202,5 @@ if __name__ == "__main__":
     from manip.run import check_command_line
 
     check_command_line("evaluate")
-    main()
-    sweep.exit_if_refused("evaluate")
+    with sweep.summary("evaluate"):
+        main()

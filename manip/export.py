@@ -401,5 +401,5 @@ if __name__ == "__main__":
     from manip.run import check_command_line
 
     check_command_line("export")
-    main()
-    sweep.exit_if_refused("export")
+    with sweep.summary("export"):
+        main()

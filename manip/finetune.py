@@ -247,5 +247,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_command_line("finetune", "online")
-    main()
-    sweep.exit_if_refused("finetune")
+    with sweep.summary("finetune"):
+        main()

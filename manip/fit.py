@@ -122,5 +122,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_command_line("fit", "offline")
-    main()
-    sweep.exit_if_refused("fit")
+    with sweep.summary("fit"):
+        main()

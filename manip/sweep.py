@@ -1,15 +1,17 @@
 """``--multirun`` sweeps: a job that a user error refuses (a missing dataset or checkpoint, a ``run_dir`` another run
 holds, a value out of range in one combination) prints its one line and the sweep goes on with the next job; once
-Hydra has run them all, the command ends with status 1 and a line per refused job (:func:`exit_if_refused`).
+Hydra has run them all, the command ends with status 1 and a line per refused job (:func:`summary`).
 
 A Ctrl-C and a full disk still end the sweep where they happen: the next job would meet them too. A bug (a
-traceback) is Hydra's to report: its basic launcher runs the other jobs and raises the first job's error at the end,
-without this summary."""
+traceback) is Hydra's to report: its basic launcher runs the other jobs and raises the first job's error at the end;
+the lines of the refused jobs then follow its traceback (:func:`summary`)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from typing import Iterator
 
 _refused: list[str] = []  # "#<job> (<overrides>): <message>" of this process's sweep
 
@@ -54,11 +56,23 @@ def refuse(command: str, message: str) -> None:
     _refused.append(f"{job}: {message}")
 
 
-def exit_if_refused(command: str) -> None:
-    """After the sweep (``main()`` returned): status 1 and one line per refused job, when any was refused."""
-    if not _refused:
-        return
+@contextlib.contextmanager
+def summary(command: str) -> Iterator[None]:
+    """Around a command's ``main()``: once the sweep is over, status 1 and one line per refused job, when any was
+    refused. Where the sweep ends otherwise (a job's bug, which Hydra reports and exits with; a Ctrl-C), those
+    lines follow its own."""
+    try:
+        yield
+    except BaseException:
+        if _refused:
+            print(_summary_lines(command), file=sys.stderr)
+        raise
+    if _refused:
+        sys.exit(_summary_lines(command))
+
+
+def _summary_lines(command: str) -> str:
     refused = list(_refused)
     _refused.clear()
     jobs = "1 --multirun job was" if len(refused) == 1 else f"{len(refused)} --multirun jobs were"
-    sys.exit("\n".join([f"manip.{command}: {jobs} refused (the sweep ran the others):", *(f"  {job}" for job in refused)]))
+    return "\n".join([f"manip.{command}: {jobs} refused (the sweep ran the others):", *(f"  {job}" for job in refused)])

@@ -422,6 +422,39 @@ def test_a_fit_job_refused_by_its_checks_does_not_stop_the_sweep(cube_single_npz
     assert refusal in summary.splitlines()[1] and len(summary.strip().splitlines()) == 2
 
 
+_SWEEP_WITH_A_BUG = """
+import runpy, sys
+import manip.run
+from manip.settings import SettingError
+build_trainer = manip.run.build_trainer
+def build_with_a_bug(cfg, *args, **kwargs):
+    if cfg.seed == 0:
+        raise SettingError("seed 0 is refused here")
+    if cfg.seed == 1:
+        raise RuntimeError("a bug in job 1")
+    return build_trainer(cfg, *args, **kwargs)
+manip.run.build_trainer = build_with_a_bug
+sys.argv[0] = "manip.fit"
+runpy.run_module("manip.fit", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_the_refused_jobs_of_a_sweep_that_hit_a_bug_are_listed_after_its_traceback(cube_single_npz, tmp_path):
+    """A job's bug is Hydra's to report: the sweep runs the other jobs, then Hydra prints the bug's traceback and
+    ends with status 1; the refused jobs' lines follow it, as they would end a sweep without the bug."""
+    out = subprocess.run([sys.executable, "-c", _SWEEP_WITH_A_BUG, "--multirun", "data=ogbench",
+                          f"data.path={cube_single_npz}", "seed=0,1,2", "run_dir=run_${seed}",
+                          f"hydra.sweep.dir={tmp_path}/sweep", *TINY],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert (tmp_path / "run_2" / "checkpoints" / "last.ckpt").exists()  # the job after the bug ran
+    lines = out.stderr.strip().splitlines()
+    assert "RuntimeError: a bug in job 1" in out.stderr and "manip.fit: seed 0 is refused here" in lines
+    assert lines[-2] == "manip.fit: 1 --multirun job was refused (the sweep ran the others):", out.stderr[-3000:]
+    assert lines[-1].startswith("  #0 (data=ogbench ") and lines[-1].endswith("): seed 0 is refused here")
+    assert out.stderr.index("RuntimeError: a bug in job 1") < out.stderr.index(lines[-2])
+
+
 def test_an_evaluation_job_refused_by_its_checks_does_not_stop_the_sweep(checkpoints, tmp_path):
     """``evaluate --multirun`` over checkpoints: a missing one ends its own job only; the sweep leaves no empty job
     folders behind, only Hydra's multirun.yaml."""
