@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from manip import run_lock, sweep
+from manip.algos.targets import TARGET_SAMPLES
 from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint, require_ckpt
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
@@ -174,6 +175,8 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
              if item.startswith("+") and not item.startswith("++")}
     for item in user_overrides:
         _apply_override(final, item, cfg, added)
+    if final.finetune.get("target_samples") is None:  # the target's own, recorded (and compared on resume) as a number
+        final.finetune.target_samples = TARGET_SAMPLES.get(final.finetune.target)
     _offline_data(final, base_ckpt, base_path, user_overrides)
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step

@@ -65,7 +65,8 @@ class OnlineConfig:
     replay chunk; its path points are built from the replay chunks);
     utd: updates per env step; start_training: env steps collected before updates start; critic_warmup: online
     updates at the start that train the critic alone (the policy and its weight average stay as they were);
-    num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon);
+    num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon), None for
+    the target's own (``manip.algos.targets.TARGET_SAMPLES``: bon 32, som 100, rfm 32);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
     env steps track online updates only.
     """
@@ -81,7 +82,7 @@ class OnlineConfig:
     bound_std: float | None = 0.1
     prior: str = "auto"
     prior_std: float = 0.2
-    target_samples: int = 32
+    target_samples: int | None = None
     utd: float = 1.0
     start_training: int = 5000
     critic_warmup: int = 0
@@ -97,10 +98,12 @@ class OnlineConfig:
             raise SettingError(f"unknown finetune.prior {self.prior!r}; expected one of {PRIORS}")
         if self.q_scale not in Q_SCALES:
             raise SettingError(f"unknown finetune.q_scale {self.q_scale!r}; expected one of {Q_SCALES}")
-        if self.prior == "auto":
-            from manip.algos.targets import AUTO_PRIOR
+        from manip.algos.targets import AUTO_PRIOR, TARGET_SAMPLES
 
+        if self.prior == "auto":
             self.prior = AUTO_PRIOR[self.target]
+        if self.target_samples is None:
+            self.target_samples = TARGET_SAMPLES[self.target]
         if self.prior == "policy" and self.target != "rfm":
             raise SettingError("finetune.prior=policy is a posterior-mean (value-only) target: use finetune.target=rfm")
         if self.prior == "data" and self.target in ("bon", "replay"):

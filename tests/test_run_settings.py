@@ -420,6 +420,24 @@ def test_module_online_settings_name_the_bad_key(online, message):
         ManipModule(agent, obs_dim=3, action_dim=2, horizon=2, stats=stats, online=online)
 
 
+def test_each_fine_tuning_target_draws_its_own_number_of_samples_unless_told(offline_run):
+    """``finetune.target_samples=null`` (the default) is the target's own count: best-of-N's 32 candidates, SOM's K =
+    100 score proposals, RFM's 32; the run records the number, and a number given on the command line wins."""
+    from manip.module import OnlineConfig
+
+    assert {t: OnlineConfig.from_settings({"target": t}).target_samples for t in ("bon", "som", "rfm")} == \
+        {"bon": 32, "som": 100, "rfm": 32}
+    assert OnlineConfig.from_settings({"target": "som", "target_samples": 8}).target_samples == 8
+    ckpt = offline_run[0] / "checkpoints" / "last.ckpt"
+
+    def recorded(*items: str) -> int:
+        items = [f"ckpt={ckpt}", *items]
+        return finetune.compose(config("finetune", items), items)[0].finetune.target_samples
+
+    assert recorded("finetune.target=som") == 100 and recorded() == 32
+    assert recorded("finetune.target=som", "finetune.target_samples=16") == 16
+
+
 def test_integer_settings_take_integral_floats():
     """Hydra reads ``finetune.alpha_steps=1e5`` as a float: an integral one is that integer, 2.5 is not."""
     from manip.settings import check_int

@@ -168,6 +168,9 @@ TAIL_WIDTH = 4.0
 TARGET_KINDS = ("bon", "som", "rfm")
 # finetune.prior=auto: the prior each target works with offline-to-online (bon and replay have none)
 AUTO_PRIOR = {"bon": "box", "som": "data", "rfm": "policy", "replay": "box"}
+# finetune.target_samples=null: bon's N candidates (MVP / QC best-of-N), SOM's K score proposals (its K = 100), RFM's
+# K proposals (the clean-sample count of MFPO's SNIS target; RFM gives none); replay draws none
+TARGET_SAMPLES = {"bon": 32, "som": 100, "rfm": 32, "replay": 32}
 
 
 def boltzmann_log_density(
