@@ -116,13 +116,19 @@ class StopOnCtrlC(Callback):
     (the same command then continues the run) and the final evaluation is skipped; ``run_command`` ends the command
     with ``manip.<name>: interrupted at step N ...`` and status 130 (SIGTERM: ``stopped by SIGTERM at step N ...``,
     status 143). A second signal stops at once, saving nothing; Ctrl-C during the final evaluation, which runs
-    after the last save, ends it (:class:`PeriodicEvaluation`). Single-process runs only (under DDP both keep
-    Lightning's handling), and not for a signal the process ignores (a background job keeps running when the
-    terminal's Ctrl-C is meant for the foreground). ``requested``: the signal that stopped training, or None.
+    after the last save, ends it (:class:`PeriodicEvaluation`). Not for a signal the process ignores (a background
+    job keeps running when the terminal's Ctrl-C is meant for the foreground). ``requested``: the signal that
+    stopped training, or None.
+
+    Under DDP a signal that reaches any process (a scheduler signals them all, ``kill <pid>`` one) stops every
+    process after the same update: they agree after each update (an all-reduce, beside the broadcast Lightning makes
+    there anyway). Lightning's own SIGTERM handling, which this replaces, broadcasts from inside the signal handler
+    and ends the run in a traceback without saving.
 
     In a SLURM job, SIGUSR1 (SLURM's warning before the time limit, ``#SBATCH --signal=SIGUSR1@90``) stops training
-    the same way, and ``run_command`` then requeues the job (:func:`requeue_slurm_job`). It replaces Lightning's
-    auto-requeue, which saves a checkpoint from inside the signal handler, wherever the update then is.
+    the same way, and ``run_command`` then requeues the job (:func:`requeue_slurm_job`; rank 0 does under DDP). It
+    replaces Lightning's auto-requeue, which saves a checkpoint from inside the signal handler, wherever the update
+    then is.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -132,9 +138,11 @@ class StopOnCtrlC(Callback):
         self.requested: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
+        self._agree = False  # DDP: whether the processes agree on stopping after each update
 
-    def _handles_signals(self, trainer: L.Trainer) -> bool:
-        return trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+    @staticmethod
+    def _handles_signals(trainer: L.Trainer) -> bool:
+        return threading.current_thread() is threading.main_thread()
 
     def setup(self, trainer, module, stage) -> None:
         # Before Lightning installs its SLURM requeue handler, which it leaves out where a SIGUSR1 handler exists.
@@ -148,6 +156,17 @@ class StopOnCtrlC(Callback):
             for signum in self.SIGNALS:
                 if signal.getsignal(signum) is not signal.SIG_IGN:
                     self._previous[signum] = signal.signal(signum, self._request)
+        self._agree = (trainer.world_size > 1 and torch.distributed.is_available()
+                       and torch.distributed.is_initialized())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not self._agree:
+            return
+        requested = torch.tensor([int(self.requested or 0)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
+        if requested.item():  # the same in every process: all stop after this update
+            self.requested = self.requested or signal.Signals(int(requested.item()))
+            trainer.should_stop = True
 
     def _request(self, signum, frame) -> None:
         if self._trainer is None:  # put back by Lightning's own restore after training ended: the default action
@@ -155,7 +174,8 @@ class StopOnCtrlC(Callback):
             signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum)
-        self._trainer.should_stop = True  # checked once this batch's callbacks (an evaluation among them) are done
+        if not self._agree:  # (under DDP the processes agree first, after this update)
+            self._trainer.should_stop = True  # checked once this batch's callbacks (an evaluation among them) are done
         # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM (SIGUSR1) as the system's default
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         name = self.NAMES[self.requested]
@@ -169,7 +189,7 @@ class StopOnCtrlC(Callback):
         self._restore()
 
     def _restore(self) -> None:
-        self._trainer = None
+        self._trainer, self._agree = None, False
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
@@ -1071,13 +1091,14 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
             status = 143 if signum == signal.SIGTERM else 130  # 128 + the signal's number, as a shell reports
             then = "the same command continues the run" if stopped_by else "the same command runs that evaluation"
             if signum == signal.SIGUSR1:  # SLURM's warning: the requeued job runs the same command
-                then, status = requeued(then)
+                then, status = requeued(then) if trainer.is_global_zero else (then, 0)  # one requeue per job
             message = (f"manip.{name}: {how} at step {trainer.global_step}; {last} holds it, and {then}"
                        if stopped_by else
                        f"manip.{name}: {how} during the final evaluation; {last} holds the run's final step "
                        f"{trainer.global_step}, and {then}")
             log.file_only(message, logging.ERROR)
-            print(message, file=sys.stderr)
+            if trainer.is_global_zero:  # one line for the run, also under DDP
+                print(message, file=sys.stderr)
             sys.exit(status)
         if trainer.is_global_zero and checkpoints.is_dir():
             LOG.info(f"checkpoints in {checkpoints}")

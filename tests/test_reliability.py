@@ -333,6 +333,80 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
 
 
+@pytest.mark.parametrize("to", ["every process", "rank 1 alone"])
+def test_sigterm_to_a_ddp_run_stops_every_process_after_the_same_update_and_saves_it(cube_single_npz, tmp_path, to):
+    """A scheduler's SIGTERM reaches every process of the job, ``kill <pid>`` one: either way all DDP processes stop
+    after the same update, last.ckpt holds it, and the command ends with one line and status 143 (Lightning's own
+    handling ended in a gloo traceback, with nothing saved)."""
+    run_dir = tmp_path / "ddp"
+    overrides = fit_overrides(cube_single_npz, run_dir, 100000, "checkpoint.every_n_steps=0",
+                              "trainer.strategy=ddp", "trainer.devices=2")
+    proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (run_dir / "offline" / "metrics.csv").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)  # well inside training
+        if to == "every process":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "manip.fit"], capture_output=True,
+                                   text=True).stdout.split()
+            assert len(ranks) == 1, ranks
+            os.kill(int(ranks[0]), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in stderr.splitlines() if line.startswith("manip.fit: ")]
+    assert len(lines) == 1 and proc.returncode == 143, stderr[-3000:]
+    match = re.fullmatch(r"manip\.fit: stopped by SIGTERM at step (\d+); (.+) holds it, and the same command "
+                         r"continues the run", lines[0])
+    assert match and Path(match.group(2)) == run_dir / "checkpoints" / "last.ckpt", lines
+    assert 0 < int(match.group(1)) == load_checkpoint(match.group(2))["global_step"]
+    assert "Traceback" not in stderr
+
+
+def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_once(cube_single_npz, tmp_path):
+    """A DDP job of two SLURM tasks (started as srun starts them): SIGUSR1 to both stops them after the same update;
+    rank 0 saves last.ckpt, requeues the job once and prints the line; both end with status 0."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
+    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run_dir = tmp_path / "ddp"
+    overrides = fit_overrides(cube_single_npz, run_dir, 100000, "checkpoint.every_n_steps=0",
+                              "trainer.strategy=ddp", "trainer.devices=2")
+    tasks = [subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**env, "SLURM_PROCID": str(rank),
+                                                                      "SLURM_LOCALID": str(rank)})
+             for rank in (0, 1)]
+    try:
+        deadline = time.time() + 180
+        while not (run_dir / "offline" / "metrics.csv").exists():
+            assert all(t.poll() is None for t in tasks) and time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)
+        for task in tasks:
+            task.send_signal(signal.SIGUSR1)
+        stderr = [task.communicate(timeout=120)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+    assert [t.returncode for t in tasks] == [0, 0], [e[-2000:] for e in stderr]
+    match = re.fullmatch(r"manip\.fit: stopped by SIGUSR1 at step (\d+); (.+) holds it, and SLURM job 4242 is "
+                         r"requeued: its same command continues the run", stderr[0].strip().splitlines()[-1])
+    assert match and int(match.group(1)) == load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert "manip.fit: " not in stderr[1] and "Traceback" not in stderr[0] + stderr[1]
+    assert scontrol_calls.read_text() == "requeue 4242\n" and not list(run_dir.glob("hpc_ckpt*"))
+
+
 # ----------------------------------------------------------------------------------------- divergence
 def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cube_single_npz, tmp_path):
     """A learning rate that blows the losses up: the run stops at the first NaN / infinite loss, naming the update,
