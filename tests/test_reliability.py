@@ -319,7 +319,8 @@ def test_bench_envs_measures_steps_per_second():
 
 def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path):
     """``python -m manip.fit trainer.strategy=ddp trainer.devices=2`` with periodic and final evaluations: rank 0
-    evaluates alone (its success metric must not wait for the other rank), and fit.log holds each line once."""
+    evaluates alone (its success metric must not wait for the other rank), and fit.log holds each line once; so it
+    does when the same command runs the final evaluation a finished run lacks."""
     run_dir = tmp_path / "ddp"
     overrides = fit_overrides(cube_single_npz, run_dir, 20, "eval.every_n_steps=10", "eval.episodes=1",
                               "eval.final_episodes=2", "trainer.strategy=ddp", "trainer.devices=2")
@@ -331,6 +332,13 @@ def test_ddp_fit_evaluates_on_rank_zero_and_logs_once(cube_single_npz, tmp_path)
     log = (run_dir / "fit.log").read_text()
     assert log.count("[manip][INFO] step 20: success") == 2 and log.count("training mvp on") == 1
     assert "GLOBAL_RANK: 1" not in log  # rank 1 keeps no log
+    # the same command once the final evaluation is lost: nothing to train, rank 0 alone evaluates, once
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    again = subprocess.run([sys.executable, "-m", "manip.fit", *overrides], capture_output=True, text=True,
+                           env=SUBPROCESS_ENV, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episodes"]) for r in records] == [(10, 1), (20, 1), (20, 2)]
 
 
 @pytest.mark.parametrize("to", ["every process", "rank 1 alone"])
