@@ -650,11 +650,11 @@ def test_a_signal_during_the_final_evaluation_leaves_it_to_the_same_command(cube
     env, scontrol_calls = (slurm_job_with_scontrol(tmp_path / "bin") if signum == signal.SIGUSR1 else
                            (SUBPROCESS_ENV, None))
     run_dir = tmp_path / "run"
-    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=60", "data.env_horizon=20")
+    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=150", "data.env_horizon=20")
     proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
-        if "step 5: evaluating 60 episodes (eval.final_episodes)" in line:
+        if "step 5: evaluating 150 episodes (eval.final_episodes)" in line:
             break
     time.sleep(0.5)
     proc.send_signal(signum)
@@ -671,7 +671,7 @@ def test_a_signal_during_the_final_evaluation_leaves_it_to_the_same_command(cube
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["episodes"]) for r in records] == [(5, 60)]
+    assert [(r["step"], r["episodes"]) for r in records] == [(5, 150)]
     assert load_checkpoint(last)["global_step"] == 5 and "nothing left to train" in done.stdout
 
 
