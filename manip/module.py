@@ -264,6 +264,7 @@ class ManipModule(L.LightningModule):
         # Losses not yet checked for NaN / inf, kept on the device: on a GPU the check (a sync) waits for a logging
         # step, a checkpoint or an evaluation (raise_if_diverged); elsewhere every update checks at once.
         self._unchecked_losses: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.check_losses_every_update: bool | None = None  # None: on any device but a GPU; True / False: always / never
 
     # ---------------------------------------------------------------------------------- acting
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -365,7 +366,10 @@ class ManipModule(L.LightningModule):
                 return None
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
         self._unchecked_losses.append((self.global_step + 1, actor_loss.detach(), critic_loss.detach()))
-        if self.device.type != "cuda" or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        every_update = self.check_losses_every_update
+        if every_update is None:
+            every_update = self.device.type != "cuda"
+        if every_update or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.raise_if_diverged()  # before this update: the weights stay those of the last finite losses
         opt = self.optimizers()
         opt.zero_grad()

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from manip import finetune, fit
+from manip import finetune, fit, run_lock
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, check_compatible, load_checkpoint
+from manip.run import train
 
 from entry_points import (CONF, SLURM_JOB_ENV, SUBPROCESS_ENV, config, run_dir_held, run_fit,
                           slurm_job_with_scontrol)
@@ -436,6 +437,22 @@ def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cu
     with pytest.raises(TrainingDiverged, match=rf"update {update} had"):
         run_fit(fit_overrides(cube_single_npz, tmp_path / "run2", 50, "module.lr=1e6", "checkpoint.every_n_steps=0"))
     assert max(logged_losses(tmp_path / "run2")) == update - 1
+    # as on a GPU, the losses checked at logging steps and before saves only: the same first update is named, training
+    # went on to the next check, and no checkpoint holds weights trained on its loss
+    overrides = [o for o in fit_overrides(cube_single_npz, tmp_path / "run3", 50, "module.lr=1e6",
+                                          "checkpoint.every_n_steps=3") if o != "trainer.log_every_n_steps=1"]
+    module, dm, trainer, _ = fit.build(config("fit", [*overrides, "trainer.log_every_n_steps=7"]))
+    module.check_losses_every_update = False
+    try:
+        with pytest.raises(TrainingDiverged, match=rf"update {update} had"):
+            train(trainer, module, dm, None)
+    finally:
+        run_lock.release()
+    # the first check at or after that update: a logging step's, before its update, or a checkpoint's, after it
+    checked = next(step - 1 if step % 7 == 0 else step for step in range(update, 50) if step % 7 == 0 or step % 3 == 0)
+    assert trainer.global_step == checked >= update, (update, trainer.global_step)  # trained past the bad update
+    saved = sorted(int(p.stem.removeprefix("step")) for p in (tmp_path / "run3" / "checkpoints").glob("step*.ckpt"))
+    assert saved == [step for step in range(3, update, 3)]
 
 
 def _tiny_module():
