@@ -208,6 +208,35 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     assert "finetune.num_envs=2" not in OmegaConf.load(hydra_dir / "overrides.1.yaml")
 
 
+def test_progress_goes_to_lines_where_standard_output_is_not_a_terminal(cube_single_npz, tmp_path, caplog,
+                                                                         monkeypatch):
+    """In a log file (a SLURM job's output) Lightning's bar would write a carriage return per update: there the
+    run logs a progress line every minute (here every update) instead; a terminal keeps the bar."""
+    import sys
+
+    from manip import fit, run_lock
+    from manip.run import ProgressBar, ProgressLines, train
+
+    overrides = [o for o in fit_overrides(cube_single_npz, tmp_path / "run", 5) if "enable_progress_bar" not in o]
+    module, dm, trainer, _ = fit.build(config("fit", overrides))
+    lines = [c for c in trainer.callbacks if isinstance(c, ProgressLines)]
+    assert len(lines) == 1 and not any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+    lines[0].every_s = 0.0
+    try:
+        train(trainer, module, dm, None)
+    finally:
+        run_lock.release()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(":")[0] for line in logged if "updates/s" in line] == [f"step {k}/5 ({20 * k}%)"
+                                                                           for k in range(1, 6)]
+    assert re.fullmatch(r"step 3/5 \(60%\): [\d.e+]+ updates/s, loss [-\d.e+]+, about 1 min left",
+                        [line for line in logged if line.startswith("step 3/5")][0])
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _, _, trainer, _ = fit.build(config("fit", [*overrides, f"run_dir={tmp_path / 'in_a_terminal'}"]))
+    run_lock.release()
+    assert any(isinstance(c, ProgressBar) for c in trainer.callbacks)
+
+
 def test_failing_final_evaluation_keeps_the_final_checkpoint(cube_single_npz, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulator crashed")
