@@ -80,7 +80,7 @@ class ProgressLines(ProgressBarBase):
     """Training progress where standard output is not a terminal (a log file, a SLURM job's output), which
     Lightning's bar would fill with a carriage return per update: a line every ``every_s`` seconds, from rank 0,
     ``[manip] step 3000/14000 (21%): 11.2 updates/s, loss 0.412, about 16 min left`` (the rate over those seconds,
-    evaluations included)."""
+    evaluations included; fine-tuning adds ``, 4200 env steps``)."""
 
     def __init__(self, every_s: float = 60.0) -> None:
         super().__init__()
@@ -110,6 +110,8 @@ class ProgressLines(ProgressBarBase):
             line += f", loss {float(loss):.3g}"
         if last > 0 and rate > 0:
             line += f", about {math.ceil((last - step) / rate / 60)} min left"
+        if getattr(module, "online", None) is not None:  # fine-tuning: the simulator's count too
+            line += f", {module.env_steps} env steps"
         LOG.info(line)
         self._since = (now, step)
 
@@ -904,7 +906,8 @@ def check_steps_left(ckpt: dict, ckpt_path: Path | str, last_step: int, setting:
     if (isinstance(final_episodes, int) and final_episodes > 0
             and not final_evaluation_done(run_dir, step, final_episodes)):
         LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train, but "
-                 f"{run_dir / 'eval.jsonl'} lacks its final evaluation ({final_episodes} episodes), which runs now")
+                 f"{run_dir / 'eval.jsonl'} lacks its final evaluation (eval.final_episodes={final_episodes}), which "
+                 f"runs now")
     else:
         LOG.info(f"{ckpt_path} is already at step {step} ({setting}): nothing left to train")
     return True

@@ -208,8 +208,8 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     assert "finetune.num_envs=2" not in OmegaConf.load(hydra_dir / "overrides.1.yaml")
 
 
-def test_progress_goes_to_lines_where_standard_output_is_not_a_terminal(cube_single_npz, tmp_path, caplog,
-                                                                         monkeypatch):
+def test_progress_goes_to_lines_where_standard_output_is_not_a_terminal(cube_single_npz, offline_run, tmp_path,
+                                                                         caplog, monkeypatch):
     """In a log file (a SLURM job's output) Lightning's bar would write a carriage return per update: there the
     run logs a progress line every minute (here every update) instead; a terminal keeps the bar."""
     import sys
@@ -231,6 +231,17 @@ def test_progress_goes_to_lines_where_standard_output_is_not_a_terminal(cube_sin
                                                                            for k in range(1, 6)]
     assert re.fullmatch(r"step 3/5 \(60%\): [\d.e+]+ updates/s, loss [-\d.e+]+, about 1 min left",
                         [line for line in logged if line.startswith("step 3/5")][0])
+    # fine-tuning's lines also count the simulator's steps
+    caplog.clear()
+    items = [o for o in finetune_overrides(offline_run[1], tmp_path / "ft", 2) if "enable_progress_bar" not in o]
+    module, dm, trainer, ckpt_path = finetune.build(config("finetune", items), items)
+    next(c for c in trainer.callbacks if isinstance(c, ProgressLines)).every_s = 0.0
+    try:
+        train(trainer, module, dm, ckpt_path)
+    finally:
+        run_lock.release()
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 17/17 (100%): ")]
+    assert len(last) == 1 and last[0].endswith(f", {module.env_steps} env steps"), last
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     _, _, trainer, _ = fit.build(config("fit", [*overrides, f"run_dir={tmp_path / 'in_a_terminal'}"]))
     run_lock.release()
@@ -273,7 +284,8 @@ def test_a_finished_command_run_again_trains_nothing_and_runs_only_a_missing_fin
     (run_dir / "eval.jsonl").write_text("")
     caplog.clear()
     trainer, module = run_fit(overrides)
-    assert f"{run_dir / 'eval.jsonl'} lacks its final evaluation (1 episodes), which runs now" in caplog.text
+    assert f"{run_dir / 'eval.jsonl'} lacks its final evaluation (eval.final_episodes=1), which runs now" \
+        in caplog.text
     assert trainer.global_step == 5 and "step 5: evaluating 1 episodes (eval.final_episodes)" in caplog.text
     again = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [outcome(r) for r in again] == [outcome(json.loads(records))]
