@@ -151,6 +151,16 @@ class LastCheckpoint(ModelCheckpoint):
             module.checkpoint_online_replay = True
 
 
+def _on_main_thread() -> bool:
+    """Whether this is the main thread, the only one where Python lets a program set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _default_action(signum: int) -> Any:
+    """Python's handler for Ctrl-C (a KeyboardInterrupt), the system's default for any other signal."""
+    return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+
+
 class StopOnCtrlC(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (``kill <pid>``, a scheduler's preemption; the env workers ignore both) during
     training stops it once the update (or periodic evaluation) in progress ends: ``last.ckpt`` is saved at that step
@@ -181,18 +191,14 @@ class StopOnCtrlC(Callback):
         self._trainer: L.Trainer | None = None
         self._agree = False  # DDP: whether the processes agree on stopping after each update
 
-    @staticmethod
-    def _handles_signals(trainer: L.Trainer) -> bool:
-        return threading.current_thread() is threading.main_thread()
-
     def setup(self, trainer, module, stage) -> None:
         # Before Lightning installs its SLURM requeue handler, which it leaves out where a SIGUSR1 handler exists.
-        if SLURMEnvironment.detect() and self._handles_signals(trainer):
+        if SLURMEnvironment.detect() and _on_main_thread():
             self._trainer = trainer
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._request)
 
     def on_train_start(self, trainer, module) -> None:
-        if self._handles_signals(trainer):
+        if _on_main_thread():
             self._trainer = trainer
             for signum in self.SIGNALS:
                 if signal.getsignal(signum) is not signal.SIG_IGN:
@@ -211,14 +217,14 @@ class StopOnCtrlC(Callback):
 
     def _request(self, signum, frame) -> None:
         if self._trainer is None:  # put back by Lightning's own restore after training ended: the default action
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.signal(signum, _default_action(signum))
             signal.raise_signal(signum)
             return
         self.requested = signal.Signals(signum)
         if not self._agree:  # (under DDP the processes agree first, after this update)
             self._trainer.should_stop = True  # checked once this batch's callbacks (an evaluation among them) are done
         # the second signal stops at once: Ctrl-C as a KeyboardInterrupt, SIGTERM (SIGUSR1) as the system's default
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(signum, _default_action(signum))
         name = self.NAMES[self.requested]
         LOG.info(f"{name}: stopping once this update (or evaluation) ends, then saving last.ckpt ({name} again stops "
                  f"at once, saving nothing)")
@@ -266,8 +272,7 @@ class SlurmWarning:
     the signal's default action would end the process without a requeue. Elsewhere a no-op."""
 
     def __init__(self, world_size: int = 1) -> None:
-        self.active = (world_size == 1 and SLURMEnvironment.detect()
-                       and threading.current_thread() is threading.main_thread())
+        self.active = world_size == 1 and SLURMEnvironment.detect() and _on_main_thread()
         self.received = False
         self._previous: Any = None
 

@@ -48,6 +48,25 @@ def finetune_overrides(ckpt: Path, run_dir: Path) -> list[str]:
             "finetune.target_samples=4", "+data.env_horizon=10"]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a DDP rendezvous)."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+def wait_until_training(run_dir: Path, procs: list[subprocess.Popen], seconds: float = 180) -> None:
+    """Returns once the offline run in ``run_dir`` logged its first metrics, and a second more (well inside training);
+    fails where one of ``procs`` ended first or ``seconds`` passed."""
+    deadline = time.time() + seconds
+    while not (run_dir / "offline" / "metrics.csv").exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.returncode for p in procs]
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
 def logged_losses(run_dir: Path, phase: str = "offline") -> dict[int, tuple[float, float]]:
     """step -> (actor loss, critic loss) from metrics.csv (a later row for the same step wins)."""
     losses = {}
@@ -353,11 +372,7 @@ def test_sigterm_to_a_ddp_run_stops_every_process_after_the_same_update_and_save
     proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while not (run_dir / "offline" / "metrics.csv").exists():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.2)
-        time.sleep(1.0)  # well inside training
+        wait_until_training(run_dir, [proc])
         if to == "every process":
             os.killpg(proc.pid, signal.SIGTERM)
         else:
@@ -381,13 +396,8 @@ def test_sigterm_to_a_ddp_run_stops_every_process_after_the_same_update_and_save
 def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_once(cube_single_npz, tmp_path):
     """A DDP job of two SLURM tasks (started as srun starts them): SIGUSR1 to both stops them after the same update;
     rank 0 saves last.ckpt, requeues the job once and prints the line; both end with status 0."""
-    import socket
-
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
-    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     run_dir = tmp_path / "ddp"
     overrides = fit_overrides(cube_single_npz, run_dir, 100000, "checkpoint.every_n_steps=0",
                               "trainer.strategy=ddp", "trainer.devices=2")
@@ -396,11 +406,7 @@ def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_on
                                                                       "SLURM_LOCALID": str(rank)})
              for rank in (0, 1)]
     try:
-        deadline = time.time() + 180
-        while not (run_dir / "offline" / "metrics.csv").exists():
-            assert all(t.poll() is None for t in tasks) and time.time() < deadline
-            time.sleep(0.2)
-        time.sleep(1.0)
+        wait_until_training(run_dir, tasks)
         for task in tasks:
             task.send_signal(signal.SIGUSR1)
         stderr = [task.communicate(timeout=120)[1] for task in tasks]
@@ -506,11 +512,8 @@ def test_a_loss_that_diverges_in_one_ddp_process_stops_every_process():
     """Under DDP a NaN in one process's loss (its own batch) stops every process at the same update, so that none
     waits for the others in the next gradient all-reduce; the other process says where the loss went bad."""
     import multiprocessing
-    import socket
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     ranks = [context.Process(target=_diverged_on_one_rank, args=(rank, port, results)) for rank in (0, 1)]
@@ -721,10 +724,7 @@ def _signal_during_fit_saves_the_step_and_resumes(npz: Path, tmp_path: Path, sig
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=log, stderr=subprocess.PIPE,
                                 text=True, env=env)
-        deadline = time.time() + 120
-        while not (run_dir / "offline" / "metrics.csv").exists() and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # well inside training
+        wait_until_training(run_dir, [proc], seconds=120)
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     match = re.fullmatch(rf"manip\.fit: {line}", stderr.strip().splitlines()[-1])
