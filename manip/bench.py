@@ -1,6 +1,7 @@
 """Speed and memory benchmark of the agents at robomimic-lift sizes (obs 19, action 7, chunks of h = 5).
 
     python -m manip.bench --out bench.json [--device cuda] [--algos mvp qc fql] [--threads 1] [--fast-act]
+                          [--compile [MODE]]
 
 ``--algos`` picks from every agent of ``conf/algo`` with its settings there (``AGENTS``): mvp, mvp_noivc (MVP
 without the IVC term, lambda = 0), qc, bfn (QC's best-of-N flow policy without chunking: h = 1, N = 4) and fql, the
@@ -23,7 +24,11 @@ Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
   compile time excluded), and ``fast_act_agree``: the share of 50 seeded calls whose chunk is within 0.02 (max
   absolute difference) of the float32 agent's from the same noise (best-of-N may pick another candidate when two
   scores are closer than the precision);
-* ``update_its``: full updates per second (critic step, actor step, target update; batch 256, Adam);
+* ``update_its``: full updates per second, as ``ManipModule`` trains (actor loss with the critic frozen, critic
+  loss, one backward pass of their sum, one fused Adam step, target update; batch 256), float32 products at
+  ``--matmul-precision`` (default "high", training's: TF32 on a GPU that has it); with ``--compile`` both losses are
+  ``torch.compile``-d as ``module.compile=<mode>`` does, and ``compile_s`` is the wall time of the warm-up updates
+  that compiled them;
 * ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
   before the agent was built;
 * MVP (and mvp_noivc) also reports ``actor_update_ms`` and ``fm_update_ms``: its actor step versus a plain
@@ -51,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from manip.algos import ActorCriticAgent, FlowBoNAgent, FQLAgent, MVPAgent, flatten_chunk, flow_matching_loss
 from manip.algos.acting import ACT_DTYPES, fast_sampler
+from manip.algos.training import COMPILE_MODES, compiled, frozen, make_optimizer
 from manip.cli_args import at_least, new_file
 from manip.data.replay import random_chunk_batch
 from manip.settings import first_free_path, write_result
@@ -102,6 +108,7 @@ def median_ms(fn: Callable[[], object], calls: int, warmup: int, device: torch.d
 def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     """Benchmark one algorithm in the current process."""
     torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
     device = torch.device(args.device)
     torch.randn(8, 8) @ torch.randn(8, 8)  # initialise the CPU runtime before the memory baseline
@@ -110,10 +117,11 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats(device)
     agent = build_agent(algo, tuple(args.hidden)).to(device)
     horizon = agent.horizon
-    actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=3e-4)
-    critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=3e-4)
+    optimizer = make_optimizer(agent.actor_parameters(), agent.critic_parameters(), lr=3e-4)
+    actor_opt = make_optimizer(agent.actor_parameters(), [], lr=3e-4)  # the actor step alone (JVP overhead)
     batch = random_chunk_batch(args.batch_size, OBS_DIM, ACTION_DIM, horizon, device=device)
     obs = batch["observations"][:1]
+    generator = torch.Generator(device=device).manual_seed(0)
 
     with torch.inference_mode():
         act_ms = median_ms(lambda: agent.sample_actions(obs), args.act_calls, 20, device)
@@ -121,19 +129,26 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
             agent.sample_actions(obs)
     act_flop = flops.get_total_flops()
 
+    actor_loss_fn = compiled(agent.actor_loss, args.compile)
+    critic_loss_fn = compiled(agent.critic_loss, args.compile)
+
     def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def update() -> None:
-        step(critic_opt, agent.critic_loss(batch)[0])
-        step(actor_opt, agent.actor_loss(batch)[0])
+        with frozen(agent.critic):
+            actor_loss = actor_loss_fn(batch, generator)[0]
+        step(optimizer, actor_loss + critic_loss_fn(batch, generator)[0])
         agent.soft_update(0.005)
 
+    _sync(device)
+    start = time.perf_counter()
     for _ in range(args.update_warmup):
         update()
     _sync(device)
+    warmup_s = time.perf_counter() - start
     iters, start = 0, time.perf_counter()
     while iters < args.min_update_iters or time.perf_counter() - start < args.update_seconds:
         update()
@@ -141,6 +156,8 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         _sync(device)
     result = {"act_ms": act_ms, "act_ms_per_action": act_ms / horizon, "act_mflop": act_flop / 1e6,
               "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start)}
+    if args.compile:
+        result["compile_s"] = warmup_s
 
     if isinstance(agent, MVPAgent):
         actions, mask = flatten_chunk(batch["actions"], batch["valid"])
@@ -148,15 +165,14 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         def velocity(o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return agent.actor(o, x, t, t)
 
-        result["actor_update_ms"] = median_ms(
-            lambda: step(actor_opt, agent.actor_loss(batch)[0]), args.actor_calls, 3, device
-        )
-        result["fm_update_ms"] = median_ms(
-            lambda: step(actor_opt, flow_matching_loss(velocity, batch["observations"], actions, mask)),
-            args.actor_calls,
-            3,
-            device,
-        )
+        def fm_loss() -> torch.Tensor:
+            return flow_matching_loss(velocity, batch["observations"], actions, mask, generator=generator)
+
+        fm_loss_fn = compiled(fm_loss, args.compile)
+        with frozen(agent.critic):  # as in update(): the same compiled graphs
+            result["actor_update_ms"] = median_ms(
+                lambda: step(actor_opt, actor_loss_fn(batch, generator)[0]), args.actor_calls, 3, device)
+            result["fm_update_ms"] = median_ms(lambda: step(actor_opt, fm_loss_fn()), args.actor_calls, 3, device)
 
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -207,6 +223,10 @@ def _table(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> st
             lines.append(f"{algo} fast act {r['fast_act_ms']:.3f} ms ({per_action:.3f} ms/action), "
                          f"{r['fast_act_agree']:.2f} of seeded chunks within 0.02 of float32")
     for algo, r in results.items():
+        if "compile_s" in r:
+            lines.append(f"{algo} compiled update: first {r['compile_s']:.1f} s (compilation), then "
+                         f"{r['update_its']:.3f} it/s")
+    for algo, r in results.items():
         if "actor_update_ms" in r:
             lines.append(f"{algo} actor step {r['actor_update_ms']:.2f} ms vs flow matching {r['fm_update_ms']:.2f} ms")
     lines += [f"{k} = {v:.2f}" for k, v in ratios.items()]
@@ -229,6 +249,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time act() through a frozen, compiled copy (manip.algos.acting.fast_sampler)")
     parser.add_argument("--fast-act-dtype", default="bfloat16", choices=list(ACT_DTYPES),
                         help="precision of that copy's networks")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        help="torch.compile both losses of the update in this mode (alone: %(const)s), as "
+                             "module.compile=<mode> trains; compilation happens in the warm-up updates")
+    parser.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision, as in training (default: %(default)s)")
     parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument("--act-calls", type=at_least(1), default=200, help="timed act() calls (median reported)")
     parser.add_argument("--actor-calls", type=at_least(1), default=20, help="timed MVP / flow-matching actor steps")

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
+from manip.algos.training import COMPILE_MODES, compiled, frozen, make_optimizer
 from manip.cli_args import raise_if_interrupted
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
@@ -148,12 +149,12 @@ def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = 
                           tau: float | None = None, compile: bool | str | None = False) -> None:
     """Raise ``SettingError`` naming ``module.<key>`` for the first module setting out of range (None: not checked,
     except ``actor_ema``, where None turns the weight average off, and ``compile``, where it means false)."""
-    if isinstance(compile, str):
+    if isinstance(compile, str) and compile not in COMPILE_MODES:
         import torch._dynamo
 
         if compile not in torch._dynamo.list_backends(exclude_tags=()):
-            raise SettingError(f"module.compile must be true, false or a torch.compile backend such as inductor, "
-                               f"got {compile!r}")
+            raise SettingError(f"module.compile must be true, false, a torch.compile mode ({', '.join(COMPILE_MODES)}) "
+                               f"or a backend such as inductor, got {compile!r}")
         try:  # a registered backend may need a package this machine lacks (tvm, openxla)
             torch.compile(torch.neg, backend=compile)(torch.zeros(1))
         except Exception as exc:  # noqa: BLE001 - any failure of the backend is the setting's
@@ -161,8 +162,9 @@ def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = 
             lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             message = lines[1] if len(lines) > 1 and lines[0].endswith("raised:") else lines[0]  # dynamo's wrapper
             raise SettingError(f"module.compile={compile}: the backend does not run here ({message})") from None
-    elif compile is not None and not isinstance(compile, bool):
-        raise SettingError(f"module.compile must be true, false or a torch.compile backend name, got {compile!r}")
+    elif compile is not None and not isinstance(compile, (bool, str)):
+        raise SettingError(f"module.compile must be true, false, a torch.compile mode or a backend name, "
+                           f"got {compile!r}")
     if obs_norm not in ("standard", "none"):
         raise SettingError(f"module.obs_norm must be standard or none, got {obs_norm!r}")
     if actor_ema is not None and not 0.0 < actor_ema < 1.0:
@@ -179,29 +181,6 @@ def check_offline_fraction(fraction: float | None, key: str = "finetune.offline_
     return None if fraction is None else check_real(fraction, key, 0.0, maximum=1.0)
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Temporarily stop gradients into ``module``'s parameters."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _compiled(fn: Callable, compile: bool | str) -> Callable:
-    """``fn`` itself (compile false), ``torch.compile(fn)`` (true) or compiled with that backend (a name).
-
-    Static shapes: one graph per batch size (acting sees a handful), since Dynamo's dynamic-shape graphs cannot draw
-    noise (``torch.randn`` with a symbolic size and a ``generator`` argument, even None, fails to trace)."""
-    if compile is False or compile is None:
-        return fn
-    return torch.compile(fn, dynamic=False, **({} if compile is True else {"backend": compile}))
-
-
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite: the run stops before that update, and before it saves or evaluates weights
     trained past the last finite losses."""
@@ -213,9 +192,10 @@ class ManipModule(L.LightningModule):
     agent: a ``functools.partial`` of an agent class (``manip.algos``) that takes
     ``obs_dim, action_dim, horizon``; stats: ``DatasetStats.to_dict()`` of the offline data;
     cfg: the full run config (plain dict) kept in the checkpoint; seed: seed of the loss-noise
-    generator (rank r uses ``seed + r``); compile: ``torch.compile`` the actor loss (the JVP path)
-    and acting, meant for GPU training: true for the default backend (inductor) or a backend name
-    (e.g. "aot_eager"); false (default) runs eagerly. actor_ema: decay of an exponential moving
+    generator (rank r uses ``seed + r``); compile: ``torch.compile`` the actor loss (the JVP path), the
+    critic loss (the TD target's best-of-N) and acting, meant for GPU training: true for the default
+    backend (inductor), a mode of ``COMPILE_MODES`` (inductor; "reduce-overhead" adds CUDA graphs) or a
+    backend name (e.g. "aot_eager"); false (default) runs eagerly. actor_ema: decay of an exponential moving
     average of the acting network's weights (e.g. 0.999), updated after every optimizer step and
     used whenever the module acts (evaluation, online collection, ``predict_chunks``); training
     losses and the critic's target actions keep the raw weights. None (default): act with the raw
@@ -254,8 +234,9 @@ class ManipModule(L.LightningModule):
         self.episodes = self.successes = 0  # online episodes collected so far, and how many of them succeeded
         self.rollout: VectorRollout | None = None
         self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
-        self._actor_loss_fn = _compiled(self.actor_loss, compile)
-        self._sample_fn = _compiled(self.agent.sample_actions, compile)
+        self._actor_loss_fn = compiled(self.actor_loss, compile)
+        self._critic_loss_fn = compiled(self.agent.critic_loss, compile)
+        self._sample_fn = compiled(self.agent.sample_actions, compile)
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         # False: a checkpoint's random states are not restored (a new fine-tuning run draws from its own seed)
@@ -338,9 +319,7 @@ class ManipModule(L.LightningModule):
         return self._generator
 
     def configure_optimizers(self):
-        return torch.optim.Adam([
-            {"params": list(self.agent.actor_parameters()), "name": "actor"},
-            {"params": list(self.agent.critic_parameters()), "name": "critic"}], lr=self.lr)
+        return make_optimizer(self.agent.actor_parameters(), self.agent.critic_parameters(), self.lr)
 
     def _normalized_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**batch, "observations": self.normalize(batch["observations"]),
@@ -356,7 +335,7 @@ class ManipModule(L.LightningModule):
         batch = self._normalized_batch(batch)
         with frozen(self.agent.critic):
             actor_loss, actor_info = self._actor_loss_fn(batch, generator)
-        critic_loss, critic_info = self.agent.critic_loss(batch, generator)
+        critic_loss, critic_info = self._critic_loss_fn(batch, generator)
         return actor_loss, critic_loss, {**actor_info, **critic_info}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
@@ -365,7 +344,9 @@ class ManipModule(L.LightningModule):
             if self.env_steps < self.online.start_training:
                 return None
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
-        self._unchecked_losses.append((self.global_step + 1, actor_loss.detach(), critic_loss.detach()))
+        # Copies: a CUDA graph (module.compile=reduce-overhead) reuses its outputs' memory at the next update
+        losses = actor_loss.detach().clone(), critic_loss.detach().clone()
+        self._unchecked_losses.append((self.global_step + 1, *losses))
         every_update = self.check_losses_every_update
         if every_update is None:
             every_update = self.device.type != "cuda"

@@ -12,7 +12,7 @@ import torch
 from manip import bench
 
 QUICK = dict(device="cpu", threads=1, batch_size=16, act_calls=3, actor_calls=1, update_warmup=1,
-             min_update_iters=1, update_seconds=0.0, fast_act=False)
+             min_update_iters=1, update_seconds=0.0, fast_act=False, compile=None, matmul_precision="high")
 
 
 def _products(dims: list[int]) -> int:
@@ -55,6 +55,19 @@ def test_fast_act_figures(tmp_path):
     mvp = report["mvp"]
     assert mvp["fast_act_ms"] > 0 and mvp["fast_act_agree"] == 1.0
     assert (tmp_path / "b.json").exists()
+
+
+def test_compiled_update_figures(tmp_path):
+    """``--compile`` times the update with both losses compiled (as ``module.compile`` trains), the compilation
+    apart: the warm-up that compiles takes many times an update."""
+    report = bench.main(["--algos", "mvp", "--hidden", "16", "16", "--batch-size", "16", "--act-calls", "3",
+                         "--actor-calls", "1", "--update-warmup", "2", "--min-update-iters", "3",
+                         "--update-seconds", "0", "--compile", "--out", str(tmp_path / "b.json")])
+    mvp = report["mvp"]
+    assert mvp["update_its"] > 0 and mvp["compile_s"] > 20 / mvp["update_its"], mvp
+    assert report["config"]["compile"] == "default" and report["config"]["matmul_precision"] == "high"
+    assert bench.parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert bench.parse_args([]).compile is None
 
 
 def test_algos_cover_conf_and_keep_the_default_set():

@@ -636,10 +636,11 @@ def test_run_log_keeps_the_lines_logged_before_the_run_directory_is_known(tmp_pa
     (["trainer.max_steps=-5"], SettingError, "trainer.max_steps must be >= -1, got -5"),
     (["trainer.max_steps=abc"], SettingError, "trainer.max_steps must be an integer >= -1, got 'abc'"),
     (["threads=-1"], SettingError, "threads must be an integer >= 1 or null (torch's default), got -1"),
-    (["module.compile=no"], SettingError, "module.compile must be true, false or a torch.compile backend such as "
-                                          "inductor, got 'no'"),
+    (["module.compile=no"], SettingError, "module.compile must be true, false, a torch.compile mode (default, "
+                                          "reduce-overhead, max-autotune, max-autotune-no-cudagraphs) or a backend "
+                                          "such as inductor, got 'no'"),
     (["module.compile=tvm"], SettingError, "module.compile=tvm: the backend does not run here ("),
-    (["module.compile=3"], SettingError, "module.compile must be true, false or a torch.compile backend name, got 3"),
+    (["module.compile=3"], SettingError, "module.compile must be true, false, a torch.compile mode or a backend name, got 3"),
     (["+algo.agent.time_dim=30"], SettingError,
      "algo.agent.time_dim must be a multiple of 4 (sinusoidal features of t and of r - t), got 30"),
     (["algo=qc", "algo.agent.time_dim=3"], SettingError,
