@@ -132,6 +132,11 @@ class LastCheckpoint(ModelCheckpoint):
         # ModelCheckpoint's key, so that checkpoints written with the plain callback restore this one's state
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, torch.Tensor]:
+        # The ``step`` of a checkpoint's name is the update count, not the row the module logged last (it logs a
+        # row every trainer.log_every_n_steps updates)
+        return {**super()._monitor_candidates(trainer), "step": torch.tensor(trainer.global_step)}
+
     def save_final(self, trainer: L.Trainer) -> None:
         """Saves ``last`` at ``trainer.global_step`` unless it is already saved there (every rank must call it)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 
 from manip.algos import MVPAgent
@@ -109,3 +110,34 @@ def test_fused_optimizer_steps_as_the_reference_adam():
     for p, r in zip(params, reference):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(p, p0) for p, p0 in zip(params, initial))
+
+
+def test_logged_rows_hold_their_own_update_and_a_stop_writes_a_fresh_row(tmp_path):
+    """Values are logged only at the updates whose row Lightning writes (every ``log_every_n_steps``, and at a stop
+    decided by a callback in that update), and each row holds that update's own losses, not an earlier update's."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = _module(False)
+    batches = [random_chunk_batch(8, OBS, ACTION, HORIZON, seed=i) for i in range(20)]
+    seen: dict[int, float] = {}
+
+    class RecordAndStop(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = float(pl_module._update_loss)  # actor + critic loss of this update
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    trainer = L.Trainer(max_steps=20, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="", version=""),
+                        callbacks=[RecordAndStop()], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/actor_loss")]
+    assert [int(float(row["step"])) for row in rows] == [3, 5]
+    for row in rows:
+        total = float(row["train/actor_loss"]) + float(row["train/critic_loss"])
+        assert total == pytest.approx(seen[int(float(row["step"]))], rel=1e-5)
+    assert seen[5] != seen[3] and len(seen) == 5
