@@ -138,6 +138,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         opt.step()
 
     def update() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a new update: CUDA graphs may reuse the last one's memory
         with frozen(agent.critic):
             actor_loss = actor_loss_fn(batch, generator)[0]
         step(optimizer, actor_loss + critic_loss_fn(batch, generator)[0])
@@ -169,10 +170,14 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
             return flow_matching_loss(velocity, batch["observations"], actions, mask, generator=generator)
 
         fm_loss_fn = compiled(fm_loss, args.compile)
+        def actor_step(loss_fn: Callable[[], torch.Tensor]) -> None:
+            torch.compiler.cudagraph_mark_step_begin()
+            step(actor_opt, loss_fn())
+
         with frozen(agent.critic):  # as in update(): the same compiled graphs
             result["actor_update_ms"] = median_ms(
-                lambda: step(actor_opt, actor_loss_fn(batch, generator)[0]), args.actor_calls, 3, device)
-            result["fm_update_ms"] = median_ms(lambda: step(actor_opt, fm_loss_fn()), args.actor_calls, 3, device)
+                lambda: actor_step(lambda: actor_loss_fn(batch, generator)[0]), args.actor_calls, 3, device)
+            result["fm_update_ms"] = median_ms(lambda: actor_step(fm_loss_fn), args.actor_calls, 3, device)
 
     if device.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -234,6 +234,7 @@ class ManipModule(L.LightningModule):
         self.episodes = self.successes = 0  # online episodes collected so far, and how many of them succeeded
         self.rollout: VectorRollout | None = None
         self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
+        self._compiled = compile not in (False, None)
         self._actor_loss_fn = compiled(self.actor_loss, compile)
         self._critic_loss_fn = compiled(self.agent.critic_loss, compile)
         self._sample_fn = compiled(self.agent.sample_actions, compile)
@@ -347,6 +348,8 @@ class ManipModule(L.LightningModule):
             self._collect()
             if self.env_steps < self.online.start_training:
                 return None
+        if self._compiled:  # CUDA graphs (module.compile=reduce-overhead) may reuse the last update's outputs now
+            torch.compiler.cudagraph_mark_step_begin()
         actor_loss, critic_loss, info = self.losses(batch, self.generator)
         # Copies: a CUDA graph (module.compile=reduce-overhead) reuses its outputs' memory at the next update
         losses = actor_loss.detach().clone(), critic_loss.detach().clone()
