@@ -1052,6 +1052,24 @@ def storage_error(err: BaseException, run_dir: str | Path | None = None) -> str 
     return f"cannot write {where} ({cause.strerror}); the checkpoints saved before, if any, are kept"
 
 
+def compile_error(err: BaseException, name: str) -> str | None:
+    """One line for a failure of ``module.compile``'s compiler (a missing or broken C++ compiler, a backend that
+    cannot lower a graph), which shows at the first compiled update or act; None for any other error."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (InductorError, BackendCompilerFailed)):
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            override = "+module.compile=false" if name == "finetune" else "module.compile=false"
+            return (f"module.compile: the compiler failed on this machine ({lines[0]}); the same command with "
+                    f"{override} trains without it")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def command_line(name: str) -> str:
     """``python -m manip.<name> <overrides>``: this command as its user typed it (Hydra's task overrides)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else sys.argv[1:]
@@ -1097,7 +1115,8 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     as Ctrl-C does, and during training or the final evaluation as :class:`StopOnCtrlC` and
     :class:`PeriodicEvaluation` say; each time the job is requeued (status 0). A run already at its last step trains
     nothing and gets the final evaluation its ``eval.jsonl`` lacks. A full or read-only disk is one line too
-    (:func:`storage_error`). Anything else is a bug and keeps its traceback."""
+    (:func:`storage_error`), and so is a compiler that fails ``module.compile`` (:func:`compile_error`). Anything
+    else is a bug and keeps its traceback."""
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
         log.file_only(command_line(name))
         run_dir = None
@@ -1111,14 +1130,15 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
         except (Exception, KeyboardInterrupt) as err:
             interrupted = interrupted_by_ctrl_c(err)
             storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err, run_dir)
-            if not (interrupted or isinstance(err, USER_ERRORS) or storage):
+            compiler = None if interrupted or isinstance(err, USER_ERRORS) or storage else compile_error(err, name)
+            if not (interrupted or isinstance(err, USER_ERRORS) or storage or compiler):
                 raise  # a bug: its traceback
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).
             handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
             if interrupted:
                 quiet_finalizers()
             try:
-                message = f"manip.{name}: {'interrupted' if interrupted else storage or err}"
+                message = f"manip.{name}: {'interrupted' if interrupted else storage or compiler or err}"
                 status = 130 if interrupted else 1
                 if interrupted and warning.received:  # SLURM's warning during the checks or the dataset's loading
                     then, status = requeued("the same command starts the run")

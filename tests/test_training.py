@@ -141,3 +141,29 @@ def test_logged_rows_hold_their_own_update_and_a_stop_writes_a_fresh_row(tmp_pat
         total = float(row["train/actor_loss"]) + float(row["train/critic_loss"])
         assert total == pytest.approx(seen[int(float(row["step"]))], rel=1e-5)
     assert seen[5] != seen[3] and len(seen) == 5
+
+
+def test_a_failing_compiler_is_one_line_and_the_command_it_names_trains(cube_single_npz, tmp_path):
+    """``module.compile=true`` where inductor finds no C++ compiler: the first update fails with one line naming the
+    setting, no traceback and no checkpoint; the command the line names (``module.compile=false``) trains."""
+    import subprocess
+    import sys
+
+    from entry_points import SUBPROCESS_ENV
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "manip.fit", "conf=ogbench_cube_single", f"data.path={cube_single_npz}",
+               "trainer.max_steps=3", "eval.every_n_steps=0", "eval.final_episodes=1", "algo.agent.hidden_dims=[16,16]",
+               "data.batch_size=8", "trainer.enable_progress_bar=false", f"run_dir={run_dir}"]
+    no_compiler = {**SUBPROCESS_ENV, "CXX": str(tmp_path / "nowhere" / "g++"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    failed = subprocess.run([*command, "module.compile=true"], env=no_compiler, capture_output=True, text=True,
+                            timeout=600)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    line = failed.stderr.strip().splitlines()[-1]
+    assert line.startswith("manip.fit: module.compile: the compiler failed on this machine (InvalidCxxCompiler: ")
+    assert line.endswith("; the same command with module.compile=false trains without it")
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    trained = subprocess.run([*command, "module.compile=false"], env=no_compiler, capture_output=True, text=True,
+                             timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
