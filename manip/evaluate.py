@@ -187,6 +187,12 @@ def main(cfg: DictConfig) -> None:
         if isinstance(err, (CheckpointError, EnvMismatchError, RendererUnavailable, SettingError)):
             sweep.refuse("evaluate", str(err))  # user errors in one line
             return
+        from manip.run import compile_error
+
+        compiler = compile_error(err, "act_compile", "the same command with act_compile=false evaluates without it")
+        if compiler:
+            sweep.refuse("evaluate", compiler)
+            return
         if not interrupted_by_ctrl_c(err):
             raise  # a bug: its traceback
         from manip.run import quiet_finalizers

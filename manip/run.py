@@ -1052,9 +1052,10 @@ def storage_error(err: BaseException, run_dir: str | Path | None = None) -> str 
     return f"cannot write {where} ({cause.strerror}); the checkpoints saved before, if any, are kept"
 
 
-def compile_error(err: BaseException, name: str) -> str | None:
-    """One line for a failure of ``module.compile``'s compiler (a missing or broken C++ compiler, a backend that
-    cannot lower a graph), which shows at the first compiled update or act; None for any other error."""
+def compile_error(err: BaseException, key: str, instead: str) -> str | None:
+    """One line for a failure of the compiler that setting ``key`` asked for (a missing or broken C++ compiler, a
+    backend that cannot lower a graph), which shows at the first compiled update or act, ending with ``instead``
+    (what to run); None for any other error."""
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
 
@@ -1063,9 +1064,7 @@ def compile_error(err: BaseException, name: str) -> str | None:
         seen.add(id(err))
         if isinstance(err, (InductorError, BackendCompilerFailed)):
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            override = "+module.compile=false" if name == "finetune" else "module.compile=false"
-            return (f"module.compile: the compiler failed on this machine ({lines[0]}); the same command with "
-                    f"{override} trains without it")
+            return f"{key}: the compiler failed on this machine ({lines[0]}); {instead}"
         err = err.__cause__ or err.__context__
     return None
 
@@ -1130,7 +1129,10 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
         except (Exception, KeyboardInterrupt) as err:
             interrupted = interrupted_by_ctrl_c(err)
             storage = None if interrupted or isinstance(err, USER_ERRORS) else storage_error(err, run_dir)
-            compiler = None if interrupted or isinstance(err, USER_ERRORS) or storage else compile_error(err, name)
+            # finetune takes module.compile from the checkpoint's config, which "+" overrides
+            override = "+module.compile=false" if name == "finetune" else "module.compile=false"
+            compiler = None if interrupted or isinstance(err, USER_ERRORS) or storage else compile_error(
+                err, "module.compile", f"the same command with {override} trains without it")
             if not (interrupted or isinstance(err, USER_ERRORS) or storage or compiler):
                 raise  # a bug: its traceback
             # A second Ctrl-C must not cut the clean-up short with a traceback (nor leave half a run directory).

@@ -365,6 +365,20 @@ def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
     assert not np.allclose(runs[0][: len(runs[2])], runs[2][: len(runs[0])])
 
 
+def test_a_failing_compiler_is_one_line_naming_act_compile(checkpoints, tmp_path):
+    """``act_compile=true`` where inductor finds no C++ compiler (and no cached program): one line, no result."""
+    import torch._inductor.config as inductor_config
+
+    out = tmp_path / "compiled.json"
+    no_compiler = {"cpp.cxx": (None, str(tmp_path / "nowhere" / "g++")), "force_disable_caches": True}
+    with inductor_config.patch(no_compiler), pytest.raises(SystemExit) as exit_info:
+        _cli(f"ckpt={checkpoints['mvp']}", "episodes=1", "act_compile=true", f"out={out}")
+    message = str(exit_info.value.code)
+    assert message.startswith("manip.evaluate: act_compile: the compiler failed on this machine (")
+    assert "InvalidCxxCompiler: No working C++ compiler found" in message
+    assert message.endswith("; the same command with act_compile=false evaluates without it") and not out.exists()
+
+
 def test_fast_acting_evaluation(checkpoints, tmp_path, monkeypatch):
     """``act_compile=true`` acts through the frozen compiled copy with the chunks of the eager networks (same seed);
     ``act_dtype=bfloat16`` is recorded and evaluates."""
