@@ -165,6 +165,13 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     episodes = int(online["terminals"].sum())
     assert totals[-1][0] == last["manip"]["episodes"] == episodes >= 1 and 0 <= totals[-1][1] <= episodes
     assert totals[-1][1] == last["manip"]["successes"] and totals == sorted(totals)
+    # Episodes are rows of their own at the update in which they ended (one simulator: the replay's k-th step is env
+    # step k, and update u collects up to env step start_training + u), never repeated in other rows.
+    ended_at = [offline_step + max(1, int(k) - env_steps) for k in np.flatnonzero(online["terminals"]) + 1]
+    episode_rows = {int(float(row["step"])): float(row["online/episode_success"]) for row in rows
+                    if row.get("online/episode_success")}
+    assert sorted(episode_rows) == sorted(set(ended_at))
+    assert sum(ended_at.count(step) * rate for step, rate in episode_rows.items()) == pytest.approx(totals[-1][1])
     # like fit's run directories: the dataset statistics and the composed config
     assert json.loads((run_dir / "dataset_stats.json").read_text()) == last["hyper_parameters"]["stats"]
     recorded = OmegaConf.load(run_dir / "hydra" / "config.yaml")
