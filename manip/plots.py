@@ -424,7 +424,9 @@ def load_bench(path: str | Path) -> tuple[pd.DataFrame, dict, dict]:
 
 def _measured_label(config: dict) -> str:
     hidden = "x".join(str(h) for h in config.get("hidden", [])) or "?"
-    return f"measured ({config.get('device_name', '?')}, threads={config.get('threads', '?')}, MLP {hidden})"
+    compiled = f", compiled {config['compile']}" if config.get("compile") else ""  # bench --compile [MODE]
+    return (f"measured ({config.get('device_name', '?')}, threads={config.get('threads', '?')}, MLP {hidden}"
+            f"{compiled})")
 
 
 def _bars(ax, algos: list[str], measured: list[float], paper: dict[str, float] | None, config: dict,

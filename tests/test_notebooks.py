@@ -317,3 +317,14 @@ def test_a_run_fine_tuned_from_a_checkpoint_outside_a_run_directory_is_a_curve_o
     curves = plots.load_curves(runs.reset_index())
     assert sorted(curves["label"].unique()) == ["mvp", "mvp (bon)"]
     assert curves.set_index("label").loc["mvp (bon)", "step"] == 20
+
+
+def test_speed_bars_say_whether_the_losses_were_compiled():
+    """A ``manip.bench --compile`` JSON's bars are labelled with its mode; an eager one's are not."""
+    from manip import plots
+
+    config = {"device_name": "cpu", "threads": 1, "hidden": [512, 512]}
+    assert plots._measured_label(config) == "measured (cpu, threads=1, MLP 512x512)"
+    assert plots._measured_label({**config, "compile": None}) == plots._measured_label(config)
+    assert plots._measured_label({**config, "compile": "reduce-overhead"}) == (
+        "measured (cpu, threads=1, MLP 512x512, compiled reduce-overhead)")
