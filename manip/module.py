@@ -4,8 +4,9 @@ One training step = one update: the critic loss and the actor loss are summed in
 pass over one (fused) Adam with two parameter groups (the critic is frozen while the actor loss is
 built, so Q terms in actor losses never train the critic). ``trainer.global_step`` therefore
 counts updates. The update's values are logged only at the updates whose row the loggers write
-(every ``trainer.log_every_n_steps``, and at a stop). Under DDP the losses (the JVP included) run on the inner agent networks, and
-the single ``manual_backward`` per step performs DDP's gradient all-reduce (mean over ranks).
+(every ``trainer.log_every_n_steps``, and at a stop). Under DDP the losses (the JVP included) run
+on the inner agent networks, and the single ``manual_backward`` per step performs DDP's gradient
+all-reduce (mean over ranks).
 
 The noise inside the losses (x0, (t, r), best-of-N candidates, target proposals) comes from
 ``ManipModule.generator``, one stream per rank seeded with ``seed + global_rank``; checkpoints

@@ -155,7 +155,8 @@ def test_a_failing_compiler_is_one_line_and_the_command_it_names_trains(cube_sin
     command = [sys.executable, "-m", "manip.fit", "conf=ogbench_cube_single", f"data.path={cube_single_npz}",
                "trainer.max_steps=3", "eval.every_n_steps=0", "eval.final_episodes=1", "algo.agent.hidden_dims=[16,16]",
                "data.batch_size=8", "trainer.enable_progress_bar=false", f"run_dir={run_dir}"]
-    no_compiler = {**SUBPROCESS_ENV, "CXX": str(tmp_path / "nowhere" / "g++"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    no_compiler = {**SUBPROCESS_ENV, "CXX": str(tmp_path / "nowhere" / "g++"),
+                   "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     failed = subprocess.run([*command, "module.compile=true"], env=no_compiler, capture_output=True, text=True,
                             timeout=600)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
