@@ -1056,13 +1056,15 @@ def compile_error(err: BaseException, key: str, instead: str) -> str | None:
     """One line for a failure of the compiler that setting ``key`` asked for (a missing or broken C++ compiler, a
     backend that cannot lower a graph), which shows at the first compiled update or act, ending with ``instead``
     (what to run); None for any other error."""
+    import torch._inductor.exc
     from torch._dynamo.exc import BackendCompilerFailed
-    from torch._inductor.exc import InductorError
 
+    # InductorError exists in newer torch only
+    failures = (BackendCompilerFailed, getattr(torch._inductor.exc, "InductorError", BackendCompilerFailed))
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (InductorError, BackendCompilerFailed)):
+        if isinstance(err, failures):
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
             return f"{key}: the compiler failed on this machine ({lines[0]}); {instead}"
         err = err.__cause__ or err.__context__
