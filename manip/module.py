@@ -35,7 +35,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
-from manip.algos.training import COMPILE_MODES, compiled, frozen, make_optimizer
+from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, make_optimizer
 from manip.cli_args import raise_if_interrupted
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
@@ -161,9 +161,8 @@ def check_module_settings(obs_norm: str = "standard", actor_ema: float | None = 
             torch.compile(torch.neg, backend=compile)(torch.zeros(1))
         except Exception as exc:  # noqa: BLE001 - any failure of the backend is the setting's
             raise_if_interrupted(exc)
-            lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-            message = lines[1] if len(lines) > 1 and lines[0].endswith("raised:") else lines[0]  # dynamo's wrapper
-            raise SettingError(f"module.compile={compile}: the backend does not run here ({message})") from None
+            raise SettingError(f"module.compile={compile}: the backend does not run here "
+                               f"({compiler_message(exc)})") from None
     elif compile is not None and not isinstance(compile, (bool, str)):
         raise SettingError(f"module.compile must be true, false, a torch.compile mode or a backend name, "
                            f"got {compile!r}")

@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from manip import run_lock, sweep
 from manip.algos.base import check_agent_settings
+from manip.algos.training import compiler_message
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, os_error_in, require_ckpt
-from manip.cli_args import interrupted_by_ctrl_c, raise_if_interrupted
+from manip.cli_args import exception_chain, interrupted_by_ctrl_c, raise_if_interrupted
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.envs import EnvMismatchError
@@ -1061,14 +1062,10 @@ def compile_error(err: BaseException, key: str, instead: str) -> str | None:
 
     # InductorError exists in newer torch only
     failures = (BackendCompilerFailed, getattr(torch._inductor.exc, "InductorError", BackendCompilerFailed))
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, failures):
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-            return f"{key}: the compiler failed on this machine ({lines[0]}); {instead}"
-        err = err.__cause__ or err.__context__
-    return None
+    failure = next((error for error in exception_chain(err) if isinstance(error, failures)), None)
+    if failure is None:
+        return None
+    return f"{key}: the compiler failed on this machine ({compiler_message(failure)}); {instead}"
 
 
 def command_line(name: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "compiled", "frozen", "make_optimizer"]
+__all__ = ["COMPILE_MODES", "compiled", "compiler_message", "frozen", "make_optimizer"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -34,6 +34,13 @@ def compiled(fn: Callable, compile: bool | str | None) -> Callable:
     if compile in COMPILE_MODES:
         return torch.compile(fn, dynamic=False, mode=compile)
     return torch.compile(fn, dynamic=False, backend=compile)
+
+
+def compiler_message(exc: BaseException) -> str:
+    """The line of a torch.compile failure that names its cause: the first line of ``exc``, or the one after
+    Dynamo's ``backend='...' raised:`` wrapper line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].endswith("raised:") else lines[0]
 
 
 def make_optimizer(actor_params: Iterable[nn.Parameter], critic_params: Iterable[nn.Parameter],
