@@ -88,12 +88,19 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
         if main_process and not finished:
             LOG.info(f"resuming from {resume} at step {ckpt['global_step']}")
     if main_process and not finished:
-        LOG.info(f"training {cfg.algo.name} on {dm.info['path']} ({dm.info['num_transitions']} transitions) up to "
+        LOG.info(f"training {cfg.algo.name} on {dm.info['path']} ({_transitions(dm.info)}) up to "
                  f"step {cfg.trainer.max_steps} -> {run_dir.resolve()}")
         run_lock.claim(run_dir, command_line("fit"))  # makes run_dir; held until the command ends
         dm.stats.save(run_dir / "dataset_stats.json")
         record_config(run_dir, composed)
     return module, dm, trainer, resume
+
+
+def _transitions(info: dict) -> str:
+    """The dataset's transition count for the start line, and the part of it ``data.max_transitions`` keeps."""
+    used = info.get("transitions_used")
+    return f"{info['num_transitions']} transitions" + (
+        "" if used is None else f", of which data.max_transitions keeps the first {used}")
 
 
 def discard_if_empty(directory: str | Path) -> None:

@@ -781,6 +781,12 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
     if algo is not None and data_horizon is not None and data_horizon != algo.get("horizon"):
         raise SettingError(f"data.horizon={data_horizon} but algo.horizon={algo.get('horizon')}: the replay's chunks "
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
+    data_discount = (cfg.get("data") or {}).get("discount")
+    agent_discount = ((algo or {}).get("agent") or {}).get("discount")
+    if data_discount is not None and agent_discount is not None and float(data_discount) != float(agent_discount):
+        raise SettingError(f"data.discount={data_discount} but algo.agent.discount={agent_discount}: the replay sums "
+                           f"a chunk's rewards with the discount the critic bootstraps with (set discount=..., "
+                           f"which both follow)")
     if algo is not None:
         agent = OmegaConf.to_container(algo.get("agent") or {}, resolve=True)
         # check_config_keys above has imported the agent's _target_ (or named the key)

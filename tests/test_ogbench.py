@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gymnasium
 import numpy as np
+import torch
 import ogbench
 import pytest
 
@@ -366,6 +367,22 @@ def test_a_generated_file_says_so_and_a_released_one_does_not(tmp_path, play_fil
     dm = OGBenchDataModule(dataset_name=name, path=str(released))
     dm.setup()
     assert "generated" not in dm.info and "stand-in" not in caplog.text
+
+
+def test_max_transitions_keeps_whole_first_episodes_and_the_info_says_how_many(play_files):
+    """``data.max_transitions`` keeps the first episodes that fit in it (a chunk never ends in a cut episode); the
+    info keeps the file's count, which a resumed run compares, and records the count trained on."""
+    name = "cube-single-play-singletask-task1-v0"
+    full = OGBenchDataModule(dataset_name=name, path=str(play_files["cube-single"]))
+    full.setup()
+    per_episode = full.info["num_transitions"] // EPISODES
+    dm = OGBenchDataModule(dataset_name=name, path=str(play_files["cube-single"]), max_transitions=2 * per_episode + 50)
+    dm.setup()
+    assert dm.info["num_transitions"] == full.info["num_transitions"] == EPISODES * per_episode
+    assert dm.info["transitions_used"] == dm.replay.size == 2 * per_episode
+    assert "transitions_used" not in full.info and dm.info["digest"] != full.info["digest"]
+    size = dm.replay.size
+    assert torch.equal(dm.replay._data["observations"][:size], full.replay._data["observations"][:size])
 
 
 def test_datamodule_generates_only_where_data_dir_leads(tmp_path):

@@ -324,6 +324,9 @@ BAD_RUN_SETTINGS = [
     ("module.lr=0", "module.lr must be > 0.0, got 0"),
     ("module.tau=1.5", "module.tau must be in (0.0, 1.0], got 1.5"),
     ("data.horizon=3", "data.horizon=3 but algo.horizon=5: the replay's chunks are the agent's chunks"),
+    ("data.discount=0.9", "data.discount=0.9 but algo.agent.discount=0.99: the replay sums a chunk's rewards with "
+                          "the discount the critic bootstraps with"),
+    ("algo.agent.discount=0.9", "data.discount=0.99 but algo.agent.discount=0.9"),
     ("trainer.precision=bf16-true", "trainer.precision=bf16-true keeps the weights in half precision, which manip "
                                     "does not train (MVP's total derivative runs in float32); use "
                                     "trainer.precision=bf16-mixed: float32 weights, half-precision compute"),

@@ -173,6 +173,7 @@ class ReplayDataModule(L.LightningDataModule):
                         f"not the released dataset: results on it are not comparable with published ones.")
         if self.max_transitions is not None and len(transitions) > self.max_transitions:
             transitions = _first_episodes(transitions, self.max_transitions)
+            self.info["transitions_used"] = len(transitions)  # num_transitions stays the file's count
         self.info["digest"] = transitions_digest(transitions)  # a checkpoint knows its data by it, not by path
         self.stats = DatasetStats.from_transitions(transitions)
         self.replay = ChunkReplay.from_transitions(transitions, self.horizon, self.discount)
