@@ -106,6 +106,16 @@ def test_missing_key_named(lift_copy):
     assert digest(lift_copy) == before
 
 
+def test_a_file_without_next_obs_names_the_extraction_flag(lift_copy):
+    with h5py.File(lift_copy, "a") as f:
+        for demo in f["data"]:
+            del f[f"data/{demo}/next_obs"]
+    with pytest.raises(DatasetError, match=re.escape(f"{lift_copy}: missing key 'data/demo_0/next_obs'; the file was "
+                                                     f"extracted without next observations (robomimic's "
+                                                     f"dataset_states_to_obs.py --exclude-next-obs)")):
+        load_robomimic(lift_copy)
+
+
 @pytest.mark.parametrize(("missing", "holder"), [("demo_1", "demo_0"), ("demo_0", "demo_1")])
 def test_an_observation_key_missing_from_one_demo_is_named_as_missing(lift_copy, missing, holder):
     with h5py.File(lift_copy, "a") as f:

@@ -176,7 +176,10 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
             g = data[demo]
             for name in ("actions", "rewards", "dones", "obs", "next_obs"):
                 if name not in g:
-                    raise DatasetError(f"{path}: missing key 'data/{demo}/{name}'")
+                    hint = ("; the file was extracted without next observations (robomimic's "
+                            "dataset_states_to_obs.py --exclude-next-obs): extract it again without that flag"
+                            if name == "next_obs" else "")
+                    raise DatasetError(f"{path}: missing key 'data/{demo}/{name}'{hint}")
             actions = np.asarray(g["actions"], dtype=np.float32)
             if actions.ndim != 2 or len(actions) == 0:
                 raise DatasetError(f"{path}: 'data/{demo}/actions' has shape {actions.shape}; "
