@@ -632,18 +632,26 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
     """Two jobs of one sweep that would write to the same ``run_dir`` (``out``) end the command before the first job
     starts, in one line naming the keys they differ in: the later job would be refused only once the earlier one
     is done. A ``run_dir`` with the time in it (fit's default) and an unset ``out`` differ from job to job;
-    finetune's default ``run_dir`` is the same for the same ``ckpt``, ``finetune.target`` and seed."""
+    finetune's default ``run_dir`` is the same for the same ``ckpt``, ``finetune.target`` and seed. A sweep of more
+    than ``_MAX_SWEEP_CHECK`` jobs is checked on its :func:`_sweep_representatives`, which catch an output that
+    ignores a swept key."""
     from hydra import compose, initialize_config_dir
 
     from manip.finetune import command_seed
 
     key = _SWEEP_OUTPUT.get(command)
-    if key is None or values is None or math.prod(len(choices) for choices in values) > _MAX_SWEEP_CHECK:
+    if key is None or values is None:
         return
-    jobs = [list(job) for job in itertools.product(*values)]  # Hydra's basic sweeper numbers them in this order
+    sizes = [len(choices) for choices in values]
+    if math.prod(sizes) <= _MAX_SWEEP_CHECK:
+        jobs = dict(enumerate(list(job) for job in itertools.product(*values)))  # Hydra's basic sweeper's order
+    else:  # a job's number in that order: the last item's values vary fastest
+        strides = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+        jobs = {sum(choices.index(item) * stride for choices, item, stride in zip(values, job, strides)): job
+                for job in _sweep_representatives(values)}
     seen: dict[Any, int] = {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name=command):
-        for num, job in enumerate(jobs):
+        for num, job in sorted(jobs.items()):
             try:
                 cfg = compose(command, overrides=job)
                 raw = OmegaConf.to_container(cfg, resolve=False).get(key)  # as written: ${now:...} unresolved

@@ -714,6 +714,11 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
     ("fit", "offline", ["-m", "run_dir=runs/x_${seed}", "algo=mvp,qc", "seed=0,1"],
      "--multirun jobs #0 and #2 would both write to run_dir=runs/x_0 (they differ in algo=qc); give each job its own "
      "run_dir, e.g. run_dir='runs/x_${seed}_${algo.name}'"),
+    # 5 x 5 x 5 jobs: more than are composed one by one; each value of each sweep is, at its number in the sweep
+    ("fit", "offline", ["-m", "run_dir=runs/x_${seed}_${module.lr}", "seed=0,1,2,3,4", "data.batch_size=8,16,32,64,128",
+                        "module.lr=1,2,3,4,5"],
+     "--multirun jobs #0 and #5 would both write to run_dir=runs/x_0_1 (they differ in data.batch_size=16); give each "
+     "job its own run_dir, e.g. run_dir='runs/x_${seed}_${module.lr}_${data.batch_size}'"),
     ("finetune", "online", ["--multirun", "ckpt=/ckpts/run/checkpoints/last.ckpt", "finetune.alpha=1,10"],
      "--multirun jobs #0 and #1 would both write to the default run_dir of ckpt=/ckpts/run/checkpoints/last.ckpt "
      "finetune.target=bon (they differ in finetune.alpha=10); give each job its own run_dir, e.g. "
