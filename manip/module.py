@@ -35,7 +35,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
-from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, make_optimizer
+from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, fused_adam, make_optimizer
 from manip.cli_args import raise_if_interrupted
 from manip.checkpoint import gather_rank_states, rank_state
 from manip.evaluation import ChunkPolicy, VectorRollout
@@ -581,6 +581,12 @@ class ManipModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._match_weight_average(checkpoint["state_dict"])
+        # A saved optimizer's param groups replace the fresh optimizer's, with their fused setting: one saved by
+        # an unfused Adam (checkpoints of earlier versions), or on another device, trains as this run's would.
+        device = self._trainer.strategy.root_device.type if self._trainer is not None else self.device.type
+        for optimizer_state in checkpoint.get("optimizer_states", []):
+            for group in optimizer_state.get("param_groups", []):
+                group.update(fused=fused_adam({device}), foreach=None)
         state = checkpoint.get("manip", {})
         self.env_steps = int(state.get("env_steps", 0))
         self.episodes, self.successes = int(state.get("episodes", 0)), int(state.get("successes", 0))

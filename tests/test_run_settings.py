@@ -122,6 +122,15 @@ def test_fit_leaves_last_checkpoint_at_the_final_step_and_resumes_from_it(offlin
     assert {g["lr"] for g in load_checkpoint(checkpoints / "last.ckpt")["optimizer_states"][0]["param_groups"]} == {3e-4}
     run_fit(fit_overrides(cube_single_npz, run_dir, steps + 7, "module.lr=1e-4"))
     assert {g["lr"] for g in load_checkpoint(checkpoints / "last.ckpt")["optimizer_states"][0]["param_groups"]} == {1e-4}
+    # An optimizer state saved by an unfused Adam (checkpoints of earlier versions) resumes into the fused one.
+    unfused = load_checkpoint(checkpoints / "last.ckpt")
+    assert [g["fused"] for g in unfused["optimizer_states"][0]["param_groups"]] == [True, True]
+    for group in unfused["optimizer_states"][0]["param_groups"]:
+        group.update(fused=None, foreach=None)
+    torch.save(unfused, checkpoints / "last.ckpt")
+    run_fit(fit_overrides(cube_single_npz, run_dir, steps + 8, "module.lr=1e-4"))
+    assert [g["fused"] for g in load_checkpoint(checkpoints / "last.ckpt")["optimizer_states"][0]["param_groups"]] \
+        == [True, True]
 
 
 def test_checkpoint_state_keeps_model_checkpoints_key():

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "compiled", "compiler_message", "frozen", "make_optimizer"]
+__all__ = ["COMPILE_MODES", "compiled", "compiler_message", "frozen", "fused_adam", "make_optimizer"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -50,7 +50,13 @@ def make_optimizer(actor_params: Iterable[nn.Parameter], critic_params: Iterable
     launches per update."""
     groups = [{"params": list(actor_params), "name": "actor"}, {"params": list(critic_params), "name": "critic"}]
     devices = {p.device.type for group in groups for p in group["params"]}
-    return torch.optim.Adam(groups, lr=lr, fused=True if devices <= {"cpu", "cuda"} else None)
+    return torch.optim.Adam(groups, lr=lr, fused=fused_adam(devices))
+
+
+def fused_adam(device_types: set[str]) -> bool | None:
+    """Adam's ``fused`` setting for parameters on these device types: True on CPUs and CUDA GPUs, else None
+    (torch's default)."""
+    return True if device_types <= {"cpu", "cuda"} else None
 
 
 @contextlib.contextmanager
