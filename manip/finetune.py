@@ -51,6 +51,8 @@ _GROUPS = ("data", "algo", "conf", "tuning")
 # Top-level keys of fit.yaml that its data / algo / module sections interpolate; a checkpoint's config holds
 # them resolved, so overriding the top-level key sets these as well.
 SPREAD = {"seed": ("data.seed", "module.seed"), "discount": ("data.discount", "algo.agent.discount")}
+# Sections of a run's config that describe its dataset (manip.run.run_info), rebuilt from it at every start.
+_READ_FROM_DATA = ("data_info", "env_spec")
 # Data keys that generate an absent default file: fine-tuning reads the checkpoint's own file, never a new one.
 _GENERATE_KEYS = ("generate_demos", "generate_episodes")
 
@@ -65,6 +67,9 @@ def _apply_override(final: DictConfig, item: str, cfg: DictConfig, added: set[st
     top = key.split(".")[0]
     if key in _COMMAND_KEYS or top == "hydra":
         return
+    if top in _READ_FROM_DATA:
+        raise SettingError(f"override {item!r}: {top} describes the dataset and is read from it at every start; "
+                           f"the simulator's episode length is set with +data.env_horizon=N")
     if top in _OWN:  # already part of cfg, merged into final
         if top in _CLOSED and raw.startswith("+") and not raw.startswith("++"):
             section, _, name = key.rpartition(".")
@@ -162,9 +167,11 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
             raise CheckpointError(f"{run_dir} holds an offline (fit) run, not a fine-tuning run; give finetune "
                                   f"another run_dir")
         start_step = int(base_ckpt["hyper_parameters"]["cfg"]["finetune_start_step"])
+        start_env_steps = int(base_ckpt["hyper_parameters"]["cfg"].get("finetune_start_env_steps", 0))
     else:
         base_path, base_ckpt = Path(cfg.ckpt), ckpt
         start_step = int(ckpt.get("global_step", 0))
+        start_env_steps = int(ckpt.get("manip", {}).get("env_steps", 0))  # a fine-tuning run's checkpoint: > 0
     base = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
     final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
     if cfg.get("logger") is not None:  # logger=... on the command line replaces the checkpoint's loggers
@@ -180,6 +187,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     _offline_data(final, base_ckpt, base_path, user_overrides)
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
+    final.finetune_start_env_steps = start_env_steps
     final.offline_ckpt = str(Path(cfg.ckpt).resolve())
     updates = check_int(final.trainer.max_steps, "trainer.max_steps", 0)  # -1 ("no limit") would end at once
     finished = False
@@ -215,6 +223,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
                     f"({changed}); the policy keeps the checkpoint's observation and action normalisation")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
     online["start_step"] = final.finetune_start_step
+    online["start_env_steps"] = final.get("finetune_start_env_steps", 0)
     stats = ckpt["hyper_parameters"]["stats"]
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,

@@ -71,7 +71,8 @@ class OnlineConfig:
     num_envs: parallel collection envs; target_samples: K proposals (som/rfm) or N candidates (bon), None for
     the target's own (``manip.algos.targets.TARGET_SAMPLES``: bon 32, som 100, rfm 32);
     start_step: the global step fine-tuning started from (the offline checkpoint's), so that
-    env steps track online updates only.
+    env steps track online updates only; start_env_steps: the env steps of the checkpoint it started from (a
+    fine-tuning run's; 0 for an offline one): ``start_training`` and the alpha schedule count this run's env steps.
     """
 
     target: str = "bon"
@@ -92,6 +93,7 @@ class OnlineConfig:
     num_envs: int = 1
     seed: int = 0
     start_step: int = 0
+    start_env_steps: int = 0
 
     def __post_init__(self) -> None:
         """Raises ``SettingError`` naming ``finetune.<key>`` for the first setting out of range."""
@@ -132,6 +134,7 @@ class OnlineConfig:
         self.num_envs = check_int(self.num_envs, "finetune.num_envs", 1)
         self.seed = check_int(self.seed, "finetune.seed", 0)
         self.start_step = check_int(self.start_step, "finetune.start_step", 0)
+        self.start_env_steps = check_int(self.start_env_steps, "finetune.start_env_steps", 0)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "OnlineConfig":
@@ -347,7 +350,7 @@ class ManipModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         if self.online is not None:
             self._collect()
-            if self.env_steps < self.online.start_training:
+            if self.run_env_steps < self.online.start_training:
                 return None
         if self._compiled:  # CUDA graphs (module.compile=reduce-overhead) may reuse the last update's outputs now
             torch.compiler.cudagraph_mark_step_begin()
@@ -514,8 +517,13 @@ class ManipModule(L.LightningModule):
         cfg = self.online
         if cfg.alpha_final is None:
             return cfg.alpha
-        frac = min(1.0, self.env_steps / max(1, cfg.alpha_steps))
+        frac = min(1.0, self.run_env_steps / max(1, cfg.alpha_steps))
         return cfg.alpha + frac * (cfg.alpha_final - cfg.alpha)
+
+    @property
+    def run_env_steps(self) -> int:
+        """Env steps of this fine-tuning run (``env_steps`` counts those of the runs it continues too)."""
+        return self.env_steps - self.online.start_env_steps
 
     # ---------------------------------------------------------------------------------- online
     def _collect(self) -> None:
@@ -523,12 +531,12 @@ class ManipModule(L.LightningModule):
         if self.rollout is None:
             self._start_rollout()
             self._online_clock = (time.perf_counter(), self.env_steps)
-            if self.env_steps < self.online.start_training and self.global_rank == 0:
-                LOG.info(f"collecting {self.online.start_training - self.env_steps} env steps "
+            if self.run_env_steps < self.online.start_training and self.global_rank == 0:
+                LOG.info(f"collecting {self.online.start_training - self.run_env_steps} env steps "
                          f"(finetune.start_training) before the first online update")
         updates = self.global_step - self.online.start_step + 1
         # QC: start_training env steps first, then utd updates per env step.
-        target = self.online.start_training + updates / self.online.utd
+        target = self.online.start_env_steps + self.online.start_training + updates / self.online.utd
         dm = self.trainer.datamodule
         ended = []
         while self.env_steps < target:
@@ -573,8 +581,11 @@ class ManipModule(L.LightningModule):
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        checkpoint["manip"] = {"env_steps": self.env_steps, "episodes": self.episodes, "successes": self.successes,
-                               "rng": gather_rank_states(self._trainer, rng)}
+        # The episodes in progress are not saved: their steps are not counted either, so that a resumed run
+        # collects them again and its replay keeps pace with its env steps.
+        unfinished = int(self.rollout.lengths.sum()) if self.rollout is not None else 0
+        checkpoint["manip"] = {"env_steps": self.env_steps - unfinished, "episodes": self.episodes,
+                               "successes": self.successes, "rng": gather_rank_states(self._trainer, rng)}
         dm = self._trainer.datamodule if self._trainer is not None else None
         if self.online is not None and dm is not None and dm.replay is not None and self.checkpoint_online_replay:
             checkpoint["manip"]["online_replay"] = dm.replay.online_state_dict()

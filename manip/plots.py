@@ -86,9 +86,9 @@ def launch_path(variable: str, default: str) -> Path:
 RUN_BOOKKEEPING_SECTIONS = {"logger"}
 RUN_BOOKKEEPING_KEYS = {
     "seed", "data.seed", "module.seed", "run_dir", "resume", "threads", "ckpt", "offline_ckpt", "finetune_start_step",
-    "data.path", "data.data_dir", "data_info.path", "data_info.digest", "trainer.enable_progress_bar",
-    "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.devices", "eval.num_envs",
-    "eval.every_n_steps", "eval.episodes", "eval.final_episodes", "eval.seed", "checkpoint.every_n_steps",
+    "finetune_start_env_steps", "data.path", "data.data_dir", "data_info.path", "data_info.digest",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.devices",
+    "eval.num_envs", "eval.every_n_steps", "eval.episodes", "eval.final_episodes", "eval.seed", "checkpoint.every_n_steps",
     "env.num_envs", "finetune.seed", "trainer.accelerator", "trainer.strategy",
     "module.compile",  # where and how it ran, not what it learns
 }

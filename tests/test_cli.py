@@ -1075,6 +1075,10 @@ def test_finetune_reads_a_checkpoint_key_as_fit_does(lift_run):
     ("+foo=1", "override '+foo=1': the checkpoint's config has no top-level key 'foo'"),
     ("+eval.episods=3", "override '+eval.episods=3': eval has no key 'episods' (its keys: every_n_steps, episodes,"),
     ("resume=maybe", "resume must be auto, true or false, got 'maybe'"),
+    ("+env_spec.kwargs.horizon=15", "override '+env_spec.kwargs.horizon=15': env_spec describes the dataset and is "
+                                    "read from it at every start; the simulator's episode length is set with "
+                                    "+data.env_horizon=N"),
+    ("+data_info.num_transitions=3", "override '+data_info.num_transitions=3': data_info describes the dataset"),
 ])
 def test_finetune_refuses_overrides_it_cannot_apply(lift_run, override, message):
     with pytest.raises(SettingError, match=re.escape(message)):

@@ -153,11 +153,19 @@ def test_finetune_leaves_last_checkpoint_at_the_final_step(offline_run, tmp_path
     assert not module.restore_random_states and not trainer.datamodule.restore_sampler
     last = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == start + updates
-    assert last["manip"]["env_steps"] >= 20 + updates
+    assert module.env_steps == 20 + updates  # finetune.start_training, then one per update (utd 1)
     caplog.clear()  # the finished command again: it says so, and no line announces updates
     trainer, _ = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates))
     assert trainer.global_step == start + updates and "nothing left to train" in caplog.text
     assert "online updates ->" not in caplog.text and "resuming fine-tuning" not in caplog.text
+    # a new run from this run's last.ckpt continues its env steps and collects its own finetune.start_training
+    # steps, then one per update; the checkpoint counts the steps of finished episodes only, which its replay holds
+    # (the episode in progress is not saved)
+    online = last["manip"]["online_replay"]
+    assert last["manip"]["env_steps"] == len(online["terminals"])
+    _, chained = run_finetune(finetune_overrides(tmp_path / "ft" / "checkpoints" / "last.ckpt", tmp_path / "ft3", 5))
+    assert chained.online.start_env_steps == last["manip"]["env_steps"]
+    assert chained.run_env_steps == chained.env_steps - last["manip"]["env_steps"] == 20 + 5
     # a new run from a step checkpoint of this one: no online episodes come with it, and it says so
     step_ckpt = tmp_path / "ft" / "checkpoints" / "step20.ckpt"
     run_finetune(finetune_overrides(step_ckpt, tmp_path / "ft2", 2))
