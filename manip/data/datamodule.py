@@ -86,10 +86,12 @@ class DatasetStats:
 
 
 class _ReplayStream(IterableDataset):
-    """Endless batches from a replay (num_workers=0, so online appends are seen at once).
+    """Endless batches from a replay, drawn in the training process (num_workers=0), so online appends reach the
+    batches drawn after them: Lightning fetches a batch ahead, so episodes that end in update k are sampled from
+    update k + 2 on.
 
-    Notes the sampler state after each draw: Lightning fetches a batch ahead, so the state to
-    checkpoint is the one after the batch the training loop has taken, not the current one.
+    Notes the sampler state after each draw: the state to checkpoint is the one after the batch the training loop
+    has taken, not the current one.
     """
 
     def __init__(self, dm: "ReplayDataModule") -> None:
