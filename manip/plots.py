@@ -239,10 +239,11 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     evaluations, or, for a run fine-tuned from a fine-tuning run, that run's whole curve up to there). A run whose
     every evaluation is part of such a curve (fine-tuned from its last evaluated step or later) is not a curve of its
     own; one fine-tuned from an earlier step stays one. Columns: the run's task, algo, label, seed and run_dir, then
-    the ``eval.jsonl`` fields.
+    the ``eval.jsonl`` fields and their ``source``, the run that made the evaluation (several fine-tuning runs of
+    one checkpoint share its run's evaluations).
     """
     parents = {run.run_dir: (run.parent, run.start_step) for run in runs.itertuples() if pd.notna(run.parent)}
-    own = {run.run_dir: read_evaluations(run.run_dir) for run in runs.itertuples()}
+    own = {run.run_dir: read_evaluations(run.run_dir).assign(source=run.run_dir) for run in runs.itertuples()}
 
     def curve(run_dir: str, seen: frozenset = frozenset()) -> pd.DataFrame:
         records = own[run_dir]
@@ -266,7 +267,7 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
         curves.append(records.assign(task=run.task, algo=run.algo, label=run.label, seed=run.seed,
                                      run_dir=run.run_dir))
     columns = ["task", "algo", "label", "seed", "run_dir", "step", "env_steps", "phase", "success_rate", "ci_low",
-               "ci_high", "episodes"]
+               "ci_high", "episodes", "source"]
     if not curves:
         return pd.DataFrame(columns=columns)
     return pd.concat(curves, ignore_index=True)[columns]
@@ -285,9 +286,11 @@ def aggregate(curves: pd.DataFrame) -> pd.DataFrame:
     values among the runs: a repeated seed is a second run, not a second seed), phase.
 
     The band of one run is its Wilson interval; of several, the hull of the bootstrap interval of the mean over
-    runs and the Wilson interval of their episodes pooled."""
+    runs and the Wilson interval of their episodes pooled. An evaluation that several curves share (``source``: the
+    run the fine-tuning seeds of one checkpoint continue) counts once."""
     rows = []
     for (task, label, step), group in curves.groupby(["task", "label", "step"], sort=True):
+        group = group.drop_duplicates("source" if "source" in group else "run_dir")
         values = group["success_rate"].to_numpy(dtype=float)
         if len(values) > 1:
             low, high = bootstrap_interval(values)

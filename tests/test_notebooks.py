@@ -270,6 +270,25 @@ def _write_fine_tuning_run(run_dir: Path, parent_ckpt: str, target: str, start_s
                     "ci_low": 0.8, "ci_high": 1.0, "episodes": 20}) + "\n" for step in steps))
 
 
+def test_fine_tuning_seeds_of_one_checkpoint_count_its_evaluations_once(tmp_path):
+    """Three fine-tuning seeds of one offline run (`+seed=0,1,2`): their curves share its evaluation at step 10,
+    which is one run's (its band its own Wilson interval), not three seeds'."""
+    from omegaconf import OmegaConf
+
+    _write_run(tmp_path / "mvp_0", "mvp", 0)  # step 10: 0.5 over 20 episodes, interval (0.3, 0.7)
+    for seed in (0, 1, 2):
+        run_dir = tmp_path / "mvp_0" / f"finetune_bon{f'_s{seed}' if seed else ''}"
+        _write_fine_tuning_run(run_dir, f"{tmp_path}/mvp_0/checkpoints/last.ckpt", "bon", 10, [20])
+        hparams = OmegaConf.load(run_dir / "online" / "hparams.yaml")
+        hparams.cfg.seed = seed
+        OmegaConf.save(hparams, run_dir / "online" / "hparams.yaml")
+    curves = plots.load_curves(plots.find_runs(tmp_path))
+    assert len(curves) == 6 and set(curves["label"]) == {"mvp (bon)"}
+    summary = plots.aggregate(curves).set_index("step")
+    assert summary.loc[10, ["runs", "seeds", "low", "high"]].tolist() == [1, 1, 0.3, 0.7]
+    assert summary.loc[20, ["runs", "seeds"]].tolist() == [3, 3]
+
+
 @pytest.mark.parametrize("moved", [False, True])
 def test_a_run_fine_tuned_from_a_fine_tuning_run_continues_that_runs_curve(tmp_path, moved):
     """offline (eval at 10) -> finetune_bon from step 10 (evals 20, 30) -> finetune_bon_then_som from its last step,
