@@ -30,7 +30,7 @@ Per algorithm (each in a fresh process, so CPU memory peaks do not mix):
   ``torch.compile``-d as ``module.compile=<mode>`` does, and ``compile_s`` is the wall time of the warm-up updates
   that compiled them;
 * ``peak_mem_mb``: CUDA ``max_memory_allocated``, or on CPU the growth of the peak RSS over the process's RSS
-  before the agent was built;
+  before the agent was built (once torch's one-time costs are paid: a tiny agent of the same kind acted and updated);
 * MVP (and mvp_noivc) also reports ``actor_update_ms`` and ``fm_update_ms``: its actor step versus a plain
   flow-matching step of the same network (u(x, t, t)), whose ratio is the JVP overhead.
 
@@ -111,7 +111,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    torch.randn(8, 8) @ torch.randn(8, 8)  # initialise the CPU runtime before the memory baseline
+    _warm_up_runtime(algo, device)  # torch's one-time costs stay out of the memory figure
     base_rss = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -130,31 +130,19 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     act_flop = flops.get_total_flops()
 
     actor_loss_fn = compiled(agent.actor_loss, args.compile)
-    critic_loss_fn = compiled(agent.critic_loss, args.compile)
-
-    def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def update() -> None:
-        torch.compiler.cudagraph_mark_step_begin()  # a new update: CUDA graphs may reuse the last one's memory
-        with frozen(agent.critic):
-            actor_loss = actor_loss_fn(batch, generator)[0]
-        step(optimizer, actor_loss + critic_loss_fn(batch, generator)[0])
-        agent.soft_update(0.005)
-
+    update = _update(agent, optimizer, actor_loss_fn, compiled(agent.critic_loss, args.compile), batch, generator)
     _sync(device)
     start = time.perf_counter()
     for _ in range(args.update_warmup):
         update()
     _sync(device)
     warmup_s = time.perf_counter() - start
+    # no synchronisation per update, as in training: the host queues the next update while the device runs this one
     iters, start = 0, time.perf_counter()
     while iters < args.min_update_iters or time.perf_counter() - start < args.update_seconds:
         update()
         iters += 1
-        _sync(device)
+    _sync(device)
     result = {"act_ms": act_ms, "act_ms_per_action": act_ms / horizon, "act_mflop": act_flop / 1e6,
               "act_gflops": act_flop / act_ms / 1e6, "update_its": iters / (time.perf_counter() - start)}
     if args.compile:
@@ -172,7 +160,7 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
         fm_loss_fn = compiled(fm_loss, args.compile)
         def actor_step(loss_fn: Callable[[], torch.Tensor]) -> None:
             torch.compiler.cudagraph_mark_step_begin()
-            step(actor_opt, loss_fn())
+            _step(actor_opt, loss_fn())
 
         with frozen(agent.critic):  # as in update(): the same compiled graphs
             result["actor_update_ms"] = median_ms(
@@ -186,6 +174,38 @@ def measure(algo: str, args: argparse.Namespace) -> dict[str, float]:
     if args.fast_act:  # last: compilation's memory and worker processes stay out of the figures above
         result.update(_fast_act(agent, obs, args, device))
     return result
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _update(agent: ActorCriticAgent, optimizer: torch.optim.Optimizer, actor_loss_fn: Callable,
+            critic_loss_fn: Callable, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Callable[[], None]:
+    """One update as ``ManipModule`` trains it: actor loss with the critic frozen, critic loss, one backward pass of
+    their sum, one optimizer step, target update."""
+    def update() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a new update: CUDA graphs may reuse the last one's memory
+        with frozen(agent.critic):
+            actor_loss = actor_loss_fn(batch, generator)[0]
+        _step(optimizer, actor_loss + critic_loss_fn(batch, generator)[0])
+        agent.soft_update(0.005)
+    return update
+
+
+def _warm_up_runtime(algo: str, device: torch.device) -> None:
+    """Acts and updates once with a tiny agent of ``algo``'s kind: torch loads and allocates what its first
+    products, autograd, JVP and fused optimizer need (about 150 MiB of a CPU process), not the agent."""
+    agent = build_agent(algo, (8,)).to(device)
+    batch = random_chunk_batch(4, OBS_DIM, ACTION_DIM, agent.horizon, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode():
+        agent.sample_actions(batch["observations"][:1])
+    optimizer = make_optimizer(agent.actor_parameters(), agent.critic_parameters(), lr=3e-4)
+    _update(agent, optimizer, agent.actor_loss, agent.critic_loss, batch, generator)()
+    _sync(device)
 
 
 def _fast_act(agent: torch.nn.Module, obs: torch.Tensor, args: argparse.Namespace,

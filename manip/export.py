@@ -371,7 +371,8 @@ def summary_lines(summary: dict[str, Any]) -> str:
         f"exported {meta['algo']} ({meta['task']}, step {meta['step']}) -> {summary['out']}",
         f"policy(obs {_shape(meta['obs_shape'])}, noise {_shape(meta['noise_shape'])}) -> chunk "
         f"{_shape(meta['chunk_shape'])}; {choice}, noise scale {meta['noise_scale']}, {meta['act_dtype']}",
-        f"{_agreement(summary)}; batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's networks: "
+        f"{_agreement(summary)}; batch-1 call {summary['latency_ms']:.2f} ms (the checkpoint's networks"
+        f"{'' if meta['act_dtype'] == 'float32' else ' in ' + meta['act_dtype']}: "
         f"{summary['module_latency_ms']:.2f} ms)",
     ]
     if "aoti" in summary:

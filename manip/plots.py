@@ -47,7 +47,9 @@ PAPER_TABLE1_INFERRED = {(task, method) for task in ("cube-double-task2", "cube-
                          for method in ("FQL", "BFN")}
 # The paper's method name for each algo config (mvp_noivc and qc_fql have no Table 1 column).
 PAPER_METHOD = {"mvp": "MVP", "qc": "QC", "bfn": "BFN", "fql": "FQL"}
-# Paper Table 3 (ms per action, CPU-only AMD Threadripper 3960X, JAX JIT off) and Table 2 (online it/s).
+# Paper Table 3 ("inference per action", ms, CPU-only AMD Threadripper 3960X, JAX JIT off) and Table 2 (online
+# it/s). Table 3 is read as one policy call, a whole chunk for QC and MVP (h = 5): BFN (h = 1, N = 4) and QC (h = 5,
+# N = 32) take about the same time there, as per-call costs would; plotted beside act_ms, the latency of one call.
 PAPER_ACT_MS = {"fql": 10.76, "bfn": 117.3, "qc": 113.22, "mvp": 10.93}
 PAPER_UPDATE_ITS = {"fql": 108.5, "bfn": 68.0, "qc": 92.6, "mvp": 153.6}
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from manip import bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUICK = dict(device="cpu", threads=1, batch_size=16, act_calls=3, actor_calls=1, update_warmup=1,
              min_update_iters=1, update_seconds=0.0, fast_act=False, compile=None, matmul_precision="high")
@@ -156,6 +162,24 @@ def test_the_benchmark_needs_only_torch_and_numpy():
     heavy = {"lightning", "pytorch_lightning", "lightning_utilities", "torchmetrics", "hydra", "omegaconf",
              "gymnasium", "mujoco", "robosuite", "ogbench", "h5py", "pandas"}
     assert not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_device_check_runs_its_stages_within_the_budget_and_returns_what_the_device_tool_brings_back(tmp_path):
+    """A dry run of ``.ci/device_check`` on this CPU: the first stage's figures, the stages whose time no longer fits
+    skipped and said so, and at most 8 files in $OUT (what a device command's $OUT brings back)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "ALGOS": "mvp", "BUDGET": "40", "OUT": str(out),
+           "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "device_check")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = (out / "device.txt").read_text()
+    assert "bench: exit status 0 after" in report, report
+    for name in ("bench_compile", "bench_cudagraphs", "bench_fast"):
+        assert re.search(rf"{name}: skipped, \d+ s of the budget left", report), report
+    assert "mvp" in json.loads((out / "bench.json").read_text())
+    assert "== bench: manip.bench --algos mvp" in (out / "device.log").read_text()
+    assert len(list(out.iterdir())) <= 8
 
 
 def test_an_existing_out_is_kept_and_the_default_takes_the_first_free_name(tmp_path, monkeypatch, capsys):

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 import manip
 from manip.checkpoint import CheckpointError, load_checkpoint, load_module
-from manip.export import export_checkpoint, load_exported, main
+from manip.export import export_checkpoint, load_exported, main, summary_lines
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +139,7 @@ def test_bfloat16_program_computes_what_the_checkpoint_does_in_bfloat16(checkpoi
     assert summary["meta"]["act_dtype"] == "bfloat16" and summary["states"] == 64
     assert summary["max_difference"] < 1e-6 and summary["agreement"] == 1.0
     assert summary["float32_agreement"] > 0.5
+    assert "(the checkpoint's networks in bfloat16: " in summary_lines(summary)
 
 
 def test_mvp_sample_steps_and_the_runs_noise_scale_are_baked_in(checkpoints, tmp_path):
