@@ -148,11 +148,11 @@ def _finetune_and_check(ckpt: Path, target: str, env_steps: int, updates: int, a
     log = (run_dir / "finetune.log").read_text()
     assert f"[manip][INFO] collecting {env_steps} env steps (finetune.start_training)" in log
     online = last["manip"]["online_replay"]
-    # QC schedule: start_training env steps, then one env step per update; only whole episodes enter the buffer.
-    assert last["manip"]["env_steps"] >= env_steps + updates
-    assert 0 < len(online["observations"]) <= last["manip"]["env_steps"] and bool(online["terminals"][-1])
+    # QC schedule: start_training env steps, then one env step per update; only whole episodes enter the buffer,
+    # and the checkpoint counts their steps (a resumed run collects the episodes in progress again).
+    assert 0 < len(online["observations"]) == last["manip"]["env_steps"] and bool(online["terminals"][-1])
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps
+    assert records[-1]["phase"] == "online" and records[-1]["env_steps"] >= env_steps + updates
     assert records[-1]["noise_scale"] == noise_scale  # evaluates as the offline run did
     assert records[-1]["wall_s"] > records[-1]["seconds"] > 0
     with open(run_dir / "online" / "metrics.csv") as f:
