@@ -185,7 +185,7 @@ class StopOnCtrlC(Callback):
     In a SLURM job, SIGUSR1 (SLURM's warning before the time limit, ``#SBATCH --signal=SIGUSR1@90``) stops training
     the same way, and ``run_command`` then requeues the job (:func:`requeue_slurm_job`; rank 0 does under DDP). It
     replaces Lightning's auto-requeue, which saves a checkpoint from inside the signal handler, wherever the update
-    then is.
+    then is. After training, the other ranks of a DDP job ignore it: rank 0 alone evaluates then, and requeues.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -196,12 +196,15 @@ class StopOnCtrlC(Callback):
         self._previous: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
         self._agree = False  # DDP: whether the processes agree on stopping after each update
+        self._ignored_after_training: set[int] = set()
 
     def setup(self, trainer, module, stage) -> None:
         # Before Lightning installs its SLURM requeue handler, which it leaves out where a SIGUSR1 handler exists.
         if SLURMEnvironment.detect() and _on_main_thread():
             self._trainer = trainer
             self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._request)
+            if trainer.world_size > 1 and trainer.global_rank != 0:
+                self._ignored_after_training = {signal.SIGUSR1}
 
     def on_train_start(self, trainer, module) -> None:
         if _on_main_thread():
@@ -223,6 +226,9 @@ class StopOnCtrlC(Callback):
 
     def _request(self, signum, frame) -> None:
         if self._trainer is None:  # put back by Lightning's own restore after training ended: the default action
+            if signum in self._ignored_after_training:
+                signal.signal(signum, signal.SIG_IGN)
+                return
             signal.signal(signum, _default_action(signum))
             signal.raise_signal(signum)
             return
@@ -246,6 +252,10 @@ class StopOnCtrlC(Callback):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+        # teardown comes after Lightning's own restore, and a handler of Python's own, unlike SIG_IGN, would be
+        # reset to the default action when the interpreter shuts down (a rank may wait there for the others)
+        for signum in self._ignored_after_training:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def stop_signal(trainer: L.Trainer) -> signal.Signals | None:
@@ -272,13 +282,13 @@ def requeue_slurm_job() -> tuple[str, str | None]:
 
 
 class SlurmWarning:
-    """In a SLURM job's single process (``world_size`` 1, main thread), SIGUSR1 (SLURM's warning before the time
-    limit) ends what runs inside ``with SlurmWarning():`` as Ctrl-C would, a ``KeyboardInterrupt``, and ``received``
-    says the signal was SLURM's: outside training, where :class:`StopOnCtrlC` stops after the update in progress,
-    the signal's default action would end the process without a requeue. Elsewhere a no-op."""
+    """In a SLURM job (main thread), SIGUSR1 (SLURM's warning before the time limit) ends what runs inside
+    ``with SlurmWarning():`` as Ctrl-C would, a ``KeyboardInterrupt``, and ``received`` says the signal was SLURM's:
+    outside training, where :class:`StopOnCtrlC` stops after the update in progress, the signal's default action
+    would end the process without a requeue. Elsewhere a no-op."""
 
-    def __init__(self, world_size: int = 1) -> None:
-        self.active = world_size == 1 and SLURMEnvironment.detect() and _on_main_thread()
+    def __init__(self) -> None:
+        self.active = SLURMEnvironment.detect() and _on_main_thread()
         self.received = False
         self._previous: Any = None
 
@@ -414,7 +424,7 @@ class PeriodicEvaluation(Callback):
             logger.finalize("success")
 
     def _evaluate_final(self, trainer: L.Trainer, module: ManipModule) -> None:
-        warning = SlurmWarning(trainer.world_size)
+        warning = SlurmWarning()  # under DDP rank 0's, which alone evaluates
         try:
             with warning:
                 self._evaluate(trainer, module, self.final_episodes, "eval.final_episodes")
@@ -1132,7 +1142,7 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
     with RunLog(name, enabled=rank_zero_only.rank == 0) as log, _releasing_run_dirs():
         log.file_only(command_line(name))
         run_dir = None
-        warning = SlurmWarning(int(os.environ.get("SLURM_NTASKS", "1")))  # before training: requeue the job
+        warning = SlurmWarning()  # before training: every task of the job ends, and rank 0 requeues it
         try:
             with warning:
                 module, dm, trainer, ckpt_path = build()
@@ -1156,12 +1166,14 @@ def run_command(name: str, build: Callable[[], tuple], refused: Callable[[], Non
                 message = f"manip.{name}: {'interrupted' if interrupted else storage or compiler or err}"
                 status = 130 if interrupted else 1
                 if interrupted and warning.received:  # SLURM's warning during the checks or the dataset's loading
-                    then, status = requeued("the same command starts the run")
+                    then, status = (requeued("the same command starts the run") if rank_zero_only.rank == 0 else
+                                    ("rank 0 requeues the job", 0))  # one requeue per job
                     message = f"manip.{name}: stopped by SIGUSR1 before training; {then}"
                 log.file_only(message, logging.ERROR)
                 if rank_zero_only.rank == 0:
                     refused()
-                print(message, file=sys.stderr)
+                if rank_zero_only.rank == 0 or not warning.received:  # SLURM's warning: one line for the job
+                    print(message, file=sys.stderr)
             finally:
                 if handler is not None:
                     signal.signal(signal.SIGINT, handler)

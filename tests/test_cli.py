@@ -398,15 +398,21 @@ def test_fit_and_finetune_report_user_errors_in_one_line(tmp_path):
     assert list(tmp_path.rglob("*")) == []
 
 
-@pytest.mark.parametrize(("signame", "signal_after"), [("SIGINT", "import"), ("SIGINT", "demos"),
-                                                       ("SIGUSR1", "import"), ("SIGUSR1", "demos")])
-def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothing(tmp_path, signame, signal_after):
+@pytest.mark.parametrize(("signame", "signal_after", "ddp_rank"), [
+    ("SIGINT", "import", None), ("SIGINT", "demos", None), ("SIGUSR1", "import", None), ("SIGUSR1", "demos", None),
+    ("SIGUSR1", "import", 1)])
+def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothing(tmp_path, signame, signal_after,
+                                                                                   ddp_rank):
     """Ctrl-C just after generation starts lands inside ``import robosuite``, where mujoco turns it into an
     ImportError; later it lands inside the scripted episodes. Either way: one line, status 130, no file. In a SLURM
-    job, SIGUSR1 (its warning before the time limit) does the same, then requeues the job (status 0)."""
+    job, SIGUSR1 (its warning before the time limit) does the same, then requeues the job (status 0); in a DDP job
+    every task ends, and rank 0 alone requeues it and prints the line (``ddp_rank=1``: the other task, status 0)."""
     data = tmp_path / "lift" / "mh" / "low_dim_v15.hdf5"
     env, scontrol_calls = (slurm_job_with_scontrol(tmp_path.parent / f"{tmp_path.name}_bin") if signame == "SIGUSR1"
                            else (os.environ, None))
+    if ddp_rank is not None:
+        env = {**env, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(ddp_rank),
+               "SLURM_LOCALID": str(ddp_rank)}
     proc = subprocess.Popen([sys.executable, "-m", "manip.fit", "conf=robomimic_lift", f"data.path={data}",
                              "data.generate_demos=30", f"run_dir={tmp_path / 'run'}", "trainer.accelerator=cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -420,11 +426,17 @@ def test_ctrl_c_while_the_dataset_is_generated_ends_in_one_line_and_leaves_nothi
     expected = ((130, "manip.fit: interrupted") if signame == "SIGINT" else
                 (0, "manip.fit: stopped by SIGUSR1 before training; SLURM job 4242 is requeued: its same command "
                     "starts the run"))
-    assert (proc.returncode, stderr.strip().splitlines()[-1]) == expected, stderr
+    if ddp_rank:
+        assert proc.returncode == 0 and "manip.fit: " not in stderr, stderr
+    else:
+        assert (proc.returncode, stderr.strip().splitlines()[-1]) == expected, stderr
     assert "Traceback" not in stderr
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial dataset, no run directory files
-    assert not (tmp_path / "run").exists()
-    assert scontrol_calls is None or scontrol_calls.read_text() == "requeue 4242\n"
+    assert not (tmp_path / "run").exists() or ddp_rank  # (rank 0 removes the job's empty run directory)
+    if ddp_rank:
+        assert not scontrol_calls.exists()  # never called
+    else:
+        assert scontrol_calls is None or scontrol_calls.read_text() == "requeue 4242\n"
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0])

@@ -423,6 +423,42 @@ def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_on
     assert scontrol_calls.read_text() == "requeue 4242\n" and not list(run_dir.glob("hpc_ckpt*"))
 
 
+def test_slurm_s_warning_during_a_ddp_job_s_final_evaluation_requeues_the_job_once(cube_single_npz, tmp_path):
+    """Rank 0 alone evaluates after training: SIGUSR1 to both tasks then ends its evaluation (its line names the
+    final checkpoint, the job is requeued once); the other task, its training done, ignores the signal. Both end
+    with status 0."""
+    env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
+    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    run_dir = tmp_path / "ddp"
+    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=150", "data.env_horizon=20",
+                              "trainer.strategy=ddp", "trainer.devices=2")
+    tasks = [subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "SLURM_PROCID": str(rank),
+                                                                      "SLURM_LOCALID": str(rank)})
+             for rank in (0, 1)]
+    try:
+        for line in tasks[0].stdout:
+            if "step 5: evaluating 150 episodes (eval.final_episodes)" in line:
+                break
+        time.sleep(0.5)
+        alive = [task.poll() is None for task in tasks]
+        for task in tasks:
+            task.send_signal(signal.SIGUSR1)
+        stderr = [task.communicate(timeout=120)[1] for task in tasks]
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+    assert [t.returncode for t in tasks] == [0, 0], [e[-2000:] for e in stderr]
+    assert alive == [True, True]  # rank 1 waits for rank 0 to end
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert stderr[0].strip().splitlines()[-1] == (f"manip.fit: stopped by SIGUSR1 during the final evaluation; {last} "
+                                                  f"holds the run's final step 5, and SLURM job 4242 is requeued: its "
+                                                  f"same command runs that evaluation"), stderr[0][-2000:]
+    assert "manip.fit: " not in stderr[1] and "Traceback" not in stderr[0] + stderr[1]
+    assert scontrol_calls.read_text() == "requeue 4242\n" and not (run_dir / "eval.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------------------- divergence
 def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cube_single_npz, tmp_path):
     """A learning rate that blows the losses up: the run stops at the first NaN / infinite loss, naming the update,
