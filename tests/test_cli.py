@@ -98,14 +98,16 @@ def test_readme_paper_loop_composes():
     import shlex
 
     readme = (Path(CONF).parent / "README.md").read_text()
-    paper_lift = shlex.split(re.search(r'paper_lift="([^"]*)"', readme).group(1))
+    paper_lift = shlex.split(re.search(r"paper_lift=\(([^)]*)\)", readme).group(1))
     algos = re.search(r"for algo in ([\w ]+); do", readme).group(1).split()
     assert "mvp" in algos and len(algos) >= 4
+    # MVP fine-tunes with its best-of-N target, the baselines (no critic-driven target) on the replay
+    assert "target=bon; [ $algo = mvp ] || target=replay" in readme and "finetune.target=$target" in readme
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for algo in algos:
             cfg = compose("fit", overrides=["conf=robomimic_lift", f"algo={algo}", *paper_lift])
             assert cfg.trainer.max_steps == 1_000_000 and cfg.algo.agent.get("full_interval_fraction", 0.0) == 0.0
-            assert cfg.algo.agent.get("adaptive_p") is None
+            assert cfg.algo.agent.get("adaptive_p") is None and list(cfg.algo.agent.hidden_dims) == [512] * 4
             _build_agent(cfg)
 
 
