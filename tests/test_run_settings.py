@@ -24,7 +24,8 @@ import manip.envs
 from manip.checkpoint import CheckpointError, load_checkpoint
 from manip.settings import SettingError
 
-from manip import finetune
+from manip import finetune, fit, run_lock
+from manip.run import train
 
 from entry_points import config, run_finetune, run_fit, warnings_logged
 
@@ -300,7 +301,12 @@ def test_a_finished_command_run_again_trains_nothing_and_runs_only_a_missing_fin
     # its final evaluation was stopped after the last save: the same command runs it, with the same outcome
     (run_dir / "eval.jsonl").write_text("")
     caplog.clear()
-    trainer, module = run_fit(overrides)
+    module, dm, trainer, resume = fit.build(config("fit", overrides))
+    assert str(run_dir) in run_lock._HELD  # the command holds run_dir while it evaluates, as one that trains does
+    try:
+        train(trainer, module, dm, resume)
+    finally:
+        run_lock.release()
     assert f"{run_dir / 'eval.jsonl'} lacks its final evaluation (eval.final_episodes=1), which runs now" \
         in caplog.text
     assert trainer.global_step == 5 and "step 5: evaluating 1 episodes (eval.final_episodes)" in caplog.text
