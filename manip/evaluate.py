@@ -32,17 +32,17 @@ from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint
 from manip.cli_args import interrupted_by_ctrl_c
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
-from manip.settings import SettingError, check_bool, check_int, first_free_path, write_result
+from manip.settings import SettingError, check_bool, check_int, first_free_path, run_folder, write_result
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
 
 def default_output(ckpt: str | Path) -> Path:
     """``<run_dir>/eval/<ckpt name>.json`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt`` (``<name>.export.json``
-    for an exported ``<run_dir>/export/<name>.pt2``), or, where earlier evaluations left their results, the first
-    free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
-    ckpt = Path(ckpt).resolve()
+    for an exported ``<run_dir>/export/<name>.pt2``; ``eval/`` beside a file kept elsewhere), or, where earlier
+    evaluations left their results, the first free ``<ckpt name>.<k>.json`` (k = 1, 2, ...): none is replaced."""
+    ckpt = Path(ckpt)
     name = f"{ckpt.name[:-len('.pt2')]}.export" if ckpt.name.endswith(".pt2") else ckpt.stem
-    return first_free_path(ckpt.parent.parent / "eval" / f"{name}.json")
+    return first_free_path(run_folder(ckpt, "eval") / f"{name}.json")
 
 
 def check_settings(episodes: int, num_envs: int, num_samples: int | None = None, noise_scale: float | None = None,

@@ -49,7 +49,7 @@ from manip import sweep
 from manip.algos.acting import acting_copy
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
-from manip.settings import SettingError, check_bool, first_free_path, open_new
+from manip.settings import SettingError, check_bool, first_free_path, open_new, run_folder
 
 __all__ = ["ExportError", "ExportedPolicy", "PolicyProgram", "checkpoint_acting", "default_output", "export_checkpoint",
            "load_exported"]
@@ -103,10 +103,11 @@ def package_path(out: str | Path) -> Path:
 
 
 def default_output(ckpt: str | Path) -> Path:
-    """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt``, or, where earlier exports
-    are, the first free ``<ckpt name>.<k>.pt2`` (k = 1, 2, ...) whose package name is free too: none is replaced."""
-    ckpt = Path(ckpt).resolve()
-    first = ckpt.parent.parent / "export" / f"{ckpt.stem}.pt2"
+    """``<run_dir>/export/<ckpt name>.pt2`` for ``<run_dir>/checkpoints/<ckpt name>.ckpt`` (``export/`` beside a
+    checkpoint kept elsewhere), or, where earlier exports are, the first free ``<ckpt name>.<k>.pt2`` (k = 1, 2, ...)
+    whose package name is free too: none is replaced."""
+    ckpt = Path(ckpt)
+    first = run_folder(ckpt, "export") / f"{ckpt.stem}.pt2"
     out, k = first_free_path(first), 0
     while package_path(out).exists():
         k += 1

@@ -138,6 +138,13 @@ def first_free_path(path: Path) -> Path:
     return free
 
 
+def run_folder(file: str | Path, name: str) -> Path:
+    """The folder ``name`` of the run a checkpoint or exported program belongs to: ``<run_dir>/<name>`` for a file in
+    ``<run_dir>/checkpoints/`` or ``<run_dir>/export/``, ``<its directory>/<name>`` for a file kept elsewhere."""
+    file = Path(file).resolve()
+    return (file.parent.parent if file.parent.name in ("checkpoints", "export") else file.parent) / name
+
+
 def publish_new(written: Path, path: Path) -> Path:
     """Gives the finished file ``written`` (in ``path``'s directory) the name ``path``, or, where a file of that
     name exists (an earlier command's, another command's running beside this one), the first free

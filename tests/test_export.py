@@ -375,3 +375,17 @@ def test_evaluate_cli_runs_an_export_in_its_simulator(checkpoints, tmp_path, cap
             _evaluate_cli(f"ckpt={bad}", "num_samples=2")
         assert exit_info.value.code.startswith(f"manip.evaluate: {bad}: {message}"), exit_info.value.code
         assert "\n" not in exit_info.value.code
+
+
+def test_default_outputs_stay_beside_a_file_kept_outside_a_run_directory(tmp_path):
+    """A run's checkpoint exports to ``<run>/export/`` and evaluates into ``<run>/eval/``; a checkpoint or program
+    kept elsewhere gets those folders beside it (not two directories up)."""
+    from manip import evaluate, export
+
+    run, models = tmp_path / "run", tmp_path / "models"
+    assert export.default_output(run / "checkpoints" / "last.ckpt") == run / "export" / "last.pt2"
+    assert evaluate.default_output(run / "checkpoints" / "last.ckpt") == run / "eval" / "last.json"
+    assert evaluate.default_output(run / "export" / "last.pt2") == run / "eval" / "last.export.json"
+    assert export.default_output(models / "lift.ckpt") == models / "export" / "lift.pt2"
+    assert evaluate.default_output(models / "lift.ckpt") == models / "eval" / "lift.json"
+    assert evaluate.default_output(models / "policy.aoti.pt2") == models / "eval" / "policy.aoti.export.json"
