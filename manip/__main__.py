@@ -10,6 +10,7 @@ USAGE = f"""manip {__version__}: offline-to-online robot-manipulation policies (
   python -m manip.export ckpt=PATH [aoti=true]                           the acting policy as a PyTorch-only program
   python -m manip.data.generate {{robomimic,ogbench}} [...]                datasets in the real files' formats
   python -m manip.bench --out bench.json [--device cuda]                 act latency, update speed, memory
+  python -m manip.bench_envs [--workers 1 2]                             simulator steps per second
 
 Presets: conf/conf/*.yaml (conf=...); groups: data/, algo/, trainer/, logger/. `python -m manip.fit --help`
 lists them with the composed config."""
