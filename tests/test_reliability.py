@@ -8,6 +8,7 @@ Hydra configs the entry points compose.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -394,27 +395,39 @@ def test_sigterm_to_a_ddp_run_stops_every_process_after_the_same_update_and_save
     assert "Traceback" not in stderr
 
 
-def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_once(cube_single_npz, tmp_path):
-    """A DDP job of two SLURM tasks (started as srun starts them): SIGUSR1 to both stops them after the same update;
-    rank 0 saves last.ckpt, requeues the job once and prints the line; both end with status 0."""
+@contextlib.contextmanager
+def two_task_ddp_job(npz: Path, tmp_path: Path, steps: int, *extra: str, stdout: int = subprocess.DEVNULL):
+    """``manip.fit`` as a DDP job of two SLURM tasks, started as srun starts them: (the tasks, the run directory, the
+    file of ``scontrol`` calls); tasks still running at the end are killed."""
     env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
     env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     run_dir = tmp_path / "ddp"
-    overrides = fit_overrides(cube_single_npz, run_dir, 100000, "checkpoint.every_n_steps=0",
-                              "trainer.strategy=ddp", "trainer.devices=2")
-    tasks = [subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env={**env, "SLURM_PROCID": str(rank),
-                                                                      "SLURM_LOCALID": str(rank)})
+    overrides = fit_overrides(npz, run_dir, steps, *extra, "trainer.strategy=ddp", "trainer.devices=2")
+    tasks = [subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
              for rank in (0, 1)]
     try:
-        wait_until_training(run_dir, tasks)
-        for task in tasks:
-            task.send_signal(signal.SIGUSR1)
-        stderr = [task.communicate(timeout=120)[1] for task in tasks]
+        yield tasks, run_dir, scontrol_calls
     finally:
         for task in tasks:
             if task.poll() is None:
                 task.kill()
+
+
+def signal_and_wait(tasks: list[subprocess.Popen], signum: int) -> list[str]:
+    """Sends ``signum`` to every task; their standard error once they ended."""
+    for task in tasks:
+        task.send_signal(signum)
+    return [task.communicate(timeout=120)[1] for task in tasks]
+
+
+def test_slurm_s_warning_to_a_two_task_ddp_job_saves_the_step_and_requeues_it_once(cube_single_npz, tmp_path):
+    """A DDP job of two SLURM tasks (started as srun starts them): SIGUSR1 to both stops them after the same update;
+    rank 0 saves last.ckpt, requeues the job once and prints the line; both end with status 0."""
+    with two_task_ddp_job(cube_single_npz, tmp_path, 100000, "checkpoint.every_n_steps=0") as (tasks, run_dir,
+                                                                                                scontrol_calls):
+        wait_until_training(run_dir, tasks)
+        stderr = signal_and_wait(tasks, signal.SIGUSR1)
     assert [t.returncode for t in tasks] == [0, 0], [e[-2000:] for e in stderr]
     match = re.fullmatch(r"manip\.fit: stopped by SIGUSR1 at step (\d+); (.+) holds it, and SLURM job 4242 is "
                          r"requeued: its same command continues the run", stderr[0].strip().splitlines()[-1])
@@ -427,28 +440,14 @@ def test_slurm_s_warning_during_a_ddp_job_s_final_evaluation_requeues_the_job_on
     """Rank 0 alone evaluates after training: SIGUSR1 to both tasks then ends its evaluation (its line names the
     final checkpoint, the job is requeued once); the other task, its training done, ignores the signal. Both end
     with status 0."""
-    env, scontrol_calls = slurm_job_with_scontrol(tmp_path / "bin")
-    env.update(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    run_dir = tmp_path / "ddp"
-    overrides = fit_overrides(cube_single_npz, run_dir, 5, "eval.final_episodes=150", "data.env_horizon=20",
-                              "trainer.strategy=ddp", "trainer.devices=2")
-    tasks = [subprocess.Popen([sys.executable, "-m", "manip.fit", *overrides], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**env, "SLURM_PROCID": str(rank),
-                                                                      "SLURM_LOCALID": str(rank)})
-             for rank in (0, 1)]
-    try:
+    with two_task_ddp_job(cube_single_npz, tmp_path, 5, "eval.final_episodes=150", "data.env_horizon=20",
+                          stdout=subprocess.PIPE) as (tasks, run_dir, scontrol_calls):
         for line in tasks[0].stdout:
             if "step 5: evaluating 150 episodes (eval.final_episodes)" in line:
                 break
         time.sleep(0.5)
         alive = [task.poll() is None for task in tasks]
-        for task in tasks:
-            task.send_signal(signal.SIGUSR1)
-        stderr = [task.communicate(timeout=120)[1] for task in tasks]
-    finally:
-        for task in tasks:
-            if task.poll() is None:
-                task.kill()
+        stderr = signal_and_wait(tasks, signal.SIGUSR1)
     assert [t.returncode for t in tasks] == [0, 0], [e[-2000:] for e in stderr]
     assert alive == [True, True]  # rank 1 waits for rank 0 to end
     last = run_dir / "checkpoints" / "last.ckpt"
