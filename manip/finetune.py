@@ -223,7 +223,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
                     f"({changed}); the policy keeps the checkpoint's observation and action normalisation")
     online = {k: v for k, v in plain(final.finetune).items() if k != "offline_fraction"}
     online["start_step"] = final.finetune_start_step
-    online["start_env_steps"] = final.get("finetune_start_env_steps", 0)
+    online["start_env_steps"] = final.finetune_start_env_steps
     stats = ckpt["hyper_parameters"]["stats"]
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
