@@ -19,6 +19,7 @@ import contextlib
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -27,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from manip import sweep
+from manip.algos.base import NoiseStreams
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
 from manip.cli_args import interrupted_by_ctrl_c
@@ -70,10 +72,11 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     whose observation / action sizes differ from the checkpoint's raises ``EnvMismatchError``. ``act_dtype``
     ("float32" or "bfloat16") and ``act_compile`` choose the acting path: the defaults run the checkpoint's networks
     as trained; anything else acts with ``ManipModule.fast_acting`` (a frozen copy in that dtype, compiled or not).
-    ``seed`` seeds the simulators' resets and the policy's noise. ``ckpt`` may also be a ``manip.export`` program
-    (``.pt2`` or ``.aoti.pt2``): it acts with its own baked-in sampling (``num_samples``, ``noise_scale``,
-    ``sample_steps``, ``act_dtype`` and ``act_compile`` are refused for it) and the same noise stream as its
-    checkpoint. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
+    ``seed`` seeds the simulators' resets and the policy's noise: episode k (and video k) starts from ``seed + k``
+    and draws its noise from a stream seeded with ``seed + k``, whatever ``num_envs`` and the device. ``ckpt`` may
+    also be a ``manip.export`` program (``.pt2`` or ``.aoti.pt2``): it acts with its own baked-in sampling
+    (``num_samples``, ``noise_scale``, ``sample_steps``, ``act_dtype`` and ``act_compile`` are refused for it) and
+    the noise its checkpoint would draw. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
     """
     started = time.perf_counter()
     # before the checkpoint is loaded
@@ -97,7 +100,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
         spec, dims = env_spec_of(cfg), (module.obs_dim, module.action_dim)
         fast = act_dtype != "float32" or act_compile
         acting = module.fast_acting(act_dtype, act_compile) if fast else contextlib.nullcontext()
-        predict = module.seeded_policy(seed, noise_scale, num_samples)
+        predict = partial(module.predict_chunks, num_samples=num_samples, noise_scale=noise_scale)
         data_info = cfg["data_info"]
         info = {"step": module.checkpoint_step, "algo": cfg["algo"]["name"], "task": data_info.get("env_name"),
                 "num_samples": module.agent.num_samples if num_samples is None else num_samples,
@@ -128,13 +131,14 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
 
 def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise_scale: float | None,
                      sample_steps: int | None, act_dtype: str, act_compile: bool):
-    """(predict_chunks, env spec, (obs_dim, action_dim), result fields) of a ``manip.export`` file. Its noise stream
-    is seeded with ``seed`` and drawn in the order the checkpoint's ``seeded_policy`` draws it, so an exported
-    program and its checkpoint act alike episode by episode. Sampling settings are refused: the program has its own."""
+    """(predict_chunks, env spec, (obs_dim, action_dim), result fields) of a ``manip.export`` file. Evaluation gives
+    each episode its noise stream as it gives a checkpoint's (``predict_chunks(obs, generator=...)``), so an
+    exported program and its checkpoint act alike episode by episode. Sampling settings are refused: the program
+    has its own."""
     from manip.envs import EnvSpec
     from manip.export import load_exported
 
-    policy = load_exported(path, generator=torch.Generator().manual_seed(seed))  # first: the file is an export
+    policy = load_exported(path)  # first: the file is an export
     given = {"num_samples": num_samples, "noise_scale": noise_scale, "sample_steps": sample_steps,
              "act_dtype": None if act_dtype == "float32" else act_dtype}
     for key, value in given.items():
@@ -146,8 +150,8 @@ def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise
                            f"compiles one ahead of time)")
     meta = policy.meta
 
-    def predict(obs) -> np.ndarray:
-        return policy(torch.as_tensor(np.asarray(obs), dtype=torch.float32)).numpy()
+    def predict(obs, generator: NoiseStreams = None) -> np.ndarray:
+        return policy(torch.as_tensor(np.asarray(obs), dtype=torch.float32), generator=generator).numpy()
 
     spec = EnvSpec(meta["env_spec"]["kind"], dict(meta["env_spec"]["kwargs"]))
     info = {key: meta[key] for key in ("step", "algo", "task", "num_samples", "noise_scale", "sample_steps",

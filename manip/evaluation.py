@@ -65,27 +65,45 @@ class ChunkPolicy:
     predict_chunks(obs (B, O) float32 np) -> (B, h, A) np. A queue is refilled only when empty, so
     chunks run open-loop; ``reset(mask)`` clears the queues of envs whose episode ended. ``latencies``: seconds
     of each ``predict_chunks`` call (one batched call refills every empty queue); ``actions``: actions returned.
+
+    ``noise_seed``: every episode draws its candidates' noise from its own CPU stream, passed as
+    ``predict_chunks(obs, generator=[one per row])``: the vector env's episode k (env i's j-th, k = i + j * E, as
+    :class:`manip.envs.EpisodeSeeds` numbers them) from ``noise_seed + k``. An episode then draws the same noise
+    whatever the number of envs, the device, and what ran before it. None: ``predict_chunks(obs)`` draws its own noise.
     """
 
-    def __init__(self, predict_chunks: Callable[[np.ndarray], np.ndarray], num_envs: int,
-                 execute_steps: int | None = None) -> None:
+    def __init__(self, predict_chunks: Callable[..., np.ndarray], num_envs: int,
+                 execute_steps: int | None = None, noise_seed: int | None = None) -> None:
         self.predict_chunks, self.num_envs = predict_chunks, num_envs
         self.execute_steps = execute_steps
         self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         self.latencies: list[float] = []
         self.actions = 0
+        self.noise_seed = noise_seed
+        self.episodes = list(range(num_envs))  # the episode each env runs
+        self.streams = [self._stream(k) for k in self.episodes] if noise_seed is not None else None
+
+    def _stream(self, episode: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.noise_seed + episode)
 
     def reset(self, mask: np.ndarray | None = None) -> None:
+        """The episodes of the envs in ``mask`` (None: all) ended: their queues empty, the next ones start."""
         for i in range(self.num_envs):
             if mask is None or mask[i]:
                 self.queues[i] = []
+                self.episodes[i] += self.num_envs
+                if self.streams is not None:
+                    self.streams[i] = self._stream(self.episodes[i])
 
     def select_action(self, obs: np.ndarray) -> np.ndarray:
         """obs (E, O) -> actions (E, A); refills the empty queues with one batched call."""
         empty = [i for i, q in enumerate(self.queues) if not q]
         if empty:
             start = time.perf_counter()
-            chunks = self.predict_chunks(obs[empty])
+            if self.streams is None:
+                chunks = self.predict_chunks(obs[empty])
+            else:
+                chunks = self.predict_chunks(obs[empty], generator=[self.streams[i] for i in empty])
             self.latencies.append(time.perf_counter() - start)
             steps = chunks.shape[1] if self.execute_steps is None else self.execute_steps
             for i, chunk in zip(empty, chunks):
@@ -187,19 +205,20 @@ class EvalResult:
         return dict(self.__dict__)
 
 
-def evaluate_policy(env, predict_chunks: Callable[[np.ndarray], np.ndarray], num_episodes: int,
+def evaluate_policy(env, predict_chunks: Callable[..., np.ndarray], num_episodes: int,
                     seed: int = 0) -> EvalResult:
     """Success rate of ``predict_chunks`` over ``num_episodes`` episodes of a vector env.
 
     Episode quotas are fixed per env up front (env i runs episodes i, i + E, ...), so short
     episodes are not over-counted when envs finish at different speeds; ``outcomes[k]`` and ``lengths[k]`` are
     episode k's. In a vector env from :func:`manip.envs.make_vector_env` episode k starts from seed ``seed + k``,
-    so the episodes do not depend on the number of envs. ``chunk_latency_ms``: median wall time
+    and draws its candidates' noise from a stream seeded with ``seed + k`` (``predict_chunks(obs, generator=...)``,
+    see :class:`ChunkPolicy`), so the episodes do not depend on the number of envs. ``chunk_latency_ms``: median wall time
     of one policy call (what the step that refills a queue waits); ``action_latency_ms``: the policy's time
     per executed action (all calls over all actions the envs took; a call for several envs counts once).
     """
     start = time.perf_counter()
-    policy = ChunkPolicy(predict_chunks, env.num_envs)
+    policy = ChunkPolicy(predict_chunks, env.num_envs, noise_seed=seed)
     rollout = VectorRollout(env, policy, seed=seed)
     quota = [len(range(i, num_episodes, env.num_envs)) for i in range(env.num_envs)]
     counts = [0] * env.num_envs

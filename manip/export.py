@@ -47,6 +47,7 @@ from torch import nn
 
 from manip import sweep
 from manip.algos.acting import acting_copy
+from manip.algos.base import NoiseStreams, unit_noise
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
 from manip.settings import SettingError, check_bool, first_free_path, open_new, run_folder
@@ -273,7 +274,7 @@ class ExportedPolicy:
     """An exported program (``manip.export``) with its noise and action queue, for a robot's control loop.
 
     ``policy(obs)``: obs (B, O) raw -> chunk (B, h, A), the noise drawn from ``generator`` (or ``noise``
-    (B, C, D) given). ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new
+    (B, C, D) given; or ``policy(obs, generator=[B CPU streams])``, one stream per state, as evaluation draws it). ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new
     chunk is computed when the queue is empty (executed open-loop, as in training); ``reset()`` empties it at an
     episode's start. An observation of the wrong shape raises ``ValueError`` naming the size and keys expected.
     """
@@ -290,12 +291,13 @@ class ExportedPolicy:
                              + (f", the raw {keys} concatenated" if keys else "")
                              + f", batch 1 to {self.meta['max_batch']}")
 
-    def __call__(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, obs: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: NoiseStreams = None) -> torch.Tensor:
         obs = torch.as_tensor(obs, dtype=torch.float32)
         self._check(obs)
         shape = (obs.shape[0], *self.meta["noise_shape"])
         if noise is None:
-            noise = torch.randn(shape, generator=self.generator)
+            noise = unit_noise(shape, self.generator if generator is None else generator)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise of shape {tuple(noise.shape)}: expected {shape}")
         with torch.inference_mode():

@@ -25,7 +25,6 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -35,6 +34,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
+from manip.algos.base import NoiseStreams
 from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, fused_adam, make_optimizer
 from manip.cli_args import raise_if_interrupted
 from manip.checkpoint import gather_rank_states, rank_state
@@ -290,25 +290,19 @@ class ManipModule(L.LightningModule):
 
     @torch.inference_mode()
     def predict_chunks(self, obs: np.ndarray | torch.Tensor, num_samples: int | None = None,
-                       noise_scale: float = 1.0, generator: torch.Generator | None = None) -> np.ndarray:
+                       noise_scale: float = 1.0, generator: NoiseStreams = None) -> np.ndarray:
         """obs (B, O) raw -> action chunks (B, h, A) in [-1, 1] (best-of-N with the agent's N).
 
         noise_scale: std of the candidates' initial noise (1: the learned distribution, used for online
         collection; evaluation takes ``eval.noise_scale``). generator: the noise's random stream, on the
-        module's device (None: torch's global one).
+        module's device (None: torch's global one), or B CPU streams, one per state (evaluation's, one per
+        episode: see :class:`manip.evaluation.ChunkPolicy`).
         """
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
         with self.acting_weights():
             actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples, noise_scale=noise_scale,
                                       generator=generator)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
-
-    def seeded_policy(self, seed: int, noise_scale: float = 1.0,
-                      num_samples: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-        """``predict_chunks`` with its own noise stream seeded with ``seed`` (evaluation: the same seed gives the
-        same candidates whatever ran before, so evaluations of one run, and ``manip.evaluate``, are repeatable)."""
-        generator = torch.Generator(device=self.obs_mean.device).manual_seed(seed)
-        return partial(self.predict_chunks, num_samples=num_samples, noise_scale=noise_scale, generator=generator)
 
     # -------------------------------------------------------------------------------- training
     @property

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -374,8 +375,8 @@ class PeriodicEvaluation(Callback):
                                        action_dim=module.action_dim)
         was_training = module.training
         module.eval()
-        predict = module.seeded_policy(self.seed, self.noise_scale)  # same noise at every evaluation
-        result = evaluate_policy(self.env, predict, episodes, seed=self.seed)
+        predict = partial(module.predict_chunks, noise_scale=self.noise_scale)
+        result = evaluate_policy(self.env, predict, episodes, seed=self.seed)  # same episodes at every evaluation
         module.train(was_training)
         metrics = {"eval/success_rate": result.success_rate, "eval/ci_low": result.ci_low,
                    "eval/ci_high": result.ci_high, "eval/mean_length": result.mean_length}

@@ -81,10 +81,11 @@ def open_render_env(spec, size: tuple[int, int]):
     return env
 
 
-def record_episode(env, predict_chunks: Callable[[np.ndarray], np.ndarray],
+def record_episode(env, predict_chunks: Callable[..., np.ndarray],
                    seed: int) -> tuple[list[np.ndarray], bool, int]:
-    """Run one episode from ``env.reset(seed=seed)``; returns (frames, success, length)."""
-    policy = ChunkPolicy(predict_chunks, num_envs=1)
+    """Run one episode from ``env.reset(seed=seed)``, its noise drawn from a stream seeded with ``seed`` (as an
+    evaluation's episode from that seed draws it); returns (frames, success, length)."""
+    policy = ChunkPolicy(predict_chunks, num_envs=1, noise_seed=seed)
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]
     success, length = False, 0
@@ -151,10 +152,11 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: int = DEFAULT_F
         raise
 
 
-def record_videos(env, predict_chunks: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int,
+def record_videos(env, predict_chunks: Callable[..., np.ndarray], episodes: int, seed: int,
                   out_dir: str | Path, stem: str, fps: int = DEFAULT_FPS, verbose: bool = False) -> list[Video]:
     """Record ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) of a render-enabled env
-    into ``<out_dir>/<stem>_ep<i>.mp4`` (``verbose``: a line as each one starts; rendering is slow on a CPU)."""
+    into ``<out_dir>/<stem>_ep<i>.mp4`` (``verbose``: a line as each one starts; rendering is slow on a CPU).
+    Video i replays episode i of an evaluation from the same ``seed`` (its simulator seed and its noise)."""
     videos = []
     for i in range(episodes):
         if verbose:

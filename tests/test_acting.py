@@ -132,3 +132,28 @@ def test_module_fast_acting_uses_the_acting_weights_and_restores():
     with torch.no_grad():
         raw = module.agent.sample_actions(torch.as_tensor(obs), generator=_seeded(1))
     assert not np.allclose(raw.numpy().reshape(fast.shape), fast, atol=1e-3)
+
+
+@pytest.mark.parametrize("algo", sorted(AGENTS))
+def test_a_states_chunk_depends_on_its_own_noise_stream_only(algo):
+    """With one noise stream per state (evaluation's, one per episode), a state's chunk is what it is alone with its
+    stream, whichever states share the call; the fast sampler draws the same. A stream count that does not divide
+    the rows is refused by name."""
+    from manip.algos.base import unit_noise
+
+    torch.manual_seed(0)
+    agent = AGENTS[algo]()
+    _perturb_(agent)
+    obs = torch.randn(3, OBS)
+    together = agent.sample_actions(obs, generator=[_seeded(10 + i) for i in range(3)])
+    fast = fast_sampler(agent, "float32", compile=False)(obs, generator=[_seeded(10 + i) for i in range(3)])
+    for i in range(3):
+        alone = agent.sample_actions(obs[i:i + 1], generator=[_seeded(10 + i)])
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, together, rtol=1e-5, atol=1e-6)
+    reordered = agent.sample_actions(obs[[2, 0, 1]], generator=[_seeded(12), _seeded(10), _seeded(11)])
+    torch.testing.assert_close(reordered, together[[2, 0, 1]], rtol=1e-5, atol=1e-6)
+    noise = unit_noise((6, 4), [_seeded(10), _seeded(11), _seeded(12)])  # each state's two rows from its stream
+    torch.testing.assert_close(noise[2:4], torch.randn(2, 4, generator=_seeded(11)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 noise streams for 3 rows"):
+        unit_noise((3, 4), [_seeded(0), _seeded(1)])

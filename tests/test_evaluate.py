@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import imageio.v2 as iio
 import numpy as np
@@ -333,20 +334,27 @@ def test_a_video_never_replaces_one_that_exists(tmp_path, caplog):
 
 def _record_chunks(monkeypatch) -> list[np.ndarray]:
     """A list that receives a copy of every chunk ``evaluate_checkpoint``'s policy returns from now on."""
+    chunks: list[np.ndarray] = []
+    _spy_on_policy(monkeypatch, lambda chunk, streams: chunks.append(chunk.copy()))
+    return chunks
+
+
+def _spy_on_policy(monkeypatch, record: Callable[[np.ndarray, list], None]) -> None:
+    """``record(chunks, noise streams)`` for every call of ``evaluate_checkpoint``'s policy, in its evaluation and
+    in its videos, from now on."""
     import manip.evaluate as evaluate_module
 
-    chunks: list[np.ndarray] = []
-    real = evaluate_module.evaluate_policy
+    def spying(real):
+        def run(env, predict, *args, **kwargs):
+            def spy(obs, generator=None):
+                chunk = predict(obs, generator=generator)
+                record(chunk, generator)
+                return chunk
+            return real(env, spy, *args, **kwargs)
+        return run
 
-    def recording(env, predict, episodes, seed):
-        def spy(obs):
-            chunk = predict(obs)
-            chunks.append(chunk.copy())
-            return chunk
-        return real(env, spy, episodes, seed)
-
-    monkeypatch.setattr(evaluate_module, "evaluate_policy", recording)
-    return chunks
+    monkeypatch.setattr(evaluate_module, "evaluate_policy", spying(evaluate_module.evaluate_policy))
+    monkeypatch.setattr(evaluate_module, "record_videos", spying(evaluate_module.record_videos))
 
 
 def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
@@ -363,6 +371,39 @@ def test_evaluation_noise_is_seeded(checkpoints, monkeypatch):
         runs.append(np.concatenate(chunks))
     assert runs[0].shape == runs[1].shape and np.array_equal(runs[0], runs[1])
     assert not np.allclose(runs[0][: len(runs[2])], runs[2][: len(runs[0])])
+
+
+def test_an_episode_acts_alike_whatever_the_number_of_envs_and_in_its_video(checkpoints, monkeypatch, tmp_path):
+    """Episode k draws its candidates from its own noise stream (seed + k): sampling from unit noise, every episode
+    executes the same chunks with one simulator or three, and video k replays episode k's."""
+    runs = []
+    for num_envs, videos in ((1, 0), (3, 2)):
+        by_episode: dict[int, list[np.ndarray]] = {}
+
+        def record(chunks, streams):
+            for chunk, stream in zip(chunks, streams):
+                by_episode.setdefault(stream.initial_seed(), []).append(chunk)
+
+        by_episode_in_videos = {}
+        with monkeypatch.context() as patch:
+            _spy_on_policy(patch, record)
+            result = evaluate_checkpoint(checkpoints["mvp"], episodes=4, num_envs=num_envs, seed=20,
+                                         noise_scale=1.0, video_episodes=videos, video_size=(32, 32),
+                                         video_prefix=tmp_path / "v")
+        if videos:  # the video calls came last: each episode's chunks are listed twice, the video's after
+            by_episode_in_videos = {k: by_episode[k][len(by_episode[k]) // 2:] for k in (20, 21)}
+            for k in (20, 21):
+                by_episode[k] = by_episode[k][:len(by_episode[k]) // 2]
+            assert [v["length"] for v in result["videos"]] == result["lengths"][:2]
+        runs.append(({k: np.stack(by_episode[k]) for k in range(20, 24)}, by_episode_in_videos, result))
+    (alone, _, one), (beside, in_videos, three) = runs
+    assert one["lengths"] == three["lengths"] and one["outcomes"] == three["outcomes"]
+    for k in range(20, 24):
+        assert alone[k].shape == beside[k].shape == (HORIZON // 5, 5, 5)
+        np.testing.assert_allclose(alone[k], beside[k], atol=1e-5)
+    for k in (20, 21):
+        np.testing.assert_allclose(np.stack(in_videos[k]), alone[k], atol=1e-5)
+    assert not np.allclose(alone[20], alone[21])  # each episode its own noise
 
 
 def test_a_failing_compiler_is_one_line_naming_act_compile(checkpoints, tmp_path):

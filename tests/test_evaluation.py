@@ -55,7 +55,8 @@ class ScriptedVectorEnv:
         return self._obs(), rewards, np.zeros(self.num_envs, bool), done, info
 
 
-def _zero_chunks(obs):
+def _zero_chunks(obs, generator=None):
+    assert len(generator) == len(obs)  # one noise stream per state
     return np.zeros((obs.shape[0], 3, ACTION_DIM), dtype=np.float32)
 
 

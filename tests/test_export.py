@@ -329,19 +329,22 @@ def test_readme_snippet_runs_on_an_export(checkpoints, tmp_path):
 
 
 def test_evaluating_an_export_draws_the_checkpoints_noise_stream(checkpoints, tmp_path):
-    """``manip.evaluate ckpt=<export>``'s policy gives, call after call, the chunks the checkpoint's seeded policy
-    gives from the same seed: an exported program and its checkpoint act alike episode by episode."""
+    """``manip.evaluate ckpt=<export>``'s policy gives, call after call, the chunks the checkpoint gives from the same
+    per-episode noise streams: an exported program and its checkpoint act alike episode by episode."""
     from manip.evaluate import _exported_policy
 
     export_checkpoint(checkpoints["mvp"], tmp_path / "p.pt2", noise_scale=1.0)
     predict, spec, dims, info = _exported_policy(tmp_path / "p.pt2", 7, None, None, None, "float32", False)
     module, cfg = load_module(checkpoints["mvp"])
-    reference = module.seeded_policy(7, noise_scale=1.0)
     assert spec.kind == "ogbench" and dims == (28, 5)
     assert info["exported_from"] == str(checkpoints["mvp"])
     observations = module.obs_mean + module.obs_scale * torch.randn(3, 2, 28, generator=torch.Generator().manual_seed(1))
+    streams = [[torch.Generator().manual_seed(7 + i) for i in range(2)] for _ in range(2)]  # export's, checkpoint's
     for obs in observations.numpy():
-        torch.testing.assert_close(torch.as_tensor(predict(obs)), torch.as_tensor(reference(obs)), atol=1e-5, rtol=0)
+        exported = predict(obs, generator=streams[0])
+        reference = module.predict_chunks(obs, noise_scale=1.0, generator=streams[1])
+        torch.testing.assert_close(torch.as_tensor(exported), torch.as_tensor(reference), atol=1e-5, rtol=0)
+        assert not torch.allclose(torch.as_tensor(exported[0]), torch.as_tensor(exported[1]))
 
 
 def _evaluate_cli(*overrides: str) -> None:

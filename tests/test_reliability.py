@@ -324,10 +324,15 @@ def test_compile_builds_and_runs_one_step(cube_single_npz, tmp_path):
     assert trainer.global_step == 1
     chunks = module.predict_chunks(torch.zeros(2, module.obs_dim))
     assert chunks.shape == (2, 5, module.action_dim)
-    obs = torch.randn(2, module.obs_dim)  # a seeded noise stream passes through the compiled sampler
-    assert np.array_equal(module.seeded_policy(3)(obs), module.seeded_policy(3)(obs))
+    obs = torch.randn(2, module.obs_dim)  # seeded noise streams (evaluation's, one per state) pass through
+
+    def seeded(batch: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(3 + i) for i in range(batch)]
+
+    assert np.array_equal(module.predict_chunks(obs, generator=seeded(2)), module.predict_chunks(obs, generator=seeded(2)))
     for batch in (1, 3, 4):  # other batch sizes (envs refilling their queues) compile graphs of their own
-        assert module.seeded_policy(3)(torch.randn(batch, module.obs_dim)).shape == (batch, 5, module.action_dim)
+        chunks = module.predict_chunks(torch.randn(batch, module.obs_dim), generator=seeded(batch))
+        assert chunks.shape == (batch, 5, module.action_dim)
         assert module.predict_chunks(torch.randn(batch, module.obs_dim)).shape == (batch, 5, module.action_dim)
 
 

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from manip.algos.base import ActorCriticAgent
+from manip.algos.base import ActorCriticAgent, NoiseStreams
 from manip.algos.networks import CriticEnsemble, CriticMembers
 
 __all__ = ["ACT_DTYPES", "InDtype", "acting_copy", "fast_sampler"]
@@ -78,7 +78,7 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
     # (passed as a torch.compile option it does not take effect); one patch object, re-entered by every call
     freezing = torch._inductor.config.patch(freezing=True) if compile else nullcontext()
 
-    def act(obs: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None,
+    def act(obs: torch.Tensor, num_samples: int | None = None, generator: NoiseStreams = None,
             noise_scale: float = 1.0) -> torch.Tensor:
         n = snapshot.num_samples if num_samples is None else num_samples
         # the noise is drawn here, outside the compiled graph, which cannot take a generator

@@ -16,10 +16,12 @@ from manip.algos.critic import best_of_n, chunk_td_target, critic_loss, soft_upd
 from manip.algos.networks import CRITIC_BLOCKS, CriticEnsemble
 from manip.settings import SettingError, check_int, check_real
 
-__all__ = ["ActorCriticAgent", "Q_AGGREGATES", "TD_SELECTORS", "check_agent_settings", "flatten_chunk",
-           "masked_mean"]
+__all__ = ["ActorCriticAgent", "NoiseStreams", "Q_AGGREGATES", "TD_SELECTORS", "check_agent_settings",
+           "flatten_chunk", "masked_mean", "unit_noise"]
 
 Batch = dict[str, torch.Tensor]
+# One random stream, or one CPU stream per state (evaluation: each episode draws its own noise).
+NoiseStreams = torch.Generator | Sequence[torch.Generator] | None
 Q_AGGREGATES = ("mean", "min")
 # Which critic ranks the N candidates of the TD target's next action (the target critic then scores the winner).
 TD_SELECTORS = ("target", "online")
@@ -67,6 +69,21 @@ def check_agent_settings(horizon: int | None = None, time_features: str | None =
                            f"{CRITIC_BLOCKS}")
     if "td_select" in settings and settings["td_select"] not in TD_SELECTORS:
         raise SettingError(f"unknown algo.agent.td_select {settings['td_select']!r}; expected one of {TD_SELECTORS}")
+
+
+def unit_noise(shape: Sequence[int], generator: NoiseStreams, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.randn(shape)`` drawn from ``generator``: one stream (on ``device``; None: torch's global one), or a
+    sequence of CPU streams, one per state, each drawing its equal, consecutive share of the rows (``shape[0]``
+    states times their candidates). Per-state streams make a state's noise independent of which other states share
+    the call, and of the device: evaluation gives each episode its own stream."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    streams = list(generator)
+    if not streams or shape[0] % len(streams):
+        raise ValueError(f"{len(streams)} noise streams for {shape[0]} rows: one stream per state is needed")
+    share = (shape[0] // len(streams), *shape[1:])
+    return torch.cat([torch.randn(share, generator=stream) for stream in streams]).to(device=device, dtype=dtype)
 
 
 def flatten_chunk(actions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,11 +169,12 @@ class ActorCriticAgent(nn.Module):
         """The policy's map from initial noise to actions: obs (M, O), noise (M, D) -> (M, D) in [-1, 1]."""
         raise NotImplementedError
 
-    def initial_noise(self, rows: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-        """Unit Gaussian initial noise (rows, D) on ``like``'s device and dtype, drawn from ``generator``."""
-        return torch.randn(rows, self.act_dim_flat, generator=generator, device=like.device, dtype=like.dtype)
+    def initial_noise(self, rows: int, generator: NoiseStreams, like: torch.Tensor) -> torch.Tensor:
+        """Unit Gaussian initial noise (rows, D) on ``like``'s device and dtype, drawn from ``generator`` (see
+        :func:`unit_noise`: one stream, or one per state)."""
+        return unit_noise((rows, self.act_dim_flat), generator, like.device, like.dtype)
 
-    def generate(self, obs: torch.Tensor, generator: torch.Generator | None = None, noise_scale: float = 1.0,
+    def generate(self, obs: torch.Tensor, generator: NoiseStreams = None, noise_scale: float = 1.0,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
         """One policy sample per row from the initial noise ``noise_scale * N(0, I)``: obs (M, O) -> (M, D) in [-1, 1].
 
@@ -178,7 +196,7 @@ class ActorCriticAgent(nn.Module):
         obs: torch.Tensor,
         num_samples: int,
         critic: nn.Module,
-        generator: torch.Generator | None = None,
+        generator: NoiseStreams = None,
         noise_scale: float = 1.0,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -200,7 +218,7 @@ class ActorCriticAgent(nn.Module):
         self,
         obs: torch.Tensor,
         num_samples: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: NoiseStreams = None,
         noise_scale: float = 1.0,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
