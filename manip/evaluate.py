@@ -76,7 +76,8 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
     and draws its noise from a stream seeded with ``seed + k``, whatever ``num_envs`` and the device. ``ckpt`` may
     also be a ``manip.export`` program (``.pt2`` or ``.aoti.pt2``): it acts with its own baked-in sampling
     (``num_samples``, ``noise_scale``, ``sample_steps``, ``act_dtype`` and ``act_compile`` are refused for it) and
-    the noise its checkpoint would draw. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus ``videos``).
+    the noise its checkpoint would draw. Returns a JSON-ready dict (see ``EvalResult`` for the statistics, plus
+    ``videos``).
     """
     started = time.perf_counter()
     # before the checkpoint is loaded

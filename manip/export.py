@@ -274,7 +274,8 @@ class ExportedPolicy:
     """An exported program (``manip.export``) with its noise and action queue, for a robot's control loop.
 
     ``policy(obs)``: obs (B, O) raw -> chunk (B, h, A), the noise drawn from ``generator`` (or ``noise``
-    (B, C, D) given; or ``policy(obs, generator=[B CPU streams])``, one stream per state, as evaluation draws it). ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new
+    (B, C, D) given; or ``policy(obs, generator=[B CPU streams])``, one stream per state, as evaluation draws
+    it). ``select_action(obs)``: obs (O,) -> one action (A,), popped from the current chunk; a new
     chunk is computed when the queue is empty (executed open-loop, as in training); ``reset()`` empties it at an
     episode's start. An observation of the wrong shape raises ``ValueError`` naming the size and keys expected.
     """
