@@ -16,6 +16,7 @@ from manip.algos.mvp import (
     sample_one_step,
     sample_time_pair,
 )
+from manip.algos.base import flatten_chunk
 from manip.algos.networks import MeanVelocityNet
 
 
@@ -391,3 +392,33 @@ def test_mean_velocity_net_embeds_t_and_the_interval_length():
     r = torch.tensor([0.4, 0.2, 0.9, 1.0], dtype=torch.float64)
     features = torch.cat([obs, x, net.time_embed(t), net.time_embed(r - t)], dim=-1)
     torch.testing.assert_close(net(obs, x, t, r), net.mlp(features))
+
+
+def test_the_agent_passes_every_loss_setting_to_the_mvp_loss():
+    """``MVPAgent.policy_loss`` is ``mvp_policy_loss`` with the agent's settings: equal with them, different when
+    any one of them is left at its default (a setting the agent dropped would go unnoticed in training)."""
+    settings = dict(lambda_ivc=0.5, boundary_fraction=0.3, adaptive_p=0.5, time_mean=0.2, time_std=0.7,
+                    full_interval_fraction=0.25)
+    defaults = dict(lambda_ivc=1.0, boundary_fraction=0.5, adaptive_p=None, time_mean=-0.4, time_std=1.0,
+                    full_interval_fraction=0.0)
+    torch.manual_seed(0)
+    agent = MVPAgent(3, 2, 2, hidden_dims=(16,), **settings)
+    obs, actions = torch.randn(64, 3), torch.rand(64, 2, 2) * 2 - 1
+
+    def loss_with(**kwargs) -> torch.Tensor:
+        return mvp_policy_loss(agent.actor, obs, actions.reshape(64, -1), generator=torch.Generator().manual_seed(1),
+                               **kwargs)[0]
+
+    loss, _ = agent.policy_loss(obs, actions, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, loss_with(**settings))
+    for key, default in defaults.items():
+        assert not torch.allclose(loss, loss_with(**{**settings, key: default})), key
+
+
+def test_flatten_chunk_expands_each_step_flag_over_its_action_dims():
+    """Chunk (B, h, A) -> (B, h * A) step-major; a step's validity flag covers its A action dims."""
+    actions = torch.arange(12.0).reshape(2, 3, 2)
+    flat, mask = flatten_chunk(actions, torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert flat.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert flatten_chunk(actions, None)[1] is None

@@ -385,6 +385,18 @@ def test_max_transitions_keeps_whole_first_episodes_and_the_info_says_how_many(p
     assert torch.equal(dm.replay._data["observations"][:size], full.replay._data["observations"][:size])
 
 
+def test_datamodule_sums_chunk_rewards_with_its_discount(play_files):
+    """``data.discount`` reaches the replay: a chunk's reward is sum_i discount^i r_i with the data module's
+    discount (the critic bootstraps with discount^h of the same value)."""
+    dm = OGBenchDataModule(dataset_name="cube-single-play-singletask-task1-v0", path=str(play_files["cube-single"]),
+                           horizon=3, discount=0.5)
+    dm.setup()
+    rewards = dm.replay._data["rewards"]
+    assert dm.replay.discount == 0.5
+    torch.testing.assert_close(dm.replay.gather(torch.tensor([0]))["rewards"],
+                               (rewards[0] + 0.5 * rewards[1] + 0.25 * rewards[2])[None])
+
+
 def test_datamodule_generates_only_where_data_dir_leads(tmp_path):
     """An explicit data.path that does not exist is reported (a typo is never filled with a stand-in)."""
     path = tmp_path / "typo" / "cube-single-play-v0.npz"
