@@ -24,8 +24,6 @@ from manip.envs import EnvSpec, make_vector_env
 from manip.settings import write_result
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
-# Observation keys of the robomimic low-dim datasets (and of RobomimicDataModule's default).
-ROBOMIMIC_OBS_KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
 
 
 def env_spec(name: str) -> EnvSpec:
@@ -34,8 +32,9 @@ def env_spec(name: str) -> EnvSpec:
         return EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0"})
     if name == "robosuite-lift":
         from manip.data.generate.robomimic_scripted import env_args
+        from manip.data.robomimic import DEFAULT_OBS_KEYS
 
-        return EnvSpec("robosuite", {"env_args": env_args("lift"), "obs_keys": ROBOMIMIC_OBS_KEYS,
+        return EnvSpec("robosuite", {"env_args": env_args("lift"), "obs_keys": list(DEFAULT_OBS_KEYS),
                                      "horizon": 300})
     raise ValueError(f"unknown env {name!r}; expected one of {ENVS}")
 

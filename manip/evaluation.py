@@ -72,10 +72,8 @@ class ChunkPolicy:
     whatever the number of envs, the device, and what ran before it. None: ``predict_chunks(obs)`` draws its own noise.
     """
 
-    def __init__(self, predict_chunks: Callable[..., np.ndarray], num_envs: int,
-                 execute_steps: int | None = None, noise_seed: int | None = None) -> None:
+    def __init__(self, predict_chunks: Callable[..., np.ndarray], num_envs: int, noise_seed: int | None = None) -> None:
         self.predict_chunks, self.num_envs = predict_chunks, num_envs
-        self.execute_steps = execute_steps
         self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         self.latencies: list[float] = []
         self.actions = 0
@@ -105,9 +103,8 @@ class ChunkPolicy:
             else:
                 chunks = self.predict_chunks(obs[empty], generator=[self.streams[i] for i in empty])
             self.latencies.append(time.perf_counter() - start)
-            steps = chunks.shape[1] if self.execute_steps is None else self.execute_steps
             for i, chunk in zip(empty, chunks):
-                self.queues[i] = list(chunk[:steps])
+                self.queues[i] = list(chunk)
         self.actions += self.num_envs
         return np.stack([q.pop(0) for q in self.queues])
 

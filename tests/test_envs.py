@@ -18,14 +18,29 @@ def test_action_and_obs_dim_mismatch_named():
         make_vector_env(spec, 1, asynchronous=False, obs_dim=19)
 
 
-def test_same_step_autoreset_reports_final_observation():
-    spec = EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 3})
-    env = make_vector_env(spec, 1, asynchronous=False, obs_dim=28, action_dim=5)
+def _short_episodes(kind: str) -> tuple[EnvSpec, int, int]:
+    """(a spec whose episodes end after 3 steps, obs_dim, action_dim)."""
+    if kind == "ogbench":
+        return EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 3}), 28, 5
+    from manip.data.generate.robomimic_scripted import env_args
+    from manip.data.robomimic import DEFAULT_OBS_KEYS
+
+    return EnvSpec("robosuite", {"env_args": env_args("lift"), "obs_keys": list(DEFAULT_OBS_KEYS), "horizon": 3}), 19, 7
+
+
+@pytest.mark.parametrize("kind", ["ogbench", "robosuite"])
+def test_same_step_autoreset_reports_final_observation(kind):
+    """An episode is truncated at its horizon's step, not a step earlier or later."""
+    spec, obs_dim, action_dim = _short_episodes(kind)
+    env = make_vector_env(spec, 1, asynchronous=False, obs_dim=obs_dim, action_dim=action_dim)
     obs, _ = env.reset(seed=0)
+    ends = []
     for step in range(3):
-        obs, _, terminated, truncated, info = env.step(np.zeros((1, 5), np.float32))
+        obs, _, terminated, truncated, info = env.step(np.zeros((1, action_dim), np.float32))
+        ends.append(bool(truncated[0] or terminated[0]))
+    assert ends == [False, False, True]
     assert truncated[0] and not terminated[0]
-    assert info["final_obs"][0].shape == (28,)
+    assert info["final_obs"][0].shape == (obs_dim,)
     env.close()
 
 

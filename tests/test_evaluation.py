@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from manip.evaluation import evaluate_policy, wilson_interval
+from manip.evaluation import ChunkPolicy, VectorRollout, evaluate_policy, wilson_interval
 
 ACTION_DIM = 2
 
@@ -21,13 +22,14 @@ class ScriptedVectorEnv:
     """Gymnasium-style vector env with same-step autoreset.
 
     Env i's episodes last ``lengths[i]`` steps; ``success(i, step)`` (step = 1, 2, ... within the episode) is the
-    success flag reported after that step. On the last step of an episode the step's info comes from the reset
+    success flag reported after that step; an episode's end is a truncation (a time limit), or a termination with
+    ``terminate=True``. On the last step of an episode the step's info comes from the reset
     (success False) and the finished episode's info is under ``final_info``, its last observation under
     ``final_obs``, as Gymnasium's ``SyncVectorEnv`` reports them.
     """
 
-    def __init__(self, lengths, success):
-        self.lengths, self.success = list(lengths), success
+    def __init__(self, lengths, success, terminate=False):
+        self.lengths, self.success, self.terminate = list(lengths), success, terminate
         self.num_envs = len(self.lengths)
         self.steps = np.zeros(self.num_envs, dtype=int)
 
@@ -52,7 +54,8 @@ class ScriptedVectorEnv:
             info["final_obs"] = final_obs
             info["final_info"] = {"success": np.where(done, success, False)}
         rewards = success.astype(np.float32)
-        return self._obs(), rewards, np.zeros(self.num_envs, bool), done, info
+        terminated = done if self.terminate else np.zeros(self.num_envs, bool)
+        return self._obs(), rewards, terminated, done & ~terminated, info
 
 
 def _zero_chunks(obs, generator=None):
@@ -87,3 +90,29 @@ def test_success_at_any_step_of_an_episode_counts():
     assert result.outcomes == [True, True]
     assert result.lengths == [5, 5]
     assert result.success_rate == 1.0
+
+
+@pytest.mark.parametrize("terminate", [False, True])
+def test_recorded_episodes_bootstrap_past_a_time_limit_but_not_past_a_termination(terminate):
+    """Online collection's transitions: mask 1 - terminated, so a truncated episode's last step keeps its bootstrap
+    and a terminated one's does not; its next observation is the episode's final one, not the next episode's."""
+    env = ScriptedVectorEnv([3], lambda i, step: False, terminate=terminate)
+    rollout = VectorRollout(env, ChunkPolicy(lambda obs: np.zeros((len(obs), 2, ACTION_DIM), np.float32), 1),
+                            record=True)
+    [end] = [end for _ in range(3) for end in rollout.step()]
+    episode = end.transitions
+    assert episode.masks.tolist() == [1.0, 1.0, 0.0 if terminate else 1.0]
+    assert episode.terminals.tolist() == [False, False, True]
+    assert episode.next_observations[:, 1].tolist() == [1, 2, 3]  # steps within the episode: the last is final_obs
+    assert episode.observations[:, 1].tolist() == [0, 1, 2]
+
+
+def test_chunk_policy_streams_follow_the_vector_env_s_episode_numbers():
+    """Env i's j-th episode is the vector env's episode i + j E, and draws from the stream seeded with
+    noise_seed + i + j E."""
+    policy = ChunkPolicy(lambda obs, generator: None, num_envs=3, noise_seed=100)
+    policy.reset(np.array([False, True, False]))
+    policy.reset(np.array([False, True, True]))
+    assert policy.episodes == [0, 7, 5]
+    for stream, episode in zip(policy.streams, (0, 7, 5)):
+        assert torch.equal(stream.get_state(), torch.Generator().manual_seed(100 + episode).get_state())

@@ -543,9 +543,17 @@ def test_critic_warmup_trains_the_critic_alone_for_its_first_online_updates(offl
     steps = [{float(after_opt["state"][i]["step"] - before_opt["state"][i]["step"]) for i in group["params"]}
              for group in after_opt["param_groups"]]
     assert {frozenset(group_steps) for group_steps in steps} == {frozenset({0.0}), frozenset({float(updates)})}
+    warm = load_checkpoint(tmp_path / "warm" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert int(warm["ema_actor.n_averaged"]) == 1  # the checkpoint's policy only: no average update while warming
     run_finetune(finetune_overrides(offline_ckpt, tmp_path / "after", updates, f"finetune.critic_warmup={updates - 2}",
                                     "+module.actor_ema=0.9"))
     assert changed(tmp_path / "after") == {"actor": True, "critic": True, "average": True}
+    after = load_checkpoint(tmp_path / "after" / "checkpoints" / "last.ckpt")
+    after_opt = after["optimizer_states"][0]
+    steps = [{float(after_opt["state"][i]["step"] - before_opt["state"][i]["step"]) for i in group["params"]}
+             for group in after_opt["param_groups"]]
+    assert {frozenset(group_steps) for group_steps in steps} == {frozenset({2.0}), frozenset({float(updates)})}
+    assert int(after["state_dict"]["ema_actor.n_averaged"]) == 1 + 2  # the two updates after the warm-up
     with pytest.raises(SettingError, match=re.escape("finetune.critic_warmup must be >= 0, got -1")):
         run_finetune(finetune_overrides(offline_ckpt, tmp_path / "bad", updates, "finetune.critic_warmup=-1"))
 
@@ -584,3 +592,50 @@ def test_write_result_gives_a_finished_file_its_name_and_never_replaces_one(tmp_
     os.umask(umask)
     assert first.stat().st_mode & 0o777 == 0o666 & ~umask
     assert caplog.messages == [f"{first} exists and is kept; writing {second} instead"]
+
+
+def test_fine_tuning_collects_one_env_step_per_utd_updates(offline_run, tmp_path):
+    """finetune.utd=u: after finetune.start_training env steps, an env step every u updates (0.5: two per update)."""
+    _, offline_ckpt = offline_run
+    updates = 6
+    _, module = run_finetune(finetune_overrides(offline_ckpt, tmp_path / "ft", updates, "finetune.utd=0.5"))
+    assert module.env_steps == 20 + updates * 2
+
+
+def test_fine_tuning_settings_reach_the_data_the_agent_and_the_evaluation(offline_run, tmp_path):
+    """finetune.offline_fraction reaches the sampler, eval.seed / eval.noise_scale the evaluation, and +discount=x
+    both the replay's chunk rewards (data.discount) and the agent's TD discount."""
+    from manip.run import PeriodicEvaluation
+
+    _, offline_ckpt = offline_run
+    items = finetune_overrides(offline_ckpt, tmp_path / "ft", 4, "finetune.offline_fraction=0.25", "eval.seed=7",
+                               "eval.noise_scale=0.5", "+discount=0.9")
+    try:
+        module, dm, trainer, _ = finetune.build(config("finetune", items), items)
+    finally:
+        run_lock.release()
+    assert dm.offline_fraction == 0.25
+    evaluation = next(c for c in trainer.callbacks if isinstance(c, PeriodicEvaluation))
+    assert (evaluation.seed, evaluation.noise_scale) == (7, 0.5)
+    assert dm.discount == module.agent.discount == 0.9
+
+
+def test_module_tau_reaches_the_target_critic(cube_single_npz, tmp_path):
+    """module.tau=1: after every update the target critic is a copy of the critic."""
+    run_fit(fit_overrides(cube_single_npz, tmp_path / "run", 3, "module.tau=1.0"))
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    critic = {k.removeprefix("agent.critic."): v for k, v in state.items() if k.startswith("agent.critic.")}
+    target = {k.removeprefix("agent.target_critic."): v for k, v in state.items()
+              if k.startswith("agent.target_critic.")}
+    assert critic and critic.keys() == target.keys()
+    assert all(torch.equal(critic[k], target[k]) for k in critic)
+
+
+def test_the_final_evaluation_follows_a_smaller_periodic_one_at_the_last_step(cube_single_npz, tmp_path):
+    """A periodic evaluation at the last step with fewer episodes than eval.final_episodes does not stand in for
+    the final one: both run."""
+    run_dir = tmp_path / "run"
+    run_fit(fit_overrides(cube_single_npz, run_dir, 4, "eval.every_n_steps=4", "eval.episodes=1",
+                          "eval.final_episodes=2"))
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episodes"]) for r in records] == [(4, 1), (4, 2)]
