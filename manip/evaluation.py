@@ -69,10 +69,12 @@ class ChunkPolicy:
     ``noise_seed``: every episode draws its candidates' noise from its own CPU stream, passed as
     ``predict_chunks(obs, generator=[one per row])``: the vector env's episode k (env i's j-th, k = i + j * E, as
     :class:`manip.envs.EpisodeSeeds` numbers them) from ``noise_seed + k``. An episode then draws the same noise
-    whatever the number of envs, the device, and what ran before it. None: ``predict_chunks(obs)`` draws its own noise.
+    whatever the number of envs, the device, and what ran before it. None: ``predict_chunks(obs)`` draws its own
+    noise.
     """
 
-    def __init__(self, predict_chunks: Callable[..., np.ndarray], num_envs: int, noise_seed: int | None = None) -> None:
+    def __init__(self, predict_chunks: Callable[..., np.ndarray], num_envs: int,
+                 noise_seed: int | None = None) -> None:
         self.predict_chunks, self.num_envs = predict_chunks, num_envs
         self.queues: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         self.latencies: list[float] = []
@@ -210,8 +212,8 @@ def evaluate_policy(env, predict_chunks: Callable[..., np.ndarray], num_episodes
     episodes are not over-counted when envs finish at different speeds; ``outcomes[k]`` and ``lengths[k]`` are
     episode k's. In a vector env from :func:`manip.envs.make_vector_env` episode k starts from seed ``seed + k``,
     and draws its candidates' noise from a stream seeded with ``seed + k`` (``predict_chunks(obs, generator=...)``,
-    see :class:`ChunkPolicy`), so the episodes do not depend on the number of envs. ``chunk_latency_ms``: median wall time
-    of one policy call (what the step that refills a queue waits); ``action_latency_ms``: the policy's time
+    see :class:`ChunkPolicy`), so the episodes do not depend on the number of envs. ``chunk_latency_ms``: median
+    wall time of one policy call (what the step that refills a queue waits); ``action_latency_ms``: the policy's time
     per executed action (all calls over all actions the envs took; a call for several envs counts once).
     """
     start = time.perf_counter()
