@@ -1213,3 +1213,42 @@ def test_finalizer_errors_after_a_ctrl_c_do_not_follow_the_commands_line(after_c
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert ("Exception ignored" in proc.stderr) is not after_ctrl_c, proc.stderr
+
+
+KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+
+
+def _ckpt(obs_keys):
+    return {"hyper_parameters": {"obs_dim": 19, "action_dim": 7, "horizon": 5,
+                                 "cfg": {"data_info": {"obs_keys": obs_keys}}}}
+
+
+def test_check_compatible_refuses_other_observation_keys():
+    """Same width, other order of keys: the columns mean other things, so the checkpoint is refused."""
+    check_compatible(_ckpt(KEYS), "c.ckpt", 19, 7, list(KEYS), 5)
+    swapped = [KEYS[1], KEYS[0], *KEYS[2:]]
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint c.ckpt has obs_keys={KEYS} but the dataset x has "
+                                                        f"obs_keys={swapped}")):
+        check_compatible(_ckpt(KEYS), "c.ckpt", 19, 7, swapped, 5, where="dataset x")
+    check_compatible(_ckpt(None), "c.ckpt", 19, 7, swapped, 5)  # an OGBench checkpoint records no keys
+
+
+def test_a_checkpoint_missing_weights_is_refused_by_name(lift_run, tmp_path):
+    ckpt = torch.load(lift_run / "checkpoints" / "last.ckpt", weights_only=True)
+    name = next(iter(ckpt["state_dict"]))
+    del ckpt["state_dict"][name]
+    torch.save(ckpt, tmp_path / "partial.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit the network its config describes"):
+        load_module(tmp_path / "partial.ckpt")
+
+
+def test_acting_noise_scale_defaults_to_the_runs_eval_noise_scale(lift_run, tmp_path):
+    """evaluate / export without noise_scale act with the run's eval.noise_scale (fit.yaml's 1.0 hides a default that
+    ignores it, so the checkpoint here records 0.25)."""
+    from manip.checkpoint import load_acting_module
+
+    ckpt = torch.load(lift_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["cfg"]["eval"]["noise_scale"] = 0.25
+    torch.save(ckpt, tmp_path / "quarter.ckpt")
+    assert load_acting_module(tmp_path / "quarter.ckpt")[2] == 0.25
+    assert load_acting_module(tmp_path / "quarter.ckpt", noise_scale=0.0)[2] == 0.0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from manip.evaluation import ChunkPolicy, VectorRollout, evaluate_policy, wilson_interval
+from manip.evaluation import SuccessRate
 
 ACTION_DIM = 2
 
@@ -116,3 +117,12 @@ def test_chunk_policy_streams_follow_the_vector_env_s_episode_numbers():
     assert policy.episodes == [0, 7, 5]
     for stream, episode in zip(policy.streams, (0, 7, 5)):
         assert torch.equal(stream.get_state(), torch.Generator().manual_seed(100 + episode).get_state())
+
+
+def test_success_rate_counts_every_episode_of_a_batched_update():
+    metric = SuccessRate()
+    metric.update(torch.tensor([True, False, True, True]))
+    metric.update(torch.tensor([0.0]))
+    result = {k: float(v) for k, v in metric.compute().items()}
+    assert result["episodes"] == 5 and result["success_rate"] == pytest.approx(0.6)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(wilson_interval(3, 5))

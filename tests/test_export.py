@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 import manip
 from manip.checkpoint import CheckpointError, load_checkpoint, load_module
-from manip.export import export_checkpoint, load_exported, main, summary_lines
+from manip.export import _metadata, export_checkpoint, load_exported, main, summary_lines
 
 pytestmark = pytest.mark.slow
 
@@ -392,3 +393,25 @@ def test_default_outputs_stay_beside_a_file_kept_outside_a_run_directory(tmp_pat
     assert export.default_output(models / "lift.ckpt") == models / "export" / "lift.pt2"
     assert evaluate.default_output(models / "lift.ckpt") == models / "eval" / "lift.json"
     assert evaluate.default_output(models / "policy.aoti.pt2") == models / "eval" / "policy.aoti.export.json"
+
+
+def test_metadata_records_the_observation_layout_and_sampling_settings():
+    """What a robot's code reads: the raw keys and their widths in order, and the sampling settings baked in."""
+    dims = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
+    program = SimpleNamespace(obs_mean=torch.zeros(19), noise_shape=(8, 35), horizon=5, action_dim=7, num_samples=8,
+                              noise_scale=0.5, agent=SimpleNamespace(sample_steps=2))
+    cfg = {"algo": {"name": "mvp"}, "env_spec": {"kind": "robosuite", "kwargs": {}},
+           "data_info": {"obs_keys": list(dims), "obs_key_dims": dims, "env_name": "Lift", "path": "/d/lift.hdf5"}}
+    meta = _metadata(program, cfg, "/r/last.ckpt", 7, "float32")
+    assert meta["obs_keys"] == list(dims) and meta["obs_key_dims"] == dims and meta["obs_shape"] == [19]
+    assert (meta["num_samples"], meta["noise_scale"], meta["sample_steps"], meta["step"]) == (8, 0.5, 2, 7)
+    assert meta["noise_shape"] == [8, 35] and meta["chunk_shape"] == [5, 7] and meta["trained_on"] == "/d/lift.hdf5"
+
+
+def test_num_samples_override_is_baked_in(checkpoints, tmp_path):
+    """num_samples=2 on a checkpoint trained with N=4: two candidates per state, in the program and its metadata."""
+    summary = export_checkpoint(checkpoints["qc"], tmp_path / "p.pt2", num_samples=2, noise_scale=1.0)
+    assert summary["meta"]["num_samples"] == 2 and summary["meta"]["noise_shape"][0] == 2
+    assert summary["max_difference"] < 1e-5
+    policy = load_exported(tmp_path / "p.pt2", generator=torch.Generator().manual_seed(0))
+    assert policy(torch.zeros(3, 28)).shape == (3, 5, 5)

@@ -347,3 +347,18 @@ def test_speed_bars_say_whether_the_losses_were_compiled():
     assert plots._measured_label({**config, "compile": None}) == plots._measured_label(config)
     assert plots._measured_label({**config, "compile": "reduce-overhead"}) == (
         "measured (cpu, threads=1, MLP 512x512, compiled reduce-overhead)")
+
+
+def test_bootstrap_interval_is_a_95_percent_interval_of_the_mean():
+    """100 values of 0 and 1 in equal parts: the mean's standard error is 0.05, so the 95% interval is about
+    0.5 +- 0.098 (a 68% one would be +- 0.05)."""
+    low, high = plots.bootstrap_interval(np.r_[np.zeros(50), np.ones(50)])
+    assert low == pytest.approx(0.402, abs=0.02) and high == pytest.approx(0.598, abs=0.02)
+
+
+def test_a_step_evaluated_twice_keeps_its_last_record(tmp_path):
+    """After a resume the step evaluated again keeps the later line (the docstring's rule)."""
+    lines = [{"step": 10, "success_rate": 0.2}, {"step": 20, "success_rate": 0.4}, {"step": 10, "success_rate": 0.6}]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = plots.read_evaluations(tmp_path)
+    assert records["step"].tolist() == [10, 20] and records["success_rate"].tolist() == [0.6, 0.4]

@@ -496,3 +496,14 @@ def test_env_render_offscreen():
         assert line.split(" ", 1)[1].startswith("(48, 64, 3) uint8") and int(line.split()[-1]) > 0
     else:
         assert "MUJOCO_GL" in line
+
+
+def test_a_success_inside_an_episode_is_not_a_terminal(tmp_path):
+    """OGBench terminals mark trajectory ends only: the step that solves the task has mask 0 (no bootstrap) but the
+    episode goes on, so chunks starting before it still run past it."""
+    arrays, _, successes, terminated_at = _cube_single_oracle_rollout(task=1, seed=0, steps=90)
+    path = tmp_path / "cube-single-play-v0.npz"
+    np.savez_compressed(path, **arrays)
+    train = load_ogbench("cube-single-play-singletask-task1-v0", path).train
+    assert train.masks[terminated_at] == 0.0 and not train.terminals[terminated_at]
+    assert np.flatnonzero(train.terminals).tolist() == [len(train) - 1]

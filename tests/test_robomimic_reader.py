@@ -318,3 +318,44 @@ def test_not_an_hdf5_file(tmp_path):
         with pytest.raises(DatasetError, match="low_dim_v15.hdf5 is not a readable HDF5 file"):
             read(path)
     assert path.read_text() == "not hdf5"
+
+
+def test_next_observations_concatenate_the_keys_in_the_same_order(lift_hdf5):
+    """obs and next_obs columns line up: next_observations of a step are the file's next_obs keys in obs_keys order."""
+    keys = ("object", "robot0_eef_pos", "robot0_gripper_qpos")
+    t = load_robomimic(lift_hdf5, obs_keys=keys).transitions
+    with h5py.File(lift_hdf5) as f:
+        demo = f["data/demo_0"]
+        n0 = len(demo["actions"])
+        next0 = np.concatenate([demo["next_obs"][k][:] for k in keys], 1)
+    np.testing.assert_allclose(t.next_observations[:n0], next0, rtol=1e-6)
+    # inside a demo, a step's next observation is the following step's observation
+    np.testing.assert_allclose(t.next_observations[:n0 - 1], t.observations[1:n0], rtol=1e-6)
+
+
+def test_demos_are_read_in_numeric_order(lift_copy):
+    """robomimic's order is int(name[5:]): demo_9 before demo_10 (a string sort would put demo_10 after demo_1)."""
+    with h5py.File(lift_copy, "a") as f:
+        f.move("data/demo_5", "data/demo_10")
+        f.move("data/demo_4", "data/demo_9")
+        last = np.concatenate([f["data/demo_10/obs"][k][:] for k in DEFAULT_OBS_KEYS], 1)
+    data = load_robomimic(lift_copy)
+    assert data.demos == ["demo_0", "demo_1", "demo_2", "demo_3", "demo_9", "demo_10"]
+    np.testing.assert_allclose(data.transitions.observations[-len(last):], last, rtol=1e-6)
+
+
+def test_datamodule_stats_are_the_training_transitions_mean_and_std(lift_hdf5):
+    """The statistics the checkpoint carries (and the policy standardises with) are those of the transitions the run
+    trains on: with max_transitions, of the first episodes kept, not of the whole file."""
+    dm = RobomimicDataModule(path=str(lift_hdf5), batch_size=8, horizon=5, seed=0, generate_demos=0)
+    dm.setup("fit")
+    obs = load_robomimic(lift_hdf5).transitions.observations.astype(np.float64)
+    np.testing.assert_allclose(dm.stats.obs_mean, obs.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dm.stats.obs_std, obs.std(0), rtol=1e-6, atol=1e-9)
+    first = int(np.flatnonzero(load_robomimic(lift_hdf5).transitions.terminals)[0]) + 1
+    cut = RobomimicDataModule(path=str(lift_hdf5), batch_size=8, horizon=5, seed=0, generate_demos=0,
+                              max_transitions=first)
+    cut.setup("fit")
+    assert cut.replay.size == first
+    np.testing.assert_allclose(cut.stats.obs_mean, obs[:first].mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cut.stats.obs_std, obs[:first].std(0), rtol=1e-6, atol=1e-9)

@@ -149,3 +149,11 @@ def test_predict_chunks_applies_noise_scale():
 
     np.testing.assert_array_equal(draw(0.0, 0), draw(0.0, 100))
     assert not np.array_equal(draw(1.0, 0), draw(1.0, 100))
+
+
+def test_constant_observation_dimensions_pass_through_centred():
+    """A dimension with zero std in the data (a fixed object, a gripper never used) is centred, not divided by 0."""
+    stats = {"obs_mean": [1.0, 2.0, 3.0], "obs_std": [0.5, 0.0, 1e-9]}
+    module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1, stats=stats)
+    out = module.normalize(torch.tensor([[2.0, 2.5, 3.0], [1.0, 2.0, 4.0]]))
+    torch.testing.assert_close(out, torch.tensor([[2.0, 0.5, 0.0], [0.0, 0.0, 1.0]]))
