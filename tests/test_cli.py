@@ -31,6 +31,7 @@ from entry_points import slurm_job_with_scontrol, warnings_logged
 from manip import finetune, fit
 from manip.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_module
 from manip.data.errors import DatasetError
+from manip.data.robomimic import DEFAULT_OBS_KEYS
 from manip.logs import LOG, RunLog
 from manip.run import check_command_line, run_differences
 from manip.settings import SettingError
@@ -1215,7 +1216,7 @@ def test_finalizer_errors_after_a_ctrl_c_do_not_follow_the_commands_line(after_c
     assert ("Exception ignored" in proc.stderr) is not after_ctrl_c, proc.stderr
 
 
-KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+KEYS = list(DEFAULT_OBS_KEYS)
 
 
 def _ckpt(obs_keys):
@@ -1243,8 +1244,8 @@ def test_a_checkpoint_missing_weights_is_refused_by_name(lift_run, tmp_path):
 
 
 def test_acting_noise_scale_defaults_to_the_runs_eval_noise_scale(lift_run, tmp_path):
-    """evaluate / export without noise_scale act with the run's eval.noise_scale (fit.yaml's 1.0 hides a default that
-    ignores it, so the checkpoint here records 0.25)."""
+    """evaluate / export without noise_scale act with the run's eval.noise_scale (0.25 here: fit.yaml's default, 1.0,
+    is also the fallback for a run that records none)."""
     from manip.checkpoint import load_acting_module
 
     ckpt = torch.load(lift_run / "checkpoints" / "last.ckpt", weights_only=True)

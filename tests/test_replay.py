@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
 from manip.data.replay import ChunkReplay, Transitions
-from manip.data.datamodule import ReplayDataModule
 
 
 def two_episodes() -> Transitions:
@@ -86,26 +86,43 @@ def test_sampling_throughput_is_reported():
     assert result["samples_per_s"] > 0 and result["batch_size"] == 256
 
 
+def online_episodes() -> Transitions:
+    """``two_episodes()`` as if collected online, told apart by its observations (+ 100) and actions (+ 1)."""
+    online = two_episodes()
+    online.observations = online.observations + 100
+    online.actions = online.actions + 1
+    return online
+
+
 def test_offline_fraction_is_the_offline_share_not_the_online_one():
     """offline_fraction=0.25: a quarter of the batch from the offline part (an asymmetric share, so that swapping
     the two parts shows)."""
     replay = ChunkReplay.from_transitions(two_episodes(), horizon=2)
-    online = two_episodes()
-    online.observations = online.observations + 100
-    replay.add(online)
+    replay.add(online_episodes())
     batch = replay.sample(1000, torch.Generator().manual_seed(0), offline_fraction=0.25)
     from_offline = (batch["observations"][:, 0] < 100).float().mean().item()
     assert from_offline == pytest.approx(0.25, abs=1e-6)
+
+
+def test_the_streamed_batches_draw_offline_fraction_from_the_offline_part():
+    """The data module's batches (what training reads) keep the share too."""
+
+    class Offline(ReplayDataModule):
+        def _load(self):
+            return two_episodes(), None, {}
+
+    dm = Offline(batch_size=400, horizon=2, offline_fraction=0.25)
+    dm.setup("fit")
+    dm.replay.add(online_episodes())  # what online collection appends
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["observations"][:, 0] < 100).float().mean().item() == pytest.approx(0.25)
 
 
 def test_episodes_added_online_keep_their_own_boundaries():
     """Chunks of an episode appended after the offline part are cut at that episode's end (buffer coordinates),
     exactly as the same episode's chunks in the offline part."""
     replay = ChunkReplay.from_transitions(two_episodes(), horizon=3, discount=0.5)
-    online = two_episodes()
-    online.observations = online.observations + 100
-    online.actions = online.actions + 1
-    replay.add(online)
+    replay.add(online_episodes())
     offline, added = replay.gather(torch.arange(7)), replay.gather(torch.arange(7, 14))
     assert torch.equal(added["valid"], offline["valid"])
     torch.testing.assert_close(added["actions"], offline["actions"] + 1)
@@ -123,23 +140,3 @@ def test_loading_an_online_state_replaces_the_online_part():
     replay.add(two_episodes())  # collected after the checkpoint
     replay.load_online_state_dict(state)
     assert replay.size == 14 and replay.num_offline == 7
-
-
-def _episodes(offset: float) -> Transitions:
-    return Transitions(observations=np.arange(8, dtype=np.float32)[:, None] + offset,
-                       actions=np.zeros((8, 1), np.float32), rewards=-np.ones(8, np.float32),
-                       masks=np.ones(8, np.float32), terminals=np.array([0, 0, 0, 1] * 2, bool),
-                       next_observations=np.arange(1, 9, dtype=np.float32)[:, None] + offset)
-
-
-class _Synthetic(ReplayDataModule):
-    def _load(self):
-        return _episodes(0.0), None, {}
-
-
-def test_the_streamed_batches_draw_offline_fraction_from_the_offline_part():
-    dm = _Synthetic(batch_size=400, horizon=2, offline_fraction=0.25)
-    dm.setup("fit")
-    dm.replay.add(_episodes(100.0))  # what online collection appends
-    batch = next(iter(dm.train_dataloader()))
-    assert (batch["observations"][:, 0] < 100).float().mean().item() == pytest.approx(0.25)
