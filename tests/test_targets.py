@@ -8,10 +8,12 @@ the standard error is the empirical std over the repeats divided by sqrt(R).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from manip.algos import targets
 from manip.algos.mvp import mvp_policy_loss, sample_one_step
 from manip.algos.networks import MeanVelocityNet
 from manip.algos.targets import (
@@ -27,6 +29,7 @@ from manip.algos.targets import (
     rfm_target_velocity,
     som_target_velocity,
 )
+from manip.data.replay import random_chunk_batch
 
 Z_MAX = 4.0
 ESTIMATORS = ("som", 0.0, 1.0, "optimal")  # SOM, then RFM with eta = 0, 1, optimal
@@ -412,8 +415,6 @@ def _online_module(target: str, **online):
 
 @pytest.mark.parametrize("target", ["som", "rfm"])
 def test_online_alpha_is_in_units_of_mean_abs_q(target):
-    from manip.data.replay import random_chunk_batch
-
     batch = random_chunk_batch(16, 5, 2, 3)
     module = _online_module(target)
     with torch.no_grad():
@@ -549,8 +550,6 @@ def test_data_prior_som_is_stable_at_small_t():
 
 
 def test_policy_prior_module_target_and_validation():
-    from manip.data.replay import random_chunk_batch
-
     batch = random_chunk_batch(16, 5, 2, 3)
     module = _online_module("rfm", prior="policy")
     loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
@@ -563,8 +562,6 @@ def test_policy_prior_module_target_and_validation():
 
 @pytest.mark.parametrize("target", ["som", "rfm"])
 def test_data_prior_module_target_and_validation(target):
-    from manip.data.replay import random_chunk_batch
-
     batch = random_chunk_batch(16, 5, 2, 3)
     module = _online_module(target, prior="data", prior_std=0.2)
     loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
@@ -585,8 +582,6 @@ def test_data_prior_module_target_and_validation(target):
 def test_data_prior_targets_skip_chunks_running_past_their_episode(target):
     """The critic never trains on a chunk whose last step lies past the episode's end (its TD weight is
     valid[:, -1] = 0), so such replay chunks give the critic-driven term no target; the others do."""
-    from manip.data.replay import random_chunk_batch
-
     batch = random_chunk_batch(16, 5, 2, 3)
     batch["valid"][:4, 1:] = 0.0  # episodes ending after the first step of the chunk
     module = _online_module(target, prior="data", bc_weight=0.0, q_scale="none")  # alpha from no batch statistic
@@ -614,8 +609,6 @@ def test_fine_tuning_from_an_offline_checkpoint_draws_from_its_own_seed():
 def test_replay_target_trains_the_offline_loss_on_the_replay_alone():
     """finetune.target=replay: the actor's loss is the agent's offline loss on the batch (QC's online design: the
     executed best-of-N chunks in the replay are the imitation targets); the critic never enters it."""
-    from manip.data.replay import random_chunk_batch
-
     batch = random_chunk_batch(16, 5, 2, 3)
     module = _online_module("replay")
     loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
@@ -627,3 +620,82 @@ def test_replay_target_trains_the_offline_loss_on_the_replay_alone():
     assert not torch.isclose(bon, offline)  # bon adds the best-of-N term to that loss
     with pytest.raises(ValueError, match="replay has no prior"):
         _online_module("replay", prior="data")
+
+
+@pytest.mark.parametrize("target, prior, extra, expected", [
+    ("rfm", "data", {"rfm_eta": 0.25}, {"eta": 0.25}),
+    ("rfm", "box", {"rfm_eta": 0.0}, {"eta": 0.0}),
+    ("som", "data", {"som_score_norm": 2.0}, {"score_norm": 2.0}),
+    ("som", "box", {"som_score_norm": 3.0}, {"score_norm": 3.0}),
+])
+def test_online_target_settings_reach_the_estimator(monkeypatch, target, prior, extra, expected):
+    """finetune.rfm_eta / som_score_norm / bound_std / target_samples / prior_std are what the target estimator
+    is built with."""
+    seen = {}
+    real = targets.make_target_fn
+
+    def spy(kind, q_fn, obs, alpha, **kwargs):
+        seen.update(kind=kind, **kwargs)
+        return real(kind, q_fn, obs, alpha, **kwargs)
+
+    monkeypatch.setattr(targets, "make_target_fn", spy)
+    module = _online_module(target, prior=prior, bound_std=0.3, target_samples=7, prior_std=0.4, **extra)
+    loss, _ = module.actor_loss(random_chunk_batch(16, 5, 2, 3), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert seen["kind"] == target and seen["bound_std"] == 0.3 and seen["num_samples"] == 7
+    for key, value in expected.items():
+        assert seen[key] == value, key
+    if prior == "data":
+        assert seen["prior_std"] == 0.4
+
+
+def test_bon_target_draws_target_samples_candidates(monkeypatch):
+    """finetune.target_samples is the online best-of-N's N, not the agent's own num_samples."""
+    module = _online_module("bon", target_samples=7)
+    calls = []
+    real = module.agent.sample_actions
+
+    def spy(obs, num_samples=None, **kwargs):
+        calls.append(num_samples)
+        return real(obs, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(module.agent, "sample_actions", spy)
+    module.actor_loss(random_chunk_batch(16, 5, 2, 3), torch.Generator().manual_seed(0))
+    assert calls == [7]
+
+
+@pytest.mark.parametrize("target", ["bon", "som"])
+def test_bc_weight_scales_the_bc_term(target):
+    """loss(bc_weight=w) = loss(bc_weight=0) + w * bc_loss on the same draws."""
+    batch = random_chunk_batch(16, 5, 2, 3)
+    zero, _ = _online_module(target, bc_weight=0.0, q_scale="none").actor_loss(batch, torch.Generator().manual_seed(0))
+    half, info = _online_module(target, bc_weight=0.5, q_scale="none").actor_loss(batch,
+                                                                                   torch.Generator().manual_seed(0))
+    torch.testing.assert_close(half, zero + 0.5 * info["bc_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_schedule_counts_this_run_s_env_steps():
+    """alpha goes linearly from finetune.alpha to alpha_final over alpha_steps env steps of this run (a run that
+    continues another counts from its start_env_steps)."""
+    module = _online_module("som", alpha=10.0, alpha_final=0.0, alpha_steps=100, start_env_steps=50)
+    alphas = []
+    for steps in (50, 100, 1000):
+        module.env_steps = steps
+        alphas.append(module.alpha)
+    assert alphas == pytest.approx([10.0, 5.0, 0.0])
+
+
+def test_collection_seed_depends_on_the_env_steps_so_far(monkeypatch):
+    """A resumed run (env_steps > 0) seeds its collection envs anew: it never replays the first run's episodes."""
+    import manip.envs
+    import manip.module
+
+    seeds = []
+    monkeypatch.setattr(manip.envs, "make_vector_env", lambda *a, **k: SimpleNamespace(num_envs=1))
+    monkeypatch.setattr(manip.module, "VectorRollout", lambda env, policy, seed, record: seeds.append(seed))
+    module = _online_module("bon", seed=3)
+    module._trainer = SimpleNamespace(global_rank=0, datamodule=SimpleNamespace(env_spec=None))
+    for steps in (0, 0, 500):
+        module.env_steps = steps
+        module._start_rollout()
+    assert seeds[0] == seeds[1] != seeds[2]

@@ -1,23 +1,25 @@
 """The update's pieces (manip.algos.training): ``module.compile`` compiles both losses, which then equal the eager
-ones and draw the same noise; the fused optimizer steps as torch's reference Adam does."""
+ones and draw the same noise; the fused optimizer steps as torch's reference Adam does; the module standardises
+observations (both of a batch's, a constant dimension centred, none with ``obs_norm=none``) and applies
+``noise_scale`` when acting."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 
 from manip.algos import MVPAgent
 from manip.algos.training import COMPILE_MODES, compiled, make_optimizer
 from manip.data.replay import random_chunk_batch
+from manip.module import ManipModule
 
 OBS, ACTION, HORIZON = 5, 2, 3
 
 
 def _module(compile):
-    from manip.module import ManipModule
-
     torch.manual_seed(0)
     agent = partial(MVPAgent, hidden_dims=(32, 32), num_samples=4)
     stats = {"obs_mean": [0.1] * OBS, "obs_std": [2.0] * OBS}
@@ -169,3 +171,53 @@ def test_a_failing_compiler_is_one_line_and_the_command_it_names_trains(cube_sin
                              timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_losses_standardise_both_observations_of_the_batch():
+    """The critic's TD target sees s' standardised as s is (the dataset's obs_mean / obs_std)."""
+    stats = {"obs_mean": [5.0] * OBS, "obs_std": [2.0] * OBS}
+    module = ManipModule(partial(MVPAgent, hidden_dims=(32, 32), num_samples=4), obs_dim=OBS, action_dim=ACTION,
+                         horizon=HORIZON, stats=stats)
+    seen = {}
+    real = module.agent.critic_loss
+
+    def spy(batch, generator=None):
+        seen.update(batch)
+        return real(batch, generator)
+
+    module._critic_loss_fn = spy
+    batch = random_chunk_batch(16, OBS, ACTION, HORIZON)
+    module.losses(batch, torch.Generator().manual_seed(0))
+    for key in ("observations", "next_observations"):
+        torch.testing.assert_close(seen[key], (batch[key] - 5.0) / 2.0)
+
+
+def test_obs_norm_none_acts_on_raw_observations():
+    stats = {"obs_mean": [5.0] * OBS, "obs_std": [2.0] * OBS}
+    agent = partial(MVPAgent, hidden_dims=(32, 32))
+    obs = torch.randn(4, OBS)
+    raw = ManipModule(agent, obs_dim=OBS, action_dim=ACTION, horizon=HORIZON, stats=stats, obs_norm="none")
+    torch.testing.assert_close(raw.normalize(obs), obs)
+    standard = ManipModule(agent, obs_dim=OBS, action_dim=ACTION, horizon=HORIZON, stats=stats)
+    torch.testing.assert_close(standard.normalize(obs), (obs - 5.0) / 2.0)
+
+
+def test_predict_chunks_applies_noise_scale():
+    """noise_scale=0: the noise-free chunk whatever the noise streams; 1: the streams matter."""
+    module = _module(False)
+    obs = np.zeros((2, OBS), np.float32)
+
+    def draw(scale: float, seed: int) -> np.ndarray:
+        streams = [torch.Generator().manual_seed(seed + i) for i in range(2)]
+        return module.predict_chunks(obs, noise_scale=scale, generator=streams)
+
+    np.testing.assert_array_equal(draw(0.0, 0), draw(0.0, 100))
+    assert not np.array_equal(draw(1.0, 0), draw(1.0, 100))
+
+
+def test_constant_observation_dimensions_pass_through_centred():
+    """A dimension with zero std in the data (a fixed object, a gripper never used) is centred, not divided by 0."""
+    stats = {"obs_mean": [1.0, 2.0, 3.0], "obs_std": [0.5, 0.0, 1e-9]}
+    module = ManipModule(partial(MVPAgent, hidden_dims=(8,)), obs_dim=3, action_dim=2, horizon=1, stats=stats)
+    out = module.normalize(torch.tensor([[2.0, 2.5, 3.0], [1.0, 2.0, 4.0]]))
+    torch.testing.assert_close(out, torch.tensor([[2.0, 0.5, 0.0], [0.0, 0.0, 1.0]]))
