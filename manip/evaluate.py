@@ -93,7 +93,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             check_int(side, "video_size", 16)
         check_int(video_fps, "video_fps", 1)
     if str(ckpt).endswith(".pt2"):
-        predict, spec, dims, info = _exported_policy(ckpt, seed, num_samples, noise_scale, sample_steps, act_dtype,
+        predict, spec, dims, info = _exported_policy(ckpt, num_samples, noise_scale, sample_steps, act_dtype,
                                                      act_compile)
         acting = contextlib.nullcontext()
     else:
@@ -130,7 +130,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             "total_seconds": time.perf_counter() - started}
 
 
-def _exported_policy(path: str | Path, seed: int, num_samples: int | None, noise_scale: float | None,
+def _exported_policy(path: str | Path, num_samples: int | None, noise_scale: float | None,
                      sample_steps: int | None, act_dtype: str, act_compile: bool):
     """(predict_chunks, env spec, (obs_dim, action_dim), result fields) of a ``manip.export`` file. Evaluation gives
     each episode its noise stream as it gives a checkpoint's (``predict_chunks(obs, generator=...)``), so an

@@ -189,8 +189,9 @@ def test_aoti_package_matches_the_checkpoint_and_checks_its_inputs(checkpoints, 
     from manip.evaluate import _exported_policy  # manip.evaluate ckpt=<package> acts as the program does
 
     obs = torch.zeros(2, 28).numpy()
-    chunks = [_exported_policy(path, 3, None, None, None, "float32", False)[0](obs)
-              for path in (package, tmp_path / "p.pt2")]
+    streams = [[torch.Generator().manual_seed(3 + i) for i in range(2)] for _ in range(2)]  # the same noise
+    chunks = [_exported_policy(path, None, None, None, "float32", False)[0](obs, generator=generator)
+              for path, generator in zip((package, tmp_path / "p.pt2"), streams)]
     torch.testing.assert_close(torch.as_tensor(chunks[0]), torch.as_tensor(chunks[1]), atol=1e-4, rtol=0)
 
 
@@ -335,7 +336,7 @@ def test_evaluating_an_export_draws_the_checkpoints_noise_stream(checkpoints, tm
     from manip.evaluate import _exported_policy
 
     export_checkpoint(checkpoints["mvp"], tmp_path / "p.pt2", noise_scale=1.0)
-    predict, spec, dims, info = _exported_policy(tmp_path / "p.pt2", 7, None, None, None, "float32", False)
+    predict, spec, dims, info = _exported_policy(tmp_path / "p.pt2", None, None, None, "float32", False)
     module, cfg = load_module(checkpoints["mvp"])
     assert spec.kind == "ogbench" and dims == (28, 5)
     assert info["exported_from"] == str(checkpoints["mvp"])

@@ -349,10 +349,11 @@ def test_datamodule_stats_are_the_training_transitions_mean_and_std(lift_hdf5):
     trains on: with max_transitions, of the first episodes kept, not of the whole file."""
     dm = RobomimicDataModule(path=str(lift_hdf5), batch_size=8, horizon=5, seed=0, generate_demos=0)
     dm.setup("fit")
-    obs = load_robomimic(lift_hdf5).transitions.observations.astype(np.float64)
+    transitions = load_robomimic(lift_hdf5).transitions
+    obs = transitions.observations.astype(np.float64)
     np.testing.assert_allclose(dm.stats.obs_mean, obs.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(dm.stats.obs_std, obs.std(0), rtol=1e-6, atol=1e-9)
-    first = int(np.flatnonzero(load_robomimic(lift_hdf5).transitions.terminals)[0]) + 1
+    first = int(np.flatnonzero(transitions.terminals)[0]) + 1
     cut = RobomimicDataModule(path=str(lift_hdf5), batch_size=8, horizon=5, seed=0, generate_demos=0,
                               max_transitions=first)
     cut.setup("fit")
