@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     for algo in args.algos:
         with ctx.Pool(1) as pool:
             results[algo] = pool.apply(measure, (algo, args))
+            pool.close()  # let the worker exit rather than be terminated, so that its finalizers run
+            pool.join()
     ratios = _ratios(results)
     config = {
         "obs_dim": OBS_DIM,
