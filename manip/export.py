@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from manip import sweep
-from manip.algos.acting import acting_copy
+from manip.algos.acting import QUIET_AUTOTUNE, acting_copy, quiet_inductor_warnings
 from manip.algos.base import NoiseStreams, unit_noise
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               first_sentence, load_acting_module)
@@ -255,7 +255,8 @@ def _compile_package(exported: torch.export.ExportedProgram, package: Path, prog
         package.unlink(missing_ok=True)
         raise ExportError(f"this torch ({torch.__version__}) has no AOTInductor packaging (torch >= 2.6 has it); "
                           f"the program {program} is written") from exc
-    configs = {"freezing": True, "max_autotune": bool(max_autotune),
+    quiet_inductor_warnings()
+    configs = {"freezing": True, "max_autotune": bool(max_autotune), **QUIET_AUTOTUNE,
                # a batch of 1 passes the package's input checks (AOTI_RUNTIME_CHECK_INPUTS=1)
                "aot_inductor.check_lowerbound": False,
                "aot_inductor.metadata": {META_FILE: json.dumps(meta)}}

@@ -106,6 +106,27 @@ def test_compiled_sampler_equals_eager_copy_and_is_frozen():
     assert batch.shape == (3, H * ACT) and batch.abs().max() <= 1.0
 
 
+@pytest.mark.slow
+def test_compiled_sampler_pads_batches_to_powers_of_two():
+    """Batches of 3 to 8 states compile two graphs (4 and 8 rows), not six, and every state's chunk is the eager
+    copy's with its own noise stream."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    agent = AGENTS["mvp"]()
+    _perturb_(agent)
+    compiled = fast_sampler(agent, "float32", compile=True, max_autotune=False)
+    eager = fast_sampler(agent, "float32", compile=False)
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in range(3, 9):
+        obs = torch.randn(batch, OBS)
+        chunks = compiled(obs, generator=[_seeded(i) for i in range(batch)])
+        assert chunks.shape == (batch, H * ACT)
+        torch.testing.assert_close(chunks, eager(obs, generator=[_seeded(i) for i in range(batch)]),
+                                   rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
 def test_module_fast_acting_uses_the_acting_weights_and_restores():
     """Inside ``fast_acting`` the module acts with a copy of its acting weights (the weight average when
     ``actor_ema`` is set), and with its own networks again after."""

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import manip
-from manip.evaluate import evaluate_checkpoint, main
+from manip.evaluate import evaluate_checkpoint, main, summary
 from manip.evaluation import ChunkPolicy, wilson_interval
 from manip.video import DEFAULT_FPS, FAILURE_RGB, SUCCESS_RGB, mark_outcome, write_video
 
@@ -430,6 +430,12 @@ def test_fast_acting_evaluation(checkpoints, tmp_path, monkeypatch):
         result = evaluate_checkpoint(checkpoints["mvp"], episodes=2, seed=5, noise_scale=1.0, **settings)
         runs[name] = np.concatenate(chunks)
         assert (result["act_dtype"], result["act_compile"]) == ("float32", bool(settings))
+        # compiled before the episodes, apart from the policy's time (all its calls take less than compiling)
+        if settings:
+            assert 0 < result["action_latency_ms"] * result["env_steps"] < 1e3 * result["compile_seconds"]
+        else:
+            assert result["compile_seconds"] is None
+        assert ("compiled before, in" in summary(result, tmp_path / "r.json")) == bool(settings)
     assert runs["eager"].shape == runs["compiled"].shape
     np.testing.assert_allclose(runs["compiled"], runs["eager"], atol=1e-3)
     _cli(f"ckpt={checkpoints['mvp']}", "episodes=2", "act_dtype=bfloat16", f"out={tmp_path / 'bf16.json'}")

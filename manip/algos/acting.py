@@ -9,13 +9,14 @@ the compiler can pack for small-batch CPU kernels) and the target networks dropp
 (weights and activations; the CPU kernels accumulate in float32); everything between them — the noise, the
 integration steps, the clip and the argmax — stays in the caller's float32, so a seeded generator draws the same
 noise as ``agent.sample_actions`` does. With ``compile`` the sampler is ``torch.compile``-d with inductor's
-freezing (weights become constants of the compiled graph) and, by default, its autotuned matrix products; one graph
-is compiled per batch size, at its first call.
+freezing (weights become constants of the compiled graph) and, by default, its autotuned matrix products; a batch
+is padded to the next power of two, and one graph is compiled per padded size, at its first call.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -25,9 +26,20 @@ from torch import nn
 from manip.algos.base import ActorCriticAgent, NoiseStreams
 from manip.algos.networks import CriticEnsemble, CriticMembers
 
-__all__ = ["ACT_DTYPES", "InDtype", "acting_copy", "fast_sampler"]
+__all__ = ["ACT_DTYPES", "QUIET_AUTOTUNE", "InDtype", "acting_copy", "fast_sampler", "quiet_inductor_warnings"]
 
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Inductor config: without its report (a table per autotuned matrix product, dozens of lines on standard error at
+# a first compilation) autotuning makes the same choices.
+QUIET_AUTOTUNE = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+def quiet_inductor_warnings() -> None:
+    """Hide the deprecation warning inductor's own autotuning raises (its ``tensor.storage()`` call), which a
+    caller can do nothing about; other warnings are kept."""
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                            module=r"torch\._inductor\.")
 
 
 class InDtype(nn.Module):
@@ -74,18 +86,26 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
     sample = snapshot.sample_actions
     if compile:
         sample = torch.compile(sample, dynamic=False, mode="max-autotune-no-cudagraphs" if max_autotune else None)
+        quiet_inductor_warnings()
     # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls
     # (passed as a torch.compile option it does not take effect); one patch object, re-entered by every call
-    freezing = torch._inductor.config.patch(freezing=True) if compile else nullcontext()
+    freezing = torch._inductor.config.patch(freezing=True, **QUIET_AUTOTUNE) if compile else nullcontext()
 
     def act(obs: torch.Tensor, num_samples: int | None = None, generator: NoiseStreams = None,
             noise_scale: float = 1.0) -> torch.Tensor:
         n = snapshot.num_samples if num_samples is None else num_samples
-        # the noise is drawn here, outside the compiled graph, which cannot take a generator
-        rows = obs.shape[0] * snapshot.candidates_per_state(n, noise_scale)
+        batch, per_state = obs.shape[0], snapshot.candidates_per_state(n, noise_scale)
         with torch.inference_mode(), freezing:
-            noise = snapshot.initial_noise(rows, generator, obs)
-            return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)
+            # the noise is drawn here, outside the compiled graph, which cannot take a generator
+            noise = snapshot.initial_noise(batch * per_state, generator, obs)
+            # one graph per power-of-two batch (states are independent rows; the padding's are dropped), so any
+            # number of simulators compiles a few graphs, within dynamo's recompilation limit; the inputs are
+            # always new (inference) tensors, so the graphs' guards see the same kind whatever the caller passes
+            if compile and batch > 0:
+                extra = (1 << (batch - 1).bit_length()) - batch
+                obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
+                noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
+            return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
 
     act.agent = snapshot  # type: ignore[attr-defined]
     return act
