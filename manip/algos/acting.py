@@ -87,7 +87,7 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
     if compile:
         sample = torch.compile(sample, dynamic=False, mode="max-autotune-no-cudagraphs" if max_autotune else None)
         quiet_inductor_warnings()
-    # freezing is read when a graph compiles (at the first call of each batch size), so it is set around calls
+    # freezing is read when a graph compiles (at the first call of each padded size), so it is set around calls
     # (passed as a torch.compile option it does not take effect); one patch object, re-entered by every call
     freezing = torch._inductor.config.patch(freezing=True, **QUIET_AUTOTUNE) if compile else nullcontext()
 
