@@ -368,7 +368,8 @@ class PeriodicEvaluation(Callback):
         if trainer.global_rank != 0:
             return
         started = time.perf_counter()
-        LOG.info(f"step {trainer.global_step}: evaluating {episodes} episodes ({key}) in {self.num_envs} "
+        plural = "s" if episodes != 1 else ""
+        LOG.info(f"step {trainer.global_step}: evaluating {episodes} episode{plural} ({key}) in {self.num_envs} "
                  f"simulator{'s' if self.num_envs > 1 else ''}")
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
@@ -392,7 +393,7 @@ class PeriodicEvaluation(Callback):
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         LOG.info(f"step {trainer.global_step}: success {result.success_rate:.2f} "
-                 f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episodes "
+                 f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episode{plural} "
                  f"({time.perf_counter() - started:.0f} s)")
 
     def on_train_start(self, trainer, module) -> None:

@@ -309,7 +309,7 @@ def test_a_finished_command_run_again_trains_nothing_and_runs_only_a_missing_fin
         run_lock.release()
     assert f"{run_dir / 'eval.jsonl'} lacks its final evaluation (eval.final_episodes=1), which runs now" \
         in caplog.text
-    assert trainer.global_step == 5 and "step 5: evaluating 1 episodes (eval.final_episodes)" in caplog.text
+    assert trainer.global_step == 5 and "step 5: evaluating 1 episode (eval.final_episodes)" in caplog.text
     again = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [outcome(r) for r in again] == [outcome(json.loads(records))]
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
