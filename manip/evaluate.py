@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from manip import sweep
+from manip.algos.acting import padded_batch
 from manip.algos.base import NoiseStreams
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
@@ -166,14 +167,12 @@ def _exported_policy(path: str | Path, num_samples: int | None, noise_scale: flo
 
 
 def _compile_ahead(predict: Callable[..., np.ndarray], obs_dim: int, num_envs: int) -> float:
-    """Seconds to compile the fast sampler for every batch the episodes can hand it (it pads a batch to a power of
-    two: 1, 2, 4, ... up to ``num_envs``), so that the timed calls are compiled ones."""
-    start, size = time.perf_counter(), 1
-    while True:
+    """Seconds to compile the fast sampler for every padded batch the episodes can hand it (1 to ``num_envs``
+    states), so that the timed calls are compiled ones."""
+    start = time.perf_counter()
+    for size in sorted({padded_batch(states) for states in range(1, num_envs + 1)}):
         predict(np.zeros((size, obs_dim), np.float32))
-        if size >= num_envs:
-            return time.perf_counter() - start
-        size *= 2
+    return time.perf_counter() - start
 
 
 def summary(result: dict, out: Path) -> str:

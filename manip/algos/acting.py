@@ -26,7 +26,8 @@ from torch import nn
 from manip.algos.base import ActorCriticAgent, NoiseStreams
 from manip.algos.networks import CriticEnsemble, CriticMembers
 
-__all__ = ["ACT_DTYPES", "QUIET_AUTOTUNE", "InDtype", "acting_copy", "fast_sampler", "quiet_inductor_warnings"]
+__all__ = ["ACT_DTYPES", "QUIET_AUTOTUNE", "InDtype", "acting_copy", "fast_sampler", "padded_batch",
+           "quiet_inductor_warnings"]
 
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,11 @@ def quiet_inductor_warnings() -> None:
     caller can do nothing about; other warnings are kept."""
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
                             module=r"torch\._inductor\.")
+
+
+def padded_batch(batch: int) -> int:
+    """Rows a compiled :func:`fast_sampler` runs for ``batch`` states: the next power of two (one graph each)."""
+    return 1 << (batch - 1).bit_length()
 
 
 class InDtype(nn.Module):
@@ -102,7 +108,7 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
             # number of simulators compiles a few graphs, within dynamo's recompilation limit; the inputs are
             # always new (inference) tensors, so the graphs' guards see the same kind whatever the caller passes
             if compile and batch > 0:
-                extra = (1 << (batch - 1).bit_length()) - batch
+                extra = padded_batch(batch) - batch
                 obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
                 noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
             return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
