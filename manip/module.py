@@ -34,7 +34,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from manip.algos.acting import fast_sampler
-from manip.algos.base import NoiseStreams
+from manip.algos.base import NoiseStreams, masked_mean
 from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, fused_adam, make_optimizer
 from manip.cli_args import raise_if_interrupted
 from manip.checkpoint import gather_rank_states, rank_state
@@ -451,25 +451,28 @@ class ManipModule(L.LightningModule):
             return self.agent.actor_loss(batch, generator)
         from manip.algos import targets
 
-        cfg, obs = self.online, batch["observations"]
-        target_valid = None
+        cfg, obs, valid = self.online, batch["observations"], batch.get("valid")
+        # The critic never trains at a state whose replay chunk runs past its episode's end (its TD weight is
+        # valid[:, -1] = 0), so Q there is extrapolation: such rows get no critic-driven target, whatever the prior.
+        trained = None if valid is None else valid[:, -1:]
         if cfg.prior == "data":
             # path points around the replay chunks, where the trust-region target lives
-            target_actions, target_valid = batch["actions"], batch.get("valid")
-            if target_valid is not None:  # Q of a chunk running past its episode's end is untrained (critic weight
-                target_valid = target_valid * target_valid[:, -1:]  # valid[:, -1] = 0): such rows get no target
+            target_actions = batch["actions"]
+            target_valid = None if valid is None else valid * trained
         else:
             with torch.no_grad():
                 num_samples = cfg.target_samples if cfg.target == "bon" else 1
                 target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
+            target_valid = None if valid is None else trained.expand_as(valid)
         target_fn, alpha = None, self.alpha
         if cfg.target != "bon":
             if cfg.q_scale == "mean_abs":
-                # alpha in units of the batch's mean |Q| (QC / FQL's Q normalisation): the Boltzmann
-                # target's sharpness no longer depends on the reward scale or the horizon.
+                # alpha in units of the batch's mean |Q| over the rows the critic trains on (QC / FQL's Q
+                # normalisation): the Boltzmann target's sharpness no longer depends on the reward scale or horizon.
                 with torch.no_grad():
-                    data_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1))
-                alpha = alpha / data_q.abs().mean().clamp_min(1e-6)  # a tensor: no host sync on GPU
+                    abs_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1)).abs()
+                    mean_abs_q = abs_q.mean() if trained is None else masked_mean(abs_q, trained[:, 0])
+                alpha = alpha / mean_abs_q.clamp_min(1e-6)  # a tensor: no host sync on GPU
             if cfg.prior == "policy":
                 target_fn = self._policy_prior_target(obs, target_actions, alpha, generator)
             else:

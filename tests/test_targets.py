@@ -506,10 +506,11 @@ def _data_prior_exact(x: torch.Tensor, t: float, alpha: float, m: torch.Tensor, 
     return mean + t * cov @ residual - (1 - t) * residual
 
 
-@pytest.mark.parametrize("t", [0.05, 0.2, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("t", [0.05, 0.2, 0.5, 0.8, 0.95, 1.0])
 def test_data_prior_estimators_match_closed_form(t):
     """SOM and RFM (eta = 0, 1, optimal) under the data prior match the closed-form velocity at every t,
-    including t = 0.05 where the box-prior SOM estimate is unusable; a wrong prior_std is rejected."""
+    including t = 0.05 where the box-prior SOM estimate is unusable and t = 1 where the posterior has no width (the
+    velocity is x); a wrong prior_std is rejected."""
     alpha, prior_std, repeats, num_samples = 4.0, 0.3, 128, 256
     m = torch.tensor([0.5, -0.6], dtype=torch.float64)  # the reference chunk, away from Q's optimum M
     g = torch.Generator().manual_seed(0)
@@ -591,6 +592,25 @@ def test_data_prior_targets_skip_chunks_running_past_their_episode(target):
         moved["actions"][rows] = -moved["actions"][rows]
         other, _ = module.actor_loss(moved, torch.Generator().manual_seed(0))
         assert bool(not torch.isclose(loss, other)) == changes
+
+
+@pytest.mark.parametrize("target, prior", [("bon", "box"), ("som", "box"), ("rfm", "box"), ("rfm", "policy"),
+                                           ("som", "data"), ("rfm", "data")])
+def test_no_target_where_the_critic_never_trains(target, prior):
+    """At a state whose replay chunk runs past its episode's end the critic never trains (TD weight
+    valid[:, -1] = 0): whatever the prior, such rows give the critic-driven term no target and do not enter the
+    batch's mean |Q| (alpha's unit); moving those states changes neither, moving the others changes both."""
+    batch = random_chunk_batch(16, 5, 2, 3)
+    batch["valid"][:4, 1:] = 0.0  # episodes ending after the first step of the chunk
+    module = _online_module(target, prior=prior, bc_weight=0.0)
+    loss, info = module.actor_loss(batch, torch.Generator().manual_seed(0))
+    for rows, changes in ((slice(0, 4), False), (slice(4, 8), True)):
+        moved = {**batch, "observations": batch["observations"].clone()}
+        moved["observations"][rows] += 1.0
+        other, other_info = module.actor_loss(moved, torch.Generator().manual_seed(0))
+        assert bool(not torch.isclose(loss, other)) == changes
+        if target != "bon":
+            assert bool(not torch.isclose(info["target_alpha"], other_info["target_alpha"])) == changes
 
 
 def test_fine_tuning_from_an_offline_checkpoint_draws_from_its_own_seed():

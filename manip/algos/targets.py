@@ -163,6 +163,9 @@ TargetVelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 T_MIN = 0.05
 SOM_T_MIN = 0.5
+# Upper clamp of t for the posterior estimators: at t = 1 the data prior's posterior has zero width (its noise is
+# 0 / 0). The time sampler's t (the smaller of two logit-normal draws) practically never lies above 1 - 1e-4.
+T_MAX = 1.0 - 1e-4
 BOUND_STD = 0.1
 TAIL_WIDTH = 4.0
 TARGET_KINDS = ("bon", "som", "rfm")
@@ -219,6 +222,11 @@ def _truncated_standard_normal(
     return z.mul_(1.0 - 2.0 * flip.to(z.dtype))
 
 
+def _clamped_time(t: Tensor, t_min: float, dtype: torch.dtype) -> Tensor:
+    """(B,) times -> (B, 1) in [t_min, T_MAX], detached, in ``dtype``."""
+    return t.detach().to(dtype).clamp(t_min, T_MAX)[:, None]
+
+
 def _posterior_proposals(
     x_t: Tensor,
     t: Tensor,
@@ -233,7 +241,7 @@ def _posterior_proposals(
         ``t_eff`` (B, 1), ``delta`` (B, K, D), ``sigma_t`` (B, 1), in the dtype of ``x_t``.
     """
     batch, dim = x_t.shape
-    t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
+    t_eff = _clamped_time(t, t_min, x_t.dtype)
     sigma = (1.0 - t_eff) / t_eff
     if bound_std is None:
         delta = torch.randn(batch, num_samples, dim, generator=generator, device=x_t.device, dtype=x_t.dtype)
@@ -474,7 +482,7 @@ def rfm_target_velocity(
         prior_mean=prior_mean,
         prior_std=prior_std,
     )
-    t_eff = t.detach().to(x_t.dtype).clamp(t_min, 1.0)[:, None]
+    t_eff = _clamped_time(t, t_min, x_t.dtype)
     return ((x_t.detach() - mu0) / t_eff).detach()
 
 
