@@ -412,6 +412,15 @@ class PeriodicEvaluation(Callback):
                 callback.save_final(trainer)
         if not stop_signal(trainer):
             self._evaluate_final(trainer, module)
+        self._close_env()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self._close_env()  # a failed job of a --multirun sweep leaves no simulator workers beside the next ones
+
+    def _close_env(self) -> None:
+        if self.env is not None:
+            self.env.close(timeout=10)
+            self.env = None
 
     def evaluate_finished_run(self, trainer: L.Trainer, module: ManipModule) -> None:
         """After ``trainer.fit`` found nothing left to train (the run was already at its last step): the final
@@ -433,9 +442,7 @@ class PeriodicEvaluation(Callback):
         except KeyboardInterrupt:  # the final weights are saved: the same command runs this evaluation again
             self.final_interrupted = signal.SIGUSR1 if warning.received else signal.SIGINT
         finally:
-            if self.env is not None:
-                self.env.close()
-                self.env = None
+            self._close_env()
 
 
 class _AppendingWriter(ExperimentWriter):

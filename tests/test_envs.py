@@ -152,6 +152,29 @@ def test_a_process_that_exits_without_closing_its_envs_ends_with_its_workers(tmp
             os.kill(pid, 0)
 
 
+def test_a_forced_close_ends_a_worker_stuck_in_a_step():
+    """A worker that never answers (a hung simulator or renderer call; here a stopped process) is killed when
+    ``close(timeout=...)`` runs out: the workers ignore SIGTERM, which is how gymnasium ends them then."""
+    import os
+    import signal
+    import threading
+
+    env = make_vector_env(EnvSpec("ogbench", {"env_name": "cube-single-singletask-task1-v0", "horizon": 5}), 2)
+    env.reset(seed=0)
+    stuck = env.processes[0]
+    os.kill(stuck.pid, signal.SIGSTOP)
+    env.step_async(np.zeros((2, 5), np.float32))
+    closing = threading.Thread(target=env.close, kwargs={"timeout": 1})
+    closing.start()
+    closing.join(30)
+    hung = closing.is_alive()
+    if hung:  # end the test's own worker
+        os.kill(stuck.pid, signal.SIGKILL)
+        closing.join()
+    assert not hung, "close(timeout=1) still waits for the stuck worker after 30 s"
+    assert not any(process.is_alive() for process in env.processes)
+
+
 def _sigint_handler_after_building_envs(queue) -> None:
     import signal
 

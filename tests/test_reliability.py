@@ -503,6 +503,22 @@ def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cu
     assert saved == [step for step in range(3, update, 3)]
 
 
+def test_a_run_that_fails_after_an_evaluation_leaves_no_simulator_workers(cube_single_npz, tmp_path):
+    """The periodic evaluation's simulator processes are closed when the run fails (here: it diverges after
+    evaluating), before the error leaves ``fit``: a --multirun sweep's next jobs do not run beside them."""
+    import multiprocessing
+
+    from manip.module import TrainingDiverged
+
+    before = set(multiprocessing.active_children())
+    with pytest.raises(TrainingDiverged):
+        run_fit(fit_overrides(cube_single_npz, tmp_path / "run", 50, "module.lr=1e6", "checkpoint.every_n_steps=0",
+                              "eval.every_n_steps=1", "eval.episodes=1", "eval.num_envs=2"))
+    assert (tmp_path / "run" / "eval.jsonl").exists()  # it did evaluate
+    left = [process for process in multiprocessing.active_children() if process not in before]
+    assert not left, left
+
+
 def _tiny_module():
     """A ManipModule (MVP, one 8-unit layer) whose losses the divergence check reads without training."""
     from functools import partial

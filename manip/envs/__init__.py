@@ -101,8 +101,7 @@ _OPEN_WORKERS: weakref.WeakSet = weakref.WeakSet()
 def _close_open_workers() -> None:
     for env in list(_OPEN_WORKERS):
         if not env.closed:
-            # the workers' own close (quiet), after a step in flight ends; a worker stuck for 10 s has its pipe
-            # closed, which ends it
+            # the workers' own close (quiet), after a step in flight ends; a worker stuck for 10 s is killed
             env.close(timeout=10)
 
 
@@ -126,6 +125,11 @@ def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None 
         # the main process, which decides what stops (see manip.run.StopOnCtrlC) and closes them.
         fns = [functools.partial(_leaving_signals_to_the_parent, fn, os.getpid()) for fn in fns]
         env = gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="spawn")
+        for process in env.processes:
+            # A forced close (a close timeout, or the env's __del__) terminates the workers and waits for them: they
+            # ignore SIGTERM, so one stuck in a step would be waited for forever, and idle ones end only on reading
+            # their closed pipe, with a traceback. SIGKILL ends both.
+            process.terminate = process.kill
         if not _OPEN_WORKERS:
             atexit.unregister(_close_open_workers)  # registered again: after any exit handler added since
             atexit.register(_close_open_workers)
