@@ -17,6 +17,9 @@ def test_wilson_interval_matches_known_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    for n in (1, 20, 50, 100):  # all or none: the bound on that side is exactly 1 or 0, as the records print it
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+        assert wilson_interval(n, n)[0] == pytest.approx(1 - wilson_interval(0, n)[1], abs=1e-12)
 
 
 class ScriptedVectorEnv:
