@@ -224,6 +224,17 @@ def test_absent_default_file_is_generated_once(tmp_path, capsys, caplog):
     assert f"note: {path} holds Lift episodes, not PickPlaceCan (data.task=can only chooses what to generate)" in out
 
 
+def test_an_env_without_a_known_horizon_is_noted(tmp_path):
+    """QC's horizons cover lift, can and square; another robosuite env (a ToolHang file, say) runs episodes of the
+    default length, and the run says so unless data.env_horizon is set."""
+    path = tmp_path / "tool_hang" / "mh" / "low_dim_v15.hdf5"
+    notes = RobomimicDataModule(path=str(path))._notes("ToolHang", None)
+    assert [note for note in notes if "no evaluation horizon is known for ToolHang" in note and "400" in note]
+    assert not any("horizon" in note for note in RobomimicDataModule(path=str(path))._notes("Lift", None))
+    assert not any("horizon" in note for note in RobomimicDataModule(path=str(path), env_horizon=700)._notes(
+        "ToolHang", None))
+
+
 @pytest.mark.parametrize("name", ["my_demos.hdf5", "lift/mh/low_dim.hdf5", "can/mh/low_dim_v15.hdf5",
                                   "lift/ph/low_dim_v15.hdf5"])
 def test_absent_path_off_the_tasks_layout_is_an_error_not_a_stand_in(tmp_path, name):

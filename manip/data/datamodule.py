@@ -35,6 +35,7 @@ from manip.settings import SettingError, check_int, check_known_keys, check_real
 # Evaluation horizons QC uses with the MH datasets (QC's envs/robomimic_utils.py).
 ROBOMIMIC_HORIZONS = {"Lift": 300, "PickPlaceCan": 300, "NutAssemblySquare": 400}
 ROBOMIMIC_TASKS = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}
+DEFAULT_ROBOMIMIC_HORIZON = 400  # another env's, unless data.env_horizon sets it (a note says so)
 
 
 def transitions_digest(t: Transitions) -> str:
@@ -284,7 +285,7 @@ class RobomimicDataModule(ReplayDataModule):
                                f"path); point data.path at a real file, or leave it to the preset")
         data = load_robomimic(self.path, self.obs_keys, self.filter_key, self.reward_mode)
         env_name = data.env_name
-        horizon = self.env_horizon or ROBOMIMIC_HORIZONS.get(env_name, 400)
+        horizon = self.env_horizon or ROBOMIMIC_HORIZONS.get(env_name, DEFAULT_ROBOMIMIC_HORIZON)
         spec = EnvSpec("robosuite", {"env_args": data.env_args, "obs_keys": list(data.obs_keys),
                                      "horizon": horizon, "reward_mode": self.reward_mode})
         info = {"source": "robomimic", "path": str(absolute(self.path)), "env_name": env_name,
@@ -304,6 +305,9 @@ class RobomimicDataModule(ReplayDataModule):
         if ROBOMIMIC_TASKS.get(self.task, env_name) != env_name:
             notes.append(f"{self.path} holds {env_name} episodes, not {ROBOMIMIC_TASKS[self.task]} (data.task="
                          f"{self.task} only chooses what to generate): the run trains and evaluates {env_name}")
+        if self.env_horizon is None and env_name not in ROBOMIMIC_HORIZONS:
+            notes.append(f"no evaluation horizon is known for {env_name} (QC's: {', '.join(ROBOMIMIC_HORIZONS)}): "
+                         f"its episodes end after {DEFAULT_ROBOMIMIC_HORIZON} steps; data.env_horizon=... sets it")
         if generated and self.generate_demos and generated.get("demos") not in (None, self.generate_demos):
             notes.append(f"{self.path} was generated with {generated['demos']} demos, this config generates "
                          f"{self.generate_demos} (data.generate_demos); remove the file to generate it anew")
