@@ -859,7 +859,7 @@ def test_ctrl_c_during_the_final_evaluation_is_recorded_after_the_last_save(tmp_
     class Env:
         closed = False
 
-        def close(self):
+        def close(self, **kwargs):  # a vector env's close(timeout=...)
             Env.closed = True
 
     evaluation = PeriodicEvaluation(str(tmp_path), 0, 1, final_episodes=5)
