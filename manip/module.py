@@ -564,8 +564,12 @@ class ManipModule(L.LightningModule):
         self.rollout = VectorRollout(env, policy, seed=int(seed), record=True)
 
     def on_train_end(self) -> None:
+        self.close_rollout()
+
+    def close_rollout(self) -> None:
+        """Closes the online collection's simulators (at the end of training, or after a run failed)."""
         if self.rollout is not None:
-            self.rollout.env.close()
+            self.rollout.env.close(timeout=10)
             self.rollout = None
 
     # ------------------------------------------------------------------------------ checkpoints

@@ -1110,7 +1110,10 @@ def command_line(name: str) -> str:
 def train(trainer: L.Trainer, module: ManipModule, dm: ReplayDataModule, ckpt_path: str | Path | None) -> None:
     """``trainer.fit`` from ``ckpt_path`` (None: from the start), then, where the run was already at its last step,
     the final evaluation its ``eval.jsonl`` lacks (:meth:`PeriodicEvaluation.evaluate_finished_run`)."""
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        module.close_rollout()  # a failed run leaves no collection simulators beside a --multirun sweep's next jobs
     if not stop_signal(trainer):
         for callback in trainer.callbacks:
             if isinstance(callback, PeriodicEvaluation):

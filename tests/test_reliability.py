@@ -28,7 +28,7 @@ from manip import finetune, fit, run_lock
 from manip.checkpoint import AtomicCheckpointIO, CheckpointError, check_compatible, load_checkpoint
 from manip.run import train
 
-from entry_points import (CONF, SLURM_JOB_ENV, SUBPROCESS_ENV, config, run_dir_held, run_fit,
+from entry_points import (CONF, SLURM_JOB_ENV, SUBPROCESS_ENV, config, run_dir_held, run_finetune, run_fit,
                           slurm_job_with_scontrol)
 
 SMALL = ["algo.agent.hidden_dims=[64,64]", "algo.agent.num_samples=4", "data.batch_size=32",
@@ -503,9 +503,10 @@ def test_training_that_diverges_stops_before_saving_or_evaluating_nan_weights(cu
     assert saved == [step for step in range(3, update, 3)]
 
 
-def test_a_run_that_fails_after_an_evaluation_leaves_no_simulator_workers(cube_single_npz, tmp_path):
-    """The periodic evaluation's simulator processes are closed when the run fails (here: it diverges after
-    evaluating), before the error leaves ``fit``: a --multirun sweep's next jobs do not run beside them."""
+def test_a_run_that_fails_leaves_no_simulator_workers(cube_single_npz, offline_run, tmp_path):
+    """The periodic evaluation's and the online collection's simulator processes are closed when the run fails
+    (here: it diverges after evaluating, or after collecting), before the error leaves ``fit`` / ``finetune``: a
+    --multirun sweep's next jobs do not run beside them."""
     import multiprocessing
 
     from manip.module import TrainingDiverged
@@ -515,6 +516,13 @@ def test_a_run_that_fails_after_an_evaluation_leaves_no_simulator_workers(cube_s
         run_fit(fit_overrides(cube_single_npz, tmp_path / "run", 50, "module.lr=1e6", "checkpoint.every_n_steps=0",
                               "eval.every_n_steps=1", "eval.episodes=1", "eval.num_envs=2"))
     assert (tmp_path / "run" / "eval.jsonl").exists()  # it did evaluate
+    left = [process for process in multiprocessing.active_children() if process not in before]
+    assert not left, left
+    # fine-tuning that fails after collecting: its collection simulators are closed too
+    with pytest.raises(TrainingDiverged):
+        run_finetune([*finetune_overrides(offline_run / "checkpoints" / "last.ckpt", tmp_path / "ft"),
+                      "+module.lr=1e6", "env.num_envs=2", "finetune.start_training=2"])
+    assert logged_losses(tmp_path / "ft", "online")  # it did collect and train
     left = [process for process in multiprocessing.active_children() if process not in before]
     assert not left, left
 
