@@ -37,6 +37,7 @@ from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint
 from manip.cli_args import interrupted_by_ctrl_c
 from manip.envs import EnvMismatchError, make_vector_env
 from manip.evaluation import evaluate_policy
+from manip.logs import counted
 from manip.settings import SettingError, check_bool, check_int, first_free_path, run_folder, write_result
 from manip.video import DEFAULT_FPS, RendererUnavailable, open_render_env, record_videos
 
@@ -177,10 +178,10 @@ def _compile_ahead(predict: Callable[..., np.ndarray], obs_dim: int, num_envs: i
 
 def summary(result: dict, out: Path) -> str:
     """The lines ``main`` prints for a result written to ``out``."""
-    episodes = f"{result['episodes']} episode{'s' if result['episodes'] != 1 else ''}"
     lines = [
         f"success rate {result['success_rate']:.3f}  95% CI [{result['ci_low']:.3f}, {result['ci_high']:.3f}]  "
-        f"over {episodes} of {result['task']} ({result['algo']}, step {result['step']})",
+        f"over {counted(result['episodes'], 'episode')} of {result['task']} ({result['algo']}, "
+        f"step {result['step']})",
         f"mean episode length {result['mean_length']:.1f}  policy {result['chunk_latency_ms']:.2f} ms per call, "
         f"{result['action_latency_ms']:.2f} ms per action"
         + (f" (compiled before, in {result['compile_seconds']:.1f} s)" if result.get("compile_seconds") else "")

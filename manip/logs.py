@@ -23,6 +23,11 @@ FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 _OWN_HANDLER_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1: ``counted(1, "episode")`` is "1 episode"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class _DropAdverts(logging.Filter):
     """Lightning's "💡 Tip: ... try installing ..." lines advertise services, they say nothing about the run; its
     "TPU available: False, using: 0 TPU cores" kind of line lists hardware the machine does not have (the lines

@@ -569,7 +569,9 @@ class ManipModule(L.LightningModule):
     def close_rollout(self) -> None:
         """Closes the online collection's simulators (at the end of training, or after a run failed)."""
         if self.rollout is not None:
-            self.rollout.env.close(timeout=10)
+            from manip.envs import close_vector_env
+
+            close_vector_env(self.rollout.env)
             self.rollout = None
 
     # ------------------------------------------------------------------------------ checkpoints

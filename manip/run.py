@@ -46,9 +46,9 @@ from manip.checkpoint import AtomicCheckpointIO, CheckpointError, dataset_path, 
 from manip.cli_args import exception_chain, interrupted_by_ctrl_c, raise_if_interrupted
 from manip.data.datamodule import ReplayDataModule
 from manip.data.errors import DatasetError
-from manip.envs import EnvMismatchError
+from manip.envs import EnvMismatchError, close_vector_env
 from manip.evaluation import evaluate_policy
-from manip.logs import LOG, RunLog
+from manip.logs import LOG, RunLog, counted
 from manip.module import (ManipModule, OnlineConfig, TrainingDiverged, check_module_settings,
                           check_offline_fraction)
 from manip.settings import (CONFIG_DIR, SettingError, cannot_write_in, check_int, check_known_keys, check_real,
@@ -368,9 +368,8 @@ class PeriodicEvaluation(Callback):
         if trainer.global_rank != 0:
             return
         started = time.perf_counter()
-        plural = "s" if episodes != 1 else ""
-        LOG.info(f"step {trainer.global_step}: evaluating {episodes} episode{plural} ({key}) in {self.num_envs} "
-                 f"simulator{'s' if self.num_envs > 1 else ''}")
+        LOG.info(f"step {trainer.global_step}: evaluating {counted(episodes, 'episode')} ({key}) in "
+                 f"{counted(self.num_envs, 'simulator')}")
         if self.env is None:
             self.env = make_vector_env(trainer.datamodule.env_spec, self.num_envs, obs_dim=module.obs_dim,
                                        action_dim=module.action_dim)
@@ -393,7 +392,7 @@ class PeriodicEvaluation(Callback):
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         LOG.info(f"step {trainer.global_step}: success {result.success_rate:.2f} "
-                 f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {episodes} episode{plural} "
+                 f"[{result.ci_low:.2f}, {result.ci_high:.2f}] over {counted(episodes, 'episode')} "
                  f"({time.perf_counter() - started:.0f} s)")
 
     def on_train_start(self, trainer, module) -> None:
@@ -419,7 +418,7 @@ class PeriodicEvaluation(Callback):
 
     def _close_env(self) -> None:
         if self.env is not None:
-            self.env.close(timeout=10)
+            close_vector_env(self.env)
             self.env = None
 
     def evaluate_finished_run(self, trainer: L.Trainer, module: ManipModule) -> None:

@@ -98,11 +98,15 @@ def _leaving_signals_to_the_parent(make_env: Callable[[], gym.Env], parent_pid: 
 _OPEN_WORKERS: weakref.WeakSet = weakref.WeakSet()
 
 
+def close_vector_env(env: gym.vector.VectorEnv) -> None:
+    """The workers' own close (quiet), after a step in flight ends; a worker stuck for 10 s is killed."""
+    env.close(timeout=10)
+
+
 def _close_open_workers() -> None:
     for env in list(_OPEN_WORKERS):
         if not env.closed:
-            # the workers' own close (quiet), after a step in flight ends; a worker stuck for 10 s is killed
-            env.close(timeout=10)
+            close_vector_env(env)
 
 
 def make_vector_env(spec: EnvSpec, num_envs: int = 1, asynchronous: bool | None = None,
