@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from manip.cli_args import at_least, new_file
-from manip.envs import EnvSpec, make_vector_env
+from manip.envs import EnvSpec, close_vector_env, make_vector_env
 from manip.settings import write_result
 
 ENVS = ("ogbench-cube-single", "robosuite-lift")
@@ -55,7 +55,7 @@ def measure(spec: EnvSpec, workers: int, asynchronous: bool, steps: int, warmup:
             env.step(rng.uniform(-1.0, 1.0, shape).astype(np.float32))
         seconds = time.perf_counter() - start
     finally:
-        env.close()
+        close_vector_env(env)
     rate = workers * steps / seconds
     return {"vector": "async" if asynchronous else "sync", "workers": workers, "env_steps": workers * steps,
             "seconds": seconds, "env_steps_per_s": rate, "per_worker": rate / workers, "startup_s": startup_s}

@@ -35,7 +35,7 @@ from manip.algos.base import NoiseStreams
 from manip.checkpoint import (CheckpointError, check_acting_settings, checkpoint_command, env_spec_of,
                               load_acting_module)
 from manip.cli_args import interrupted_by_ctrl_c
-from manip.envs import EnvMismatchError, make_vector_env
+from manip.envs import EnvMismatchError, close_vector_env, make_vector_env
 from manip.evaluation import evaluate_policy
 from manip.logs import counted
 from manip.settings import SettingError, check_bool, check_int, first_free_path, run_folder, write_result
@@ -120,7 +120,7 @@ def evaluate_checkpoint(ckpt: str | Path, episodes: int = 50, num_envs: int = 1,
             try:
                 result = evaluate_policy(env, predict, episodes, seed)
             finally:
-                env.close()
+                close_vector_env(env)
             videos = []
             if render_env is not None:
                 prefix = Path(video_prefix)

@@ -463,6 +463,43 @@ def test_policy_time_is_per_call_and_per_executed_action(num_envs):
     assert 0.02 / 5 / num_envs <= per_action < 0.03 / 5 / num_envs
 
 
+def test_an_evaluation_stopped_while_a_worker_hangs_in_a_step_ends(checkpoints, monkeypatch):
+    """Ctrl-C while a simulator worker hangs in a step (here a stopped process): the evaluation's close gives the
+    step 10 s and then kills the worker, instead of waiting for it forever."""
+    import signal
+    import threading
+
+    import manip.evaluate as evaluate_module
+
+    workers = []
+
+    def hang_then_ctrl_c(env, predict, episodes, seed):
+        env.reset(seed=seed)
+        workers.extend(env.processes)
+        os.kill(env.processes[0].pid, signal.SIGSTOP)
+        env.step_async(np.zeros((env.num_envs, *env.single_action_space.shape), np.float32))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate_policy", hang_then_ctrl_c)
+    raised = []
+
+    def run() -> None:
+        try:
+            evaluate_checkpoint(checkpoints["mvp"], episodes=2, num_envs=2)
+        except KeyboardInterrupt as err:
+            raised.append(err)
+
+    evaluating = threading.Thread(target=run)
+    evaluating.start()
+    evaluating.join(60)
+    hung = evaluating.is_alive()
+    if hung:  # end the test's own worker
+        os.kill(workers[0].pid, signal.SIGKILL)
+        evaluating.join()
+    assert not hung, "the evaluation still waits for the stopped worker after 60 s"
+    assert raised and not any(process.is_alive() for process in workers)
+
+
 def test_a_fit_job_refused_by_its_checks_does_not_stop_the_sweep(cube_single_npz, tmp_path):
     """``fit --multirun``: a job that a user error refuses (here, a dataset that is not there) prints its line and
     leaves nothing behind, the sweep trains the next job, and the command ends with status 1 and a line per refused
