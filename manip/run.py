@@ -81,7 +81,7 @@ class ProgressBar(TQDMProgressBar):
 class ProgressLines(ProgressBarBase):
     """Training progress where standard output is not a terminal (a log file, a SLURM job's output), which
     Lightning's bar would fill with a carriage return per update: a line every ``every_s`` seconds, from rank 0,
-    ``[manip] step 3000/14000 (21%): 11.2 updates/s, loss 0.412, about 16 min left`` (the rate over those seconds,
+    ``[manip] step 3000/14000 (21%): 11.2 updates/s, loss 0.412, about 17 min left`` (the rate over those seconds,
     evaluations included; fine-tuning adds ``, 4200 env steps``)."""
 
     def __init__(self, every_s: float = 60.0) -> None:
