@@ -77,14 +77,6 @@ def first_sentence(exc: BaseException) -> str:
 EARLIER_AGENT_SETTINGS = {"critic_block": "linear_norm_gelu", "td_select": "target"}
 
 
-def _agent_takes(target: Any, key: str) -> bool:
-    """Whether the agent class named by a config's ``_target_`` has a constructor argument ``key``."""
-    try:
-        return key in inspect.signature(find_class(target, "algo.agent._target_")).parameters
-    except (SettingError, TypeError, ValueError):  # instantiating it will name the problem
-        return False
-
-
 def require_ckpt(cfg: Any) -> str:
     """A command's ``ckpt`` setting, or a CheckpointError saying it is required (its config default is ``???``)."""
     from omegaconf import OmegaConf
@@ -144,14 +136,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint (a pickle torch cannot read safely: "
                                   f"{operand[0]})") from None
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {first_sentence(exc)}") from exc
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not isinstance(hp.get("cfg"), dict) or "state_dict" not in ckpt:
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("cfg"), dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a manip checkpoint (no config / state_dict inside)")
-    agent = (hp["cfg"].get("algo") or {}).get("agent")
-    if isinstance(agent, dict):
-        for key, value in EARLIER_AGENT_SETTINGS.items():
-            if key not in agent and _agent_takes(agent.get("_target_"), key):
-                agent[key] = value
+    # Another Lightning project's checkpoint may well hold a `cfg` too: name what a manip one has and it lacks.
+    cfg = hp["cfg"]
+    agent = (cfg.get("algo") or {}).get("agent") if isinstance(cfg.get("algo"), dict) else None
+    lacks = [key for key in ("obs_dim", "action_dim", "horizon", "stats") if key not in hp]
+    lacks += [] if isinstance(cfg.get("module"), dict) else ["cfg.module"]
+    lacks += [] if isinstance(agent, dict) and "_target_" in agent else ["cfg.algo.agent._target_"]
+    if lacks:
+        raise CheckpointError(f"{path} is not a manip checkpoint: its hyper_parameters have no {', '.join(lacks)}")
+    try:
+        takes = inspect.signature(find_class(agent["_target_"], "algo.agent._target_")).parameters
+    except SettingError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    for key, value in EARLIER_AGENT_SETTINGS.items():
+        if key not in agent and key in takes:
+            agent[key] = value
+    unknown = sorted(key for key in agent if not key.startswith("_") and key not in takes)
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+        raise CheckpointError(f"{path}: its algo.agent has {', '.join(unknown)}, which {agent['_target_']} does not "
+                              f"take (a checkpoint of a later manip version?)")
     return ckpt
 
 
@@ -210,7 +216,8 @@ def dataset_path(ckpt: dict[str, Any], ckpt_path: str | Path) -> Path:
 
 def load_module(path: str | Path, map_location: str = "cpu"):
     """A ``ManipModule`` (eval mode) and its run config from a checkpoint, no dataset needed; the module's
-    ``checkpoint_step`` is the checkpoint's global step."""
+    ``checkpoint_step`` is the checkpoint's global step. The run's ``module.compile`` (a training setting) is left
+    off: acting compiles only when a command asks (``ManipModule.fast_acting``)."""
     import hydra
 
     from manip.module import ManipModule
@@ -220,7 +227,7 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     cfg = hp["cfg"]
     module = ManipModule(agent=hydra.utils.instantiate(cfg["algo"]["agent"]), obs_dim=hp["obs_dim"],
                          action_dim=hp["action_dim"], horizon=hp["horizon"], stats=hp["stats"], cfg=cfg,
-                         **{k: v for k, v in cfg["module"].items() if not k.startswith("_")})
+                         **{k: v for k, v in cfg["module"].items() if not k.startswith("_") and k != "compile"})
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -1144,21 +1144,62 @@ def test_a_checkpoint_predating_the_critic_block_setting_keeps_its_layer_order(l
     assert fit.build(_compose("fit", [*command, "algo.agent.critic_block=linear_norm_gelu"]))[3] == old
 
 
+def _bare_checkpoint(agent: dict, **cfg) -> dict:
+    """The least a manip checkpoint holds: weights, sizes, dataset statistics, the agent's and module's config."""
+    return {"state_dict": {}, "hyper_parameters": {"obs_dim": 3, "action_dim": 2, "horizon": 5, "stats": {},
+                                                   "cfg": {"algo": {"agent": agent}, "module": {}, **cfg}}}
+
+
 @pytest.mark.parametrize("target, filled", [
     ("manip.algos.mvp.MVPAgent", {"critic_block": "linear_norm_gelu", "td_select": "target"}),
     ("manip.algos.flow.FlowBoNAgent", {"critic_block": "linear_norm_gelu", "td_select": "target"}),
     ("manip.algos.fql.FQLAgent", {"critic_block": "linear_norm_gelu"}),  # FQL selects no TD candidates
-    ("nowhere.Agent", {}),  # instantiating it names the problem
 ])
 def test_settings_added_since_a_checkpoint_get_their_earlier_values_where_the_agent_takes_them(tmp_path, target,
                                                                                                  filled):
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {"algo": {"agent": {"_target_": target}}}}}, path)
+    torch.save(_bare_checkpoint({"_target_": target}), path)
     assert load_checkpoint(path)["hyper_parameters"]["cfg"]["algo"]["agent"] == {"_target_": target, **filled}
-    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {"algo": {"agent": {
-        "_target_": target, "critic_block": "linear_gelu_norm", "td_select": "online"}}}}}, path)  # kept as written
+    torch.save(_bare_checkpoint({"_target_": target, "critic_block": "linear_gelu_norm", **(
+        {"td_select": "online"} if "td_select" in filled else {})}), path)  # kept as written
     agent = load_checkpoint(path)["hyper_parameters"]["cfg"]["algo"]["agent"]
-    assert (agent["critic_block"], agent["td_select"]) == ("linear_gelu_norm", "online")
+    assert agent["critic_block"] == "linear_gelu_norm" and agent.get("td_select") in (None, "online")
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ({"state_dict": {}, "hyper_parameters": None}, "is not a manip checkpoint (no config / state_dict inside)"),
+    # another Lightning project's checkpoint with a config of its own
+    ({"state_dict": {}, "hyper_parameters": {"cfg": {"model": {"lr": 1e-3}}}},
+     "is not a manip checkpoint: its hyper_parameters have no obs_dim, action_dim, horizon, stats, cfg.module, "
+     "cfg.algo.agent._target_"),
+    (_bare_checkpoint({"_target_": "nowhere.Agent"}), "algo.agent._target_=nowhere.Agent: cannot import nowhere"),
+    (_bare_checkpoint({"_target_": "manip.algos.mvp.MVPAgent", "warp_factor": 9}),
+     "its algo.agent has warp_factor, which manip.algos.mvp.MVPAgent does not take (a checkpoint of a later manip "
+     "version?)"),
+])
+def test_checkpoints_that_manip_cannot_rebuild_are_named_in_one_line(tmp_path, checkpoint, message):
+    """Refused when read, before any command builds from them (evaluate, export, finetune, a resumed fit)."""
+    path = tmp_path / "other.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError) as info:
+        load_module(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_acting_commands_leave_the_runs_training_compile_setting_off(lift_run, tmp_path, monkeypatch):
+    """``module.compile`` compiles the training losses (and sampling) of a run; evaluate and export act with the
+    checkpoint's networks as trained and compile only when asked (``act_compile``)."""
+    ckpt = torch.load(lift_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["cfg"]["module"]["compile"] = True
+    torch.save(ckpt, tmp_path / "compiled_run.ckpt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile called")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    module, cfg = load_module(tmp_path / "compiled_run.ckpt")
+    assert cfg["module"]["compile"] is True
+    assert module.predict_chunks(np.zeros((2, module.obs_dim), np.float32)).shape == (2, module.horizon, 7)
 
 
 class _Foreign:
