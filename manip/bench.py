@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: v for k, v in vars(args).items() if k not in ("out", "algos")},
         "agents": {algo: AGENTS[algo][1] for algo in args.algos},
         "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
     }
     report = {**results, "ratios": ratios, "config": config}
     print(_table(results, ratios))

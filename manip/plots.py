@@ -28,6 +28,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from manip.evaluation import wilson_interval
+from manip.logs import counted
 
 # Paper (MVP, arXiv 2602.13810) Table 1: success after 1M offline + 1M online updates, mean and std
 # over 5 seeds (std None where unpublished). Entries in PAPER_TABLE1_INFERRED are split from
@@ -341,7 +342,7 @@ def plot_success_curves(curves: pd.DataFrame, task: str) -> plt.Figure:
 
 def _count_text(runs: int, seeds: int) -> str:
     """``3 seeds``, or ``3 runs, 2 seeds`` when a seed was run more than once."""
-    seeds_text = f"{seeds} {'seed' if seeds == 1 else 'seeds'}"
+    seeds_text = counted(seeds, "seed")
     return seeds_text if runs == seeds else f"{runs} runs, {seeds_text}"
 
 

@@ -161,8 +161,7 @@ def test_finetune_resumes_after_sigkill(offline_run, tmp_path, caplog):
     assert f"resuming fine-tuning from {last}" in caplog.text
     final = load_checkpoint(last)
     assert final["global_step"] == start + 60 and adam_steps(final) == {start + 60}
-    # metrics.csv's training rows count updates like the checkpoints, offline steps included (not Lightning's
-    # batch count, which also counts the batches that only collected env steps before finetune.start_training).
+    # metrics.csv's training rows count updates like the checkpoints, offline steps included.
     online_steps = sorted(logged_losses(run_dir, "online"))
     assert online_steps[-1] == start + 60 and online_steps[0] > start
     assert len(online_steps) == len(set(online_steps))
