@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import gymnasium
@@ -318,13 +319,30 @@ def test_unnormalised_actions_are_refused(tmp_path, play_files):
     (_drop_rows({"qpos"}, 3), rf"'qpos' has shape \({EPISODES * LENGTH - 3}, \d+\).*{EPISODES * LENGTH} rows"),
     (_drop_rows({"actions"}, 3), rf"'actions' has shape \({EPISODES * LENGTH - 3}, 5\).*{EPISODES * LENGTH} rows"),
     (_drop_rows({"qvel"}, 1), rf"'qvel' has shape \({EPISODES * LENGTH - 1}, \d+\)"),
-], ids=["truncated", "no-terminal-flags", "qpos-short", "actions-short", "qvel-short"])
+    (lambda a: {**a, "terminals": np.ones_like(a["terminals"])}, "'terminals' is true in every row.*no transitions"),
+], ids=["truncated", "no-terminal-flags", "qpos-short", "actions-short", "qvel-short", "one-step-episodes"])
 def test_row_counts_and_last_terminal_are_checked(tmp_path, play_files, change, message):
     path = _write_changed(tmp_path, play_files["cube-single"], change)
     before = path.read_bytes()
     with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: key {message}"):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
     assert path.read_bytes() == before
+
+
+def test_a_member_that_fails_its_checksum_is_named_with_the_file(tmp_path, play_files):
+    """A flipped byte inside the observations (the header, which the key check reads, intact)."""
+    path = tmp_path / "cube-single-play-v0.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:  # stored: the member's bytes are the array's
+        for key, array in _npz_arrays(play_files["cube-single"]).items():
+            with archive.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asarray(array))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("observations.npy")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))} is not a readable .npz file: Bad CRC-32"):
+        load_ogbench("cube-single-play-singletask-task1-v0", path)
 
 
 def test_npy_under_npz_name(tmp_path):
@@ -336,18 +354,19 @@ def test_npy_under_npz_name(tmp_path):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 
 
-@pytest.mark.parametrize("key", ["qpos", "button_states"])
-def test_nan_in_relabelling_state(tmp_path, play_files, key):
-    """qpos/button_states feed the reward relabelling, where NaN would silently read as "not solved"."""
+@pytest.mark.parametrize("key, step", [("qpos", 3), ("button_states", 3), ("observations", LENGTH - 1)])
+def test_nan_in_relabelling_state(tmp_path, play_files, key, step):
+    """qpos/button_states feed the reward relabelling, where NaN would silently read as "not solved"; the message
+    names the file's row (an episode's last observation too, which only next_observations holds once loaded)."""
 
     def change(arrays):
         if key == "button_states":  # optional key: checked whenever the file has it
             arrays[key] = np.zeros((len(arrays["observations"]), 2))
-        arrays[key][2 * LENGTH + 3, 0] = np.nan
+        arrays[key][2 * LENGTH + step, 0] = np.nan
         return arrays
 
     path = _write_changed(tmp_path, play_files["cube-single"], change)
-    message = rf"{re.escape(str(path))}: key '{key}' contains NaN/inf, first in episode 2\b"
+    message = rf"{re.escape(str(path))}: key '{key}' contains NaN/inf, first at row {2 * LENGTH + step} \(episode 2\)"
     with pytest.raises(DatasetError, match=message):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 

@@ -170,28 +170,28 @@ def _check_keys(path: Path, env_name: str) -> dict[str, tuple]:
             f"{path}: key 'terminals' is false in the last row ({int(np.count_nonzero(terminals))} set of "
             f"{len(terminals)}): the last episode is incomplete"
         )
+    if terminals.all():  # each episode's last row only ends the one before it
+        raise DatasetError(f"{path}: key 'terminals' is true in every row: every episode is one step long, which "
+                           f"leaves no transitions")
     return shapes
 
 
-def _check_finite(path: Path, data: dict[str, np.ndarray]) -> None:
-    """Raise DatasetError naming the key and the first episode with NaN/inf observations, actions or the
-    ``qpos``/``button_states`` the rewards are relabelled from (NaN there would read as "not solved")."""
-    terminals = data["terminals"]
-    episode_of_row = np.cumsum(terminals) - terminals
-    checked = [("observations", ("observations", "next_observations")), ("actions", ("actions",)),
-               ("qpos", ("qpos",))]
-    if "button_states" in data:
-        checked.append(("button_states", ("button_states",)))
-    for key, arrays in checked:
-        bad = np.zeros(len(terminals), dtype=bool)
-        for name in arrays:
-            bad |= ~np.isfinite(data[name].reshape(len(terminals), -1)).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DatasetError(
-                f"{path}: key {key!r} contains NaN/inf, first in episode {int(episode_of_row[row])} "
-                f"(transition {row})"
-            )
+def _check_finite(path: Path, env_name: str) -> None:
+    """Raise DatasetError naming the key, the file's row and its episode at the first NaN/inf in the observations,
+    actions or the ``qpos``/``button_states`` the rewards are relabelled from (NaN there would read as "not solved").
+    Rows are the file's own, each episode's last included (``load_dataset`` drops it but reads its observation)."""
+    keys = ["observations", "actions", "qpos"]
+    with np.load(path) as file:
+        if env_name.startswith(("scene", "puzzle")) or "button_states" in file.files:
+            keys.append("button_states")
+        terminals = file["terminals"].reshape(-1).astype(bool)
+        for key in keys:
+            array = file[key]
+            bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise DatasetError(f"{path}: key {key!r} contains NaN/inf, first at row {row} "
+                                   f"(episode {int(np.count_nonzero(terminals[:row]))})")
 
 
 def _load_split(path: Path, env_name: str, env) -> Transitions:
@@ -200,7 +200,11 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
     from ogbench.utils import load_dataset
 
     shapes = _check_keys(path, env_name)
-    data = load_dataset(str(path), compact_dataset=False, add_info=True)
+    try:
+        _check_finite(path, env_name)
+        data = load_dataset(str(path), compact_dataset=False, add_info=True)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:  # a member that fails its CRC, a truncated array
+        raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
     obs_dim = env.observation_space.shape[0]
     if data["observations"].ndim != 2 or data["observations"].shape[1] != obs_dim:
         raise DatasetError(
@@ -213,7 +217,6 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
             f"{path}: key 'actions' has shape {shapes['actions']}, "
             f"but {env_name} actions have {action_dim} dims (is this the right dataset file?)"
         )
-    _check_finite(path, data)
     check_action_range(path, "key 'actions'", data["actions"])
     relabel_dataset(env_name, env, data)
     return Transitions(
@@ -248,7 +251,7 @@ def load_ogbench(dataset_name: str, path: str | Path) -> OGBenchData:
     import ogbench
 
     env_name, stem, _ = split_singletask_name(dataset_name)
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix != ".npz":
         raise DatasetError(f"OGBench dataset path must be a .npz file, got {path}")
     if not path.is_file():
