@@ -134,6 +134,29 @@ def default_run_dir(ckpt_path: str | Path, ckpt_cfg: dict, target: str, seed: An
     return run.parent / f"{run.name}_then_{name}"
 
 
+def _check_started_from(run_dir: Path, resume: Path, run_cfg: dict, ckpt_path: str, ckpt: dict) -> None:
+    """``CheckpointError`` when the fine-tuning run to resume (``resume``, config ``run_cfg``) started from another
+    checkpoint than this command's ``ckpt_path`` (contents ``ckpt``): every checkpoint of an offline run has the same
+    default ``run_dir``, and resuming would ignore ``ckpt``. The run's own ``last.ckpt`` continues it as well."""
+    recorded = run_cfg.get("offline_ckpt")
+    path = Path(ckpt_path).expanduser().resolve()
+    if recorded is None or path == resume.resolve():
+        return
+    start, step = int(run_cfg["finetune_start_step"]), int(ckpt.get("global_step", 0))
+    if Path(recorded).resolve() in (path, Path(ckpt_path).resolve()):  # the latter: recorded with '~' unexpanded
+        if step == start:
+            return
+        # Written over since (an offline run's last.ckpt after that run continued): the run started from a checkpoint
+        # this file no longer holds, so the command asks for a new run.
+        raise CheckpointError(f"{run_dir} holds a fine-tuning run started from {recorded} at step {start}, but that "
+                              f"file is now at step {step}; give run_dir=<a new directory> to fine-tune it, or "
+                              f"continue that run with ckpt={resume} run_dir={run_dir}")
+    again = f"ckpt={recorded}" if Path(recorded).is_file() else f"ckpt={resume} run_dir={run_dir}"
+    raise CheckpointError(f"{run_dir} holds a fine-tuning run started from {recorded} (step {start}), not from "
+                          f"ckpt={ckpt_path} (step {step}); give run_dir=<a new directory> to fine-tune {ckpt_path}, "
+                          f"or continue that run with {again}")
+
+
 def command_seed(user_overrides: list[str]) -> Any:
     """The seed the command line sets (``+seed=3``), or None: the checkpoint's."""
     for item in reversed(user_overrides):
@@ -151,7 +174,9 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     from ``cfg``; the checkpoint's keys take a leading ``+`` (a top-level scalar such as ``+seed=3`` too, which
     also sets the keys fit derived from it, ``SPREAD``). Raises ``SettingError`` for an override that names a
     key neither config has or that would replace the checkpoint's data / algorithm, ``CheckpointError`` for
-    an unreadable checkpoint or a missing dataset file, before any data is read.
+    an unreadable checkpoint, a missing dataset file or a run in ``run_dir`` that started from another checkpoint,
+    before any data is read. Resumed from its own ``last.ckpt`` (``ckpt=<run_dir>/checkpoints/last.ckpt``), a run
+    keeps the checkpoint it started from; one whose dataset moved continues on ``+data.path=<its copy>``.
     """
     require_ckpt(cfg)
     ckpt = load_checkpoint(cfg.ckpt)
@@ -166,6 +191,7 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
         if "finetune_start_step" not in base_ckpt["hyper_parameters"]["cfg"]:
             raise CheckpointError(f"{run_dir} holds an offline (fit) run, not a fine-tuning run; give finetune "
                                   f"another run_dir")
+        _check_started_from(run_dir, resume, base_ckpt["hyper_parameters"]["cfg"], str(cfg.ckpt), ckpt)
         start_step = int(base_ckpt["hyper_parameters"]["cfg"]["finetune_start_step"])
         start_env_steps = int(base_ckpt["hyper_parameters"]["cfg"].get("finetune_start_env_steps", 0))
     else:
@@ -173,7 +199,9 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
         start_step = int(ckpt.get("global_step", 0))
         start_env_steps = int(ckpt.get("manip", {}).get("env_steps", 0))  # a fine-tuning run's checkpoint: > 0
     base = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
-    final = OmegaConf.merge(base, {k: cfg[k] for k in _OWN})
+    final = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
+    for key in _OWN:  # replaced whole: a key only the checkpoint's run set (+trainer.max_time) is not fine-tuning's
+        final[key] = cfg[key]
     if cfg.get("logger") is not None:  # logger=... on the command line replaces the checkpoint's loggers
         final.logger = cfg.logger
     if final.eval.get("noise_scale") is None:  # evaluate as the offline run did
@@ -188,11 +216,15 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     final.run_dir = str(run_dir)
     final.finetune_start_step = start_step
     final.finetune_start_env_steps = start_env_steps
-    final.offline_ckpt = str(Path(cfg.ckpt).resolve())
+    if resume is None or "offline_ckpt" not in base:  # a resumed run keeps its own (also when continued by last.ckpt)
+        final.offline_ckpt = str(Path(cfg.ckpt).expanduser().resolve())
     updates = check_int(final.trainer.max_steps, "trainer.max_steps", 0)  # -1 ("no limit") would end at once
     finished = False
     if resume is not None:  # the same fine-tuning run, and something left to train
-        check_same_run(base_ckpt, resume, plain(final), Path(final.data.path), run_dir, phase="online")
+        data_file, run_data = Path(final.data.path), dataset_path(base_ckpt, resume)
+        if not run_data.exists():  # moved: +data.path names its copy, which build checks by contents (check_same_data)
+            data_file = run_data
+        check_same_run(base_ckpt, resume, plain(final), data_file, run_dir, phase="online")
         finished = check_steps_left(base_ckpt, resume, start_step + updates,
                                     f"trainer.max_steps={final.trainer.max_steps} (online updates after step "
                                     f"{start_step})", run_dir, final.eval.final_episodes)
