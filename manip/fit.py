@@ -64,6 +64,9 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
     if main_process:  # another command still running in run_dir: refused before its files are read
         run_lock.check_free(run_dir, command_line("fit"))
     resume = resume_path(cfg.resume, run_dir)
+    max_steps = cfg.trainer.max_steps
+    if isinstance(max_steps, float) and max_steps.is_integer():  # Hydra reads trainer.max_steps=1e4 as 10000.0
+        cfg.trainer.max_steps = int(max_steps)
     check_int(cfg.algo.horizon, "algo.horizon", 1)  # before data.horizon, which repeats it
     dm = instantiate_data(cfg.data)  # checks the data settings; reads nothing yet
     data_file = absolute(dm.path)

@@ -6,6 +6,8 @@ import contextlib
 import csv
 import difflib
 import errno
+import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -469,30 +471,48 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id kept in ``<run_dir>/wandb_run_id`` (made on first use): a resumed run continues its W&B run."""
+    """The W&B run id kept in ``<run_dir>/wandb_run_id``, or a new one, which :class:`KeepWandbRunId` writes there
+    when training starts: a resumed run continues its W&B run, and a command refused by its checks writes nothing."""
     path = run_dir / "wandb_run_id"
     if path.exists():
         return path.read_text().strip()
-    run_id = secrets.token_hex(8)
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id)
-    return run_id
+    return secrets.token_hex(8)
 
 
-def extra_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+class KeepWandbRunId(Callback):
+    """Writes a new :func:`wandb_run_id` into ``<run_dir>/wandb_run_id`` (main process) once the command's checks
+    passed, as training starts."""
+
+    def __init__(self, run_dir: Path, run_id: str) -> None:
+        self.path, self.run_id = Path(run_dir) / "wandb_run_id", run_id
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(self.run_id)
+
+
+def extra_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Logger], str | None]:
     """The ``logger`` group's Lightning loggers (e.g. ``logger=wandb``): an entry's ``save_dir: null`` becomes
-    ``run_dir``, a WandbLogger's ``id: null`` the run directory's :func:`wandb_run_id`."""
-    loggers = []
+    ``run_dir``, a WandbLogger's ``id: null`` the run directory's :func:`wandb_run_id`; and that id where it is new
+    (None: none), for :class:`KeepWandbRunId`. A WandbLogger without the wandb package raises ``SettingError``."""
+    loggers, run_id, new_id = [], None, None
     for name, spec in (cfg.get("logger") or {}).items():
         overrides = {"save_dir": str(run_dir)} if "save_dir" in spec and spec.save_dir is None else {}
-        if str(spec.get("_target_", "")).endswith("WandbLogger") and "id" in spec and spec.id is None:
-            overrides["id"] = wandb_run_id(run_dir)
+        if str(spec.get("_target_", "")).endswith("WandbLogger"):
+            if importlib.util.find_spec("wandb") is None:  # Lightning's ModuleNotFoundError would be a traceback
+                raise SettingError(f"logger.{name} logs to Weights & Biases, which needs the wandb package: "
+                                   f'pip install -e ".[wandb]" (or logger=none to leave it out)')
+            if "id" in spec and spec.id is None:
+                if run_id is None:
+                    run_id = wandb_run_id(run_dir)
+                    new_id = None if (run_dir / "wandb_run_id").exists() else run_id
+                overrides["id"] = run_id
         logger = hydra.utils.instantiate(spec, **overrides)
         if not isinstance(logger, Logger):
             raise TypeError(f"logger.{name} builds a {type(logger).__name__}, not a Lightning Logger")
         loggers.append(logger)
-    return loggers
+    return loggers, new_id
 
 
 _GROUPS = ("data", "algo", "trainer", "logger", "conf", "tuning")  # fit's config groups (conf/<group>/)
@@ -638,24 +658,26 @@ def _default_finetune_dir(cfg: DictConfig) -> Path:
 
 def _interpolable(item: str, cfg: DictConfig) -> str | None:
     """The key whose ``${...}`` shows ``item``'s value in a path: ``seed=1`` -> ``seed``, ``algo=qc`` ->
-    ``algo.name``; None for a section or a key the config lacks."""
+    ``algo.name``; None for a section, a key the config lacks or a path."""
     name = item.partition("=")[0].lstrip("+~")
     value = OmegaConf.select(cfg, name, default=None)
     if isinstance(value, DictConfig):
         return f"{name}.name" if isinstance(value.get("name"), (str, int)) else None
-    return None if value is None or OmegaConf.is_config(value) else name
+    if value is None or OmegaConf.is_config(value) or "/" in str(value):  # a path (ckpt=...) makes no folder name
+        return None
+    return name
 
 
 def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
     """Two jobs of one sweep that would write to the same ``run_dir`` (``out``) end the command before the first job
     starts, in one line naming the keys they differ in: the later job would be refused only once the earlier one
     is done. A ``run_dir`` with the time in it (fit's default) and an unset ``out`` differ from job to job;
-    finetune's default ``run_dir`` is the same for the same ``ckpt``, ``finetune.target`` and seed. A sweep of more
-    than ``_MAX_SWEEP_CHECK`` jobs is checked on its :func:`_sweep_representatives`, which catch an output that
-    ignores a swept key."""
+    finetune's default ``run_dir`` is the same for the checkpoints of one run, ``finetune.target`` and seed. A sweep
+    of more than ``_MAX_SWEEP_CHECK`` jobs is checked on its :func:`_sweep_representatives`, which catch an output
+    that ignores a swept key."""
     from hydra import compose, initialize_config_dir
 
-    from manip.finetune import command_seed
+    from manip.finetune import command_seed, default_run_dir
 
     key = _SWEEP_OUTPUT.get(command)
     if key is None or values is None:
@@ -677,8 +699,8 @@ def _check_sweep_outputs(command: str, values: list[list[str]] | None) -> None:
                     return  # named by the time each job starts
                 if raw is not None:
                     where, shown = os.path.abspath(os.path.expanduser(str(cfg[key]))), f"{key}={cfg[key]}"
-                elif command == "finetune":  # its default run_dir: one per checkpoint, target and seed
-                    where = (os.path.abspath(str(cfg.ckpt)), cfg.finetune.target, command_seed(job))
+                elif command == "finetune":  # its default run_dir: one per run of the checkpoint, target and seed
+                    where = str(default_run_dir(cfg.ckpt, {}, cfg.finetune.target, command_seed(job)))
                     shown = f"the default run_dir of ckpt={cfg.ckpt} finetune.target={cfg.finetune.target}"
                 else:
                     continue  # evaluate / export without out: each result takes the first free name
@@ -809,6 +831,9 @@ def check_settings(cfg: DictConfig, phase: str) -> None:
                            f"are the agent's chunks (leave data.horizon to follow algo.horizon)")
     data_discount = (cfg.get("data") or {}).get("discount")
     agent_discount = ((algo or {}).get("agent") or {}).get("discount")
+    for key, value in (("data.discount", data_discount), ("algo.agent.discount", agent_discount)):
+        if value is not None:  # named here: float() below would raise naming no key
+            check_real(value, key, 0.0, maximum=1.0)
     if data_discount is not None and agent_discount is not None and float(data_discount) != float(agent_discount):
         raise SettingError(f"data.discount={data_discount} but algo.agent.discount={agent_discount}: the replay sums "
                            f"a chunk's rewards with the discount the critic bootstraps with (set discount=..., "
@@ -844,6 +869,27 @@ def _leaves(tree: dict | None, prefix: str) -> dict[str, Any]:
     return flat
 
 
+def _constructor_defaults(target: Any) -> dict[str, Any]:
+    """The default of each keyword argument of the class ``target`` names (following ``**kwargs`` handed on to the
+    base classes' constructors), in a config's form (a tuple as a list); {} when it cannot be imported."""
+    try:
+        cls = find_class(target, "algo.agent._target_")
+    except SettingError:
+        return {}
+    defaults: dict[str, Any] = {}
+    for owner in inspect.getmro(cls):
+        init = owner.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        for p in parameters:
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                defaults.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return defaults
+
+
 def _show(value: Any) -> str:
     return "unset" if value is _UNSET else str(value)
 
@@ -853,19 +899,22 @@ def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path, se
     """The settings a run's weights and optimizer state depend on where its checkpoint's config ``saved``
     (trained on ``saved_data``) and this command's plain config ``cfg`` (reading ``new_data``) disagree, as
     ``"key=<run's value> (this command: <value>)"``: the algorithm (``algo.name``; for the same algorithm
-    ``algo.horizon`` and every ``algo.agent`` key), the dataset file, the data keys that select or relabel
-    transitions, ``module.obs_norm`` and ``seed`` (a resumed run restores its own random states, so another seed
-    would be ignored: two seeds in one ``run_dir``, e.g. a ``--multirun seed=0,1`` without ``${seed}`` in
-    ``run_dir``, must not share a run); and every key of ``sections`` (fine-tuning's ``finetune``) but those in
-    ``free``."""
+    ``algo.horizon`` and every ``algo.agent`` key, one the run's config lacks at its constructor's default), the
+    dataset file, the data keys that select or relabel transitions, ``module.obs_norm`` and ``seed`` (a resumed
+    run restores its own random states, so another seed would be ignored: two seeds in one ``run_dir``, e.g. a
+    ``--multirun seed=0,1`` without ``${seed}`` in ``run_dir``, must not share a run); and every key of
+    ``sections`` (fine-tuning's ``finetune``) but those in ``free``."""
     pairs: list[tuple[str, Any, Any]] = [("seed", saved.get("seed", _UNSET), cfg.get("seed", _UNSET))]
     old_algo, new_algo = saved.get("algo") or {}, cfg.get("algo") or {}
     if old_algo.get("name") != new_algo.get("name"):
         pairs.append(("algo.name", old_algo.get("name", _UNSET), new_algo.get("name", _UNSET)))
     else:
-        # a key the run's config lacks is a setting added since the run started: it continues with the default
         old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
         pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old)]
+        # an agent key the run's config lacks: the run's agent was built with its constructor's default
+        defaults = _constructor_defaults((old_algo.get("agent") or {}).get("_target_"))
+        pairs += [(key, defaults.get(key.removeprefix("algo.agent."), _UNSET), new[key]) for key in sorted(new)
+                  if key not in old and key.startswith("algo.agent.")]
     if os.path.normpath(saved_data) != os.path.normpath(new_data):
         pairs.append(("data.path", saved_data, new_data))
     old_data, new_data_cfg = saved.get("data") or {}, cfg.get("data") or {}
@@ -963,7 +1012,8 @@ def resume_path(resume: bool | str, run_dir: Path) -> Path | None:
 
     ``SettingError`` for a value other than auto / true / false, ``CheckpointError`` when the file's presence
     does not match."""
-    if resume not in ("auto", True, False):
+    # by identity: 0 == False and 1 == True, and resume=0 must not pass as false
+    if resume is not True and resume is not False and not (isinstance(resume, str) and resume == "auto"):
         raise SettingError(f"resume must be auto, true or false, got {resume!r}")
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is True and not last.exists():
@@ -1020,10 +1070,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, phase: str, max_steps: int | N
         PeriodicEvaluation(str(run_dir), cfg.eval.every_n_steps, cfg.eval.episodes, cfg.eval.num_envs,
                            cfg.eval.seed, cfg.eval.final_episodes, phase, cfg.eval.get("noise_scale", 1.0)),
     ]
+    extra, new_wandb_id = extra_loggers(cfg, run_dir)
+    if new_wandb_id is not None:
+        callbacks.append(KeepWandbRunId(run_dir, new_wandb_id))
     # metrics.csv is written whenever metrics are logged, so a killed run keeps all it logged.
     loggers = [ResumableCSVLogger(run_dir, name="", version=phase,
                                   flush_logs_every_n_steps=cfg.trainer.log_every_n_steps),
-               TensorBoardLogger(run_dir, name="tb", version=phase), *extra_loggers(cfg, run_dir)]
+               TensorBoardLogger(run_dir, name="tb", version=phase), *extra]
     overrides: dict[str, Any] = {"default_root_dir": str(run_dir), "callbacks": callbacks, "logger": loggers,
                                  "plugins": [AtomicCheckpointIO()]}
     if max_steps is not None:

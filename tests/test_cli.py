@@ -252,7 +252,7 @@ def test_wandb_logger_records_offline_in_the_run_directory(tmp_path, monkeypatch
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    from manip.run import build_trainer
+    from manip.run import KeepWandbRunId, build_trainer
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -260,6 +260,9 @@ def test_wandb_logger_records_offline_in_the_run_directory(tmp_path, monkeypatch
 
     def wandb_logger(run_dir: Path) -> WandbLogger:
         trainer = build_trainer(cfg, run_dir, phase="offline")
+        for callback in trainer.callbacks:  # a new run's id is kept once training starts
+            if isinstance(callback, KeepWandbRunId):
+                callback.setup(trainer, None, "fit")
         return next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger))
 
     first = wandb_logger(tmp_path / "a")
@@ -738,6 +741,9 @@ def test_fit_user_errors_are_raised_before_anything_is_written(lift_hdf5, tmp_pa
      "--multirun jobs #0 and #1 would both write to the default run_dir of ckpt=/ckpts/run/checkpoints/last.ckpt "
      "finetune.target=bon (they differ in finetune.alpha=10); give each job its own run_dir, e.g. "
      "run_dir='/ckpts/run/finetune_bon_${finetune.alpha}'"),
+    ("finetune", "online", ["-m", "ckpt=/ckpts/run/checkpoints/step5000.ckpt,/ckpts/run/checkpoints/last.ckpt"],
+     "--multirun jobs #0 and #1 would both write to the default run_dir of ckpt=/ckpts/run/checkpoints/last.ckpt "
+     "finetune.target=bon (they differ in ckpt=/ckpts/run/checkpoints/last.ckpt); give each job its own run_dir"),
     ("finetune", "online", ["--multirun", "finetune.alpha=1,2"],
      "ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt"),
     ("evaluate", None, ["-m", "episodes=1,2"], "ckpt=PATH is required, e.g. ckpt=runs/<run>/checkpoints/last.ckpt"),
