@@ -236,6 +236,17 @@ def load_module(path: str | Path, map_location: str = "cpu"):
     return module.to(map_location).eval(), cfg
 
 
+def check_weights_fit(module: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """``CheckpointError`` naming the first weight of checkpoint ``path`` whose shape differs from ``module``'s (a
+    network setting overridden on the command line), before Lightning's restore would fail in a traceback."""
+    theirs = ckpt["state_dict"]
+    for name, tensor in module.state_dict().items():
+        if name in theirs and tuple(theirs[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: weight {name} has shape {list(theirs[name].shape)}, but the network this "
+                                  f"command builds has {list(tensor.shape)}: an algo.agent setting that sizes the "
+                                  f"network differs from the checkpoint's")
+
+
 def check_acting_settings(num_samples: int | None = None, noise_scale: float | None = None,
                           sample_steps: int | None = None, act_dtype: str = "float32") -> None:
     """``SettingError`` naming the first acting setting out of range (None: the checkpoint's own value), before a

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from manip import run_lock, sweep
 from manip.algos.targets import TARGET_SAMPLES
-from manip.checkpoint import CheckpointError, check_compatible, dataset_path, load_checkpoint, require_ckpt
+from manip.checkpoint import (CheckpointError, check_compatible, check_weights_fit, dataset_path, load_checkpoint,
+                              require_ckpt)
 from manip.data.datamodule import DatasetStats, ReplayDataModule, absolute
 from manip.data.datamodule import instantiate as instantiate_data
 from manip.data.errors import DatasetError
@@ -260,6 +261,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
     module = hydra.utils.instantiate(final.module)(
         agent=hydra.utils.instantiate(final.algo.agent), obs_dim=dm.obs_dim, action_dim=dm.action_dim,
         horizon=final.algo.horizon, stats=stats, cfg=plain(final) | run_info(dm), online=online)
+    check_weights_fit(module, run_ckpt, resume or offline_ckpt)
     target = final.finetune.target
     if target != "replay" and not hasattr(module.agent, "policy_loss") and rank_zero_only.rank == 0 and not finished:
         given = any(item.lstrip("+").startswith("finetune.target=") for item in user_overrides)

@@ -140,3 +140,15 @@ def test_a_run_whose_dataset_moved_continues_on_a_copy_with_the_same_contents(ru
     trainer, _ = run_finetune([*command, "trainer.max_steps=4", f"+data.path={tmp_path / 'b' / offline_data.name}"])
     assert trainer.global_step == 15 + 4
     assert OmegaConf.load(ft / "hydra" / "config.yaml").data.path == str(tmp_path / "b" / offline_data.name)
+
+
+def test_a_network_setting_the_checkpoint_was_not_built_with_is_named(run, tmp_path):
+    """``+algo.agent.hidden_dims=[32,32]`` on a checkpoint of [64, 64]: one line naming a weight and both shapes,
+    before training and before the run directory is made."""
+    command = overrides(run / "checkpoints" / "last.ckpt", f"run_dir={tmp_path / 'ft'}",
+                        "+algo.agent.hidden_dims=[32,32]")
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: weight agent\.\S+ has shape \[\d+(, \d+)*\], but the "
+                                              r"network this command builds has \[\d+(, \d+)*\]: an algo\.agent "
+                                              r"setting that sizes the network differs from the checkpoint's$"):
+        finetune.build(config("finetune", command), command)
+    assert not (tmp_path / "ft").exists()
