@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -424,6 +425,19 @@ def test_datamodule_generates_only_where_data_dir_leads(tmp_path):
     with pytest.raises(DatasetError, match=re.escape(f"OGBench dataset file not found: {path}")):
         dm.setup("fit")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_validation_split_without_its_training_file_is_named(tmp_path, play_files):
+    """Where data_dir leads to a -val.npz alone (a download that stopped), nothing is generated beside it."""
+    data_dir = tmp_path / "ogbench"
+    data_dir.mkdir()
+    val = data_dir / "cube-single-play-v0-val.npz"
+    shutil.copy(play_files["cube-single"].parent / "cube-single-play-v0-val.npz", val)
+    dm = OGBenchDataModule("cube-single-play-singletask-task1-v0", data_dir=str(data_dir), generate_episodes=2)
+    with pytest.raises(DatasetError, match=re.escape(f"{data_dir / 'cube-single-play-v0.npz'} not found, but its "
+                                                     f"validation split {val} is there")):
+        dm.prepare_data()
+    assert sorted(data_dir.iterdir()) == [val]
 
 
 @pytest.mark.parametrize("dataset_name", ["cube-double-noisy-singletask-task2-v0",

@@ -97,6 +97,17 @@ def test_unknown_obs_key_lists_available(lift_hdf5):
         load_robomimic(lift_hdf5, obs_keys=["robot0_eef_pose"])
 
 
+def test_one_observation_key_given_as_a_string_is_named(lift_hdf5):
+    """``data.obs_keys=object`` would otherwise be read letter by letter ("unknown observation key 'o'")."""
+    from manip.settings import SettingError
+
+    with pytest.raises(DatasetError, match="obs_keys must be a sequence of observation keys, got the string 'object'"):
+        load_robomimic(lift_hdf5, obs_keys="object")
+    with pytest.raises(SettingError, match=re.escape("data.obs_keys must be a list of observation keys, got the "
+                                                     "string 'object' (data.obs_keys=[object])")):
+        RobomimicDataModule(str(lift_hdf5), obs_keys="object")
+
+
 def test_missing_key_named(lift_copy):
     with h5py.File(lift_copy, "a") as f:
         del f["data/demo_1/actions"]

@@ -249,6 +249,9 @@ class RobomimicDataModule(ReplayDataModule):
                  env_horizon: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.path, self.task = Path(path).expanduser(), task
+        if isinstance(obs_keys, str):  # tuple() would split it into letters, each an unknown key
+            raise SettingError(f"data.obs_keys must be a list of observation keys, got the string {obs_keys!r} "
+                               f"(data.obs_keys=[{obs_keys}])")
         self.obs_keys, self.filter_key, self.reward_mode = tuple(obs_keys), filter_key, reward_mode
         self.generate_demos, self.env_horizon = check_int(generate_demos, "data.generate_demos", 0), env_horizon
         if env_horizon is not None:
@@ -363,7 +366,11 @@ class OGBenchDataModule(ReplayDataModule):
         # names must exist.
         if self.path.exists() or not self.generate_episodes or self.path_given:
             return
-        from manip.data.generate.ogbench_play import DATASETS, generate
+        from manip.data.generate.ogbench_play import DATASETS, generate, val_path_for
+
+        if val_path_for(self.path).exists():  # a download that stopped half-way: a stand-in beside it would mix them
+            raise DatasetError(f"{self.path} not found, but its validation split {val_path_for(self.path)} is there: "
+                               f"put the training file beside it (or remove the -val.npz to generate a stand-in pair)")
 
         if self.stem not in DATASETS:
             return  # no oracle generator for this dataset: _load reports the missing file

@@ -145,6 +145,8 @@ def load_robomimic(path: str | Path, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
     """
     if reward_mode not in REWARD_MODES:
         raise DatasetError(f"unknown reward_mode {reward_mode!r}; expected one of {REWARD_MODES}")
+    if isinstance(obs_keys, str):
+        raise DatasetError(f"obs_keys must be a sequence of observation keys, got the string {obs_keys!r}")
     obs_keys = tuple(obs_keys)
     if not obs_keys:
         raise DatasetError("obs_keys is empty")
