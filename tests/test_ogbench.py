@@ -367,7 +367,7 @@ def test_nan_in_relabelling_state(tmp_path, play_files, key, step):
         return arrays
 
     path = _write_changed(tmp_path, play_files["cube-single"], change)
-    message = rf"{re.escape(str(path))}: key '{key}' contains NaN/inf, first at row {2 * LENGTH + step} \(episode 2\)"
+    message = rf"^{re.escape(str(path))}: key '{key}' contains NaN/inf, first at row {2 * LENGTH + step} \(episode 2\)$"
     with pytest.raises(DatasetError, match=message):
         load_ogbench("cube-single-play-singletask-task1-v0", path)
 

@@ -124,9 +124,10 @@ def _member_shape(file: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
         return read_header(member)[0]
 
 
-def _check_keys(path: Path, env_name: str) -> dict[str, tuple]:
+def _check_keys(path: Path, env_name: str) -> tuple[dict[str, tuple], np.ndarray]:
     """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs; returns the
-    file's shape of each key it checked (``load_dataset`` then drops each episode's last row).
+    file's shape of each key it checked (``load_dataset`` then drops each episode's last row) and its terminals
+    (rows,) bool.
 
     ogbench's ``load_dataset`` indexes every key with a mask built from ``terminals``, so all keys
     need one row per observation and the last row must end an episode.
@@ -151,7 +152,7 @@ def _check_keys(path: Path, env_name: str) -> dict[str, tuple]:
                 )
         try:
             shapes = {key: _member_shape(file, key) for key in (*required, "qvel", "button_states") if key in keys}
-            terminals = file["terminals"]
+            terminals = np.asarray(file["terminals"])
         except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
     rows = shapes["observations"][:1]
@@ -173,25 +174,28 @@ def _check_keys(path: Path, env_name: str) -> dict[str, tuple]:
     if terminals.all():  # each episode's last row only ends the one before it
         raise DatasetError(f"{path}: key 'terminals' is true in every row: every episode is one step long, which "
                            f"leaves no transitions")
-    return shapes
+    return shapes, terminals.reshape(len(terminals), -1)[:, 0].astype(bool)
 
 
-def _check_finite(path: Path, env_name: str) -> None:
+def _check_finite(path: Path, data: dict[str, np.ndarray], file_terminals: np.ndarray) -> None:
     """Raise DatasetError naming the key, the file's row and its episode at the first NaN/inf in the observations,
     actions or the ``qpos``/``button_states`` the rewards are relabelled from (NaN there would read as "not solved").
-    Rows are the file's own, each episode's last included (``load_dataset`` drops it but reads its observation)."""
-    keys = ["observations", "actions", "qpos"]
-    with np.load(path) as file:
-        if env_name.startswith(("scene", "puzzle")) or "button_states" in file.files:
-            keys.append("button_states")
-        terminals = file["terminals"].reshape(-1).astype(bool)
-        for key in keys:
-            array = file[key]
-            bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-            if bad.any():
-                row = int(np.argmax(bad))
-                raise DatasetError(f"{path}: key {key!r} contains NaN/inf, first at row {row} "
-                                   f"(episode {int(np.count_nonzero(terminals[:row]))})")
+
+    ``data`` is ``load_dataset``'s, which drops each episode's last row (its observation is kept as the previous
+    row's next observation); ``file_terminals`` (rows,) maps its rows back to the file's."""
+    kept = np.flatnonzero(~file_terminals)  # the file's row of each loaded row
+    episode_of_row = np.cumsum(file_terminals) - file_terminals
+    checked = [("observations", (("observations", kept), ("next_observations", kept + 1))),
+               ("actions", (("actions", kept),)), ("qpos", (("qpos", kept),))]
+    if "button_states" in data:
+        checked.append(("button_states", (("button_states", kept),)))
+    for key, arrays in checked:
+        bad_rows = [rows[~np.isfinite(data[name].reshape(len(rows), -1)).all(axis=1)] for name, rows in arrays]
+        bad_rows = np.concatenate(bad_rows)
+        if len(bad_rows):
+            row = int(bad_rows.min())
+            raise DatasetError(f"{path}: key {key!r} contains NaN/inf, first at row {row} "
+                               f"(episode {int(episode_of_row[row])})")
 
 
 def _load_split(path: Path, env_name: str, env) -> Transitions:
@@ -199,9 +203,8 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
     from ogbench.relabel_utils import relabel_dataset
     from ogbench.utils import load_dataset
 
-    shapes = _check_keys(path, env_name)
+    shapes, terminals = _check_keys(path, env_name)
     try:
-        _check_finite(path, env_name)
         data = load_dataset(str(path), compact_dataset=False, add_info=True)
     except (OSError, ValueError, zipfile.BadZipFile) as err:  # a member that fails its CRC, a truncated array
         raise DatasetError(f"{path} is not a readable .npz file: {err}") from err
@@ -217,6 +220,7 @@ def _load_split(path: Path, env_name: str, env) -> Transitions:
             f"{path}: key 'actions' has shape {shapes['actions']}, "
             f"but {env_name} actions have {action_dim} dims (is this the right dataset file?)"
         )
+    _check_finite(path, data, terminals)
     check_action_range(path, "key 'actions'", data["actions"])
     relabel_dataset(env_name, env, data)
     return Transitions(
