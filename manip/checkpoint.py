@@ -104,9 +104,10 @@ def checkpoint_command(cfg: Any, command: str, default_output: Callable[[str], P
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of a manip checkpoint, with one-line ``CheckpointError`` messages:
     a missing file, a file that is not a PyTorch checkpoint, one holding objects other than tensors and plain
-    containers (which safe loading refuses), or a PyTorch file without a manip config and weights. A config
-    written before an agent setting existed gets that setting's earlier value (``EARLIER_AGENT_SETTINGS``) where
-    its agent takes the setting."""
+    containers (which safe loading refuses), a PyTorch file without a manip config and weights or the sizes,
+    statistics and agent a manip checkpoint records, an agent class that does not import or a setting it does not
+    take. A config written before an agent setting existed gets that setting's earlier value
+    (``EARLIER_AGENT_SETTINGS``) where its agent takes the setting."""
     path = Path(path).expanduser()
     if not path.is_file():
         if path.is_dir():
@@ -151,6 +152,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         takes = inspect.signature(find_class(agent["_target_"], "algo.agent._target_")).parameters
     except SettingError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:  # a class whose signature cannot be read
+        raise CheckpointError(f"{path}: algo.agent._target_={agent['_target_']}: {first_sentence(err)}") from None
     for key, value in EARLIER_AGENT_SETTINGS.items():
         if key not in agent and key in takes:
             agent[key] = value

@@ -34,8 +34,8 @@ from manip.data.errors import DatasetError
 from manip.logs import LOG
 from manip.module import ManipModule
 from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
-                       command_line, data_difference, plain, record_config, resume_path, run_command, run_info,
-                       seed_everything)
+                       command_line, data_difference, keep_run_ids, plain, record_config, resume_path, run_command,
+                       run_info, seed_everything)
 from manip.settings import SettingError, check_int
 
 # Sections that fine-tuning defines itself; everything else comes from the checkpoint's config.
@@ -71,7 +71,7 @@ def _apply_override(final: DictConfig, item: str, cfg: DictConfig, added: set[st
     if top in _READ_FROM_DATA:
         raise SettingError(f"override {item!r}: {top} describes the dataset and is read from it at every start; "
                            f"the simulator's episode length is set with +data.env_horizon=N")
-    if top in _OWN:  # already part of cfg, merged into final
+    if top in _OWN:  # already part of cfg, which final takes these sections from
         if top in _CLOSED and raw.startswith("+") and not raw.startswith("++"):
             section, _, name = key.rpartition(".")
             known = [k for k in (OmegaConf.select(cfg, section) or {}) if f"{section}.{k}" not in added]
@@ -283,6 +283,7 @@ def build(cfg: DictConfig, user_overrides: list[str]) -> tuple[ManipModule, Repl
         run_lock.claim(run_dir, command_line("finetune"))  # makes run_dir; held until the command ends
         DatasetStats(**stats).save(run_dir / "dataset_stats.json")
         record_config(run_dir, final, user_overrides)
+        keep_run_ids(trainer)
     return module, dm, trainer, resume or offline_ckpt
 
 

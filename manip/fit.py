@@ -32,7 +32,8 @@ from manip.data.datamodule import instantiate as instantiate_data
 from manip.logs import LOG
 from manip.module import ManipModule
 from manip.run import (build_trainer, check_command_line, check_same_data, check_same_run, check_steps_left,
-                       command_line, plain, record_config, resume_path, run_command, run_info, seed_everything)
+                       command_line, keep_run_ids, plain, record_config, resume_path, run_command, run_info,
+                       seed_everything)
 from manip.settings import check_int
 
 # Lightning's DDP launcher re-runs the command with this job name (and the launcher's hydra.run.dir).
@@ -96,6 +97,7 @@ def build(cfg: DictConfig) -> tuple[ManipModule, ReplayDataModule, L.Trainer, Pa
         run_lock.claim(run_dir, command_line("fit"))  # makes run_dir; held until the command ends
         dm.stats.save(run_dir / "dataset_stats.json")
         record_config(run_dir, composed)
+        keep_run_ids(trainer)
     return module, dm, trainer, resume
 
 

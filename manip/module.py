@@ -343,7 +343,7 @@ class ManipModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         if self.online is not None:
-            self._collect()  # the first update's collects finetune.start_training env steps first
+            self._collect()  # the first update collects finetune.start_training env steps first
         if self._compiled:  # CUDA graphs (module.compile=reduce-overhead) may reuse the last update's outputs now
             torch.compiler.cudagraph_mark_step_begin()
         actor_loss, critic_loss, info = self.losses(batch, self.generator)

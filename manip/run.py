@@ -480,16 +480,26 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 class KeepWandbRunId(Callback):
-    """Writes a new :func:`wandb_run_id` into ``<run_dir>/wandb_run_id`` (main process) once the command's checks
-    passed, as training starts."""
+    """Writes a new :func:`wandb_run_id` into ``<run_dir>/wandb_run_id`` (main process): from :func:`keep_run_ids`
+    once a command's checks passed, before Lightning starts the W&B run; at the latest as training sets up."""
 
     def __init__(self, run_dir: Path, run_id: str) -> None:
         self.path, self.run_id = Path(run_dir) / "wandb_run_id", run_id
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and not self.path.exists():
+    def keep(self) -> None:
+        if rank_zero_only.rank == 0 and not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(self.run_id)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.keep()
+
+
+def keep_run_ids(trainer: L.Trainer) -> None:
+    """The run ids of ``trainer``'s loggers kept in the run directory (a resumed run continues its W&B run)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, KeepWandbRunId):
+            callback.keep()
 
 
 def extra_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Logger], str | None]:
@@ -912,8 +922,8 @@ def run_differences(saved: dict, cfg: dict, saved_data: Path, new_data: Path, se
         old, new = _leaves(old_algo, "algo."), _leaves(new_algo, "algo.")
         pairs += [(key, old[key], new.get(key, _UNSET)) for key in sorted(old)]
         # an agent key the run's config lacks: the run's agent was built with its constructor's default
-        defaults = _constructor_defaults((old_algo.get("agent") or {}).get("_target_"))
-        pairs += [(key, defaults.get(key.removeprefix("algo.agent."), _UNSET), new[key]) for key in sorted(new)
+        defaults = _leaves(_constructor_defaults((old_algo.get("agent") or {}).get("_target_")), "algo.agent.")
+        pairs += [(key, defaults.get(key, _UNSET), new[key]) for key in sorted(new)
                   if key not in old and key.startswith("algo.agent.")]
     if os.path.normpath(saved_data) != os.path.normpath(new_data):
         pairs.append(("data.path", saved_data, new_data))

@@ -112,6 +112,9 @@ def test_wandb_run_id_is_kept_once_the_checks_passed(cube_single_npz, tmp_path, 
     def logger_id(trainer) -> str:
         return next(logger for logger in trainer.loggers if isinstance(logger, WandbLogger)).version
 
+    built = tmp_path / "built"  # once the checks passed, before Lightning starts the W&B run in trainer.fit
+    trainer = fit.build(config("fit", fit_overrides(cube_single_npz, built, 2, *stand_in)))[2]
+    assert (built / "wandb_run_id").read_text() == logger_id(trainer)
     trainer, _ = run_fit(fit_overrides(cube_single_npz, run_dir, 2, *stand_in))
     first = logger_id(trainer)
     assert (run_dir / "wandb_run_id").read_text() == first
