@@ -30,10 +30,11 @@ from typing import Any, Callable
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from manip.algos.acting import fast_sampler
+from manip.algos.acting import fast_sampler, padded_batch
 from manip.algos.base import NoiseStreams, masked_mean
 from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, fused_adam, make_optimizer
 from manip.cli_args import raise_if_interrupted
@@ -190,6 +191,41 @@ class TrainingDiverged(RuntimeError):
     trained past the last finite losses."""
 
 
+class WeightAverage(AveragedModel):
+    """``AveragedModel``'s exponential moving average of a network's parameters and buffers (the first update
+    copies them, then ``ema <- decay * ema + (1 - decay) * w``, as ``get_ema_multi_avg_fn``), with its state
+    (``module.*`` and the update count ``n_averaged``), updated without reading the count back: torch's update
+    compares the count with 0 on the host, a GPU sync at every update. Whether the count is 0 is kept on the host,
+    read from the count once after a state dict was loaded."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self._started: bool | None = False  # n_averaged > 0; None: unknown (a loaded count), read at the next update
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._started = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [p.detach() for p in (*model.parameters(), *model.buffers())]
+        if self._started is None:
+            self._started = bool(self.n_averaged > 0)
+        if not self._started:
+            torch._foreach_copy_(averaged, current)
+        else:
+            floats = [(a, w) for a, w in zip(averaged, current, strict=True) if a.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([a for a, _ in floats], [w for _, w in floats], 1.0 - self.decay)
+            for a, w in zip(averaged, current, strict=True):
+                if not a.is_floating_point():
+                    a.copy_(a * self.decay + w * (1.0 - self.decay))
+        self.n_averaged += 1
+        self._started = True
+
+
 class ManipModule(L.LightningModule):
     """Actor-critic agent + observation normalisation + (optionally) online collection.
 
@@ -231,10 +267,12 @@ class ManipModule(L.LightningModule):
         self.online = OnlineConfig.from_settings(online) if online else None
         self.ema_actor: AveragedModel | None = None
         if actor_ema is not None:
-            self.ema_actor = AveragedModel(getattr(self.agent, self.agent.acting_net), use_buffers=True,
-                                           multi_avg_fn=get_ema_multi_avg_fn(actor_ema))
+            self.ema_actor = WeightAverage(getattr(self.agent, self.agent.acting_net), actor_ema)
             self.ema_actor.requires_grad_(False)  # averaged, never optimised (and ignored by DDP)
         self.env_steps = 0
+        if self.online is not None:
+            # the target's alpha of this update, set in place (see losses): a compiled actor loss takes it as an input
+            self.register_buffer("_alpha_now", torch.tensor(float(self.online.alpha)), persistent=False)
         self.episodes = self.successes = 0  # online episodes collected so far, and how many of them succeeded
         self.rollout: VectorRollout | None = None
         self._online_clock = (0.0, 0)  # (perf_counter, env_steps) when this process started collecting
@@ -242,6 +280,7 @@ class ManipModule(L.LightningModule):
         self._actor_loss_fn = compiled(self.actor_loss, compile)
         self._critic_loss_fn = compiled(self.agent.critic_loss, compile)
         self._sample_fn = compiled(self.agent.sample_actions, compile)
+        self._compiled_sample = self._sample_fn if self._compiled else None
         self._generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
         # False: a checkpoint's random states are not restored (a new fine-tuning run draws from its own seed)
@@ -254,6 +293,7 @@ class ManipModule(L.LightningModule):
         # This update's values for the loggers (see on_train_batch_end), and the episodes that ended in it
         self._update_logs: dict[str, float | torch.Tensor] = {}
         self._update_loss: torch.Tensor | None = None
+        self.progress_loss: float | None = None  # actor + critic loss of the last logged update
         self._ended_episodes: list = []
 
     # ---------------------------------------------------------------------------------- acting
@@ -300,9 +340,26 @@ class ManipModule(L.LightningModule):
         """
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
         with self.acting_weights():
-            actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples, noise_scale=noise_scale,
-                                      generator=generator)
+            if self._sample_fn is self._compiled_sample and len(obs_t):
+                actions = self._padded_sample(self.normalize(obs_t), num_samples, noise_scale, generator)
+            else:
+                actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples, noise_scale=noise_scale,
+                                          generator=generator)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
+
+    def _padded_sample(self, obs: torch.Tensor, num_samples: int | None, noise_scale: float,
+                       generator: NoiseStreams) -> torch.Tensor:
+        """The compiled ``sample_actions`` on ``obs`` padded to a power-of-two batch (as ``fast_sampler``): a few
+        graphs for any number of states instead of one per batch size, which would reach Dynamo's recompile limit
+        and then act eagerly. The noise of the real rows is drawn here, as the uncompiled sampler draws it."""
+        n = self.agent.num_samples if num_samples is None else num_samples
+        batch, per_state = len(obs), self.agent.candidates_per_state(n, noise_scale)
+        noise = self.agent.initial_noise(batch * per_state, generator, obs)
+        extra = padded_batch(batch) - batch
+        if extra:
+            obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
+            noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
+        return self._sample_fn(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
 
     # -------------------------------------------------------------------------------- training
     @property
@@ -336,8 +393,11 @@ class ManipModule(L.LightningModule):
         their noise from ``generator`` in that order.
         """
         batch = self._normalized_batch(batch)
+        alpha = None
+        if self.online is not None:  # a tensor: a value read in the compiled loss would recompile it as it changes
+            alpha = self._alpha_now.fill_(self.alpha)
         with frozen(self.agent.critic):
-            actor_loss, actor_info = self._actor_loss_fn(batch, generator)
+            actor_loss, actor_info = self._actor_loss_fn(batch, generator, alpha)
         critic_loss, critic_info = self._critic_loss_fn(batch, generator)
         return actor_loss, critic_loss, {**actor_info, **critic_info}
 
@@ -364,7 +424,7 @@ class ManipModule(L.LightningModule):
             for param in self.agent.actor_parameters():
                 param.grad = None  # Adam leaves a parameter without a gradient as it is (no momentum step)
         if self.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            self._clip_gradients(opt)
         opt.step()
         self.agent.soft_update(self.tau)
         if self.ema_actor is not None and not warming_up:
@@ -378,8 +438,26 @@ class ManipModule(L.LightningModule):
             self._log_update()
         return None
 
+    def _clip_gradients(self, opt) -> None:
+        """Clips the gradients' total norm to ``module.grad_clip``. Under ``trainer.precision=16-mixed`` or
+        ``bf16-mixed`` it clips here: Lightning's mixed-precision clipping refuses an optimizer that unscales the
+        gradients in its own step (the fused Adam). 16-mixed's scaler unscales them first (its step then leaves
+        them as they are); bf16-mixed has no scale."""
+        plugin, optimizer = self.trainer.precision_plugin, getattr(opt, "optimizer", opt)
+        scaler = getattr(plugin, "scaler", None)
+        # an unfused optimizer (devices without the fused Adam) is unscaled by Lightning in its step: Lightning clips
+        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not isinstance(plugin, MixedPrecision) or (scaler is not None and not unscales_itself):
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+            return
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                       self.grad_clip)
+
     def _log_update(self) -> None:
-        """Logs this update's values (``train/...``, ``online/...``, the progress bar's ``loss``) for its row.
+        """Logs this update's values (``train/...``, ``online/...``, ``loss`` for callbacks and the progress bar's
+        ``progress_loss``) for its row.
 
         Only at the updates whose row Lightning writes: every ``trainer.log_every_n_steps`` and at a stop. Each
         ``self.log`` call costs Lightning's bookkeeping, about a third of a millisecond, as much as a small network's
@@ -390,8 +468,10 @@ class ManipModule(L.LightningModule):
             return
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=1)
         if self._update_loss is not None:
-            self.log("loss", self._update_loss, prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                     batch_size=1)  # the progress bar's figure, not a column
+            # The progress bar's figure (run.ProgressBar, run.ProgressLines) is a float read here, where the row's
+            # values are read anyway: a tensor logged with prog_bar=True is read by Lightning after every batch.
+            self.progress_loss = float(self._update_loss)
+            self.log("loss", self._update_loss, logger=False, on_step=True, on_epoch=False, batch_size=1)
         self._log_update_count()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -437,13 +517,14 @@ class ManipModule(L.LightningModule):
         and checkpoints (Lightning's default, its count of earlier batches, is one less)."""
         self.log("step", float(self.global_step), on_step=True, on_epoch=False, batch_size=1)
 
-    def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, dict]:
+    def actor_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                   alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Offline: the agent's own actor loss. Online (MVP): the configured critic-driven target.
 
         ``finetune.target=replay`` and agents without a mean-velocity ``policy_loss`` (QC, BFN, FQL) keep the
         agent's own actor loss online, on replay batches that now include online episodes (as in QC). ``batch`` has
-        normalised observations; noise comes from ``generator``.
+        normalised observations; noise comes from ``generator``; ``alpha``: the target's alpha, a 0-dim tensor on
+        the batch's device (None: ``self.alpha``).
         """
         if self.online is None or self.online.target == "replay" or not hasattr(self.agent, "policy_loss"):
             return self.agent.actor_loss(batch, generator)
@@ -462,7 +543,9 @@ class ManipModule(L.LightningModule):
                 num_samples = cfg.target_samples if cfg.target == "bon" else 1
                 target_actions = self.agent.sample_actions(obs, num_samples=num_samples, generator=generator)
             target_valid = None if valid is None else trained.expand_as(valid)
-        target_fn, alpha = None, self.alpha
+        target_fn = None
+        if alpha is None:
+            alpha = torch.tensor(self.alpha, device=obs.device)
         if cfg.target != "bon":
             if cfg.q_scale == "mean_abs":
                 # alpha in units of the batch's mean |Q| over the rows the critic trains on (QC / FQL's Q
@@ -470,7 +553,7 @@ class ManipModule(L.LightningModule):
                 with torch.no_grad():
                     abs_q = self.q_value(obs, batch["actions"].reshape(len(obs), -1)).abs()
                     mean_abs_q = abs_q.mean() if trained is None else masked_mean(abs_q, trained[:, 0])
-                alpha = alpha / mean_abs_q.clamp_min(1e-6)  # a tensor: no host sync on GPU
+                alpha = alpha / mean_abs_q.clamp_min(1e-6)
             if cfg.prior == "policy":
                 target_fn = self._policy_prior_target(obs, target_actions, alpha, generator)
             else:
@@ -483,7 +566,7 @@ class ManipModule(L.LightningModule):
                                             generator=generator)
         info = {f"target_{k}": v for k, v in info.items()}
         if target_fn is not None:
-            info["target_alpha"] = torch.as_tensor(alpha).detach()
+            info["target_alpha"] = alpha.detach().clone()  # not the buffer itself, which the next update sets
         if cfg.bc_weight:
             bc_loss, _ = self.agent.actor_loss(batch, generator)
             loss = loss + cfg.bc_weight * bc_loss

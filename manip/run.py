@@ -70,14 +70,22 @@ warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 
 
+def _with_loss(metrics: dict, module) -> dict:
+    """``metrics`` with the module's ``loss`` of its last logged update (a float: nothing read from the device)."""
+    loss = getattr(module, "progress_loss", None)
+    if loss is not None:
+        metrics["loss"] = loss
+    return metrics
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's progress bar without ``v_num`` (it shows the last four characters of the logger's version,
-    "line" for offline / online)."""
+    "line" for offline / online), with the loss of the last logged update."""
 
     def get_metrics(self, trainer, module) -> dict:
         metrics = super().get_metrics(trainer, module)
         metrics.pop("v_num", None)
-        return metrics
+        return _with_loss(metrics, module)
 
 
 class ProgressLines(ProgressBarBase):
@@ -97,6 +105,9 @@ class ProgressLines(ProgressBarBase):
 
     def enable(self) -> None:
         self._enabled = True
+
+    def get_metrics(self, trainer, module) -> dict:
+        return _with_loss(super().get_metrics(trainer, module), module)
 
     def on_train_start(self, trainer, module) -> None:
         self._since = (time.perf_counter(), trainer.global_step)

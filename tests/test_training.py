@@ -143,7 +143,7 @@ def test_logged_rows_hold_their_own_update_and_a_stop_writes_a_fresh_row(tmp_pat
         total = float(row["train/actor_loss"]) + float(row["train/critic_loss"])
         assert total == pytest.approx(seen[int(float(row["step"]))], rel=1e-5)
     assert seen[5] != seen[3] and len(seen) == 5
-    assert float(trainer.progress_bar_metrics["loss"]) == pytest.approx(seen[5], rel=1e-6)  # the bar's figure
+    assert module.progress_loss == pytest.approx(seen[5], rel=1e-6)  # the progress bar's figure
 
 
 def test_a_failing_compiler_is_one_line_and_the_command_it_names_trains(cube_single_npz, tmp_path):

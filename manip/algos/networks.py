@@ -242,6 +242,11 @@ class CriticEnsemble(nn.Module):
                                   self.norm_scales[i])
             if norm_first:
                 h = F.gelu(h)
+        if torch.is_autocast_enabled(h.device.type):
+            # Q in float32 under mixed precision: a bfloat16 Q (spacing 0.25 at |Q| = 50) would coarsen the TD
+            # targets and tie best-of-N candidates; networks cast to bfloat16 (acting copies) are left as they are
+            with torch.autocast(h.device.type, enabled=False):
+                return self.out(h.float()).squeeze(-1)
         return self.out(h).squeeze(-1)
 
 
