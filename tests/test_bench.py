@@ -167,21 +167,48 @@ def test_the_benchmark_needs_only_torch_and_numpy():
     assert not loaded & heavy, sorted(loaded & heavy)
 
 
+def test_the_trainer_benchmark_trains_through_lightning_with_what_a_gpu_machine_has(tmp_path):
+    """``manip.bench_trainer`` times real ``trainer.fit`` runs (float32 and bf16-mixed, gradient clipping, the weight
+    average) and, like the bare benchmark, pulls in nothing a GPU machine's Python lacks beyond Lightning and
+    torchmetrics: no Hydra, no simulators."""
+    out = tmp_path / "trainer.json"
+    code = ("import sys\n"
+            "from manip import bench_trainer\n"
+            f"bench_trainer.main(['--algos', 'mvp', 'fql', '--precision', '32-true', 'bf16-mixed', '--hidden', '32',"
+            f" '32', '--steps', '8', '--warmup', '2', '--log-every', '3', '--grad-clip', '1.0', '--out', r'{out}'])\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(done.stdout.split())
+    # (Lightning's CSV logger imports omegaconf where it is installed, and does without it)
+    heavy = {"hydra", "gymnasium", "mujoco", "robosuite", "ogbench", "h5py", "pandas"}
+    assert "lightning" in loaded and not loaded & heavy, sorted(loaded & heavy)
+    report = json.loads(out.read_text())
+    for algo in ("mvp", "fql"):
+        for precision in ("32-true", "bf16-mixed"):
+            result = report[algo][precision]
+            assert result["updates"] == 6 and result["updates_per_s"] == pytest.approx(6 / result["seconds"])
+    assert report["config"]["actor_ema"] == 0.999 and report["config"]["lightning"]
+
+
 def test_device_check_runs_its_stages_within_the_budget_and_returns_what_the_device_tool_brings_back(tmp_path):
     """A dry run of ``.ci/device_check`` on this CPU: the first stage's figures, the stages whose time no longer fits
     skipped and said so, and at most 8 files in $OUT (what a device command's $OUT brings back)."""
     out = tmp_path / "out"
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "ALGOS": "mvp", "BUDGET": "40", "OUT": str(out),
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "ALGOS": "mvp", "BUDGET": "80", "OUT": str(out),
            "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / ".ci" / "device_check")], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
     report = (out / "device.txt").read_text()
-    assert "bench: exit status 0 after" in report, report
+    assert "bench: exit status 0 after" in report and "trainer: exit status 0 after" in report, report
     for name in ("bench_compile", "bench_cudagraphs", "bench_fast"):
         assert re.search(rf"{name}: skipped, \d+ s of the budget left", report), report
     assert "mvp" in json.loads((out / "bench.json").read_text())
-    assert "== bench: manip.bench --algos mvp" in (out / "device.log").read_text()
+    trainer = json.loads((out / "trainer.json").read_text())
+    assert set(trainer["mvp"]) == {"32-true", "bf16-mixed"} and trainer["config"]["grad_clip"] == 1.0
+    log = (out / "device.log").read_text()
+    assert "== bench: manip.bench --algos mvp" in log and "== trainer: manip.bench_trainer --algos mvp qc" in log
     assert len(list(out.iterdir())) <= 8
 
 
