@@ -286,7 +286,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-update-iters", type=at_least(1), default=3)
     parser.add_argument("--update-seconds", type=at_least(0.0, float), default=10.0,
                         help="minimum timed update duration")
-    args = parser.parse_args(argv)
+    return check_device_and_out(parser, parser.parse_args(argv), "bench.json")
+
+
+def check_device_and_out(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: str
+                         ) -> argparse.Namespace:
+    """``args`` with ``--device`` checked (``parser.error`` for one torch cannot parse or CUDA it does not see) and
+    ``--out`` defaulting to the first free name of ``default_out`` (``bench.json``, ``bench.1.json``, ...)."""
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -294,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.out is None:
-        args.out = str(first_free_path(Path("bench.json")))
+        args.out = str(first_free_path(Path(default_out)))
     return args
 
 

@@ -30,17 +30,16 @@ import logging
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
-from manip.bench import ACTION_DIM, AGENTS, DEFAULT_ALGOS, OBS_DIM
+from manip.bench import ACTION_DIM, AGENTS, DEFAULT_ALGOS, OBS_DIM, check_device_and_out
 from manip.cli_args import at_least, new_file
 from manip.data.replay import random_chunk_batch
-from manip.settings import first_free_path, write_result
+from manip.settings import write_result
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 SYNC_WARNING = "called a synchronizing CUDA operation"
@@ -138,16 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="module.compile: alone true (inductor), or a mode / backend name")
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
-        parser.error(f"--warmup {args.warmup} must be less than --steps {args.steps}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        parser.error(f"--device {args.device}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
-    if args.out is None:
-        args.out = str(first_free_path(Path("trainer.json")))
-    return args
+        parser.error(f"argument --warmup: must be less than --steps ({args.steps}), got {args.warmup}")
+    return check_device_and_out(parser, args, "trainer.json")
 
 
 def main(argv: list[str] | None = None) -> dict:

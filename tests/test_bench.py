@@ -139,11 +139,16 @@ def test_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, args, fla
     ("manip.bench_envs", "measure", ["--steps", "0"], "--steps", ">= 1, got 0"),
     ("manip.bench_envs", "measure", ["--warmup", "-1"], "--warmup", ">= 0, got -1"),
     ("manip.bench_envs", "measure", ["--out", "missing/e.json"], "--out", "does not exist"),
+    ("manip.bench_trainer", "measure", ["--steps", "1"], "--steps", ">= 2, got 1"),
+    ("manip.bench_trainer", "measure", ["--steps", "5", "--warmup", "5"], "--warmup", "less than --steps (5), got 5"),
+    ("manip.bench_trainer", "measure", ["--grad-clip", "0"], "--grad-clip", "> 0, got 0.0"),
+    ("manip.bench_trainer", "measure", ["--precision", "bf16-true"], "--precision", "invalid choice: 'bf16-true'"),
+    ("manip.bench_trainer", "measure", ["--out", "missing/t.json"], "--out", "does not exist"),
 ])
 def test_other_benchmarks_bad_values_are_one_usage_error(tmp_path, monkeypatch, capsys, module, measure, args, flag,
                                                          accepted):
-    """manip.data.bench (chunk sampling) and manip.bench_envs (simulator throughput) check their flags before
-    measuring anything."""
+    """manip.data.bench (chunk sampling), manip.bench_envs (simulator throughput) and manip.bench_trainer (updates
+    through Lightning's loop) check their flags before measuring anything."""
     import importlib
 
     bench_module = importlib.import_module(module)
