@@ -30,7 +30,6 @@ from typing import Any, Callable
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -423,9 +422,7 @@ class ManipModule(L.LightningModule):
         if warming_up:  # the critic learns from the first online episodes before it drives the policy
             for param in self.agent.actor_parameters():
                 param.grad = None  # Adam leaves a parameter without a gradient as it is (no momentum step)
-        if self.grad_clip:
-            self._clip_gradients(opt)
-        opt.step()
+        opt.step()  # clips the gradients first (on_before_optimizer_step)
         self.agent.soft_update(self.tau)
         if self.ema_actor is not None and not warming_up:
             self.ema_actor.update_parameters(getattr(self.agent, self.agent.acting_net))
@@ -438,19 +435,16 @@ class ManipModule(L.LightningModule):
             self._log_update()
         return None
 
-    def _clip_gradients(self, opt) -> None:
-        """Clips the gradients' total norm to ``module.grad_clip``. Under ``trainer.precision=16-mixed`` or
-        ``bf16-mixed`` it clips here: Lightning's mixed-precision clipping refuses an optimizer that unscales the
-        gradients in its own step (the fused Adam). 16-mixed's scaler unscales them first (its step then leaves
-        them as they are); bf16-mixed has no scale."""
-        plugin, optimizer = self.trainer.precision_plugin, getattr(opt, "optimizer", opt)
-        scaler = getattr(plugin, "scaler", None)
-        # an unfused optimizer (devices without the fused Adam) is unscaled by Lightning in its step: Lightning clips
-        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if not isinstance(plugin, MixedPrecision) or (scaler is not None and not unscales_itself):
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clips the gradients' total norm to ``module.grad_clip``, here, inside ``opt.step()``, where Lightning has
+        unscaled 16-mixed's gradients for an optimizer it unscales; the fused Adam unscales them in its own step, so
+        for it they are unscaled here first (then its step leaves them as they are). Lightning's own
+        mixed-precision clipping refuses such an optimizer; bf16-mixed has no scale."""
+        if not self.grad_clip:
             return
-        if scaler is not None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
                                        self.grad_clip)

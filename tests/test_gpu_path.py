@@ -55,29 +55,34 @@ class HostReads(TorchDispatchMode):
 
 # --------------------------------------------------------------------------------------- gradient clipping
 class FirstStep(L.Callback):
-    """The gradients the optimizer steps with, and the parameters before and after, at the first update."""
+    """The gradients the optimizer stepped with (left on the parameters after the step), their norm at every update,
+    and the parameters before and after the first update."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
         self.grads = self.before = self.after = None
 
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
-        if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.before is None:
             self.before = {n: p.detach().clone() for n, p in module.named_parameters()}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
         if self.after is None:
+            self.grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
             self.after = {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_grad_clip_under_mixed_precision_steps_with_the_clipped_gradients(precision):
-    """``module.grad_clip`` with ``trainer.precision`` bf16-mixed / 16-mixed and the fused Adam: every update's
-    gradients have the clipped norm, and the first update is Adam's step on exactly those (16-mixed: unscaled)
-    gradients."""
+@pytest.mark.parametrize("precision, fused", [("32-true", True), ("bf16-mixed", True), ("16-mixed", True),
+                                              ("16-mixed", None)])
+def test_grad_clip_steps_with_the_clipped_gradients(precision, fused, monkeypatch):
+    """``module.grad_clip`` under every ``trainer.precision`` with the fused Adam, and under 16-mixed with an
+    optimizer Lightning unscales in its step (devices without the fused Adam): every update's gradients have the
+    clipped norm, and the first update is Adam's step on exactly those (16-mixed: unscaled) gradients."""
+    import manip.algos.training as training
+
+    monkeypatch.setattr(training, "fused_adam", lambda device_types: fused)
     clip = 1e-3  # far below the gradients' norm: every update clips
     module, record = _module(grad_clip=clip), FirstStep()
     setting = {"precision": precision}
@@ -88,6 +93,7 @@ def test_grad_clip_under_mixed_precision_steps_with_the_clipped_gradients(precis
     trainer = _trainer(3, callbacks=[record], **setting)
     trainer.fit(module, _batches(3))
     assert trainer.global_step == 3 and len(record.norms) == 3
+    assert bool(module.optimizers().optimizer.defaults["fused"]) == bool(fused)
     assert record.norms == pytest.approx([clip] * 3, rel=1e-3)
     names = list(record.grads)
     reference = [record.before[n].clone().requires_grad_() for n in names]
