@@ -321,7 +321,9 @@ def test_unnormalised_actions_are_refused(tmp_path, play_files):
     (_drop_rows({"actions"}, 3), rf"'actions' has shape \({EPISODES * LENGTH - 3}, 5\).*{EPISODES * LENGTH} rows"),
     (_drop_rows({"qvel"}, 1), rf"'qvel' has shape \({EPISODES * LENGTH - 1}, \d+\)"),
     (lambda a: {**a, "terminals": np.ones_like(a["terminals"])}, "'terminals' is true in every row.*no transitions"),
-], ids=["truncated", "no-terminal-flags", "qpos-short", "actions-short", "qvel-short", "one-step-episodes"])
+    (lambda a: {**a, "terminals": 2.0 * a["terminals"]}, "'terminals' holds 2.0; expected 0 or 1"),
+], ids=["truncated", "no-terminal-flags", "qpos-short", "actions-short", "qvel-short", "one-step-episodes",
+        "terminal-twos"])
 def test_row_counts_and_last_terminal_are_checked(tmp_path, play_files, change, message):
     path = _write_changed(tmp_path, play_files["cube-single"], change)
     before = path.read_bytes()

@@ -127,7 +127,7 @@ def _member_shape(file: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
 def _check_keys(path: Path, env_name: str) -> tuple[dict[str, tuple], np.ndarray]:
     """Raise DatasetError unless ``path`` is an npz holding every key the singletask loader needs; returns the
     file's shape of each key it checked (``load_dataset`` then drops each episode's last row) and its terminals
-    (rows,) bool.
+    (rows,) as stored.
 
     ogbench's ``load_dataset`` indexes every key with a mask built from ``terminals``, so all keys
     need one row per observation and the last row must end an episode.
@@ -166,6 +166,10 @@ def _check_keys(path: Path, env_name: str) -> tuple[dict[str, tuple], np.ndarray
                 f"{path}: key {key!r} has shape {shape}, but 'observations' has {rows[0]} rows "
                 f"(shape {shapes['observations']}); every key needs one row per step"
             )
+    other = np.setdiff1d(np.unique(terminals), [0, 1])  # NaN too
+    if len(other):
+        raise DatasetError(f"{path}: key 'terminals' holds {other[0].item()}; expected 0 or 1 in every row (1 ends an "
+                           f"episode)")
     if not terminals.reshape(len(terminals), -1)[-1].all():
         raise DatasetError(
             f"{path}: key 'terminals' is false in the last row ({int(np.count_nonzero(terminals))} set of "
@@ -174,7 +178,7 @@ def _check_keys(path: Path, env_name: str) -> tuple[dict[str, tuple], np.ndarray
     if terminals.all():  # each episode's last row only ends the one before it
         raise DatasetError(f"{path}: key 'terminals' is true in every row: every episode is one step long, which "
                            f"leaves no transitions")
-    return shapes, terminals.reshape(len(terminals), -1)[:, 0].astype(bool)
+    return shapes, terminals.reshape(len(terminals), -1)[:, 0]
 
 
 def _check_finite(path: Path, data: dict[str, np.ndarray], file_terminals: np.ndarray) -> None:
@@ -182,9 +186,10 @@ def _check_finite(path: Path, data: dict[str, np.ndarray], file_terminals: np.nd
     actions or the ``qpos``/``button_states`` the rewards are relabelled from (NaN there would read as "not solved").
 
     ``data`` is ``load_dataset``'s, which drops each episode's last row (its observation is kept as the previous
-    row's next observation); ``file_terminals`` (rows,) maps its rows back to the file's."""
-    kept = np.flatnonzero(~file_terminals)  # the file's row of each loaded row
-    episode_of_row = np.cumsum(file_terminals) - file_terminals
+    row's next observation); ``file_terminals`` (rows,), the file's, maps its rows back to the file's."""
+    ends = file_terminals.astype(bool)  # 0 / 1 (_check_keys)
+    kept = np.flatnonzero(~ends)  # the file's row of each loaded row
+    episode_of_row = np.cumsum(ends) - ends
     checked = [("observations", (("observations", kept), ("next_observations", kept + 1))),
                ("actions", (("actions", kept),)), ("qpos", (("qpos", kept),))]
     if "button_states" in data:
