@@ -244,7 +244,7 @@ class CriticEnsemble(nn.Module):
                 h = F.gelu(h)
         if torch.is_autocast_enabled(h.device.type):
             # Q in float32 under mixed precision: a bfloat16 Q (spacing 0.25 at |Q| = 50) would coarsen the TD
-            # targets and tie best-of-N candidates; networks cast to bfloat16 (acting copies) are left as they are
+            # targets and tie best-of-N candidates (outside autocast the head runs in the layers' own dtype)
             with torch.autocast(h.device.type, enabled=False):
                 return self.out(h.float()).squeeze(-1)
         return self.out(h).squeeze(-1)
