@@ -628,15 +628,17 @@ class ManipModule(L.LightningModule):
             self._update_logs["online/env_steps_per_s"] = (self.env_steps - steps0) / elapsed
 
     def _start_rollout(self) -> None:
-        """Collection envs, seeded by (finetune seed, rank, env steps so far): a resumed run or
-        another rank never replays the same episodes."""
+        """Collection envs and their episodes' noise streams, seeded by (finetune seed, rank, env steps so far): a
+        resumed run or another rank never replays the same episodes, nor draws the same noise (the global
+        generators, which every rank seeds alike, draw none of it)."""
         from manip.envs import make_vector_env
 
         spec = self.trainer.datamodule.env_spec
         env = make_vector_env(spec, self.online.num_envs, obs_dim=self.obs_dim, action_dim=self.action_dim)
-        policy = ChunkPolicy(self.predict_chunks, env.num_envs)
-        seed = np.random.SeedSequence([self.online.seed, self.global_rank, self.env_steps]).generate_state(1)[0]
-        self.rollout = VectorRollout(env, policy, seed=int(seed), record=True)
+        env_seed, noise_seed = np.random.SeedSequence([self.online.seed, self.global_rank,
+                                                       self.env_steps]).generate_state(2)
+        policy = ChunkPolicy(self.predict_chunks, env.num_envs, noise_seed=int(noise_seed))
+        self.rollout = VectorRollout(env, policy, seed=int(env_seed), record=True)
 
     def on_train_end(self) -> None:
         self.close_rollout()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -719,3 +720,25 @@ def test_collection_seed_depends_on_the_env_steps_so_far(monkeypatch):
         module.env_steps = steps
         module._start_rollout()
     assert seeds[0] == seeds[1] != seeds[2]
+
+
+def test_each_rank_collects_with_noise_of_its_own(monkeypatch):
+    """Every rank seeds torch's global generators alike: the collection policy draws each episode's noise from its
+    own stream, seeded, like the envs' resets, by (finetune seed, rank, env steps), so two ranks acting on the same
+    states with the same global generator state still explore differently."""
+    import manip.envs
+    import manip.module
+
+    rollouts = []
+    monkeypatch.setattr(manip.envs, "make_vector_env", lambda *a, **k: SimpleNamespace(num_envs=2))
+    monkeypatch.setattr(manip.module, "VectorRollout", lambda env, policy, seed, record: rollouts.append(policy))
+    module = _online_module("bon", seed=3)
+    obs = np.zeros((2, module.obs_dim), np.float32)
+    chunks = []
+    for rank in (0, 1, 0):
+        module._trainer = SimpleNamespace(global_rank=rank, datamodule=SimpleNamespace(env_spec=None))
+        module._start_rollout()
+        torch.manual_seed(0)
+        chunks.append(rollouts[-1].select_action(obs))  # the first action of each env's first chunk
+    assert not np.allclose(chunks[0], chunks[1]) and np.array_equal(chunks[0], chunks[2])
+    assert not np.allclose(chunks[0][0], chunks[0][1])  # and each env's episode its own
