@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from manip.algos.acting import fast_sampler, padded_batch
+from manip.algos.acting import fast_sampler, padded_sample
 from manip.algos.base import NoiseStreams, masked_mean
 from manip.algos.training import COMPILE_MODES, compiled, compiler_message, frozen, fused_adam, make_optimizer
 from manip.cli_args import raise_if_interrupted
@@ -339,26 +339,13 @@ class ManipModule(L.LightningModule):
         """
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.obs_mean.device)
         with self.acting_weights():
-            if self._sample_fn is self._compiled_sample and len(obs_t):
-                actions = self._padded_sample(self.normalize(obs_t), num_samples, noise_scale, generator)
+            if self._sample_fn is self._compiled_sample and len(obs_t):  # a few graphs for any number of states
+                actions = padded_sample(self.agent, self._sample_fn, self.normalize(obs_t), num_samples, noise_scale,
+                                        generator)
             else:
                 actions = self._sample_fn(self.normalize(obs_t), num_samples=num_samples, noise_scale=noise_scale,
                                           generator=generator)
         return actions.reshape(len(obs_t), self.horizon, self.action_dim).float().cpu().numpy()
-
-    def _padded_sample(self, obs: torch.Tensor, num_samples: int | None, noise_scale: float,
-                       generator: NoiseStreams) -> torch.Tensor:
-        """The compiled ``sample_actions`` on ``obs`` padded to a power-of-two batch (as ``fast_sampler``): a few
-        graphs for any number of states instead of one per batch size, which would reach Dynamo's recompile limit
-        and then act eagerly. The noise of the real rows is drawn here, as the uncompiled sampler draws it."""
-        n = self.agent.num_samples if num_samples is None else num_samples
-        batch, per_state = len(obs), self.agent.candidates_per_state(n, noise_scale)
-        noise = self.agent.initial_noise(batch * per_state, generator, obs)
-        extra = padded_batch(batch) - batch
-        if extra:
-            obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
-            noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
-        return self._sample_fn(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
 
     # -------------------------------------------------------------------------------- training
     @property

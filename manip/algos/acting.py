@@ -48,6 +48,24 @@ def padded_batch(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
 
+def padded_sample(agent: ActorCriticAgent, sample: Callable[..., torch.Tensor], obs: torch.Tensor,
+                  num_samples: int | None, noise_scale: float, generator: NoiseStreams, pad: bool = True
+                  ) -> torch.Tensor:
+    """``sample`` (``agent.sample_actions``, compiled) on ``obs`` (B, O) with the noise drawn here, outside the
+    compiled graph, which cannot take a generator (the same draws as ``agent.sample_actions(obs, generator=...)``).
+    With ``pad``, the batch is padded to :func:`padded_batch` rows: one graph per power of two (states are
+    independent rows; the padding's are dropped), so any number of simulators compiles a few graphs, within Dynamo's
+    recompilation limit."""
+    n = agent.num_samples if num_samples is None else num_samples
+    batch, per_state = obs.shape[0], agent.candidates_per_state(n, noise_scale)
+    noise = agent.initial_noise(batch * per_state, generator, obs)
+    if pad and batch > 0:
+        extra = padded_batch(batch) - batch
+        obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
+        noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
+    return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
+
+
 class InDtype(nn.Module):
     """Runs ``net`` in ``dtype``: its inputs are cast in, its output cast back to the first input's dtype."""
 
@@ -99,19 +117,10 @@ def fast_sampler(agent: ActorCriticAgent, dtype: torch.dtype | str = torch.bfloa
 
     def act(obs: torch.Tensor, num_samples: int | None = None, generator: NoiseStreams = None,
             noise_scale: float = 1.0) -> torch.Tensor:
-        n = snapshot.num_samples if num_samples is None else num_samples
-        batch, per_state = obs.shape[0], snapshot.candidates_per_state(n, noise_scale)
         with torch.inference_mode(), freezing:
-            # the noise is drawn here, outside the compiled graph, which cannot take a generator
-            noise = snapshot.initial_noise(batch * per_state, generator, obs)
-            # one graph per power-of-two batch (states are independent rows; the padding's are dropped), so any
-            # number of simulators compiles a few graphs, within dynamo's recompilation limit; the inputs are
-            # always new (inference) tensors, so the graphs' guards see the same kind whatever the caller passes
-            if compile and batch > 0:
-                extra = padded_batch(batch) - batch
-                obs = torch.cat([obs, obs.new_zeros(extra, obs.shape[1])])
-                noise = torch.cat([noise, noise.new_zeros(extra * per_state, noise.shape[1])])
-            return sample(obs, num_samples=n, noise_scale=noise_scale, noise=noise)[:batch]
+            # the inputs are always new (inference) tensors, so the graphs' guards see the same kind whatever the
+            # caller passes
+            return padded_sample(snapshot, sample, obs, num_samples, noise_scale, generator, pad=compile)
 
     act.agent = snapshot  # type: ignore[attr-defined]
     return act
