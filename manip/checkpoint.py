@@ -8,7 +8,6 @@ weights_only=True)``).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from manip.cli_args import exception_chain
 from manip.settings import (SettingError, check_declared_settings, check_int, check_output, check_real, check_threads,
-                            find_class)
+                            constructor_parameters, find_class)
 
 
 class CheckpointError(ValueError):
@@ -142,23 +141,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a manip checkpoint (no config / state_dict inside)")
     # Another Lightning project's checkpoint may well hold a `cfg` too: name what a manip one has and it lacks.
     cfg = hp["cfg"]
-    agent = (cfg.get("algo") or {}).get("agent") if isinstance(cfg.get("algo"), dict) else None
+    agent = cfg["algo"].get("agent") if isinstance(cfg.get("algo"), dict) else None
     lacks = [key for key in ("obs_dim", "action_dim", "horizon", "stats") if key not in hp]
     lacks += [] if isinstance(cfg.get("module"), dict) else ["cfg.module"]
     lacks += [] if isinstance(agent, dict) and "_target_" in agent else ["cfg.algo.agent._target_"]
     if lacks:
         raise CheckpointError(f"{path} is not a manip checkpoint: its hyper_parameters have no {', '.join(lacks)}")
     try:
-        takes = inspect.signature(find_class(agent["_target_"], "algo.agent._target_")).parameters
+        parameters, takes_any_key = constructor_parameters(find_class(agent["_target_"], "algo.agent._target_"))
     except SettingError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (TypeError, ValueError) as err:  # a class whose signature cannot be read
         raise CheckpointError(f"{path}: algo.agent._target_={agent['_target_']}: {first_sentence(err)}") from None
+    takes = {p.name for p in parameters}
     for key, value in EARLIER_AGENT_SETTINGS.items():
         if key not in agent and key in takes:
             agent[key] = value
     unknown = sorted(key for key in agent if not key.startswith("_") and key not in takes)
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+    if unknown and not takes_any_key:
         raise CheckpointError(f"{path}: its algo.agent has {', '.join(unknown)}, which {agent['_target_']} does not "
                               f"take (a checkpoint of a later manip version?)")
     return ckpt

@@ -7,7 +7,6 @@ import csv
 import difflib
 import errno
 import importlib.util
-import inspect
 import itertools
 import json
 import logging
@@ -54,7 +53,7 @@ from manip.logs import LOG, RunLog, counted
 from manip.module import (ManipModule, OnlineConfig, TrainingDiverged, check_module_settings,
                           check_offline_fraction)
 from manip.settings import (CONFIG_DIR, SettingError, cannot_write_in, check_int, check_known_keys, check_real,
-                            check_threads, find_class, first_free_path, unknown_key_error)
+                            check_threads, constructor_parameters, find_class, first_free_path, unknown_key_error)
 
 
 # Errors a user's command or files cause: reported in one line, without a traceback.
@@ -891,23 +890,16 @@ def _leaves(tree: dict | None, prefix: str) -> dict[str, Any]:
 
 
 def _constructor_defaults(target: Any) -> dict[str, Any]:
-    """The default of each keyword argument of the class ``target`` names (following ``**kwargs`` handed on to the
-    base classes' constructors), in a config's form (a tuple as a list); {} when it cannot be imported."""
+    """The default of each keyword argument of the class ``target`` names (:func:`constructor_parameters`), in a
+    config's form (a tuple as a list); {} when it cannot be imported."""
     try:
-        cls = find_class(target, "algo.agent._target_")
+        parameters, _ = constructor_parameters(find_class(target, "algo.agent._target_"))
     except SettingError:
         return {}
     defaults: dict[str, Any] = {}
-    for owner in inspect.getmro(cls):
-        init = owner.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters.values()
-        for p in parameters:
-            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                defaults.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            break
+    for p in parameters:
+        if p.default is not p.empty:
+            defaults.setdefault(p.name, list(p.default) if isinstance(p.default, tuple) else p.default)
     return defaults
 
 

@@ -274,16 +274,23 @@ def temp_file_next_to(path: str | Path) -> Path:
     return Path(name)
 
 
-def constructor_arguments(target: type) -> list[str] | None:
-    """The keyword arguments ``target(...)`` takes, following ``**kwargs`` handed on to the base classes'
-    constructors; None when some constructor takes any keyword."""
-    names = []
+def constructor_parameters(target: type) -> tuple[list[inspect.Parameter], bool]:
+    """The keyword parameters ``target(...)`` takes, following ``**kwargs`` handed on to the base classes'
+    constructors (a subclass's first), and whether some constructor takes any keyword (then they are not all)."""
+    found = []
     for cls in inspect.getmro(target):
         init = cls.__dict__.get("__init__")
         if init is None:
             continue
         parameters = inspect.signature(init).parameters.values()
-        names += [p.name for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        found += [p for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
+            return found, False
+    return found, True
+
+
+def constructor_arguments(target: type) -> list[str] | None:
+    """The keyword arguments ``target(...)`` takes (:func:`constructor_parameters`); None when some constructor
+    takes any keyword."""
+    parameters, any_keyword = constructor_parameters(target)
+    return None if any_keyword else [p.name for p in parameters]
