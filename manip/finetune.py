@@ -189,18 +189,19 @@ def compose(cfg: DictConfig, user_overrides: list[str]) -> tuple[DictConfig, str
     resume = resume_path(cfg.resume, run_dir)
     if resume is not None:  # the interrupted run's own config, then today's overrides again
         base_path, base_ckpt = resume, load_checkpoint(resume)
-        if "finetune_start_step" not in base_ckpt["hyper_parameters"]["cfg"]:
+        base = base_ckpt["hyper_parameters"]["cfg"]
+        if "finetune_start_step" not in base:
             raise CheckpointError(f"{run_dir} holds an offline (fit) run, not a fine-tuning run; give finetune "
                                   f"another run_dir")
-        _check_started_from(run_dir, resume, base_ckpt["hyper_parameters"]["cfg"], str(cfg.ckpt), ckpt)
-        start_step = int(base_ckpt["hyper_parameters"]["cfg"]["finetune_start_step"])
-        start_env_steps = int(base_ckpt["hyper_parameters"]["cfg"].get("finetune_start_env_steps", 0))
+        _check_started_from(run_dir, resume, base, str(cfg.ckpt), ckpt)
+        start_step = int(base["finetune_start_step"])
+        start_env_steps = int(base.get("finetune_start_env_steps", 0))
     else:
         base_path, base_ckpt = Path(cfg.ckpt), ckpt
+        base = base_ckpt["hyper_parameters"]["cfg"]
         start_step = int(ckpt.get("global_step", 0))
         start_env_steps = int(ckpt.get("manip", {}).get("env_steps", 0))  # a fine-tuning run's checkpoint: > 0
-    base = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
-    final = OmegaConf.create(base_ckpt["hyper_parameters"]["cfg"])
+    final = OmegaConf.create(base)  # a copy: base stays the config the run recorded
     for key in _OWN:  # replaced whole: a key only the checkpoint's run set (+trainer.max_time) is not fine-tuning's
         final[key] = cfg[key]
     if cfg.get("logger") is not None:  # logger=... on the command line replaces the checkpoint's loggers
